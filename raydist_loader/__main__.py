@@ -1,0 +1,3 @@
+from raydist_loader.cli import main
+
+raise SystemExit(main())

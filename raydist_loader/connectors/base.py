@@ -1,0 +1,131 @@
+"""The connector contract: five primitives per backend, everything else derived here.
+
+A connector addresses objects by '/'-separated keys relative to the store root given in its URL. Backends implement
+``readinto`` (a byte range into a caller-supplied buffer, no extra copies), ``write`` (atomic: an object is seen
+whole or not at all), ``list`` (a key prefix, paginated by the backend as needed), ``stat`` and ``delete``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import BackendError, NotFoundError
+from ..redact import redact_url
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Read ``len(buf)`` bytes of object ``key`` starting at ``offset`` into ``buf`` (a writable memoryview)."""
+
+    key: str
+    offset: int
+    buf: memoryview
+
+
+class Connector(abc.ABC):
+    """Base class of every backend. Subclasses set the class attributes and implement the five primitives."""
+
+    #: URL schemes this class serves (the registry maps them here).
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: True when publish should pack chunks into safetensors files (file, S3); False for one object per chunk.
+    packs_files: ClassVar[bool] = True
+    #: Largest value one object may hold; publish splits larger chunks into parts (Redis: 64 MiB).
+    max_object_bytes: ClassVar[int | None] = None
+    #: Gap (bytes) up to which two ranges of one object are read as one request.
+    coalesce_gap: ClassVar[int] = 1 << 20
+    #: Requests in flight per actor when the caller does not choose.
+    default_concurrency: ClassVar[int] = 8
+    #: Largest single request; longer reads are cut so several can be in flight.
+    max_request_bytes: ClassVar[int] = 64 << 20
+
+    def __init__(self, url: str):
+        self.url = url
+
+    # ----------------------------------------------------------------- primitives
+    @abc.abstractmethod
+    def readinto(self, key: str, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with bytes ``[offset, offset + len(buf))`` of ``key``; a short object is an error."""
+
+    @abc.abstractmethod
+    def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
+        """Store ``data`` (bytes, or an iterable of byte blocks streamed in order) as ``key``, atomically."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Yield every key starting with ``prefix``, in sorted order."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> int | None:
+        """Size of ``key`` in bytes, or None when it does not exist."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
+
+    # ----------------------------------------------------------------- derived
+    def readinto_many(self, requests: Sequence[ReadRequest]) -> None:
+        """Serve a batch of reads; backends with pipelining override this."""
+        for req in requests:
+            self.readinto(req.key, req.offset, req.buf)
+
+    def read(self, key: str) -> bytes:
+        """The whole object as bytes (small objects: manifests, config files)."""
+        size = self.stat(key)
+        if size is None:
+            raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
+        buf = bytearray(size)
+        if size:
+            self.readinto(key, 0, memoryview(buf))
+        return bytes(buf)
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; returns how many."""
+        if not prefix:
+            raise ValueError("refusing to delete an empty prefix (the whole store)")
+        keys = list(self.list(prefix))
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def describe(self) -> str:
+        """The store URL with secrets redacted: safe to print."""
+        return redact_url(self.url)
+
+    def close(self) -> None:
+        """Release connections; the default has none."""
+
+    def __enter__(self) -> Connector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()!r})"
+
+    def __getstate__(self) -> dict:  # connectors hold sockets; they are opened per process, never shipped
+        raise TypeError(f"{type(self).__name__} is not picklable: open one per process with open_connector(url)")
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store root (absolute, '..', empty parts)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid object key {key!r}: keys are relative '/'-separated names without '..'")
+    return key
+
+
+def short_read(key: str, offset: int, want: int, got: int, where: str) -> BackendError:
+    """The error for an object shorter than the manifest says (a truncated value)."""
+    return BackendError(
+        f"truncated object {key!r} in {where}: wanted {want} bytes at offset {offset}, got {got}; "
+        "the store is incomplete or was modified: re-publish the model"
+    )

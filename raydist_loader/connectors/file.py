@@ -1,0 +1,121 @@
+"""Local or shared-filesystem store: ``file:///abs/dir`` or a bare path."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from ..errors import BackendError, NotFoundError
+from .base import Buffer, Connector, check_key, short_read
+
+
+def url_to_path(url: str) -> Path:
+    """``file:///a/b`` or ``/a/b`` or ``rel/dir`` -> an absolute Path."""
+    if url.startswith("file://"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"file URL {url!r} names host {parts.netloc!r}; use file:///absolute/path")
+        return Path(unquote(parts.path))
+    return Path(url).expanduser().resolve()
+
+
+class FileConnector(Connector):
+    """Objects are files under a root directory; writes go to a temp file that is renamed into place."""
+
+    schemes = ("file",)
+    packs_files = True
+    coalesce_gap = 256 << 10
+    default_concurrency = 4
+    max_request_bytes = 32 << 20
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.root = url_to_path(url)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _fd(self, key: str) -> int:
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    try:
+                        fd = os.open(self._path(key), os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise NotFoundError(f"{key!r} does not exist in {self.describe()}") from None
+                    self._fds[key] = fd
+        return fd
+
+    def readinto(self, key: str, offset: int, buf: memoryview) -> None:
+        fd = self._fd(key)
+        done, want = 0, len(buf)
+        while done < want:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise short_read(key, offset, want, done, self.describe())
+            done += n
+
+    def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blocks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for block in blocks:
+                    f.write(block)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._forget(key)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        yield from sorted(keys)
+
+    def stat(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        except OSError as e:
+            raise BackendError(f"cannot stat {key!r} in {self.describe()}: {e}") from None
+
+    def delete(self, key: str) -> None:
+        self._forget(key)
+        self._path(key).unlink(missing_ok=True)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)

@@ -1,0 +1,51 @@
+"""The error types raydist_loader raises.
+
+Every user-facing problem is a :class:`RaydistError` subclass whose message says what was received and how to fix
+it; the CLI prints such errors as one line (no traceback) and exits with status 2 (1 for a failed verification).
+"""
+
+from __future__ import annotations
+
+
+class RaydistError(Exception):
+    """Base class: an error the user can act on. Its message never contains a secret."""
+
+
+class ConfigError(RaydistError, ValueError):
+    """Bad user input: a config file, a rule, an argument."""
+
+
+class MissingDependencyError(RaydistError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+class NotFoundError(RaydistError, FileNotFoundError):
+    """A model, manifest or object does not exist in the store."""
+
+
+class ManifestError(RaydistError, ValueError):
+    """A manifest is garbled or disagrees with itself; the message names the field."""
+
+
+class ShardingError(RaydistError, ValueError):
+    """A tensor cannot be cut as asked (unknown tensor, unserved tp, bad shape)."""
+
+
+class BackendError(RaydistError, OSError):
+    """The store failed (unreachable, auth, protocol). ``transient`` says whether a retry may help."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class VerificationError(RaydistError):
+    """Bytes that landed differ from the digests recorded at publish time."""
+
+    def __init__(self, message: str, failures: list[dict] | None = None):
+        super().__init__(message)
+        self.failures = failures or []
+
+
+class PlacementError(RaydistError):
+    """A Ray placement group could not be scheduled in time."""

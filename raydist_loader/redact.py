@@ -1,0 +1,39 @@
+"""Keep secrets out of everything printed, logged or reported."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+_SECRET_QUERY = re.compile(r"(?i)((?:password|secret|token|key|signature|credential)[^=&]*=)[^&]*")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]*)@")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password and secret-looking query values replaced by ``***``.
+
+    ``redis://user:pw@host:6379/0`` -> ``redis://user:***@host:6379/0``. Works on text that is not a URL too.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_text(url)
+    if not parts.scheme or not parts.netloc:
+        return redact_text(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
+    query = _SECRET_QUERY.sub(r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Redact URL passwords inside free text, and any of the given secret strings."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _SECRET_QUERY.sub(r"\1***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
