@@ -1,0 +1,265 @@
+"""S3 (or S3-compatible) store: ``s3://bucket/prefix?endpoint_url=...&region=...``.
+
+The endpoint comes from ``?endpoint_url=`` or else ``AWS_ENDPOINT_URL``; credentials only from boto3's own chain
+(environment, profile, instance role), never from the URL or code. Reads are ranged GETs streamed straight into
+the caller's buffer; writes are one PUT, or a multipart upload for data larger than one part (aborted on failure,
+so no partial object ever appears).
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+from ..errors import BackendError, ConfigError, NotFoundError, RaydistError
+from .base import Buffer, Connector, check_key, short_read
+
+#: Size of each multipart-upload part (S3 wants >= 5 MiB for all parts but the last).
+PART_BYTES = 8 << 20
+_QUERY_OPTIONS = ("endpoint_url", "region")
+_MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+)
+_THROTTLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError"}
+)
+_TRANSPORT_ERRORS = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
+
+
+def _config(concurrency: int) -> Config:
+    """botocore settings: no checksums that S3-compatible servers reject, a pool wide enough for our threads."""
+    return Config(
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=max(32, concurrency),
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=5,
+        read_timeout=30,
+    )
+
+
+def _parse_url(url: str) -> tuple[str, str, dict[str, str]]:
+    """``s3://bucket/prefix?opts`` -> (bucket, prefix without slashes, options)."""
+    parts = urlsplit(url)
+    if not parts.netloc:
+        raise ConfigError(f"S3 URL {url!r} names no bucket: use s3://bucket/prefix")
+    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = sorted(set(options) - set(_QUERY_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown S3 URL option(s) {unknown}; known: {', '.join(_QUERY_OPTIONS)}")
+    return parts.netloc, parts.path.strip("/"), options
+
+
+def iter_parts(blocks: Iterable[Buffer], part_bytes: int) -> Iterator[bytes]:
+    """Regroup a stream of blocks into parts of exactly ``part_bytes`` (the last may be shorter, or empty)."""
+    pending = bytearray()
+    for block in blocks:
+        pending += block
+        while len(pending) >= part_bytes:
+            yield bytes(pending[:part_bytes])
+            del pending[:part_bytes]
+    if pending:
+        yield bytes(pending)
+
+
+def body_reader(body: Any) -> Callable[[memoryview], int]:
+    """A ``readinto`` for a botocore StreamingBody that writes straight into the caller's buffer.
+
+    urllib3 2.x implements ``readinto`` as ``read()`` plus a copy; reading through the underlying
+    ``http.client.HTTPResponse`` (inside urllib3's error handling, which also returns the connection to the pool
+    once the body is consumed) skips that copy. Anything unexpected (a compressed body, another urllib3) falls
+    back to botocore's own ``readinto``.
+    """
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    catcher = getattr(raw, "_error_catcher", None)
+    headers = getattr(raw, "headers", {}) or {}
+    if not isinstance(fp, http.client.HTTPResponse) or catcher is None or headers.get("content-encoding"):
+        return body.readinto
+
+    def readinto(buf: memoryview) -> int:
+        with catcher():
+            return fp.readinto(buf)
+
+    return readinto
+
+
+class S3Connector(Connector):
+    """Objects are S3 keys under ``bucket/prefix``."""
+
+    schemes = ("s3",)
+    packs_files = True
+    coalesce_gap = 1 << 20
+    default_concurrency = 8
+    max_request_bytes = 16 << 20
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.bucket, prefix, options = _parse_url(url)
+        self._root = f"{prefix}/" if prefix else ""
+        endpoint = options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or None
+        session = boto3.session.Session()  # a private session: building clients from the default one races
+        self._s3 = session.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=options.get("region"),
+            config=_config(self.default_concurrency),
+        )
+
+    def _key(self, key: str) -> str:
+        return self._root + check_key(key)
+
+    # ----------------------------------------------------------------- primitives
+    def readinto(self, key: str, offset: int, buf: memoryview) -> None:
+        want = len(buf)
+        if not want:
+            if self.stat(key) is None:
+                raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
+            return
+        with self._errors(f"reading {key!r}", key):
+            try:
+                resp = self._s3.get_object(
+                    Bucket=self.bucket, Key=self._key(key), Range=f"bytes={offset}-{offset + want - 1}"
+                )
+            except ClientError as e:
+                if _code(e) != "InvalidRange":  # the range starts past the end of the object
+                    raise
+                raise short_read(key, offset, want, 0, self.describe()) from None
+            got = self._drain_into(resp["Body"], buf)
+        if got < want:
+            raise short_read(key, offset, want, got, self.describe())
+
+    @staticmethod
+    def _drain_into(body: Any, buf: memoryview) -> int:
+        """Read ``body`` into ``buf`` until full or the body ends; returns the bytes read."""
+        readinto, done = body_reader(body), 0
+        try:
+            while done < len(buf):
+                n = readinto(buf[done:])
+                if not n:
+                    break
+                done += n
+        except BaseException:
+            body.close()  # a half-read connection cannot go back to the pool
+            raise
+        if done < len(buf):
+            body.close()
+        return done
+
+    def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
+        """One PUT for data up to one part, else a multipart upload that is aborted if anything fails."""
+        full = self._key(key)
+        blocks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        parts = iter_parts(blocks, PART_BYTES)
+        first = next(parts, b"")
+        second = next(parts, None)
+        with self._errors(f"writing {key!r}", key):
+            if second is None:
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=first)
+            else:
+                self._multipart(full, itertools.chain([first, second], parts))
+
+    def _multipart(self, full: str, parts: Iterable[bytes]) -> None:
+        upload_id = self._s3.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
+        try:
+            done = [
+                {"PartNumber": n, "ETag": self._upload_part(full, upload_id, n, body)}
+                for n, body in enumerate(parts, start=1)
+            ]
+            self._s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": done}
+            )
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+
+    def _upload_part(self, full: str, upload_id: str, number: int, body: bytes) -> str:
+        resp = self._s3.upload_part(
+            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body
+        )
+        return resp["ETag"]
+
+    def _abort(self, full: str, upload_id: str) -> None:
+        """Best effort: the original error matters more than a failed abort (a lifecycle rule cleans up)."""
+        try:
+            self._s3.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except (ClientError, *_TRANSPORT_ERRORS):
+            pass
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key under the store root starting with ``prefix``, paginating past S3's 1000 keys per page."""
+        keys: list[str] = []
+        with self._errors(f"listing {prefix!r}", prefix):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._root + prefix
+            )
+            for page in pages:
+                keys.extend(obj["Key"][len(self._root) :] for obj in page.get("Contents", ()))
+        yield from sorted(keys)
+
+    def stat(self, key: str) -> int | None:
+        with self._errors(f"checking {key!r}", key):
+            try:
+                head = self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as e:
+                if _code(e) in _MISSING_CODES:
+                    return None
+                raise
+        return int(head["ContentLength"])
+
+    def delete(self, key: str) -> None:
+        with self._errors(f"deleting {key!r}", key):
+            self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def close(self) -> None:
+        self._s3.close()
+
+    # ----------------------------------------------------------------- errors
+    @contextmanager
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        """Turn boto3/botocore/urllib3 failures into our errors; ours pass through."""
+        try:
+            yield
+        except RaydistError:
+            raise
+        except ClientError as e:
+            raise self._client_error(e, action, key) from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise BackendError(
+                f"no usable AWS credentials for {self.describe()}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, as for the aws CLI"
+            ) from None
+        except _TRANSPORT_ERRORS as e:
+            raise BackendError(f"cannot reach S3 at {self.describe()} while {action}: {e}", transient=True) from None
+
+    def _client_error(self, e: ClientError, action: str, key: str) -> RaydistError:
+        code, where = _code(e), self.describe()
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = e.response.get("Error", {}).get("Message") or code
+        if code in _MISSING_CODES:
+            return NotFoundError(f"{key!r} does not exist in {where}")
+        if code == "NoSuchBucket":
+            return BackendError(f"bucket {self.bucket!r} does not exist ({where}): create it or fix the URL")
+        if code in _DENIED_CODES:
+            return BackendError(
+                f"S3 denied {action} in {where} ({code}: {message}): check the credentials "
+                "(AWS_ACCESS_KEY_ID/AWS_PROFILE) and the bucket's policy"
+            )
+        if code in _THROTTLE_CODES or status >= 500:
+            return BackendError(f"S3 at {where} failed {action} ({code}: {message}); retry", transient=True)
+        return BackendError(f"S3 at {where} refused {action} ({code}: {message})")
+
+
+def _code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))

@@ -1,0 +1,250 @@
+"""The store's manifest (format ``raydist-loader/1``): what a model is, how it is cut, where each chunk lives.
+
+A manifest is JSON at ``<model>/manifest.json``; every object it names lives under ``<model>/<version>/`` (chunked
+layout) or is an original checkpoint file (in-place layout). It is validated on read: a garbled manifest is an error
+naming the field, and one whose chunks disagree with its shapes and dtypes is refused before any byte is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from math import prod
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import dtypes, grid
+from .errors import ManifestError, NotFoundError, ShardingError
+from .rules import TensorRule
+
+FORMAT = "raydist-loader/1"
+VERSION_RE = re.compile(r"^v\d{14}-[0-9a-f]{8}$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Part(_Strict):
+    """``nbytes`` bytes of ``object`` at ``offset``; a chunk's parts concatenate to its bytes."""
+
+    object: str
+    offset: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+
+
+class ChunkRecord(_Strict):
+    id: str
+    seg: str
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+    xxh3: str = Field(pattern=r"^[0-9a-f]{32}$")
+    blake3: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    parts: list[Part] = Field(default_factory=list)  # chunked layout; empty for in-place (derived from source)
+
+
+class Source(_Strict):
+    """In-place layout: the whole tensor's row-major bytes start at ``offset`` of ``object``."""
+
+    object: str
+    offset: int = Field(ge=0)
+
+
+class TensorRecord(_Strict):
+    dtype: str
+    shape: list[int]
+    rule: dict
+    chunks: list[ChunkRecord]
+    source: Source | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * dtypes.itemsize(self.dtype)
+
+    def tensor_rule(self) -> TensorRule:
+        return TensorRule.from_dict(self.rule)
+
+
+class FileRecord(_Strict):
+    object: str
+    nbytes: int = Field(ge=0)
+    xxh3: str = Field(pattern=r"^[0-9a-f]{32}$")
+    blake3: str | None = None
+
+
+class Manifest(_Strict):
+    format: Literal["raydist-loader/1"]
+    model: str
+    version: str
+    layout: Literal["chunked", "inplace"]
+    created: float
+    max_tp: int = Field(ge=1)
+    digests: list[str] = Field(default_factory=lambda: ["xxh3_128"])
+    rules: dict
+    rules_fingerprint: str
+    config: dict
+    tensors: dict[str, TensorRecord]
+    files: dict[str, FileRecord] = Field(default_factory=dict)
+
+    # ---------------------------------------------------------------- (de)serialise
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(exclude_none=True), separators=(",", ":"), sort_keys=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, where: str = "manifest") -> Manifest:
+        """Parse and validate; any problem is a ManifestError naming the field."""
+        try:
+            raw = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{where} is not valid JSON ({e}); re-publish or re-index the model") from None
+        if isinstance(raw, dict) and raw.get("format") not in (None, FORMAT):
+            raise ManifestError(
+                f"{where}: format {raw.get('format')!r} is not supported; this raydist-loader reads {FORMAT!r}"
+            )
+        try:
+            manifest = cls.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            path = _dotted(err["loc"])
+            raise ManifestError(f"{where}: field {path}: {err['msg']} (got {_short(err.get('input'))})") from None
+        manifest.check(where)
+        return manifest
+
+    # ---------------------------------------------------------------- consistency
+    def check(self, where: str = "manifest") -> None:
+        """Cross-field checks: dtypes known, chunks cover each tensor exactly, nbytes agree with shape x dtype."""
+        for name, t in self.tensors.items():
+            at = f"{where}: tensors[{name!r}]"
+            if not dtypes.known(t.dtype):
+                raise ManifestError(f"{at}.dtype: unknown dtype {t.dtype!r}")
+            if any(s < 0 for s in t.shape):
+                raise ManifestError(f"{at}.shape: negative size in {t.shape}")
+            try:
+                rule = t.tensor_rule()
+            except (KeyError, TypeError, ValueError) as e:
+                raise ManifestError(f"{at}.rule: {e}") from None
+            expected = grid.chunks(rule, tuple(t.shape), self.max_tp)
+            got = [(c.id, c.start, c.end) for c in t.chunks]
+            if got != [(c.id, c.start, c.end) for c in expected]:
+                raise ManifestError(f"{at}.chunks: chunk grid {got[:4]}... does not match its rule and shape")
+            for i, c in enumerate(t.chunks):
+                want = prod(grid.chunk_shape(tuple(t.shape), rule.dim, grid.Chunk(c.seg, 0, c.start, c.end)))
+                want *= dtypes.itemsize(t.dtype)
+                if c.nbytes != want:
+                    raise ManifestError(
+                        f"{at}.chunks[{i}].nbytes: {c.nbytes} disagrees with shape {t.shape} and dtype "
+                        f"{t.dtype} (expected {want})"
+                    )
+                if self.layout == "chunked" and sum(p.nbytes for p in c.parts) != c.nbytes:
+                    raise ManifestError(f"{at}.chunks[{i}].parts: parts add up to a size other than nbytes")
+            if self.layout == "inplace" and t.source is None:
+                raise ManifestError(f"{at}.source: an in-place manifest needs the tensor's source")
+
+    def served_tps(self) -> list[int]:
+        """Every tp this store can be loaded at."""
+        return [
+            tp
+            for tp in range(1, self.max_tp + 1)
+            if all(grid.refusal(t.tensor_rule(), tuple(t.shape), self.max_tp, tp) is None for t in self.tensors.values())
+        ]
+
+    def check_tp(self, tp: int) -> None:
+        """Refuse a tp the grid does not serve, listing the ones it does and how to re-publish."""
+        for name, t in self.tensors.items():
+            why = grid.refusal(t.tensor_rule(), tuple(t.shape), self.max_tp, tp)
+            if why:
+                raise ShardingError(
+                    f"model {self.model!r} cannot be loaded at tp={tp}: {name}: {why}. This store serves tp in "
+                    f"{self.served_tps()}; to serve other sizes re-publish with a different --max-tp"
+                )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def objects(self) -> set[str]:
+        """Every object this manifest reads (data and files)."""
+        keys = {f.object for f in self.files.values()}
+        for t in self.tensors.values():
+            if t.source:
+                keys.add(t.source.object)
+            keys.update(p.object for c in t.chunks for p in c.parts)
+        return keys
+
+
+# --------------------------------------------------------------------- store layout (names)
+def check_model_name(model: str) -> str:
+    if not _MODEL_RE.match(model or "") or ".." in model:
+        raise ManifestError(
+            f"invalid model name {model!r}: use letters, digits, '.', '_', '-' and '/' between parts "
+            "(e.g. 'llama-3-8b' or 'meta-llama/Llama-3-8B')"
+        )
+    return model
+
+
+def manifest_key(model: str) -> str:
+    return f"{check_model_name(model)}/manifest.json"
+
+
+def new_version(seed: str) -> str:
+    """A fresh, sortable version id ``vYYYYmmddHHMMSS-<8 hex>``."""
+    import hashlib
+
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+    return f"v{stamp}-{hashlib.sha256(f'{seed}{time.time_ns()}'.encode()).hexdigest()[:8]}"
+
+
+def version_prefix(model: str, version: str) -> str:
+    return f"{model}/{version}/"
+
+
+def read_manifest(connector, model: str) -> Manifest:
+    """Read and validate ``<model>/manifest.json``; a missing one says how to publish or index."""
+    key = manifest_key(model)
+    size = connector.stat(key)
+    if size is None:
+        raise NotFoundError(_missing_message(connector, model))
+    return Manifest.from_json(connector.read(key), where=f"{connector.describe()} {key}")
+
+
+def _missing_message(connector, model: str) -> str:
+    where = connector.describe()
+    has_checkpoint = any(k.endswith(".safetensors") for k in _take(connector.list(f"{model}/"), 1000))
+    if has_checkpoint:
+        return (
+            f"{where} holds a safetensors checkpoint under {model}/ but no raydist-loader manifest: run "
+            f"`raydist-loader index {where} --model {model}` once to record its digests"
+        )
+    return (
+        f"model {model!r} not found in {where} (no {model}/manifest.json): publish it with "
+        f"`raydist-loader publish CHECKPOINT_DIR {where} --model {model}`"
+    )
+
+
+def _take(it, n):
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x
+
+
+def _dotted(loc: tuple) -> str:
+    """pydantic's error location as ``tensors['x'].chunks[2].nbytes``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif out.endswith(("tensors", "files")):
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}"
+    return out.lstrip(".")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,349 @@
+"""Put a model in a store: ``publish`` (HF checkpoint dir -> chunked layout) and ``index`` (in place).
+
+Both apply the sharding rules once, cut every tensor on the chunk grid, hash each chunk, and write the manifest
+last, so a half-written model is never taken for a complete one (a reader sees the old manifest or the new one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import digest, dtypes, grid, manifest as mf
+from .connectors import Connector, open_connector
+from .errors import ConfigError, NotFoundError
+from .rules import ModelDims, RuleSet, TensorRule
+from .safetensors_io import Entry, layout, read_header, stream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TP = 8
+DEFAULT_PART_BYTES = 1536 << 20
+_WEIGHT_SUFFIX = ".safetensors"
+_SKIP_FILES = {"model.safetensors.index.json"}
+
+
+@dataclass
+class PublishResult:
+    """What publish/index wrote: the version, how much, and how fast."""
+
+    model: str
+    version: str
+    url: str
+    layout: str
+    tensors: int
+    chunks: int
+    bytes: int
+    seconds: float
+    objects: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+@dataclass
+class _Cut:
+    """One tensor as it will be stored: its source entry, its rule and its chunks."""
+
+    entry: Entry
+    rule: TensorRule
+    chunks: list[grid.Chunk]
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+def _plan_cuts(entries: Sequence[Entry], config: dict, rules: RuleSet, max_tp: int) -> list[_Cut]:
+    dims = ModelDims.from_config(config)
+    resolved = rules.resolve_all({e.name: e.shape for e in entries}, dims)
+    grid.check_max_tp(resolved, {e.name: e.shape for e in entries}, max_tp)
+    return [_Cut(e, resolved[e.name], grid.chunks(resolved[e.name], e.shape, max_tp)) for e in entries]
+
+
+def _digests(data, algos: Sequence[str]) -> dict[str, str]:
+    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+    out = {"xxh3": digest.xxh3(view)}
+    if "blake3" in algos:
+        out["blake3"] = digest.blake3_hex(view)
+    return out
+
+
+def _cut_bytes(cut: _Cut, raw: np.ndarray) -> Iterator[tuple[grid.Chunk, np.ndarray]]:
+    size = dtypes.itemsize(cut.entry.dtype)
+    for c in cut.chunks:
+        yield c, grid.chunk_bytes(raw, cut.entry.shape, cut.rule.dim, size, c)
+
+
+def _record(cut: _Cut, chunk_info: dict[str, dict], source: mf.Source | None = None) -> mf.TensorRecord:
+    e = cut.entry
+    return mf.TensorRecord(
+        dtype=e.dtype,
+        shape=list(e.shape),
+        rule=cut.rule.to_dict(),
+        source=source,
+        chunks=[mf.ChunkRecord(id=c.id, seg=c.seg, start=c.start, end=c.end, **chunk_info[c.id]) for c in cut.chunks],
+    )
+
+
+def _file_records(connector: Connector, files: dict[str, bytes], prefix: str, algos) -> dict[str, mf.FileRecord]:
+    out = {}
+    for name, data in files.items():
+        key = f"{prefix}{name}"
+        if connector.stat(key) != len(data):
+            connector.write(key, data)
+        out[name] = mf.FileRecord(object=key, nbytes=len(data), **_digests(data, algos))
+    return out
+
+
+def _finish(connector: Connector, manifest: mf.Manifest) -> None:
+    """Write the manifest last: the atomic switch that makes the new version visible."""
+    connector.write(mf.manifest_key(manifest.model), manifest.to_json())
+
+
+def _new_manifest(model, version, layout_name, max_tp, algos, rules, config, tensors, files) -> mf.Manifest:
+    m = mf.Manifest(
+        format=mf.FORMAT, model=model, version=version, layout=layout_name, created=time.time(), max_tp=max_tp,
+        digests=["xxh3_128", *(["blake3"] if "blake3" in algos else [])], rules=rules.to_dict(),
+        rules_fingerprint=rules.fingerprint(), config=config, tensors=tensors, files=files,
+    )
+    m.check()
+    return m
+
+
+# ------------------------------------------------------------------------------------------ publish
+def _read_checkpoint(src: Path) -> tuple[list[Path], dict, dict[str, bytes]]:
+    if not src.is_dir():
+        raise ConfigError(f"checkpoint directory {str(src)!r} does not exist or is not a directory")
+    weights = sorted(src.glob(f"*{_WEIGHT_SUFFIX}"))
+    if not weights:
+        raise ConfigError(
+            f"no *.safetensors files in {str(src)!r}: publish takes a Hugging Face checkpoint directory "
+            "(save_pretrained(..., safe_serialization=True) writes one)"
+        )
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"{str(src)!r} has no config.json: the sharding rules are chosen by its model_type")
+    files = {
+        p.name: p.read_bytes()
+        for p in sorted(src.iterdir())
+        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIX) and p.name not in _SKIP_FILES
+        and not p.name.startswith(".")
+    }
+    try:
+        config = json.loads(files["config.json"])
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{src / 'config.json'} is not valid JSON: {e}") from None
+    return weights, config, files
+
+
+def _local_entries(weights: list[Path]) -> tuple[list[Entry], dict[str, np.ndarray]]:
+    from .connectors.file import FileConnector
+
+    entries, raw = [], {}
+    with FileConnector(str(weights[0].parent)) as local:
+        for path in weights:
+            mm = np.memmap(path, dtype=np.uint8, mode="r")
+            for e in read_header(local, path.name):
+                if e.name in raw:
+                    raise ConfigError(f"tensor {e.name!r} appears in more than one file of the checkpoint")
+                entries.append(e)
+                raw[e.name] = mm[e.offset : e.offset + e.nbytes]
+    return entries, raw
+
+
+def publish(
+    src_dir: str | Path,
+    url: str,
+    model: str,
+    *,
+    max_tp: int = DEFAULT_MAX_TP,
+    rules: str | Path | dict | None = None,
+    digests: Sequence[str] = ("xxh3_128",),
+    part_bytes: int = DEFAULT_PART_BYTES,
+    concurrency: int = 4,
+    connector_options: dict | None = None,
+) -> PublishResult:
+    """Publish the HF checkpoint in ``src_dir`` to store ``url`` as ``model`` (chunked layout, new version).
+
+    ``rules`` (YAML path or dict) override the preset chosen by config.json's model_type; ``max_tp`` is the finest
+    tp the store will serve (every divisor that the tensors allow is served too).
+    """
+    started = time.perf_counter()
+    mf.check_model_name(model)
+    weights, config, files = _read_checkpoint(Path(src_dir))
+    entries, raw = _local_entries(weights)
+    ruleset = RuleSet.for_checkpoint(config, rules)
+    cuts = _plan_cuts(entries, config, ruleset, max_tp)
+    version = mf.new_version(f"{model}{ruleset.fingerprint()}{max_tp}")
+    prefix = mf.version_prefix(model, version)
+    with open_connector(url, **(connector_options or {})) as conn:
+        warnings = _eviction_warning(conn)
+        writer = _write_files if conn.packs_files else _write_objects
+        info = writer(conn, cuts, raw, prefix, max_tp, digests, part_bytes, concurrency)
+        tensors = {c.entry.name: _record(c, info[c.entry.name]) for c in cuts}
+        file_recs = _file_records(conn, files, f"{prefix}files/", digests)
+        manifest = _new_manifest(model, version, "chunked", max_tp, digests, ruleset, config, tensors, file_recs)
+        _finish(conn, manifest)
+        nbytes = manifest.total_bytes
+        n_objects = len(manifest.objects())
+        where = conn.describe()
+    for w in warnings:
+        log.warning(w)
+    return PublishResult(model, version, where, "chunked", len(cuts), sum(len(c.chunks) for c in cuts), nbytes,
+                         time.perf_counter() - started, n_objects, warnings)
+
+
+def _eviction_warning(conn: Connector) -> list[str]:
+    check = getattr(conn, "check_eviction_policy", None)
+    message = check() if check else None
+    return [message] if message else []
+
+
+def _groups(cuts: list[_Cut], max_tp: int, part_bytes: int) -> dict[str, list[tuple[_Cut, grid.Chunk]]]:
+    """File name -> the chunks it holds, in tensor order: chunks of the lowest rank slot that reads them,
+    replicated tensors in their own files, each group cut into parts of about ``part_bytes``."""
+    slots: dict[str, list[tuple[_Cut, grid.Chunk]]] = {}
+    for cut in cuts:
+        owner = grid.lowest_slot(cut.rule, cut.entry.shape, max_tp) if cut.rule.style != "replicate" else {}
+        for c in cut.chunks:
+            slot = "replicated" if cut.rule.style == "replicate" else f"rank{owner[c.id]:03d}-of-{max_tp:03d}"
+            slots.setdefault(slot, []).append((cut, c))
+    files: dict[str, list[tuple[_Cut, grid.Chunk]]] = {}
+    for slot, members in slots.items():
+        part, size = 0, 0
+        for cut, c in members:
+            nbytes = _chunk_nbytes(cut, c)
+            if size and size + nbytes > part_bytes:
+                part, size = part + 1, 0
+            files.setdefault(f"{slot}-part{part:03d}.safetensors", []).append((cut, c))
+            size += nbytes
+    return files
+
+
+def _chunk_nbytes(cut: _Cut, c: grid.Chunk) -> int:
+    from math import prod
+
+    return prod(grid.chunk_shape(cut.entry.shape, cut.rule.dim, c)) * dtypes.itemsize(cut.entry.dtype)
+
+
+def _chunk_name(cut: _Cut, c: grid.Chunk) -> str:
+    return f"{cut.entry.name}::{c.id}"
+
+
+def _write_files(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
+    """file/S3: chunks packed into safetensors files; returns tensor -> chunk id -> record fields."""
+    info: dict[str, dict[str, dict]] = {c.entry.name: {} for c in cuts}
+
+    def write_one(fname: str, members: list[tuple[_Cut, grid.Chunk]]) -> None:
+        key = f"{prefix}{fname}"
+        items = [(_chunk_name(cut, c), cut.entry.dtype, grid.chunk_shape(cut.entry.shape, cut.rule.dim, c),
+                  _chunk_nbytes(cut, c)) for cut, c in members]
+        head, offsets = layout(items, {"format": "raydist-loader/1 chunks"})
+
+        def blocks():
+            for cut, c in members:
+                data = grid.chunk_bytes(raw[cut.entry.name], cut.entry.shape, cut.rule.dim,
+                                        dtypes.itemsize(cut.entry.dtype), c)
+                name = _chunk_name(cut, c)
+                info[cut.entry.name][c.id] = {
+                    "nbytes": data.nbytes, **_digests(data, algos),
+                    "parts": [mf.Part(object=key, offset=offsets[name], nbytes=data.nbytes)],
+                }
+                yield memoryview(data)
+
+        conn.write(key, stream(head, blocks()))
+
+    _run_all(write_one, _groups(cuts, max_tp, part_bytes).items(), concurrency)
+    return info
+
+
+def _write_objects(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
+    """Redis-like stores: one object per chunk (split into parts above the backend's value limit)."""
+    info: dict[str, dict[str, dict]] = {c.entry.name: {} for c in cuts}
+    limit = conn.max_object_bytes or part_bytes
+
+    def write_one(cut: _Cut) -> None:
+        for c, data in _cut_bytes(cut, raw[cut.entry.name]):
+            key = f"{prefix}{_chunk_name(cut, c)}"
+            view = memoryview(data)
+            spans = [(i, min(i + limit, data.nbytes)) for i in range(0, data.nbytes, limit)] or [(0, 0)]
+            parts = []
+            for k, (a, b) in enumerate(spans):
+                part_key = key if len(spans) == 1 else f"{key}#{k}"
+                conn.write(part_key, view[a:b])
+                parts.append(mf.Part(object=part_key, offset=0, nbytes=b - a))
+            info[cut.entry.name][c.id] = {"nbytes": data.nbytes, **_digests(data, algos), "parts": parts}
+
+    _run_all(write_one, cuts, concurrency, star=False)
+    return info
+
+
+def _run_all(fn, items, concurrency: int, star: bool = True) -> None:
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        futures = [pool.submit(fn, *item) if star else pool.submit(fn, item) for item in items]
+        for f in futures:
+            f.result()
+
+
+# ------------------------------------------------------------------------------------------ index
+def index(
+    url: str,
+    model: str,
+    *,
+    max_tp: int = DEFAULT_MAX_TP,
+    rules: str | Path | dict | None = None,
+    digests: Sequence[str] = ("xxh3_128",),
+    connector_options: dict | None = None,
+) -> PublishResult:
+    """Record an in-place manifest for the HF checkpoint stored under ``<url>/<model>/`` (files left untouched).
+
+    Reads every tensor once to hash its chunks; a later load reads byte ranges of the original files.
+    """
+    started = time.perf_counter()
+    mf.check_model_name(model)
+    with open_connector(url, **(connector_options or {})) as conn:
+        keys = [k for k in conn.list(f"{model}/") if "/" not in k[len(model) + 1 :]]
+        weights = [k for k in keys if k.endswith(_WEIGHT_SUFFIX)]
+        if not weights:
+            raise NotFoundError(
+                f"no *.safetensors under {model}/ in {conn.describe()}: index expects the checkpoint's files at "
+                f"<store>/{model}/ (model.safetensors or shards + model.safetensors.index.json)"
+            )
+        if f"{model}/config.json" not in keys:
+            raise ConfigError(f"no {model}/config.json in {conn.describe()}: the rules are chosen by its model_type")
+        config = json.loads(conn.read(f"{model}/config.json"))
+        entries = [e for key in weights for e in _keyed(read_header(conn, key), key)]
+        ruleset = RuleSet.for_checkpoint(config, rules)
+        cuts = _plan_cuts([e for e, _ in entries], config, ruleset, max_tp)
+        sources = dict(entries)
+        tensors = {c.entry.name: _index_tensor(conn, c, sources[c.entry], digests) for c in cuts}
+        files = {
+            k[len(model) + 1 :]: conn.read(k)
+            for k in keys
+            if not k.endswith(_WEIGHT_SUFFIX) and not k.endswith("/manifest.json") and k[len(model) + 1 :] not in _SKIP_FILES
+        }
+        file_recs = {n: mf.FileRecord(object=f"{model}/{n}", nbytes=len(d), **_digests(d, digests)) for n, d in files.items()}
+        version = mf.new_version(f"{model}{ruleset.fingerprint()}{[(e.name, e.offset) for e, _ in entries]}")
+        manifest = _new_manifest(model, version, "inplace", max_tp, digests, ruleset, config, tensors, file_recs)
+        _finish(conn, manifest)
+        where = conn.describe()
+    return PublishResult(model, version, where, "inplace", len(cuts), sum(len(c.chunks) for c in cuts),
+                         manifest.total_bytes, time.perf_counter() - started, len(manifest.objects()))
+
+
+def _keyed(entries: list[Entry], key: str) -> list[tuple[Entry, str]]:
+    return [(e, key) for e in entries]
+
+
+def _index_tensor(conn: Connector, cut: _Cut, key: str, algos) -> mf.TensorRecord:
+    buf = np.empty(cut.entry.nbytes, dtype=np.uint8)
+    if cut.entry.nbytes:
+        conn.readinto(key, cut.entry.offset, memoryview(buf))
+    info = {c.id: {"nbytes": data.nbytes, **_digests(data, algos)} for c, data in _cut_bytes(cut, buf)}
+    return _record(cut, info, mf.Source(object=key, offset=cut.entry.offset))

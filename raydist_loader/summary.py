@@ -1,0 +1,72 @@
+"""``inspect``: what a store holds for a model, and with ``tp`` what each rank will move."""
+
+from __future__ import annotations
+
+from .connectors import open_connector
+from .manifest import Manifest, read_manifest
+from .plan import make_plan
+
+
+def inspect(url: str, model: str, *, tp: int | None = None, connector_options: dict | None = None) -> dict:
+    """A JSON-able summary: version, layout, tensors (dtype, shape, style, chunks) and, with ``tp``, per-rank bytes."""
+    with open_connector(url, **(connector_options or {})) as conn:
+        manifest = read_manifest(conn, model)
+        where = conn.describe()
+        gap = conn.coalesce_gap
+    return summarize(manifest, where, tp, gap)
+
+
+def summarize(manifest: Manifest, where: str, tp: int | None = None, coalesce_gap: int = 1 << 20) -> dict:
+    out = {
+        "store": where, "model": manifest.model, "version": manifest.version, "layout": manifest.layout,
+        "max_tp": manifest.max_tp, "served_tp": manifest.served_tps(), "bytes": manifest.total_bytes,
+        "digests": manifest.digests, "rules": manifest.rules.get("name", "custom"),
+        "tensors": [
+            {"name": n, "dtype": t.dtype, "shape": t.shape, "style": t.tensor_rule().style,
+             "dim": t.tensor_rule().dim, "chunks": len(t.chunks), "bytes": t.nbytes}
+            for n, t in manifest.tensors.items()
+        ],
+        "files": sorted(manifest.files),
+    }
+    if tp is not None:
+        out["tp"] = tp
+        out["ranks"] = [_rank_row(manifest, tp, r, coalesce_gap) for r in range(tp)]
+    return out
+
+
+def _rank_row(manifest: Manifest, tp: int, rank: int, gap: int) -> dict:
+    plan = make_plan(manifest, tp, rank, coalesce_gap=gap)
+    split = sum(s.nbytes for s in plan.tensors if s.dim is not None)
+    replicated = sum(s.nbytes for s in plan.tensors if s.dim is None)
+    return {"rank": rank, "bytes": plan.bytes_kept, "bytes_read": plan.bytes_read, "split_bytes": split,
+            "replicated_bytes": replicated, "reads": len(plan.reads), "digest": plan.expected_digest}
+
+
+def render(summary: dict, max_rows: int = 40) -> str:
+    """Human-readable text of :func:`inspect`'s summary."""
+    s = summary
+    lines = [
+        f"model {s['model']} version {s['version']} ({s['layout']}) in {s['store']}",
+        f"  {len(s['tensors'])} tensors, {_gb(s['bytes'])}, max_tp {s['max_tp']}, serves tp {s['served_tp']}, "
+        f"digests {', '.join(s['digests'])}, rules {s['rules']}",
+        f"  files: {', '.join(s['files']) or '-'}",
+        f"  {'tensor':<56} {'dtype':<9} {'shape':<18} {'style':<9} {'dim':>3} {'chunks':>6}",
+    ]
+    for t in s["tensors"][:max_rows]:
+        lines.append(f"  {t['name']:<56} {t['dtype']:<9} {str(t['shape']):<18} {t['style']:<9} "
+                     f"{'-' if t['dim'] is None else t['dim']:>3} {t['chunks']:>6}")
+    if len(s["tensors"]) > max_rows:
+        lines.append(f"  ... {len(s['tensors']) - max_rows} more (use --json for all)")
+    if "ranks" in s:
+        lines.append(f"  at tp={s['tp']}: {'rank':>4} {'moves':>12} {'split':>12} {'replicated':>12} {'reads':>6}")
+        for r in s["ranks"]:
+            lines.append(f"  {'':>8} {r['rank']:>4} {_gb(r['bytes']):>12} {_gb(r['split_bytes']):>12} "
+                         f"{_gb(r['replicated_bytes']):>12} {r['reads']:>6}")
+    return "\n".join(lines)
+
+
+def _gb(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

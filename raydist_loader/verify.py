@@ -1,0 +1,104 @@
+"""Re-read a whole store and check every digest recorded at publish time (``raydist-loader verify``)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import digest
+from .connectors import open_connector
+from .errors import RaydistError, VerificationError
+from .manifest import Manifest, manifest_key, read_manifest
+from .plan import ChunkRead, make_plan
+from .worker import fetch_chunk
+
+
+@dataclass
+class VerifyResult:
+    """What verify checked and what it found wrong (each failure names tensor, chunk and object)."""
+
+    model: str
+    version: str
+    chunks: int
+    files: int
+    bytes: int
+    seconds: float
+    failures: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def manifest_sha256(url: str, model: str, connector_options: dict | None = None) -> str:
+    """sha256 of the stored manifest bytes: pin it with ``expect_manifest_sha256=`` to detect a swapped store."""
+    with open_connector(url, **(connector_options or {})) as conn:
+        return hashlib.sha256(conn.read(manifest_key(model))).hexdigest()
+
+
+def check_manifest_sha256(raw: bytes, expected: str | None, where: str) -> None:
+    if expected and hashlib.sha256(raw).hexdigest() != expected.lower():
+        raise VerificationError(
+            f"the manifest at {where} has sha256 {hashlib.sha256(raw).hexdigest()}, not the expected {expected}: "
+            "the store was re-published or tampered with"
+        )
+
+
+def verify(url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False,
+           connector_options: dict | None = None) -> VerifyResult:
+    """Read every chunk and file of ``model`` and compare with the manifest's digests."""
+    t0 = time.perf_counter()
+    with open_connector(url, **(connector_options or {})) as conn:
+        manifest = read_manifest(conn, model)
+        plan = make_plan(manifest, 1, 0, coalesce_gap=conn.coalesce_gap)
+
+        def check(read: ChunkRead) -> dict | None:
+            name = plan.tensors[read.tensor].name
+            try:
+                data = fetch_chunk(conn, read).numpy()
+            except RaydistError as e:
+                return {"tensor": name, "chunk": read.chunk, "error": str(e), "objects": _objects(read)}
+            got = digest.xxh3(data)
+            bad = got != read.xxh3 or (read.blake3 is not None and digest.blake3_hex(data) != read.blake3)
+            return {"tensor": name, "chunk": read.chunk, "expected": read.xxh3, "got": got,
+                    "objects": _objects(read)} if bad else None
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            failures = [f for f in pool.map(check, plan.reads) if f]
+        failures += _check_files(conn, manifest)
+    result = VerifyResult(model, manifest.version, len(plan.reads), len(manifest.files), plan.bytes_read,
+                          time.perf_counter() - t0, failures)
+    if raise_on_failure and failures:
+        raise VerificationError(describe_failures(failures), failures)
+    return result
+
+
+def _objects(read: ChunkRead) -> list[str]:
+    return sorted({p.key for p in read.pieces})
+
+
+def _check_files(conn, manifest: Manifest) -> list[dict]:
+    out = []
+    for name, rec in manifest.files.items():
+        try:
+            got = digest.xxh3(conn.read(rec.object))
+        except RaydistError as e:
+            out.append({"file": name, "error": str(e), "objects": [rec.object]})
+            continue
+        if got != rec.xxh3:
+            out.append({"file": name, "expected": rec.xxh3, "got": got, "objects": [rec.object]})
+    return out
+
+
+def describe_failures(failures: list[dict], limit: int = 10) -> str:
+    """One line per failure: rank (when known), tensor and chunk (or file), and why."""
+    lines = []
+    for f in failures[:limit]:
+        where = f"rank {f['rank']}: " if "rank" in f else ""
+        what = f"file {f['file']}" if "file" in f else f"tensor {f['tensor']} chunk {f['chunk']}"
+        why = f["error"] if "error" in f else f"digest {f['got']} != expected {f['expected']}"
+        lines.append(f"{where}{what}: {why}")
+    more = f" (+{len(failures) - limit} more)" if len(failures) > limit else ""
+    return f"{len(failures)} chunk(s) failed verification{more}:\n  " + "\n  ".join(lines)
