@@ -1,11 +1,12 @@
 """Tensor-parallel sharding rules: which dim of each tensor is split, and into which segments.
 
-A :class:`RuleSet` is an ordered list of :class:`Rule` (regex on the tensor name -> style), first match wins. Presets
-exist per config.json ``model_type``; user rules from YAML go in front of a preset and so override it. Resolving a
-tensor name + shape against the model's :class:`ModelDims` gives a :class:`TensorRule`: the style, the split dim of
-*this* tensor and its segments (``[q; k; v]``, ``[gate; up]`` or one ``all``), which is what the chunk grid, the
-plans and the manifest are built from. The cuts follow vLLM's parallel layers (ColumnParallelLinear,
-RowParallelLinear, QKVParallelLinear, VocabParallelEmbedding) so that the shards are what an engine expects.
+A :class:`RuleSet` is an ordered list of :class:`Rule` (regex on the tensor name -> style), first match wins.
+Presets exist per config.json ``model_type``; user rules from YAML go in front of a preset and so override it.
+Resolving a tensor name + shape against the model's :class:`ModelDims` gives a :class:`TensorRule`: the style,
+the split dim of *this* tensor and its segments (``[q; k; v]``, ``[gate; up]`` or one ``all``), which is what
+the chunk grid, the plans and the manifest are built from. The cuts follow vLLM's parallel layers
+(ColumnParallelLinear, RowParallelLinear, QKVParallelLinear, VocabParallelEmbedding) so that the shards are
+what an engine expects.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _SCALE_NAME = re.compile(r"^(?P<module>.+)\.(?P<kind>\w*_scale(_inv|_2)?)$")
 _MAX_LISTED = 20
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # Model dimensions
 
 
@@ -75,7 +76,7 @@ class ModelDims:
 
 
 def _config_int(config: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
-    """The first of ``keys`` present in ``config`` (a positive int), else ``default``; missing -> ConfigError."""
+    """The first of ``keys`` present in ``config`` (a positive int), else ``default``."""
     for key in keys:
         value = config.get(key)
         if value is None:
@@ -88,7 +89,7 @@ def _config_int(config: Mapping[str, Any], *keys: str, default: int | None = Non
     return default
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # Resolved rules (what the manifest records per tensor)
 
 
@@ -155,7 +156,7 @@ def _check_tensor_rule(rule: TensorRule) -> None:
 _REPLICATE = TensorRule("replicate", None, ())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # User / preset rules
 
 
@@ -172,10 +173,10 @@ class _RuleFieldError(ConfigError):
 class Rule:
     """One rule: tensors whose name matches ``pattern`` (``re.search``) are cut this way.
 
-    ``segments`` names the parts of a fused tensor in order (``("q","k","v")`` with GQA sizes, or equal parts such
-    as ``("gate","up")``); ``()`` means one segment ``all``. ``heads`` says whether the split dim is cut on q-head
-    or kv-head boundaries (unfused tensors only: a fused q,k,v carries its own). ``transposed`` marks GPT-2's Conv1D,
-    whose weights are stored ``[in, out]``.
+    ``segments`` names the parts of a fused tensor in order (``("q","k","v")`` with GQA sizes, or equal parts
+    such as ``("gate","up")``); ``()`` means one segment ``all``. ``heads`` says whether the split dim is cut
+    on q-head or kv-head boundaries (unfused tensors only: a fused q,k,v carries its own). ``transposed``
+    marks GPT-2's Conv1D, whose weights are stored ``[in, out]``.
     """
 
     pattern: str
@@ -195,7 +196,7 @@ class Rule:
         self._check_segments()
 
     def _check_segments(self) -> None:
-        """Segments: unique lowercase names, at least two, only on split styles; q,k,v brings its own heads."""
+        """Fused segments: 2+ distinct lowercase names, split styles only, no rule-level heads."""
         segs = self.segments
         if not segs:
             return
@@ -246,7 +247,7 @@ def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None
         raise _RuleFieldError(field_name, f"{value!r} is not one of {'|'.join(choices)}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # Presets, composed from shared blocks (anchored suffixes: a rule never matches part of a name component)
 
 
@@ -258,9 +259,8 @@ def _suffix(
 
 
 _WB = r"\.(weight|bias)"
-_NORMS = (
-    _suffix(r"\w*norm" + _WB, "replicate"),
-)  # input_layernorm, post_attention_layernorm, norm, q_norm, ...
+# input_layernorm, post_attention_layernorm, model.norm, q_norm/k_norm, ...
+_NORMS = (_suffix(r"\w*norm" + _WB, "replicate"),)
 _VOCAB = (_suffix(r"embed_tokens\.weight", "vocab"), _suffix(r"lm_head\.weight", "vocab"))
 _ATTENTION = (
     _suffix(r"q_proj" + _WB, "colwise", "q"),
@@ -318,12 +318,12 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
 """Rules per config.json ``model_type``."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # Applying a rule to one tensor
 
 
 def _split_dim(rule: Rule, ndim: int) -> int | None:
-    """The dim a colwise/rowwise rule splits on a tensor of ``ndim`` dims; None: replicate (a rowwise bias)."""
+    """The dim a colwise/rowwise rule splits on an ``ndim``-dim tensor; None: replicate (rowwise bias)."""
     if ndim == 1:
         return 0 if rule.style == "colwise" else None  # vLLM adds a row-parallel bias on one rank only
     out_dim, in_dim = ndim - 2, ndim - 1  # Linear [..., out, in]; fused experts [E, out, in]
@@ -396,7 +396,7 @@ def _dims_text(dims: ModelDims) -> str:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # Rule sets
 
 
@@ -413,7 +413,7 @@ class RuleSet:
     def __repr__(self) -> str:
         return f"RuleSet({self.name!r}, {len(self.rules)} rules, default={self.default!r})"
 
-    # -- construction ------------------------------------------------------------------------------------------
+    # -- construction -------------------------------------------------------------------------------------
 
     @classmethod
     def preset(cls, model_type: str) -> RuleSet:
@@ -428,10 +428,11 @@ class RuleSet:
 
     @classmethod
     def from_yaml(cls, source: str | Path | Mapping[str, Any], *, base: RuleSet | None = None) -> RuleSet:
-        """Rules from YAML (a file path, YAML text, or an already parsed dict), placed before ``base``'s rules.
+        """Rules from YAML (a file path, YAML text or a parsed dict), placed before ``base``'s rules.
 
-        Format: ``{default: replicate|error, rules: [{pattern, style, heads, segments, transposed}]}`` (``name``
-        is accepted too, so that :meth:`to_dict` output reads back). Errors give the dotted path of the bad key.
+        Format: ``{default: replicate|error, rules: [{pattern, style, heads, segments, transposed}]}``
+        (``name`` is accepted too, so that :meth:`to_dict` output reads back). Errors give the dotted path of
+        the bad key.
         """
         doc, origin = _load_yaml(source)
         try:
@@ -441,10 +442,12 @@ class RuleSet:
 
     @classmethod
     def for_checkpoint(
-        cls, config: Mapping[str, Any], user: str | Path | Mapping[str, Any] | None = None
+        cls, config: Mapping[str, Any], user: RuleSet | str | Path | Mapping[str, Any] | None = None
     ) -> RuleSet:
-        """The preset for ``config["model_type"]`` with ``user`` rules in front; user rules alone for a type
-        without a preset."""
+        """The rules to publish a checkpoint with: the preset for ``config["model_type"]`` with ``user`` rules
+        (YAML) in front, or the user rules alone for a type without a preset. A RuleSet is taken as is."""
+        if isinstance(user, RuleSet):
+            return user
         model_type = config.get("model_type")
         if user is not None and model_type not in PRESETS:
             return cls.from_yaml(user)
@@ -453,14 +456,14 @@ class RuleSet:
         preset = cls.preset(model_type)
         return preset if user is None else cls.from_yaml(user, base=preset)
 
-    # -- resolution ----------------------------------------------------------------------------------------------
+    # -- resolution ---------------------------------------------------------------------------------------
 
     def match(self, name: str) -> Rule | None:
         """The first rule matching ``name``, or None."""
         return next((rule for rule in self.rules if rule.matches(name)), None)
 
     def resolve(self, name: str, shape: Sequence[int], dims: ModelDims) -> TensorRule:
-        """How to cut tensor ``name`` of ``shape``; an unmatched tensor raises unless ``default: replicate``."""
+        """How to cut tensor ``name`` of ``shape``; unmatched raises unless ``default: replicate``."""
         resolved = self._resolve(name, tuple(shape), dims)
         if resolved is None:
             raise self._unmatched_error([name])
@@ -517,11 +520,12 @@ class RuleSet:
         more = f"\n  ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
         return ShardingError(
             f"{len(names)} tensor(s) match no sharding rule of {self.name!r}:\n  {shown}{more}\n"
-            "Add a rule for them (rules: [{pattern: '(^|\\.)name\\.weight$', style: replicate|colwise|rowwise|"
-            "vocab}]) or set `default: replicate` in the rules YAML to replicate every unmatched tensor."
+            "Add a rule for them (rules: [{pattern: '(^|\\.)name\\.weight$', "
+            "style: replicate|colwise|rowwise|vocab}]) or set `default: replicate` in the rules YAML to "
+            "replicate every unmatched tensor."
         )
 
-    # -- recording ---------------------------------------------------------------------------------------------
+    # -- recording ----------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical JSON-able form, recorded in the manifest (``from_yaml`` reads it back)."""
@@ -530,15 +534,15 @@ class RuleSet:
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of what decides the cuts (``default`` and ``rules``).
 
-        The ``name`` label is left out on purpose: the llama preset and the same rules read back from a manifest
-        cut identically and must compare equal.
+        The ``name`` label is left out on purpose: the llama preset and the same rules read back from a
+        manifest cut identically and must compare equal.
         """
         semantic = {k: v for k, v in self.to_dict().items() if k != "name"}
         canonical = json.dumps(semantic, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------
 # YAML parsing
 
 _TOP_KEYS = ("name", "default", "rules")
@@ -560,7 +564,7 @@ def _load_yaml(source: str | Path | Mapping[str, Any]) -> tuple[Any, str]:
 
 
 def _looks_like_path(text: str) -> bool:
-    """A one-line string ending in .yaml/.yml, or naming an existing file, is a path; anything else YAML text."""
+    """A one-line string ending in .yaml/.yml or naming an existing file is a path, else YAML text."""
     if "\n" in text:
         return False
     return text.endswith((".yaml", ".yml")) or Path(text).is_file()

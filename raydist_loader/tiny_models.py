@@ -1,22 +1,23 @@
 """Tiny random checkpoints written by transformers itself, for tests, the demo and benchmarks.
 
-Nothing can be downloaded here, so every model is built from its config class (``AutoConfig.for_model``) with random
-weights and saved with ``save_pretrained``: tensor names, shapes, dtypes and file layout are exactly what
-transformers writes for that ``model_type``, which is what the sharding presets must match.
+Nothing can be downloaded here, so every model is built from its config class (``AutoConfig.for_model``) with
+random weights and saved with ``save_pretrained``: tensor names, shapes, dtypes and file layout are exactly
+what transformers writes for that ``model_type``, which is what the sharding presets must match.
 
 Names transformers 5.24 writes (``model.safetensors``, one file):
 
-* llama/mistral/qwen2/qwen3/gemma: ``model.layers.N.self_attn.{q,k,v,o}_proj.weight`` (qwen2 also ``{q,k,v}_proj.bias``;
-  qwen3 also ``self_attn.{q,k}_norm.weight``), ``mlp.{gate,up,down}_proj.weight``, ``*layernorm.weight``,
-  ``model.norm.weight``, ``model.embed_tokens.weight``, ``lm_head.weight`` (gemma ties: no ``lm_head.weight``).
+* llama/mistral/qwen2/qwen3/gemma: ``model.layers.N.self_attn.{q,k,v,o}_proj.weight`` (qwen2 also
+  ``{q,k,v}_proj.bias``; qwen3 also ``self_attn.{q,k}_norm.weight``), ``mlp.{gate,up,down}_proj.weight``,
+  ``*layernorm.weight``, ``model.norm.weight``, ``model.embed_tokens.weight``, ``lm_head.weight`` (gemma is
+  tied: no ``lm_head.weight``).
 * phi3: ``self_attn.qkv_proj.weight`` ([q; k; v] with GQA sizes), ``mlp.gate_up_proj.weight`` ([gate; up]).
 * gpt2: ``transformer.{wte,wpe}.weight``, ``transformer.h.N.attn.c_attn.{weight,bias}`` (Conv1D, [in, 3*out]),
   ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``, ``ln_{1,2,f}``; tied, so no ``lm_head.weight``.
-* mixtral: per expert ``block_sparse_moe.experts.E.{w1,w2,w3}.weight`` and router ``block_sparse_moe.gate.weight``
-  (in memory transformers fuses them into 3-D ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``, but
-  ``save_pretrained`` converts back to the per-expert names).
-* qwen2_moe/qwen3_moe: ``mlp.experts.E.{gate,up,down}_proj.weight``, router ``mlp.gate.weight``; qwen2_moe also
-  ``mlp.shared_expert.{gate,up,down}_proj.weight`` and ``mlp.shared_expert_gate.weight`` ([1, hidden]).
+* mixtral: per expert ``block_sparse_moe.experts.E.{w1,w2,w3}.weight`` and the router
+  ``block_sparse_moe.gate.weight`` (in memory transformers fuses experts into 3-D ``mlp.experts.gate_up_proj``
+  [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]; ``save_pretrained`` converts back to these names).
+* qwen2_moe/qwen3_moe: ``mlp.experts.E.{gate,up,down}_proj.weight``, router ``mlp.gate.weight``; qwen2_moe
+  also ``mlp.shared_expert.{gate,up,down}_proj.weight`` and ``mlp.shared_expert_gate.weight`` ([1, hidden]).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Any
 
 import torch
 
-# Shared by every decoder-only type: tiny, GQA (8 query heads over 2 kv heads), and a vocab that is not a multiple
-# of 64 so that vLLM's vocab padding (and short last ranks) is exercised. Token ids stay inside the vocab.
+# Shared by every decoder-only type: tiny, GQA (8 query heads over 2 kv heads), and a vocab that is not a
+# multiple of 64 so that vLLM's vocab padding (and short last ranks) is exercised. Token ids are in the vocab.
 _COMMON: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -73,9 +74,8 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
 # Hidden sizes make_big_llama tries, largest first (head_dim 64 throughout).
 _BIG_HIDDEN_SIZES = (4096, 2048, 1024, 512, 256, 128, 64)
 
-# A small but valid WordLevel tokenizer (the ``tokenizers`` library loads it). Non-ASCII entries make sure that
-# files are moved as bytes, not re-encoded text.
-
+# A small but valid WordLevel tokenizer (the ``tokenizers`` library loads it). Non-ASCII entries make sure
+# that files are moved as bytes, not re-encoded text.
 _TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "hello", "world", "héllo", "wörld", "世界", "🙂", "the", "a"]
 
 
@@ -89,8 +89,9 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Write a tiny random ``model_type`` checkpoint (safetensors + config + tokenizer files) to ``dest``.
 
-    ``config_overrides`` replace the per-type defaults in :data:`TINY_DEFAULTS` (e.g. ``num_key_value_heads=4``).
-    The same ``seed`` gives the same weights. Returns ``dest`` as a :class:`~pathlib.Path`.
+    ``config_overrides`` replace the per-type defaults in :data:`TINY_DEFAULTS` (e.g.
+    ``num_key_value_heads=4``). The same ``seed`` gives the same weights. Returns ``dest`` as a
+    :class:`~pathlib.Path`.
     """
     if model_type not in TINY_DEFAULTS:
         known = ", ".join(sorted(TINY_DEFAULTS))
@@ -103,8 +104,8 @@ def make_tiny_checkpoint(
 def make_big_llama(dest: str | Path, target_bytes: int, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a random Llama-shaped checkpoint of roughly ``target_bytes`` to ``dest`` (demo and benchmarks).
 
-    The shape is chosen like a real Llama (see :func:`big_llama_config`): the largest hidden size that still leaves
-    at least four layers, GQA with up to 8 kv heads, head_dim 64, vocab 32000, untied ``lm_head``.
+    The shape is chosen like a real Llama (see :func:`big_llama_config`): the largest hidden size that still
+    leaves at least four layers, GQA with up to 8 kv heads, head_dim 64, vocab 32000, untied ``lm_head``.
     Targets below about 10 MB give the smallest shape (about 8 MB in bf16).
     """
     config = big_llama_config(target_bytes, torch.tensor([], dtype=dtype).element_size())
@@ -112,7 +113,7 @@ def make_big_llama(dest: str | Path, target_bytes: int, dtype: torch.dtype = tor
 
 
 def big_llama_config(target_bytes: int, element_size: int = 2) -> dict[str, Any]:
-    """The Llama config overrides whose checkpoint is closest to ``target_bytes`` without exceeding it much."""
+    """Llama config overrides whose checkpoint comes closest to ``target_bytes``."""
     vocab = 32000
     for hidden in _BIG_HIDDEN_SIZES:
         shape = _llama_shape(hidden, vocab)
@@ -123,7 +124,7 @@ def big_llama_config(target_bytes: int, element_size: int = 2) -> dict[str, Any]
 
 
 def _llama_shape(hidden: int, vocab: int) -> dict[str, int]:
-    """Parameter counts of a Llama with this hidden size: ``fixed`` (embeddings, final norm) and ``per_layer``."""
+    """Parameter counts of a Llama of this hidden size: ``fixed`` (embeddings, norm) and ``per_layer``."""
     heads, kv_heads, inter = _llama_dims(hidden)
     attn = 2 * hidden * hidden + 2 * hidden * kv_heads * 64
     return {"fixed": 2 * vocab * hidden + hidden, "per_layer": attn + 3 * hidden * inter + 2 * hidden}
@@ -169,7 +170,7 @@ def _save_random_model(
 
 @contextlib.contextmanager
 def _quiet_progress() -> Iterator[None]:
-    """Hide transformers' "Writing model shards" bar while saving, restoring the caller's setting afterwards."""
+    """Hide transformers' "Writing model shards" bar while saving; restore the caller's setting."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -225,5 +226,5 @@ def write_tokenizer_files(dest: str | Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as UTF-8 JSON with non-ASCII characters kept as such (so the bytes are not pure ASCII)."""
+    """Write ``obj`` as UTF-8 JSON, non-ASCII characters kept (the bytes are not pure ASCII)."""
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from redis import exceptions as rx
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -37,6 +38,16 @@ _AUTH_CODES = frozenset({"WRONGPASS", "NOAUTH", "NOPERM"})
 _BUSY_CODES = frozenset({"LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"})
 _CLUSTER_CODES = frozenset({"MOVED", "ASK", "CLUSTERDOWN", "CROSSSLOT"})
 _GLOB_SPECIALS = frozenset("*?[]\\")
+_REDIS_PY_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (rx.AuthenticationError, "WRONGPASS"),
+    (rx.AuthenticationWrongNumberOfArgsError, "WRONGPASS"),
+    (rx.NoPermissionError, "NOPERM"),
+    (rx.BusyLoadingError, "LOADING"),
+    (rx.AskError, "MOVED"),  # MovedError derives from AskError
+    (rx.ClusterDownError, "CLUSTERDOWN"),
+    (rx.ClusterCrossSlotError, "CROSSSLOT"),
+    (rx.TryAgainError, "TRYAGAIN"),
+)
 #: What a reused socket raises when the server closed it meanwhile (restart, idle timeout): worth one retry.
 _STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
@@ -164,18 +175,16 @@ def batches(requests: Sequence[ReadRequest], max_bytes: int) -> Iterator[list[Re
 
 
 def _error_code(exc: BaseException) -> str:
-    """The Redis error code behind ``exc`` (``WRONGPASS``, ``MOVED``, ...) or "" for a transport error."""
+    """The Redis error code behind ``exc`` (``WRONGPASS``, ``MOVED``, ...) or "" for a transport error.
+
+    redis-py strips the code from the messages of the errors it has a class for, so those map by class.
+    """
     if isinstance(exc, RespError):
         return exc.code
-    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError)):
-        return "WRONGPASS"
-    if isinstance(exc, redis.exceptions.NoPermissionError):
-        return "NOPERM"
-    if isinstance(exc, redis.BusyLoadingError):
-        return "LOADING"
-    if isinstance(exc, redis.exceptions.AskError):  # MovedError derives from it
-        return "MOVED"
-    if isinstance(exc, redis.ResponseError):
+    for cls, code in _REDIS_PY_CODES:
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, rx.ResponseError):
         return str(exc).split(" ", 1)[0].upper()
     return ""
 
@@ -308,7 +317,7 @@ class RedisConnector(Connector):
         with self._errors("reading the maxmemory settings"):
             try:
                 config = self._client.config_get("maxmemory*")
-            except redis.ResponseError:
+            except rx.ResponseError:
                 return None
         policy = config.get("maxmemory-policy", "noeviction")
         maxmemory = int(config.get("maxmemory", 0) or 0)
@@ -336,7 +345,7 @@ class RedisConnector(Connector):
             yield
         except RaydistError:
             raise
-        except (redis.RedisError, RespError, OSError) as e:
+        except (rx.RedisError, RespError, OSError) as e:
             raise self._backend_error(e, action) from None
 
     def _backend_error(self, exc: BaseException, action: str) -> BackendError:

@@ -1,9 +1,9 @@
 """S3 (or S3-compatible) store: ``s3://bucket/prefix?endpoint_url=...&region=...``.
 
-The endpoint comes from ``?endpoint_url=`` or else ``AWS_ENDPOINT_URL``; credentials only from boto3's own chain
-(environment, profile, instance role), never from the URL or code. Reads are ranged GETs streamed straight into
-the caller's buffer; writes are one PUT, or a multipart upload for data larger than one part (aborted on failure,
-so no partial object ever appears).
+The endpoint comes from ``?endpoint_url=`` or else ``AWS_ENDPOINT_URL``; credentials only from boto3's own
+chain (environment, profile, instance role), never from the URL or code. Reads are ranged GETs streamed
+straight into the caller's buffer; writes are one PUT, or a multipart upload for data larger than one part
+(aborted on failure, so no partial object ever appears).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _TRANSPORT_ERRORS = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 
 
 def _config(concurrency: int) -> Config:
-    """botocore settings: no checksums that S3-compatible servers reject, a pool wide enough for our threads."""
+    """botocore settings: no checksums that S3-compatible servers reject; a pool as wide as our threads."""
     return Config(
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -62,7 +62,7 @@ def _parse_url(url: str) -> tuple[str, str, dict[str, str]]:
 
 
 def iter_parts(blocks: Iterable[Buffer], part_bytes: int) -> Iterator[bytes]:
-    """Regroup a stream of blocks into parts of exactly ``part_bytes`` (the last may be shorter, or empty)."""
+    """Regroup a stream of blocks into parts of exactly ``part_bytes`` (the last one may be shorter)."""
     pending = bytearray()
     for block in blocks:
         pending += block
@@ -77,9 +77,9 @@ def body_reader(body: Any) -> Callable[[memoryview], int]:
     """A ``readinto`` for a botocore StreamingBody that writes straight into the caller's buffer.
 
     urllib3 2.x implements ``readinto`` as ``read()`` plus a copy; reading through the underlying
-    ``http.client.HTTPResponse`` (inside urllib3's error handling, which also returns the connection to the pool
-    once the body is consumed) skips that copy. Anything unexpected (a compressed body, another urllib3) falls
-    back to botocore's own ``readinto``.
+    ``http.client.HTTPResponse`` (inside urllib3's error handling, which also returns the connection to the
+    pool once the body is consumed) skips that copy. Anything unexpected (a compressed body, another urllib3)
+    falls back to botocore's own ``readinto``.
     """
     raw = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
@@ -198,7 +198,7 @@ class S3Connector(Connector):
             pass
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        """Every key under the store root starting with ``prefix``, paginating past S3's 1000 keys per page."""
+        """Every key under the root that starts with ``prefix``; paginates past S3's 1000 keys per page."""
         keys: list[str] = []
         with self._errors(f"listing {prefix!r}", prefix):
             pages = self._s3.get_paginator("list_objects_v2").paginate(
@@ -241,7 +241,8 @@ class S3Connector(Connector):
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, as for the aws CLI"
             ) from None
         except _TRANSPORT_ERRORS as e:
-            raise BackendError(f"cannot reach S3 at {self.describe()} while {action}: {e}", transient=True) from None
+            where = self.describe()
+            raise BackendError(f"cannot reach S3 at {where} while {action}: {e}", transient=True) from None
 
     def _client_error(self, e: ClientError, action: str, key: str) -> RaydistError:
         code, where = _code(e), self.describe()

@@ -1,0 +1,43 @@
+"""raydist_loader: a Ray-distributed, verified loader for tensor-parallel model weights.
+
+Entry points: ``load_across_cluster``, ``load_shard`` (Ray imported on first use), ``publish``, ``index``,
+``inspect``, ``verify``, ``pull_files``, ``gc``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .errors import (
+    BackendError,
+    ConfigError,
+    ManifestError,
+    NotFoundError,
+    PlacementError,
+    RaydistError,
+    ShardingError,
+    VerificationError,
+)
+
+from .connectors import open_connector, register_connector
+from .files import pull_files
+from .gc import gc
+from .publish import index, publish
+from .summary import inspect
+from .verify import manifest_sha256, verify
+
+__version__ = "0.1.0"
+
+# Ray is imported only when a load starts.
+_LAZY = {"load_across_cluster": "api", "load_shard": "api", "LoadedModel": "api", "Shard": "api"}
+
+__all__ = [*_LAZY, "publish", "index", "inspect", "verify", "manifest_sha256", "pull_files", "gc",
+           "open_connector", "register_connector", "RaydistError", "ConfigError", "ManifestError", "NotFoundError", "ShardingError",
+           "BackendError", "VerificationError", "PlacementError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'raydist_loader' has no attribute {name!r}")

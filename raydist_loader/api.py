@@ -1,0 +1,179 @@
+"""The Python API: ``load_across_cluster`` (Ray, one actor per rank) and ``load_shard`` (inside an engine's worker)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .connectors import open_connector
+from .coordinator import Coordinator, LoadOptions
+from .errors import ConfigError, VerificationError
+from .manifest import Manifest, manifest_key, read_manifest
+from .redact import redact_url
+from .rules import RuleSet
+from .verify import check_manifest_sha256, describe_failures
+from .worker import ShardLoader, Verify
+
+
+class LoadedModel:
+    """A verified load: every rank's shard lives in its actor. Use ``run`` to hand the shards to an engine."""
+
+    def __init__(self, coordinator: Coordinator, report: dict):
+        self._coordinator = coordinator
+        self.report = report
+        self.model, self.tp = report["model"], report["tp"]
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(rank, tensors, *args)`` on every rank, next to its shard; results in rank order."""
+        return self._coordinator.run(fn, *args)
+
+    def state_dict(self, rank: int) -> dict[str, torch.Tensor]:
+        """CPU copies of one rank's tensors (tests and tools: this copies through the object store)."""
+        return self._coordinator.call(rank, "state_dict")
+
+    def metadata(self, rank: int) -> dict[str, dict]:
+        """Per tensor: global shape, split dim, segment ranges, kv replicas, padded vocab."""
+        return self._coordinator.call(rank, "metadata")
+
+    def hold(self) -> None:
+        """Keep the actors alive (named ``raydist:<model>:<rank>``) until interrupted."""
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+    def shutdown(self) -> None:
+        self._coordinator.shutdown()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        total = self.report["total"]
+        return (f"LoadedModel({self.model!r}, tp={self.tp}, {total['bytes'] / 1e9:.2f} GB, "
+                f"{total['gbps']:.2f} GB/s, verified={self.report['verified']})")
+
+
+def open_manifest(url: str, model: str, *, expect_manifest_sha256: str | None = None,
+                  rules: str | Path | dict | None = None, connector_options: dict | None = None
+                  ) -> tuple[Manifest, bytes]:
+    """Read the manifest once (the whole load then reads only its version) and check what the caller pinned."""
+    with open_connector(url, **(connector_options or {})) as conn:
+        read_manifest(conn, model)  # validates, and explains a missing model
+        raw = conn.read(manifest_key(model))
+        check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {manifest_key(model)}")
+    manifest = Manifest.from_json(raw)
+    if rules is not None:
+        wanted = RuleSet.for_checkpoint(manifest.config, rules).fingerprint()
+        if wanted != manifest.rules_fingerprint:
+            raise ConfigError(
+                f"the rules given differ from those model {model!r} was published with: re-publish "
+                "(`raydist-loader publish ... --rules FILE`) or re-index with these rules, or load without rules="
+            )
+    return manifest, raw
+
+
+def load_across_cluster(
+    model: str,
+    url: str,
+    tp: int = 8,
+    *,
+    device: str = "auto",
+    placement: str = "pack",
+    concurrency: int | None = None,
+    verify: Verify = True,
+    rules: str | Path | dict | None = None,
+    ray_address: str | None = None,
+    timeout_s: float = 600.0,
+    placement_timeout_s: float = 60.0,
+    expect_manifest_sha256: str | None = None,
+    connector_options: dict | None = None,
+    num_cpus_per_actor: float = 0.25,
+    progress: bool | None = None,
+    hold: bool = False,
+) -> LoadedModel:
+    """Load ``model`` from store ``url`` across ``tp`` Ray actors (one per GPU), verified before it returns.
+
+    Each actor pulls only its TP shard; a digest mismatch re-pulls those chunks once and then raises
+    :class:`VerificationError` naming rank, tensor and chunk, so a LoadedModel is never returned unverified
+    (unless ``verify=False``). ``device="auto"`` uses GPU bundles when the cluster has ``tp`` GPUs.
+    """
+    from .cluster import connect
+
+    t0 = time.perf_counter()
+    manifest, raw = open_manifest(url, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules,
+                                  connector_options=connector_options)
+    manifest.check_tp(tp)
+    connect(ray_address)
+    options = LoadOptions(
+        device=device, placement=placement, concurrency=concurrency, verify=verify,
+        num_cpus_per_actor=num_cpus_per_actor, timeout_s=timeout_s, placement_timeout_s=placement_timeout_s,
+        progress=sys.stderr.isatty() if progress is None else progress,
+        name_prefix=f"raydist:{model}" if hold else None,
+    )
+    coordinator = Coordinator(manifest, raw, url, tp, options, connector_options)
+    try:
+        coordinator.start()
+        ready = time.perf_counter() - t0
+        reports = coordinator.load()
+    except BaseException:
+        coordinator.shutdown()
+        raise
+    return LoadedModel(coordinator, build_report(manifest, url, tp, reports, ready, bool(verify)))
+
+
+def build_report(manifest: Manifest, url: str, tp: int, reports: list[dict], ready_s: float, verified: bool) -> dict:
+    """Per-rank reports plus the aggregate: GB/s = all shard bytes / (last rank done - first read started)."""
+    started = min(r["started"] for r in reports)
+    finished = max(r["finished"] for r in reports)
+    nbytes = sum(r["bytes"] for r in reports)
+    seconds = max(finished - started, 1e-9)
+    return {
+        "model": manifest.model, "version": manifest.version, "tp": tp, "store": redact_url(url),
+        "ranks": reports, "verified": verified,
+        "total": {"bytes": nbytes, "bytes_read": sum(r["bytes_read"] for r in reports), "seconds": seconds,
+                  "gbps": nbytes / seconds / 1e9, "time_to_ready_s": ready_s},
+    }
+
+
+@dataclass
+class Shard:
+    """One rank's shard loaded in this process: tensors, their metadata and the report."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, dict]
+    report: dict
+
+
+def load_shard(model: str, url: str, tp: int, rank: int, *, device: str = "auto", concurrency: int | None = None,
+               verify: Verify = True, expect_manifest_sha256: str | None = None,
+               connector_options: dict | None = None) -> Shard:
+    """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
+
+    Verifies its own digests, re-pulls wrong chunks once, and raises VerificationError if they stay wrong.
+    """
+    _, raw = open_manifest(url, model, expect_manifest_sha256=expect_manifest_sha256,
+                           connector_options=connector_options)
+    loader = ShardLoader(url, raw, tp, rank, device=device, concurrency=concurrency, verify=verify,
+                         connector_options=connector_options)
+    try:
+        report = loader.load()
+        if verify and report["failures"]:
+            report = loader.repull([(f["tensor"], f["chunk"]) for f in report["failures"]])
+        if verify and (report["failures"] or report["digest"] != report["expected_digest"]):
+            raise VerificationError(
+                f"rank {rank} of model {model!r} failed verification after one re-pull: "
+                + describe_failures(report["failures"]), report["failures"])
+        return Shard(loader.tensors, loader.metadata(), report)
+    finally:
+        loader.close()

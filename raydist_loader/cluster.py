@@ -1,0 +1,50 @@
+"""Joining a Ray cluster without the pitfalls of a bare ``ray.init()`` (stale clusters, token auth)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from .errors import RaydistError
+
+log = logging.getLogger(__name__)
+
+_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+_TOKEN = Path.home() / ".ray" / "auth_token"
+
+
+def connect(ray_address: str | None = None, *, probe_timeout_s: float = 3.0) -> bool:
+    """Make sure this process is connected to Ray; returns True when this call started the connection.
+
+    Order: an already initialised Ray (never a second ``ray.init``); ``ray_address`` or ``RAY_ADDRESS``; a cluster
+    on this node that answers within ``probe_timeout_s``; otherwise a fresh local one (``address="local"``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address or os.environ.get("RAY_ADDRESS") or _local_cluster(probe_timeout_s) or "local"
+    if address != "local" and _TOKEN.exists() and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"  # Ray 2.60: a cluster started after a local init expects the token
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        raise RaydistError(
+            f"cannot connect to the Ray cluster at {address!r}: {e}. If the cluster uses token auth (Ray >= 2.60 "
+            "enables it once ~/.ray/auth_token exists), set RAY_AUTH_MODE=token and make sure the token file is "
+            "the cluster's; pass ray_address='local' (CLI: --ray-address local) to start a private local cluster"
+        ) from None
+    return True
+
+
+def _local_cluster(timeout_s: float) -> str | None:
+    """The address in /tmp/ray/ray_current_cluster when its GCS answers quickly, else None (a stale file)."""
+    try:
+        address = _CURRENT_CLUSTER.read_text().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return address
+    except (OSError, ValueError):
+        return None

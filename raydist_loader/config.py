@@ -1,0 +1,300 @@
+"""Deployment configs: YAML -> validated :class:`LoadConfig` (``raydist-loader load --config FILE``).
+
+Every problem is a :class:`~raydist_loader.errors.ConfigError` that names the file (and line, when known), the
+dotted path of the bad key (``load.tp``, ``store.url``), what was received and what is expected. Secrets never
+live in a config: the store's password is named by ``store.password_env`` (an environment variable) or
+``store.password_file`` and resolved only by :func:`resolve_secret`; a URL with an inline password is refused.
+
+Relative ``load.rules`` and ``store.password_file`` paths are taken relative to the config file's directory;
+``report`` (an output) is taken relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+from .redact import redact_text, redact_url
+
+__all__ = ["StoreConfig", "LoadSection", "LoadConfig", "load_config", "resolve_secret"]
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreConfig(_Model):
+    """Where the model lives, and how to authenticate (by reference only: env var or file)."""
+
+    url: str = Field(min_length=1)
+    password_env: str | None = None
+    password_file: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        from .connectors import known_schemes, scheme_of
+
+        try:
+            parts = urlsplit(url)
+            has_password = "://" in url and parts.password is not None
+        except ValueError as e:
+            raise ValueError(f"not a valid URL ({e})") from None
+        if has_password:
+            raise ValueError(
+                "the URL carries an inline password, which `ray job list`, the dashboard and logs show; "
+                "remove it from the URL and set store.password_env (an environment variable's name) or "
+                "store.password_file instead"
+            )
+        scheme = scheme_of(url)
+        if scheme not in known_schemes():
+            raise ValueError(f"unknown store scheme {scheme!r}; known schemes: {', '.join(known_schemes())}")
+        return url
+
+    @field_validator("password_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not _ENV_NAME.match(name):
+            raise ValueError(
+                "expected the NAME of an environment variable (letters, digits, '_'), not its value"
+            )
+        return name
+
+    @field_validator("options")
+    @classmethod
+    def _no_password_option(cls, options: dict[str, Any]) -> dict[str, Any]:
+        for key in options:
+            if key.lower() in {"password", "passwd", "secret", "token", "aws_secret_access_key"}:
+                raise ValueError(
+                    f"store.options.{key} would put a secret in the config file; use store.password_env or "
+                    "store.password_file"
+                )
+        return options
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> StoreConfig:
+        if self.password_env and self.password_file:
+            raise ValueError("store.password_env and store.password_file are mutually exclusive: give one")
+        return self
+
+
+class LoadSection(_Model):
+    """How to load: tensor-parallel size, device, placement and verification."""
+
+    tp: int = Field(strict=True, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+    concurrency: int | None = Field(default=None, strict=True, ge=1)
+    verify: Union[bool, Literal["full"]] = True  # noqa: UP007 (validated by _verify below)
+    rules: str | None = None
+    timeout_s: float = Field(default=600.0, gt=0)
+    expect_manifest_sha256: str | None = None
+    ray_address: str | None = None
+    num_cpus_per_actor: float = Field(default=0.25, ge=0)
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "full":
+            return value
+        raise ValueError("expected true, false or \"full\"")
+
+    @field_validator("expect_manifest_sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.match(value):
+            raise ValueError("expected 64 hex digits (`raydist-loader inspect` / manifest_sha256() print it)")
+        return value.lower() if value else value
+
+
+class LoadConfig(_Model):
+    """A whole deployment config (see ``configs/*.yaml``)."""
+
+    model: str = Field(min_length=1)
+    store: StoreConfig
+    load: LoadSection
+    report: str | None = None
+    hold: bool = Field(default=False, strict=True)
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> str | None:
+        """The file this config was read from (None when it came from a dict)."""
+        return self._source
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, model: str) -> str:
+        from .manifest import check_model_name
+
+        return check_model_name(model)  # its ManifestError is a ValueError: pydantic reports it at `model`
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_config(source: str | os.PathLike | Mapping[str, Any]) -> LoadConfig:
+    """Read and validate a deployment config from a YAML file path or an already-parsed mapping."""
+    if isinstance(source, Mapping):
+        doc, where, root = dict(source), "config", None
+        base_dir = None
+    else:
+        path = Path(source)
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {where} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {where}: {e.strerror or e}") from None
+        doc, root = _parse(text, where)
+        base_dir = path.resolve().parent
+    if doc is None:
+        raise ConfigError(f"{where}: the config is empty; expected a mapping with keys model, store, load")
+    if not isinstance(doc, Mapping):
+        raise ConfigError(
+            f"{where}: expected a mapping with keys model, store, load at the top level, "
+            f"got {type(doc).__name__}"
+        )
+    try:
+        config = LoadConfig.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(_format(where, root, e)) from None
+    if base_dir is not None:
+        if config.load.rules and not Path(config.load.rules).expanduser().is_absolute():
+            config.load.rules = str(base_dir / config.load.rules)
+        if config.store.password_file and not Path(config.store.password_file).expanduser().is_absolute():
+            config.store.password_file = str(base_dir / config.store.password_file)
+    config._source = where if base_dir is not None else None
+    return config
+
+
+def resolve_secret(store: StoreConfig) -> dict[str, Any]:
+    """The connector options for ``store``: its ``options`` plus ``password`` read from the env var or file.
+
+    A missing variable or file is a :class:`ConfigError` naming the variable (or path), never a value.
+    """
+    options = dict(store.options)
+    if store.password_env:
+        value = os.environ.get(store.password_env)
+        if value is None:
+            raise ConfigError(
+                f"store.password_env: environment variable {store.password_env} is not set; export it with "
+                "the store's password (read on the driver, never put in a job entrypoint or runtime_env)"
+            )
+        if value == "":
+            raise ConfigError(
+                f"store.password_env: environment variable {store.password_env} is set but empty"
+            )
+        options["password"] = value
+    elif store.password_file:
+        path = Path(store.password_file).expanduser()
+        try:
+            value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except FileNotFoundError:
+            raise ConfigError(f"store.password_file: {path} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"store.password_file: cannot read {path}: {e.strerror or e}") from None
+        if not value:
+            raise ConfigError(f"store.password_file: {path} is empty")
+        options["password"] = value
+    return options
+
+
+# ------------------------------------------------------------------------------------------ error messages
+def _parse(text: str, where: str) -> tuple[Any, yaml.Node | None]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = e.problem or e.context or "syntax error"
+        raise ConfigError(f"{where}:{line}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    return doc, root
+
+
+def _format(where: str, root: yaml.Node | None, exc: ValidationError) -> str:
+    lines = [_format_one(where, root, err) for err in exc.errors(include_url=False)]
+    if len(lines) == 1:
+        return lines[0]
+    return f"{len(lines)} problems in {where}:\n  " + "\n  ".join(lines)
+
+
+def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc) or "(top level)"
+    line = _line_of(root, loc)
+    prefix = f"{where}:{line}: " if line else f"{where}: "
+    kind = err["type"]
+    received = _received(err.get("input"))
+    if kind == "extra_forbidden":
+        known = ", ".join(_known_keys(loc[:-1]))
+        return f"{prefix}{dotted}: unknown key; known keys: {known}"
+    if kind == "missing":
+        return f"{prefix}{dotted}: required key is missing"
+    msg = str(err["msg"])
+    for head in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(head):
+            msg = msg[len(head):]
+    if msg.startswith("Input should be "):
+        msg = "expected " + msg[len("Input should be "):]
+    return redact_text(f"{prefix}{dotted}: got {received}; {msg}")
+
+
+def _received(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return repr(redact_url(value)) if "://" in value else repr(value)
+    if value is None:
+        return "null"
+    return f"{value!r} ({type(value).__name__})" if not isinstance(value, bool) else str(value).lower()
+
+
+def _known_keys(parent: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = LoadConfig
+    for part in parent:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
+    """1-based line of the key at ``loc`` in the YAML, or of its nearest existing parent."""
+    node, line = root, None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == part:
+                line = key.start_mark.line + 1
+                node = value
+                break
+        else:
+            break
+    return line

@@ -1,0 +1,197 @@
+"""Ray side of a load: placement group, one ShardLoader actor per rank, reports gathered and verified.
+
+Tensor bytes never pass through here: actors read from the store and keep their shards; the driver sees the
+manifest, the expected digests it computes itself, and the reports.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PlacementError, RaydistError, VerificationError
+from .manifest import Manifest
+from .plan import expected_digests
+from .redact import redact_text, redact_url
+from .verify import describe_failures
+from .worker import ShardLoader
+
+STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
+
+
+@dataclass
+class LoadOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    placement: str = "pack"
+    concurrency: int | None = None
+    verify: bool | str = True
+    num_cpus_per_actor: float = 0.25
+    timeout_s: float = 600.0
+    placement_timeout_s: float = 60.0
+    progress: bool = False
+    name_prefix: str | None = None  # named actors (for --hold)
+
+
+class Coordinator:
+    """Starts the actors of one load, runs it, verifies it, and owns the actors until shutdown."""
+
+    def __init__(self, manifest: Manifest, manifest_raw: bytes, url: str, tp: int, options: LoadOptions,
+                 connector_options: dict | None = None):
+        if options.placement not in STRATEGIES:
+            raise RaydistError(f"placement {options.placement!r} is not one of {sorted(STRATEGIES)}")
+        self.manifest, self.tp, self.options = manifest, tp, options
+        self._raw, self._url, self._connector_options = manifest_raw, url, connector_options or {}
+        self.expected = expected_digests(manifest, tp)  # before any byte moves
+        self.pg = None
+        self.actors: list[Any] = []
+        self.gpu = False
+
+    # ---------------------------------------------------------------- placement
+    def start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.gpu = self._wants_gpu(ray.cluster_resources())
+        cpu = self.options.num_cpus_per_actor
+        bundle = {"GPU": 1, "CPU": cpu} if self.gpu else {"CPU": cpu}
+        self.pg = placement_group([dict(bundle) for _ in range(self.tp)], strategy=STRATEGIES[self.options.placement])
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.options.placement_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            self.pg = None
+            raise PlacementError(
+                f"could not place {self.tp} bundles of {bundle} with strategy {STRATEGIES[self.options.placement]} "
+                f"within {self.options.placement_timeout_s:.0f}s; cluster has {_fmt(ray.cluster_resources())}, "
+                f"available now {_fmt(ray.available_resources())}. Lower tp, use device='cpu', another placement "
+                "strategy, or add nodes"
+            )
+        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+        order = sorted(range(self.tp), key=lambda b: (nodes[b], b))  # ranks ordered by (node, bundle/GPU)
+        remote = ray.remote(ShardLoader)
+        device = "auto" if self.gpu else "cpu"
+        self.actors = [None] * self.tp
+        for rank, b in enumerate(order):
+            opts = dict(
+                num_cpus=cpu, num_gpus=1 if self.gpu else 0, max_concurrency=4,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
+            )
+            if self.options.name_prefix:
+                opts["name"] = f"{self.options.name_prefix}:{rank}"
+            self.actors[rank] = remote.options(**opts).remote(
+                self._url, self._raw, self.tp, rank, device=device, concurrency=self.options.concurrency,
+                verify=self.options.verify, connector_options=self._connector_options,
+            )
+
+    def _wants_gpu(self, resources: dict) -> bool:
+        if self.options.device == "cpu":
+            return False
+        has = resources.get("GPU", 0) >= self.tp
+        if self.options.device == "cuda" and not has:
+            raise PlacementError(f"device='cuda' needs {self.tp} GPUs; the cluster has {resources.get('GPU', 0):g}")
+        return has
+
+    # ---------------------------------------------------------------- load + verify
+    def load(self) -> list[dict]:
+        """Every rank pulls its shard; returns the reports in rank order, verified (one re-pull of bad chunks)."""
+        import ray
+
+        refs = [a.load.remote() for a in self.actors]
+        stop = threading.Event()
+        watcher = self._progress(stop) if self.options.progress else None
+        try:
+            reports = self._gather(refs)
+        finally:
+            stop.set()
+            if watcher:
+                watcher.join()
+        if self.options.verify:
+            reports = self._verify(reports, ray)
+        return reports
+
+    def _gather(self, refs: list) -> list[dict]:
+        import ray
+
+        deadline = time.monotonic() + self.options.timeout_s
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if pending and time.monotonic() >= deadline:
+                ranks = [refs.index(p) for p in pending]
+                raise RaydistError(f"load did not finish within {self.options.timeout_s:.0f}s; ranks {ranks} pending")
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - surface the first failing rank with its cause
+                    raise RaydistError(f"rank {refs.index(ref)} failed: {self._clean(e)}") from None
+        return ray.get(refs)
+
+    def _verify(self, reports: list[dict], ray) -> list[dict]:
+        bad = [r for r in reports if r["digest"] != self.expected[r["rank"]] or r["failures"]]
+        if bad:  # re-pull the wrong chunks once: a corruption in transit heals, one in the store does not
+            again = ray.get([
+                self.actors[r["rank"]].repull.remote([(f["tensor"], f["chunk"]) for f in r["failures"]]) for r in bad
+            ])
+            for r in again:
+                r["repulled"] = len(reports[r["rank"]]["failures"])
+                reports[r["rank"]] = {**r, "started": reports[r["rank"]]["started"],
+                                      "seconds": reports[r["rank"]]["seconds"] + r["seconds"]}
+        failures = [f for r in reports for f in r["failures"]]
+        wrong = [r["rank"] for r in reports if r["digest"] != self.expected[r["rank"]]]
+        if failures or wrong:
+            detail = describe_failures(failures) if failures else f"ranks {wrong} have unexpected digests"
+            raise VerificationError(f"model {self.manifest.model!r} failed verification after one re-pull: {detail}",
+                                    failures)
+        return reports
+
+    def _progress(self, stop: threading.Event) -> threading.Thread:
+        from .progress import show
+
+        def poll() -> list[tuple[int, int]]:
+            import ray
+
+            return ray.get([a.progress.remote() for a in self.actors])
+
+        thread = threading.Thread(target=show, args=(poll, stop), daemon=True)
+        thread.start()
+        return thread
+
+    def _clean(self, exc: BaseException) -> str:
+        text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+        line = next((t for t in reversed(text) if t.strip()), type(exc).__name__)
+        return redact_text(line, secrets=tuple(v for k, v in self._connector_options.items()
+                                               if "password" in k and isinstance(v, str)))
+
+    # ---------------------------------------------------------------- after the load
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([a.run.remote(fn, *args) for a in self.actors])
+
+    def call(self, rank: int, method: str, *args: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.actors[rank], method).remote(*args))
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+    def __repr__(self) -> str:
+        return f"Coordinator({redact_url(self._url)!r}, model={self.manifest.model!r}, tp={self.tp})"
+
+
+def _fmt(resources: dict) -> str:
+    keys = ("CPU", "GPU", "memory")
+    return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys if k in resources and k != "memory") + "}"

@@ -1,0 +1,382 @@
+"""The connector contract, run against every backend on real servers (file, redis-server, moto's S3 server).
+
+Backend-specific behaviour (Redis auth/outage/cluster/eviction, S3 pagination/multipart/errors) and the scheme
+registry are tested below the contract suite.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from raydist_loader.connectors import Connector, ReadRequest, open_connector, register_connector
+from raydist_loader.connectors.file import FileConnector
+from raydist_loader.errors import BackendError, ConfigError, NotFoundError
+
+MiB = 1 << 20
+TENSOR_KEY = "m/v1/model.layers.0.self_attn.q_proj.weight::q.0"
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    """``n`` reproducible pseudo-random bytes."""
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+def conn(store_url: str) -> Iterator[Connector]:
+    with open_connector(store_url) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------------------------- contract suite
+def test_round_trip_bytes(conn: Connector) -> None:
+    data = pattern(100_000)
+    conn.write("m/v1/blob", data)
+    assert conn.read("m/v1/blob") == data
+    assert conn.stat("m/v1/blob") == len(data)
+    assert conn.exists("m/v1/blob")
+
+
+def test_round_trip_empty_and_overwrite(conn: Connector) -> None:
+    conn.write("m/empty", b"")
+    assert conn.stat("m/empty") == 0
+    assert conn.read("m/empty") == b""
+    conn.write("m/empty", b"now full")
+    assert conn.read("m/empty") == b"now full"
+
+
+def test_round_trip_blocks_multipart(conn: Connector) -> None:
+    """An iterable of uneven blocks, over 8 MiB in all (a multipart upload on S3)."""
+    data = pattern(9 * MiB + 12345, seed=1)
+    cuts = [0, 1, 3 * MiB, 3 * MiB + 7, 8 * MiB, len(data)]
+    conn.write("m/v1/big.safetensors", (data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)))
+    assert conn.stat("m/v1/big.safetensors") == len(data)
+    assert conn.read("m/v1/big.safetensors") == data
+
+
+def test_write_accepts_bytearray_and_memoryview(conn: Connector) -> None:
+    conn.write("a", bytearray(b"abc"))
+    conn.write("b", memoryview(b"xyz123")[1:4])
+    assert conn.read("a") == b"abc"
+    assert conn.read("b") == b"yz1"
+
+
+@pytest.mark.parametrize("target", ["bytearray", "numpy", "torch"])
+def test_readinto_at_offset_into_a_slice(conn: Connector, target: str) -> None:
+    data = pattern(4096, seed=2)
+    conn.write(TENSOR_KEY, data)
+    if target == "bytearray":
+        backing = bytearray(1000)
+        view = memoryview(backing)
+    elif target == "numpy":
+        backing = np.zeros(1000, dtype=np.uint8)
+        view = memoryview(backing)
+    else:
+        backing = torch.zeros(1000, dtype=torch.uint8)
+        view = memoryview(backing.numpy())
+    conn.readinto(TENSOR_KEY, 1234, view[100:600])
+    got = bytes(memoryview(backing.numpy() if target == "torch" else backing))
+    assert got[100:600] == data[1234:1734]
+    assert got[:100] == bytes(100) and got[600:] == bytes(400), "bytes outside the slice were touched"
+
+
+def test_short_read_is_an_error(conn: Connector) -> None:
+    conn.write("m/v1/short", pattern(1000))
+    with pytest.raises(BackendError, match="truncated"):
+        conn.readinto("m/v1/short", 900, memoryview(bytearray(200)))
+    with pytest.raises(BackendError, match="truncated"):
+        conn.readinto("m/v1/short", 5000, memoryview(bytearray(10)))
+
+
+def test_missing_key(conn: Connector) -> None:
+    with pytest.raises(NotFoundError, match="m/v1/nope"):
+        conn.readinto("m/v1/nope", 0, memoryview(bytearray(10)))
+    with pytest.raises(NotFoundError, match="m/v1/nope"):
+        conn.read("m/v1/nope")
+    with pytest.raises(NotFoundError, match="m/v1/nope"):
+        conn.readinto_many([ReadRequest("m/v1/nope", 0, memoryview(bytearray(3)))])
+    assert conn.stat("m/v1/nope") is None
+    assert not conn.exists("m/v1/nope")
+
+
+def test_stat_exists_delete_and_delete_prefix(conn: Connector) -> None:
+    for key in ("m/v1/a", "m/v1/b", "m/v2/a", "m2/a"):
+        conn.write(key, key.encode())
+    conn.delete("m/v1/a")
+    conn.delete("m/v1/a")  # deleting a missing key is not an error
+    assert not conn.exists("m/v1/a") and conn.exists("m/v1/b")
+    assert conn.delete_prefix("m/") == 2
+    assert list(conn.list("")) == ["m2/a"]
+    with pytest.raises(ValueError):
+        conn.delete_prefix("")
+
+
+def test_list_with_prefix(conn: Connector) -> None:
+    keys = [
+        TENSOR_KEY,
+        "m/v1/model.layers.0.self_attn.q_proj.weight::k.0",
+        "m/v1/model.layers.10.mlp.down_proj.weight::all.1",
+        "m/v1/glob[0]*?.weight",
+        "m/manifest.json",
+        "m2/manifest.json",
+    ]
+    for key in keys:
+        conn.write(key, b"x")
+    assert list(conn.list("m/")) == sorted(k for k in keys if k.startswith("m/"))
+    assert list(conn.list("m/v1/model.layers.0.")) == sorted(keys[:2])
+    assert list(conn.list("m/v1/glob[0]")) == ["m/v1/glob[0]*?.weight"]
+    assert list(conn.list("nothing/")) == []
+    assert list(conn.list()) == sorted(keys)
+
+
+def test_readinto_many_equals_individual_reads(conn: Connector) -> None:
+    rng = random.Random(3)
+    values = {f"m/v1/t{i}::all.0": pattern(rng.randrange(1, 300_000), seed=i) for i in range(8)}
+    for key, value in values.items():
+        conn.write(key, value)
+    specs = []
+    for _ in range(50):
+        key = rng.choice(sorted(values))
+        size = len(values[key])
+        offset = 0 if rng.random() < 0.3 else rng.randrange(size)
+        length = size - offset if rng.random() < 0.3 else rng.randrange(0, size - offset + 1)
+        specs.append((key, offset, length))
+    batch = [ReadRequest(k, o, memoryview(bytearray(n))) for k, o, n in specs]
+    conn.readinto_many(batch)
+    for req, (key, offset, length) in zip(batch, specs, strict=True):
+        single = bytearray(length)
+        conn.readinto(key, offset, memoryview(single))
+        assert bytes(req.buf) == bytes(single) == values[key][offset : offset + length]
+
+
+def test_values_are_binary_safe(conn: Connector) -> None:
+    data = bytes(range(256)) * 3 + b"\r\n$-1\r\n*2\r\n-ERR x\r\n" + bytes(10)
+    conn.write("m/bin", data)
+    assert conn.read("m/bin") == data
+    buf = bytearray(len(data) - 10)
+    conn.readinto_many([ReadRequest("m/bin", 10, memoryview(buf))])
+    assert bytes(buf) == data[10:]
+
+
+def test_invalid_keys_are_refused(conn: Connector) -> None:
+    for key in ("../escape", "/abs", "a//b"):
+        with pytest.raises(ValueError):
+            conn.write(key, b"x")
+
+
+# --------------------------------------------------------------------------------------------- registry
+def test_unknown_scheme_lists_known_schemes() -> None:
+    with pytest.raises(ConfigError) as info:
+        open_connector("nosuch://user:hunter2@host/x")
+    message = str(info.value)
+    assert all(s in message for s in ("file", "redis", "rediss", "s3"))
+    assert "hunter2" not in message
+
+
+def test_bare_path_opens_a_file_connector(tmp_path) -> None:
+    conn = open_connector(str(tmp_path))
+    assert isinstance(conn, FileConnector)
+    conn.write("k", b"v")
+    assert (tmp_path / "k").read_bytes() == b"v"
+
+
+def test_register_connector(tmp_path) -> None:
+    class Local(FileConnector):
+        schemes = ("testlocal",)
+
+        def __init__(self, url: str):
+            super().__init__(str(tmp_path))
+            self.url = url
+
+    register_connector("testlocal", Local)
+    conn = open_connector("testlocal://anything")
+    assert isinstance(conn, Local) and repr(conn) == "Local('testlocal://anything')"
+
+
+def test_redis_url_secret_never_shown(redis_server) -> None:
+    conn = open_connector(f"redis://user:secret@127.0.0.1:{redis_server.port}/0")
+    assert "secret" not in repr(conn) and "secret" not in conn.describe()
+    by_keyword = open_connector(redis_server.url, password="kwsecret", username="bob")
+    assert "kwsecret" not in repr(by_keyword) and "kwsecret" not in repr(vars(by_keyword))
+
+
+# --------------------------------------------------------------------------------------------- Redis
+@pytest.fixture
+def acl_user(redis_server) -> Iterator[str]:
+    """A Redis ACL user ``alice`` with password ``pw``; returns her URL."""
+    redis_server.start()
+    with redis_server.client() as client:
+        client.execute_command("ACL", "SETUSER", "alice", "on", ">pw", "~*", "+@all")
+        yield f"redis://alice:pw@127.0.0.1:{redis_server.port}/0"
+        client.execute_command("ACL", "DELUSER", "alice")
+
+
+def test_redis_acl_user(acl_user: str) -> None:
+    with open_connector(acl_user) as conn:
+        conn.write("acl/k", b"value")
+        assert conn.read("acl/k") == b"value"
+        buf = bytearray(3)
+        conn.readinto_many([ReadRequest("acl/k", 1, memoryview(buf))])
+        assert buf == b"alu"
+
+
+def test_redis_keyword_credentials_override_the_url(acl_user: str) -> None:
+    url = acl_user.replace("alice:pw@", "nobody:wrong@")
+    with open_connector(url, username="alice", password="pw") as conn:
+        conn.write("acl/k2", b"ok")
+        assert conn.read("acl/k2") == b"ok"
+
+
+@pytest.mark.parametrize("path", ["raw-read", "control"])
+def test_redis_wrong_password(acl_user: str, path: str) -> None:
+    url = acl_user.replace("alice:pw@", "alice:not-the-pw@")
+    with open_connector(url) as conn, pytest.raises(BackendError) as info:
+        if path == "raw-read":
+            conn.readinto("acl/k", 0, memoryview(bytearray(1)))
+        else:
+            conn.stat("acl/k")
+    message = str(info.value)
+    assert "authentication failed" in message and "'alice'" in message
+    assert "not-the-pw" not in message and "not-the-pw" not in repr(info.value)
+    assert not info.value.transient
+
+
+def test_redis_stopped_server_is_transient_and_recovers(redis_server) -> None:
+    redis_server.start()
+    with open_connector(redis_server.url) as conn:
+        conn.write("k", b"abc")
+        conn.readinto("k", 0, memoryview(bytearray(3)))  # opens this thread's raw connection
+        redis_server.stop()
+        try:
+            for op in (lambda: conn.readinto("k", 0, memoryview(bytearray(3))), lambda: conn.stat("k")):
+                start = time.monotonic()
+                with pytest.raises(BackendError) as info:
+                    op()
+                assert time.monotonic() - start < 10
+                assert info.value.transient and redis_server.url in str(info.value)
+        finally:
+            redis_server.start()
+        conn.write("k", b"back")  # both the raw and the redis-py connections reconnect
+        assert conn.read("k") == b"back"
+
+
+def test_redis_concurrent_threads(redis_server) -> None:
+    redis_server.start()
+    values = {f"t/{i}": pattern(200_000 + i, seed=i) for i in range(8)}
+    errors: list[BaseException] = []
+    with open_connector(redis_server.url) as conn:
+        for key, value in values.items():
+            conn.write(key, value)
+
+        def reader(seed: int) -> None:
+            try:
+                for key in random.Random(seed).sample(sorted(values), len(values)):
+                    buf = bytearray(len(values[key]))
+                    conn.readinto_many([ReadRequest(key, 0, memoryview(buf))])
+                    assert buf == values[key]
+            except BaseException as e:  # reported below, in the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
+def test_redis_eviction_policy_warning(redis_server) -> None:
+    redis_server.start()
+    with open_connector(redis_server.url) as conn, redis_server.client() as client:
+        assert conn.check_eviction_policy() is None
+        client.config_set("maxmemory", "1gb")
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            warning = conn.check_eviction_policy()
+        finally:
+            client.config_set("maxmemory", "0")
+            client.config_set("maxmemory-policy", "noeviction")
+    assert warning and "allkeys-lru" in warning and "noeviction" in warning
+
+
+def test_redis_cluster_node_is_refused(start_redis) -> None:
+    node = start_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+    with open_connector(node.url) as conn:
+        for op in (lambda: conn.readinto("k", 0, memoryview(bytearray(1))), lambda: conn.write("k", b"v")):
+            with pytest.raises(BackendError, match="Redis Cluster is not supported") as info:
+                op()
+            assert not info.value.transient
+    with open_connector(node.url.replace("/0", "/1")) as conn:  # SELECT is refused in cluster mode
+        with pytest.raises(BackendError, match="Redis Cluster is not supported"):
+            conn.readinto("k", 0, memoryview(bytearray(1)))
+
+
+def test_redis_bad_url_options() -> None:
+    with pytest.raises(ConfigError, match="ssl_cert_reqs"):
+        open_connector("rediss://127.0.0.1:1/0?ssl_cert_reqs=maybe")
+    with pytest.raises(ConfigError, match="unknown Redis URL option"):
+        open_connector("redis://127.0.0.1:1/0?colour=blue")
+    with pytest.raises(ConfigError, match="database"):
+        open_connector("redis://127.0.0.1:1/zero")
+
+
+# --------------------------------------------------------------------------------------------- S3
+def test_s3_lists_past_1000_keys(s3_server) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    bucket = s3_server.make_bucket("test-many-keys")
+    keys = [f"many/{i:05d}" for i in range(1100)]
+    with open_connector(f"s3://{bucket}/root") as conn:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda k: conn.write(k, b""), keys))
+        assert list(conn.list("many/")) == keys
+
+
+def test_s3_large_write_is_multipart(s3_server) -> None:
+    import boto3
+
+    bucket = s3_server.make_bucket("test-multipart")
+    with open_connector(f"s3://{bucket}") as conn:
+        conn.write("big", [pattern(5 * MiB), pattern(5 * MiB, seed=1)])
+        assert conn.list() and list(conn.list()) == ["big"]
+    etag = boto3.client("s3").head_object(Bucket=bucket, Key="big")["ETag"]
+    assert etag.strip('"').endswith("-2"), etag
+
+
+def test_s3_failed_multipart_leaves_nothing(s3_server) -> None:
+    import boto3
+
+    bucket = s3_server.make_bucket("test-abort")
+
+    def blocks() -> Iterator[bytes]:
+        yield pattern(9 * MiB)
+        raise RuntimeError("producer failed")
+
+    with open_connector(f"s3://{bucket}") as conn, pytest.raises(RuntimeError):
+        conn.write("half", blocks())
+    client = boto3.client("s3")
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)
+
+
+def test_s3_missing_bucket(s3_server) -> None:
+    with open_connector("s3://no-such-bucket-here/x") as conn, pytest.raises(BackendError) as info:
+        conn.write("k", b"v")
+    assert "no-such-bucket-here" in str(info.value) and not info.value.transient
+
+
+def test_s3_unreachable_endpoint_is_transient(s3_server) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open_connector(f"s3://b/x?endpoint_url=http://127.0.0.1:{port}") as conn:
+        with pytest.raises(BackendError) as info:
+            conn.stat("k")
+    assert info.value.transient and f"127.0.0.1:{port}" in str(info.value)
