@@ -259,6 +259,8 @@ def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any]) -> s
             msg = msg[len(head):]
     if msg.startswith("Input should be "):
         msg = "expected " + msg[len("Input should be "):]
+    msg = msg.replace("expected greater than or equal to ", "expected a value >= ")
+    msg = msg.replace("expected greater than ", "expected a value > ")
     return redact_text(f"{prefix}{dotted}: got {received}; {msg}")
 
 

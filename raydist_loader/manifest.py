@@ -213,7 +213,8 @@ def read_manifest(connector, model: str) -> Manifest:
 
 def _missing_message(connector, model: str) -> str:
     where = connector.describe()
-    has_checkpoint = any(k.endswith(".safetensors") for k in _take(connector.list(f"{model}/"), 1000))
+    top_level = (k for k in _take(connector.list(f"{model}/"), 10000) if "/" not in k[len(model) + 1 :])
+    has_checkpoint = any(k.endswith(".safetensors") for k in top_level)
     if has_checkpoint:
         return (
             f"{where} holds a safetensors checkpoint under {model}/ but no raydist-loader manifest: run "

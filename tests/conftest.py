@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -46,19 +47,40 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its private key."""
+
+    cert: Path
+    key: Path
+
+
 @dataclass
 class RedisServer:
-    """A redis-server process on a fixed loopback port; ``stop()``/``start()`` simulate an outage."""
+    """A redis-server process on a fixed loopback port; ``stop()``/``start()`` simulate an outage.
+
+    With ``tls`` it serves only TLS on that port, and ``url`` is a ``rediss://`` URL naming the CA file.
+    """
 
     port: int
     workdir: Path
     host: str = "127.0.0.1"
     extra_args: tuple[str, ...] = ()
+    tls: TlsFiles | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://{self.host}:{self.port}/0?ssl_ca_certs={self.tls.cert}"
         return f"redis://{self.host}:{self.port}/0"
+
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        cert, key = str(self.tls.cert), str(self.tls.key)
+        files = ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no", *files]
 
     def start(self) -> None:
         """(Re)start the server on the same port and wait until it answers PING."""
@@ -67,7 +89,7 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(f"redis-server is not installed or not on PATH: {SETUP_HINT}", pytrace=False)
-        args = [binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+        args = [binary, *self._listen_args(), "--bind", self.host, "--save", "", "--appendonly", "no"]
         args += ["--dir", str(self.workdir), *self.extra_args]
         with open(self.workdir / "redis.log", "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(args, stdout=log, stderr=log)
@@ -77,7 +99,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                with self._connect() as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith(b"+PONG"):
                         return
@@ -87,6 +109,13 @@ class RedisServer:
                 log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
                 pytest.fail(f"redis-server did not start on port {self.port}:\n{log}", pytrace=False)
             time.sleep(0.05)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=0.5)
+        if self.tls is None:
+            return sock
+        ctx = ssl.create_default_context(cafile=self.tls.cert)
+        return ctx.wrap_socket(sock, server_hostname=self.host)
 
     def stop(self) -> None:
         """Kill the server (its data is lost: nothing is persisted)."""
@@ -98,7 +127,8 @@ class RedisServer:
         """A redis-py client to the server's db 0, for test set-up."""
         import redis
 
-        return redis.Redis(host=self.host, port=self.port, db=0)
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls.cert)} if self.tls else {}
+        return redis.Redis(host=self.host, port=self.port, db=0, **tls)
 
 
 @pytest.fixture(scope="session")
@@ -117,11 +147,11 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     """A factory for extra redis-servers with their own options (TLS, cluster mode), killed after the test."""
     servers: list[RedisServer] = []
 
-    def start(*extra_args: str) -> RedisServer:
+    def start(*extra_args: str, tls: TlsFiles | None = None) -> RedisServer:
         workdir = tmp_path / f"redis-{len(servers)}"
         workdir.mkdir()
         # below 55536: a cluster node also listens on port + 10000
-        server = RedisServer(port=free_port(below=55536), workdir=workdir, extra_args=extra_args)
+        server = RedisServer(port=free_port(below=55536), workdir=workdir, extra_args=extra_args, tls=tls)
         servers.append(server)
         server.start()
         return server
@@ -129,6 +159,22 @@ def start_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A self-signed certificate with ``subjectAltName = IP:127.0.0.1`` (a CN alone fails verification)."""
+    if shutil.which("openssl") is None:
+        pytest.fail(f"the openssl command is missing: {SETUP_HINT}", pytrace=False)
+    workdir = tmp_path_factory.mktemp("tls")
+    files = TlsFiles(cert=workdir / "cert.pem", key=workdir / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(files.key), "-out", str(files.cert)],
+        check=True,
+        capture_output=True,
+    )
+    return files
 
 
 @dataclass

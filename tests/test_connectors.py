@@ -318,6 +318,22 @@ def test_redis_cluster_node_is_refused(start_redis) -> None:
             conn.readinto("k", 0, memoryview(bytearray(1)))
 
 
+def test_redis_tls(start_redis, tls_files) -> None:
+    server = start_redis(tls=tls_files)
+    with open_connector(server.url) as conn:
+        conn.write("tls/k", pattern(300_000))
+        assert conn.read("tls/k") == pattern(300_000)
+        buf = bytearray(1000)
+        conn.readinto_many([ReadRequest("tls/k", 5, memoryview(buf))])
+        assert buf == pattern(300_000)[5:1005]
+    without_ca = server.url.split("?")[0]
+    with open_connector(without_ca) as conn, pytest.raises(BackendError, match="certificate") as info:
+        conn.readinto("tls/k", 0, memoryview(bytearray(1)))
+    assert not info.value.transient
+    with open_connector(without_ca + "?ssl_cert_reqs=none") as conn:
+        assert conn.read("tls/k") == pattern(300_000)
+
+
 def test_redis_bad_url_options() -> None:
     with pytest.raises(ConfigError, match="ssl_cert_reqs"):
         open_connector("rediss://127.0.0.1:1/0?ssl_cert_reqs=maybe")
@@ -328,6 +344,7 @@ def test_redis_bad_url_options() -> None:
 
 
 # --------------------------------------------------------------------------------------------- S3
+@pytest.mark.slow
 def test_s3_lists_past_1000_keys(s3_server) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

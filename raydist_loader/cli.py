@@ -1,0 +1,526 @@
+"""``raydist-loader``: publish | index | inspect | verify | gc | load.
+
+Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line on stderr,
+no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything printed passes
+through :func:`~raydist_loader.redact.redact_text` with the session's secrets, so no password reaches the output.
+``load`` imports Ray lazily: the other commands never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import unquote, urlsplit
+
+from .errors import ConfigError, RaydistError, VerificationError
+from .redact import redact_text, redact_url
+
+PROG = "raydist-loader"
+EXIT_OK, EXIT_VERIFY, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+# ------------------------------------------------------------------------------------------ output
+class _Out:
+    """stdout/stderr writers that redact URL passwords and every known secret."""
+
+    def __init__(self) -> None:
+        self.secrets: list[str] = []
+
+    def add_secret(self, secret: str | None) -> None:
+        if secret:
+            for s in {secret, unquote(secret)}:
+                if s and s not in self.secrets:
+                    self.secrets.append(s)
+
+    def clean(self, text: str) -> str:
+        return redact_text(text, tuple(self.secrets))
+
+    def print(self, text: str = "", *, file: TextIO | None = None) -> None:
+        stream = file or sys.stdout
+        stream.write(self.clean(text) + "\n")
+        stream.flush()
+
+    def err(self, text: str) -> None:
+        self.print(text, file=sys.stderr)
+
+    def json(self, obj: Any) -> None:
+        self.print(json.dumps(_jsonable(obj), indent=2, default=str))
+
+
+class _RedactingFormatter(logging.Formatter):
+    def __init__(self, out: _Out):
+        super().__init__(f"{PROG}: %(levelname)s: %(message)s")
+        self._out = out
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._out.clean(super().format(record))
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        data = {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        for name in ("gbps", "ok"):  # derived properties worth having in the JSON
+            if isinstance(getattr(type(obj), name, None), property):
+                data[name] = getattr(obj, name)
+        return data
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so ``main()`` can redact and return a status."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(self, message)
+
+
+class _UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+def _store_args(p: argparse.ArgumentParser, *, url_optional: bool = False) -> None:
+    if url_optional:
+        p.add_argument("url", nargs="?", metavar="URL", help="store URL (or give --config)")
+    else:
+        p.add_argument("url", metavar="URL", help="store URL: file:///dir, a path, s3://bucket/prefix, "
+                       "redis://[user@]host:port/db, rediss://...")
+    p.add_argument("--model", required=not url_optional, metavar="NAME", help="model name inside the store")
+    p.add_argument("--password-env", metavar="VAR",
+                   help="read the store's password from environment variable VAR (keeps it out of the "
+                        "command line, shell history and `ray job list`)")
+
+
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tp", type=_positive_int, default=8, metavar="N",
+                   help="finest tensor-parallel size the store will serve (default 8)")
+    p.add_argument("--rules", metavar="FILE", help="sharding rules YAML overriding the model_type preset")
+    p.add_argument("--blake3", action="store_true", help="also record blake3 digests (tamper evidence)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Distributed, verified loading of tensor-parallel model weights.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("publish", help="copy a Hugging Face checkpoint directory into a store (chunked layout)")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="checkpoint directory (config.json + *.safetensors)")
+    _store_args(p)
+    _publish_args(p)
+
+    p = sub.add_parser("index", help="record a manifest for a checkpoint already at <URL>/<model>/ (in place)")
+    _store_args(p)
+    _publish_args(p)
+
+    p = sub.add_parser("inspect", help="show what the store holds for a model (and per-rank bytes with --tp)")
+    _store_args(p)
+    p.add_argument("--tp", type=_positive_int, metavar="N", help="also show what each of N ranks moves")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("verify", help="re-read every chunk and file and check the recorded digests")
+    _store_args(p)
+    p.add_argument("--concurrency", type=_positive_int, default=4, metavar="N", help="reads in flight")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("gc", help="delete versions the manifest no longer names, older than the grace period")
+    _store_args(p)
+    p.add_argument("--grace", type=_nonneg_float, default=3600.0, metavar="S",
+                   help="keep versions younger than S seconds (default 3600)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("load", help="load a model across a Ray cluster (one actor per TP rank) and verify it",
+                       description="Give URL --model NAME --tp N, or --config FILE (flags then override it).")
+    _store_args(p, url_optional=True)
+    p.add_argument("--config", metavar="FILE", help="deployment config YAML (see configs/)")
+    p.add_argument("--tp", type=_positive_int, metavar="N", help="tensor-parallel size")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--placement", choices=("pack", "spread", "strict_pack", "strict_spread"))
+    p.add_argument("--concurrency", type=_positive_int, metavar="N", help="requests in flight per actor")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--verify", dest="verify", action="store_const", const=True, default=None,
+                       help="check every chunk's digest as it lands (default)")
+    group.add_argument("--no-verify", dest="verify", action="store_const", const=False)
+    group.add_argument("--verify-full", dest="verify", action="store_const", const="full",
+                       help="also re-hash the final device tensors")
+    p.add_argument("--rules", metavar="FILE", help="check the store's recorded rules against this rules YAML")
+    p.add_argument("--expect-manifest-sha256", metavar="HEX", help="refuse a manifest with another sha256")
+    p.add_argument("--report", metavar="FILE", help="write the load report as JSON")
+    p.add_argument("--hold", action="store_true", default=None,
+                   help="keep the actors alive as named actors until Ctrl-C")
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join ('local' starts a private one)")
+    p.add_argument("--num-cpus-per-actor", type=_nonneg_float, metavar="C")
+    p.add_argument("--timeout", type=_positive_float, metavar="S", help="placement and load timeout in seconds")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show progress (default: when stderr is a terminal)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ secrets
+def _connector_options(args: argparse.Namespace, out: _Out, base: dict | None = None) -> dict:
+    """Options for the connector: ``base`` plus the password from ``--password-env``; warns on inline ones."""
+    options = dict(base or {})
+    if options.get("password"):
+        out.add_secret(str(options["password"]))
+    url = getattr(args, "url", None)
+    if url:
+        inline = _inline_password(url)
+        if inline:
+            out.add_secret(inline)
+            out.err(f"{PROG}: warning: {redact_url(url)} carries an inline password, which shell history, "
+                    "`ps` and `ray job list` can show; put it in an environment variable and pass "
+                    "--password-env VAR instead")
+    var = getattr(args, "password_env", None)
+    if var:
+        value = os.environ.get(var)
+        if value is None:
+            raise ConfigError(f"--password-env: environment variable {var} is not set")
+        if value == "":
+            raise ConfigError(f"--password-env: environment variable {var} is set but empty")
+        out.add_secret(value)
+        options["password"] = value
+    return options
+
+
+def _inline_password(url: str) -> str | None:
+    if "://" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _cmd_publish(args: argparse.Namespace, out: _Out) -> int:
+    from .publish import publish
+
+    options = _connector_options(args, out)
+    result = publish(args.src_dir, args.url, args.model, max_tp=args.max_tp, rules=args.rules,
+                     digests=_digests(args), connector_options=options)
+    _print_publish(result, args, out, "published")
+    return EXIT_OK
+
+
+def _cmd_index(args: argparse.Namespace, out: _Out) -> int:
+    from .publish import index
+
+    options = _connector_options(args, out)
+    result = index(args.url, args.model, max_tp=args.max_tp, rules=args.rules, digests=_digests(args),
+                   connector_options=options)
+    _print_publish(result, args, out, "indexed")
+    return EXIT_OK
+
+
+def _digests(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("xxh3_128", "blake3") if args.blake3 else ("xxh3_128",)
+
+
+def _print_publish(result, args: argparse.Namespace, out: _Out, verb: str) -> None:
+    if args.json:
+        out.json(result)
+        return
+    out.print(f"{verb} {result.model} version {result.version} ({result.layout}) to {result.url}: "
+              f"{result.tensors} tensors, {result.chunks} chunks, {result.objects} objects, "
+              f"{_size(result.bytes)} in {result.seconds:.2f} s ({result.gbps:.2f} GB/s)")
+    for warning in result.warnings:
+        out.err(f"{PROG}: warning: {warning}")
+
+
+def _cmd_inspect(args: argparse.Namespace, out: _Out) -> int:
+    from .summary import inspect, render
+
+    summary = inspect(args.url, args.model, tp=args.tp, connector_options=_connector_options(args, out))
+    if args.json:
+        out.json(summary)
+    else:
+        out.print(render(summary))
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
+    from .verify import describe_failures, verify
+
+    result = verify(args.url, args.model, concurrency=args.concurrency,
+                    connector_options=_connector_options(args, out))
+    if args.json:
+        out.json(result)
+    elif result.ok:
+        out.print(f"verified {result.model} version {result.version}: {result.chunks} chunks and {result.files} "
+                  f"files, {_size(result.bytes)} in {result.seconds:.2f} s: every digest matches")
+    else:
+        out.print(f"{result.model} version {result.version}: "
+                  + describe_failures(result.failures, limit=len(result.failures)))
+    if not result.ok:
+        out.err(f"{PROG}: error: {len(result.failures)} of {result.chunks + result.files} chunk(s)/file(s) "
+                f"failed verification; re-publish (or re-index) {result.model}")
+        return EXIT_VERIFY
+    return EXIT_OK
+
+
+def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
+    from .gc import gc
+
+    result = gc(args.url, args.model, grace_s=args.grace, dry_run=args.dry_run,
+                connector_options=_connector_options(args, out))
+    if args.json:
+        out.json(result)
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    deleted, kept = result.get("deleted", []), result.get("kept", [])
+    current = result.get("current")
+    out.print(f"{args.model}: current version {current}; {verb} {len(deleted)} version(s), kept {len(kept)}"
+              + (f" ({result['objects']} objects)" if "objects" in result and not args.dry_run else ""))
+    for prefix in deleted:
+        out.print(f"  {verb}: {prefix}")
+    for prefix in kept:
+        out.print(f"  kept: {prefix}")
+    return EXIT_OK
+
+
+def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
+    kwargs, report_path, hold = _load_settings(args, out)
+    from . import api  # imports Ray: only here
+
+    if kwargs["progress"] is None:
+        kwargs["progress"] = sys.stderr.isatty() and not args.json
+    loaded = api.load_across_cluster(kwargs.pop("model"), kwargs.pop("url"), **kwargs)
+    try:
+        report = loaded.report
+        if report_path:
+            _write_report(report_path, report, out)
+        if args.json:
+            out.json(report)
+        else:
+            _print_report(report, out)
+            if report_path:
+                out.print(f"report written to {report_path}")
+        if hold:
+            out.err(f"{PROG}: holding the actors as named actors; press Ctrl-C to release them")
+            try:
+                loaded.hold()
+            except KeyboardInterrupt:
+                out.err(f"{PROG}: released")
+    finally:
+        loaded.shutdown()
+    return EXIT_OK
+
+
+def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | None, bool]:
+    """Merge --config and flags -> keyword arguments for load_across_cluster (validated before Ray starts)."""
+    if args.config:
+        if args.url:
+            raise ConfigError(
+                f"load: give either URL or --config, not both (the store URL is store.url in {args.config}; "
+                "flags such as --tp override the file)"
+            )
+        from .config import load_config, resolve_secret
+
+        cfg = load_config(args.config)
+        model, url = args.model or cfg.model, cfg.store.url
+        ld = cfg.load
+        base_options = resolve_secret(cfg.store)
+        settings = {
+            "tp": ld.tp, "device": ld.device, "placement": ld.placement, "concurrency": ld.concurrency,
+            "verify": ld.verify, "rules": ld.rules, "ray_address": ld.ray_address, "timeout_s": ld.timeout_s,
+            "expect_manifest_sha256": ld.expect_manifest_sha256, "num_cpus_per_actor": ld.num_cpus_per_actor,
+        }
+        report, hold = cfg.report, cfg.hold
+    else:
+        missing = [flag for flag, value in (("URL", args.url), ("--model", args.model), ("--tp", args.tp))
+                   if not value]
+        if missing:
+            raise ConfigError(
+                f"load: missing {', '.join(missing)}: give URL --model NAME --tp N, or --config FILE "
+                "(see configs/*.yaml)"
+            )
+        model, url, base_options, report, hold = args.model, args.url, {}, None, False
+        settings = {"tp": args.tp, "device": "auto", "placement": "pack", "concurrency": None, "verify": True,
+                    "rules": None, "ray_address": None, "timeout_s": 600.0, "expect_manifest_sha256": None,
+                    "num_cpus_per_actor": 0.25}
+    overrides = {
+        "tp": args.tp, "device": args.device, "placement": args.placement, "concurrency": args.concurrency,
+        "verify": args.verify, "rules": args.rules, "ray_address": args.ray_address, "timeout_s": args.timeout,
+        "expect_manifest_sha256": args.expect_manifest_sha256, "num_cpus_per_actor": args.num_cpus_per_actor,
+    }
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    options = _connector_options(args, out, base_options)
+    kwargs = {"model": model, "url": url, **settings, "connector_options": options, "progress": args.progress}
+    return kwargs, args.report or report, bool(args.hold or hold)
+
+
+def _write_report(path: str, report: Any, out: _Out) -> None:
+    text = out.clean(json.dumps(_jsonable(report), indent=2, default=str))
+    try:
+        Path(path).expanduser().write_text(text + "\n", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write the report to {path}: {e.strerror or e}") from None
+
+
+_COLUMNS = (("rank", ">"), ("host", "<"), ("gpu", "<"), ("device", "<"), ("bytes", ">"), ("read", ">"),
+            ("seconds", ">"), ("GB/s", ">"), ("digest", "<"))
+
+
+def _report_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for r in report.get("ranks", []):
+        gpus = r.get("gpu_ids") or []
+        failures = r.get("failures") or []
+        digest, expected = r.get("digest"), r.get("expected_digest")
+        if failures:
+            state = f"FAILED ({len(failures)})"
+        elif digest and expected:
+            state = "ok" if digest == expected else "MISMATCH"
+        else:
+            state = "not checked"
+        rows.append([
+            str(r.get("rank", "?")), str(r.get("host", "") or ""), ",".join(str(g) for g in gpus) or "-",
+            str(r.get("device", "") or ""), _size(r.get("bytes") or 0), _size(r.get("bytes_read") or 0),
+            f"{r.get('seconds') or 0:.2f}", f"{r.get('gbps') or 0:.2f}", state,
+        ])
+    return rows
+
+
+def _print_report(report: dict, out: _Out) -> None:
+    rows = _report_rows(report)
+    total = report.get("total") or {}
+    head = (f"{report.get('model')} version {report.get('version')} tp={report.get('tp')} "
+            f"from {report.get('store')}: " + ("verified" if report.get("verified") else "NOT verified"))
+    foot = (f"total {_size(total.get('bytes') or 0)} in {total.get('seconds') or 0:.2f} s "
+            f"({total.get('gbps') or 0:.2f} GB/s); ready in {total.get('time_to_ready_s') or 0:.2f} s")
+    if _use_rich():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=out.clean(head), caption=out.clean(foot))
+        for name, align in _COLUMNS:
+            table.add_column(name, justify="right" if align == ">" else "left")
+        for row in rows:
+            table.add_row(*(out.clean(c) for c in row))
+        Console().print(table)
+        return
+    widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, (name, _) in enumerate(_COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, _COLUMNS, widths)).rstrip()
+
+    out.print(head)
+    out.print(line([name for name, _ in _COLUMNS]))
+    for row in rows:
+        out.print(line(row))
+    out.print(foot)
+
+
+def _use_rich() -> bool:
+    if not sys.stdout.isatty():
+        return False
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+_COMMANDS = {"publish": _cmd_publish, "index": _cmd_index, "inspect": _cmd_inspect, "verify": _cmd_verify,
+             "gc": _cmd_gc, "load": _cmd_load}
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (``python -m raydist_loader`` and the console script exit with it)."""
+    out = _Out()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # know inline URL passwords before anything can echo them
+        if "://" in arg:
+            out.add_secret(_inline_password(arg))
+        if arg == "--password-env" and i + 1 < len(argv):
+            out.add_secret(os.environ.get(argv[i + 1]))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        e.parser.print_usage(sys.stderr)
+        out.err(f"{e.parser.prog}: error: {e}")
+        return EXIT_ERROR
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_ERROR
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter(out))
+    pkg_logger = logging.getLogger("raydist_loader")
+    old_level = pkg_logger.level
+    pkg_logger.addHandler(handler)
+    pkg_logger.setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return _COMMANDS[args.command](args, out)
+    except VerificationError as e:
+        out.err(f"{PROG}: error: {e}")
+        return EXIT_VERIFY
+    except RaydistError as e:
+        out.err(f"{PROG}: error: {e}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        out.err(f"{PROG}: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: show where, redacted
+        out.err(traceback.format_exc().rstrip())
+        out.err(f"{PROG}: internal error: {type(e).__name__}: {e}")
+        return EXIT_INTERNAL
+    finally:
+        pkg_logger.removeHandler(handler)
+        pkg_logger.setLevel(old_level)

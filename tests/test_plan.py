@@ -1,0 +1,125 @@
+"""The plan and the worker without Ray: every rank's shard follows vLLM's cut, and the shards reassemble the model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raydist_loader import index, publish
+from raydist_loader.connectors import open_connector
+from raydist_loader.errors import ShardingError
+from raydist_loader.grid import padded_vocab
+from raydist_loader.manifest import Manifest
+from raydist_loader.plan import make_plan
+from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.worker import ShardLoader
+
+
+def _original(ckpt) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny GQA llama (8 q heads, 2 kv heads, vocab 250) published chunked at max_tp=8 and indexed in place."""
+    root = tmp_path_factory.mktemp("plan")
+    ckpt = make_tiny_checkpoint("llama", root / "ckpt", dtype=torch.bfloat16)
+    url = f"file://{root}/store"
+    publish(ckpt, url, "chunked", max_tp=8, part_bytes=64 << 10)
+    shutil.copytree(ckpt, root / "store" / "inplace")
+    index(url, "inplace", max_tp=8)
+    return url, _original(ckpt)
+
+
+def _load(url: str, model: str, tp: int) -> list[ShardLoader]:
+    raw = open_connector(url).read(f"{model}/manifest.json")
+    loaders = [ShardLoader(url, raw, tp, rank, device="cpu") for rank in range(tp)]
+    for w in loaders:
+        report = w.load()
+        assert report["failures"] == [] and report["digest"] == report["expected_digest"]
+    return loaders
+
+
+def _expected_slice(full: torch.Tensor, meta: dict) -> torch.Tensor:
+    if meta["dim"] is None:
+        return full
+    parts = [full.narrow(meta["dim"], a, b - a) for a, b in meta["segments"].values()]
+    return torch.cat(parts, meta["dim"]) if parts else full.narrow(meta["dim"], 0, 0)
+
+
+@pytest.mark.parametrize("model", ["chunked", "inplace"])
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_shards_reassemble_every_tensor(llama, model, tp):
+    url, original = llama
+    loaders = _load(url, model, tp)
+    for name, full in original.items():
+        covered = set()
+        for w in loaders:
+            meta = w.metadata()[name]
+            got = w.tensors[name]
+            assert got.dtype == full.dtype and list(got.shape) == meta["shape"]
+            assert torch.equal(got, _expected_slice(full, meta)), (name, tp, w.rank)
+            if meta["dim"] is not None:
+                covered.update(i for a, b in meta["segments"].values() for i in range(a, b))
+        if loaders[0].metadata()[name]["dim"] is not None:
+            dim = loaders[0].metadata()[name]["dim"]
+            assert covered == set(range(full.shape[dim])), f"{name}: the ranks do not cover the tensor at tp={tp}"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_cuts_follow_vllm(llama, tp):
+    """q heads split evenly, kv heads as QKVParallelLinear (replicated past 2 ranks), vocab as VocabParallelEmbedding."""
+    url, original = llama
+    manifest = Manifest.from_json(open_connector(url).read("chunked/manifest.json"))
+    vocab, head_dim, kv_heads = 250, 8, 2
+    per = padded_vocab(vocab) // tp
+    for rank in range(tp):
+        slots = {s.name: s for s in make_plan(manifest, tp, rank).tensors}
+        emb = slots["model.embed_tokens.weight"]
+        assert emb.segments.get("all", (min(vocab, rank * per),) * 2) == (min(vocab, rank * per),
+                                                                          min(vocab, (rank + 1) * per))
+        q = slots["model.layers.0.self_attn.q_proj.weight"]
+        assert q.segments["all"] == (rank * 64 // tp, (rank + 1) * 64 // tp)
+        k = slots["model.layers.0.self_attn.k_proj.weight"]
+        head = rank // (tp // kv_heads) if tp > kv_heads else None
+        want = (head * head_dim, (head + 1) * head_dim) if head is not None else (
+            rank * 16 // tp, (rank + 1) * 16 // tp)
+        assert k.segments["all"] == want and k.kv_replicas == max(1, tp // kv_heads)
+        o = slots["model.layers.0.self_attn.o_proj.weight"]
+        assert o.dim == 1 and o.shape == (64, 64 // tp)
+    assert original["model.embed_tokens.weight"].shape[0] == vocab
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_chunked_layout_reads_only_kept_bytes(llama, tp):
+    url, _ = llama
+    manifest = Manifest.from_json(open_connector(url).read("chunked/manifest.json"))
+    for rank in range(tp):
+        plan = make_plan(manifest, tp, rank)
+        assert plan.bytes_read == plan.bytes_kept
+        assert sum(s.nbytes for s in plan.tensors) == plan.bytes_kept
+
+
+def test_inplace_rowwise_reads_are_coalesced_and_reported(llama):
+    url, _ = llama
+    loaders = _load(url, "inplace", 2)
+    report = loaders[0].load()
+    assert report["bytes_read"] > report["bytes"], "dim-1 shards read whole row spans and slice on the actor"
+    plan = loaders[0].plan
+    o_reads = [r for r in plan.reads if plan.tensors[r.tensor].name.endswith("o_proj.weight")]
+    assert o_reads and all(len(r.pieces) == 1 and r.extract is not None for r in o_reads)
+
+
+def test_unserved_tp_lists_the_served_ones(llama):
+    url, _ = llama
+    manifest = Manifest.from_json(open_connector(url).read("chunked/manifest.json"))
+    with pytest.raises(ShardingError, match=r"tp=3.*serves tp in \[1, 2, 4, 8\].*--max-tp"):
+        make_plan(manifest, 3, 0)
+    with pytest.raises(ValueError, match="outside tp=2"):
+        make_plan(manifest, 2, 2)
