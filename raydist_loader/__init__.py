@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from .connectors import open_connector, register_connector
 from .errors import (
     BackendError,
     ConfigError,
@@ -19,8 +20,6 @@ from .errors import (
     ShardingError,
     VerificationError,
 )
-
-from .connectors import open_connector, register_connector
 from .files import pull_files
 from .gc import gc
 from .publish import index, publish
@@ -32,9 +31,26 @@ __version__ = "0.1.0"
 # Ray is imported only when a load starts.
 _LAZY = {"load_across_cluster": "api", "load_shard": "api", "LoadedModel": "api", "Shard": "api"}
 
-__all__ = [*_LAZY, "publish", "index", "inspect", "verify", "manifest_sha256", "pull_files", "gc",
-           "open_connector", "register_connector", "RaydistError", "ConfigError", "ManifestError", "NotFoundError", "ShardingError",
-           "BackendError", "VerificationError", "PlacementError"]
+__all__ = [
+    *_LAZY,
+    "publish",
+    "index",
+    "inspect",
+    "verify",
+    "manifest_sha256",
+    "pull_files",
+    "gc",
+    "open_connector",
+    "register_connector",
+    "RaydistError",
+    "ConfigError",
+    "ManifestError",
+    "NotFoundError",
+    "ShardingError",
+    "BackendError",
+    "VerificationError",
+    "PlacementError",
+]
 
 
 def __getattr__(name: str) -> Any:

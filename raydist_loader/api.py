@@ -60,13 +60,20 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         total = self.report["total"]
-        return (f"LoadedModel({self.model!r}, tp={self.tp}, {total['bytes'] / 1e9:.2f} GB, "
-                f"{total['gbps']:.2f} GB/s, verified={self.report['verified']})")
+        return (
+            f"LoadedModel({self.model!r}, tp={self.tp}, {total['bytes'] / 1e9:.2f} GB, "
+            f"{total['gbps']:.2f} GB/s, verified={self.report['verified']})"
+        )
 
 
-def open_manifest(url: str, model: str, *, expect_manifest_sha256: str | None = None,
-                  rules: str | Path | dict | None = None, connector_options: dict | None = None
-                  ) -> tuple[Manifest, bytes]:
+def open_manifest(
+    url: str,
+    model: str,
+    *,
+    expect_manifest_sha256: str | None = None,
+    rules: str | Path | dict | None = None,
+    connector_options: dict | None = None,
+) -> tuple[Manifest, bytes]:
     """Read the manifest once (the whole load then reads only its version) and check what the caller pinned."""
     with open_connector(url, **(connector_options or {})) as conn:
         read_manifest(conn, model)  # validates, and explains a missing model
@@ -111,13 +118,19 @@ def load_across_cluster(
     from .cluster import connect
 
     t0 = time.perf_counter()
-    manifest, raw = open_manifest(url, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules,
-                                  connector_options=connector_options)
+    manifest, raw = open_manifest(
+        url, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules, connector_options=connector_options
+    )
     manifest.check_tp(tp)
     connect(ray_address)
     options = LoadOptions(
-        device=device, placement=placement, concurrency=concurrency, verify=verify,
-        num_cpus_per_actor=num_cpus_per_actor, timeout_s=timeout_s, placement_timeout_s=placement_timeout_s,
+        device=device,
+        placement=placement,
+        concurrency=concurrency,
+        verify=verify,
+        num_cpus_per_actor=num_cpus_per_actor,
+        timeout_s=timeout_s,
+        placement_timeout_s=placement_timeout_s,
         progress=sys.stderr.isatty() if progress is None else progress,
         name_prefix=f"raydist:{model}" if hold else None,
     )
@@ -139,10 +152,19 @@ def build_report(manifest: Manifest, url: str, tp: int, reports: list[dict], rea
     nbytes = sum(r["bytes"] for r in reports)
     seconds = max(finished - started, 1e-9)
     return {
-        "model": manifest.model, "version": manifest.version, "tp": tp, "store": redact_url(url),
-        "ranks": reports, "verified": verified,
-        "total": {"bytes": nbytes, "bytes_read": sum(r["bytes_read"] for r in reports), "seconds": seconds,
-                  "gbps": nbytes / seconds / 1e9, "time_to_ready_s": ready_s},
+        "model": manifest.model,
+        "version": manifest.version,
+        "tp": tp,
+        "store": redact_url(url),
+        "ranks": reports,
+        "verified": verified,
+        "total": {
+            "bytes": nbytes,
+            "bytes_read": sum(r["bytes_read"] for r in reports),
+            "seconds": seconds,
+            "gbps": nbytes / seconds / 1e9,
+            "time_to_ready_s": ready_s,
+        },
     }
 
 
@@ -155,17 +177,28 @@ class Shard:
     report: dict
 
 
-def load_shard(model: str, url: str, tp: int, rank: int, *, device: str = "auto", concurrency: int | None = None,
-               verify: Verify = True, expect_manifest_sha256: str | None = None,
-               connector_options: dict | None = None) -> Shard:
+def load_shard(
+    model: str,
+    url: str,
+    tp: int,
+    rank: int,
+    *,
+    device: str = "auto",
+    concurrency: int | None = None,
+    verify: Verify = True,
+    expect_manifest_sha256: str | None = None,
+    connector_options: dict | None = None,
+) -> Shard:
     """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
 
     Verifies its own digests, re-pulls wrong chunks once, and raises VerificationError if they stay wrong.
     """
-    _, raw = open_manifest(url, model, expect_manifest_sha256=expect_manifest_sha256,
-                           connector_options=connector_options)
-    loader = ShardLoader(url, raw, tp, rank, device=device, concurrency=concurrency, verify=verify,
-                         connector_options=connector_options)
+    _, raw = open_manifest(
+        url, model, expect_manifest_sha256=expect_manifest_sha256, connector_options=connector_options
+    )
+    loader = ShardLoader(
+        url, raw, tp, rank, device=device, concurrency=concurrency, verify=verify, connector_options=connector_options
+    )
     try:
         report = loader.load()
         if verify and report["failures"]:
@@ -173,7 +206,9 @@ def load_shard(model: str, url: str, tp: int, rank: int, *, device: str = "auto"
         if verify and (report["failures"] or report["digest"] != report["expected_digest"]):
             raise VerificationError(
                 f"rank {rank} of model {model!r} failed verification after one re-pull: "
-                + describe_failures(report["failures"]), report["failures"])
+                + describe_failures(report["failures"]),
+                report["failures"],
+            )
         return Shard(loader.tensors, loader.metadata(), report)
     finally:
         loader.close()

@@ -1,8 +1,9 @@
 """``raydist-loader``: publish | index | inspect | verify | gc | load.
 
-Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line on stderr,
-no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything printed passes
-through :func:`~raydist_loader.redact.redact_text` with the session's secrets, so no password reaches the output.
+Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line
+on stderr, no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything
+printed passes through :func:`~raydist_loader.redact.redact_text` with the session's secrets, so no password
+reaches the output.
 ``load`` imports Ray lazily: the other commands never import it.
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ from .redact import redact_text, redact_url
 
 PROG = "raydist-loader"
 EXIT_OK, EXIT_VERIFY, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_WORDS = re.compile(r"(\s+)")
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -41,7 +44,14 @@ class _Out:
                     self.secrets.append(s)
 
     def clean(self, text: str) -> str:
-        return redact_text(text, tuple(self.secrets))
+        # redact_text word by word: its query-secret pattern, run over free text, would eat everything from a
+        # word like "tokenizer" up to the next "=" and the rest of the text after it.
+        secrets = tuple(self.secrets)
+        text = "".join(redact_text(part, secrets) if part and not part.isspace() else part
+                       for part in _WORDS.split(text))
+        for secret in secrets:  # secrets that span several words
+            text = text.replace(secret, "***")
+        return text
 
     def print(self, text: str = "", *, file: TextIO | None = None) -> None:
         stream = file or sys.stdout
@@ -150,12 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("publish", help="copy a Hugging Face checkpoint directory into a store (chunked layout)")
+    p = sub.add_parser("publish", help="copy a Hugging Face checkpoint directory into a store (chunked)")
     p.add_argument("src_dir", metavar="SRC_DIR", help="checkpoint directory (config.json + *.safetensors)")
     _store_args(p)
     _publish_args(p)
 
-    p = sub.add_parser("index", help="record a manifest for a checkpoint already at <URL>/<model>/ (in place)")
+    p = sub.add_parser("index", help="record a manifest for a checkpoint already at <URL>/<model>/")
     _store_args(p)
     _publish_args(p)
 
@@ -197,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the actors alive as named actors until Ctrl-C")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join ('local' starts a private one)")
     p.add_argument("--num-cpus-per-actor", type=_nonneg_float, metavar="C")
-    p.add_argument("--timeout", type=_positive_float, metavar="S", help="placement and load timeout in seconds")
+    p.add_argument("--timeout", type=_positive_float, metavar="S", help="load timeout in seconds")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -294,8 +304,8 @@ def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
     if args.json:
         out.json(result)
     elif result.ok:
-        out.print(f"verified {result.model} version {result.version}: {result.chunks} chunks and {result.files} "
-                  f"files, {_size(result.bytes)} in {result.seconds:.2f} s: every digest matches")
+        out.print(f"verified {result.model} version {result.version}: {result.chunks} chunks and "
+                  f"{result.files} files, {_size(result.bytes)} in {result.seconds:.2f} s: all digests match")
     else:
         out.print(f"{result.model} version {result.version}: "
                   + describe_failures(result.failures, limit=len(result.failures)))
@@ -332,7 +342,8 @@ def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
 
     if kwargs["progress"] is None:
         kwargs["progress"] = sys.stderr.isatty() and not args.json
-    loaded = api.load_across_cluster(kwargs.pop("model"), kwargs.pop("url"), **kwargs)
+    # hold=True names the actors raydist:<model>:<rank> (a name is given at creation) for an engine to find
+    loaded = api.load_across_cluster(kwargs.pop("model"), kwargs.pop("url"), hold=hold, **kwargs)
     try:
         report = loaded.report
         if report_path:
@@ -346,9 +357,10 @@ def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
         if hold:
             out.err(f"{PROG}: holding the actors as named actors; press Ctrl-C to release them")
             try:
-                loaded.hold()
+                loaded.hold()  # returns on Ctrl-C
             except KeyboardInterrupt:
-                out.err(f"{PROG}: released")
+                pass
+            out.err(f"{PROG}: released")
     finally:
         loaded.shutdown()
     return EXIT_OK
@@ -388,7 +400,8 @@ def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | Non
                     "num_cpus_per_actor": 0.25}
     overrides = {
         "tp": args.tp, "device": args.device, "placement": args.placement, "concurrency": args.concurrency,
-        "verify": args.verify, "rules": args.rules, "ray_address": args.ray_address, "timeout_s": args.timeout,
+        "verify": args.verify, "rules": args.rules, "ray_address": args.ray_address,
+        "timeout_s": args.timeout,
         "expect_manifest_sha256": args.expect_manifest_sha256, "num_cpus_per_actor": args.num_cpus_per_actor,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -438,19 +451,20 @@ def _print_report(report: dict, out: _Out) -> None:
             f"({total.get('gbps') or 0:.2f} GB/s); ready in {total.get('time_to_ready_s') or 0:.2f} s")
     if _use_rich():
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=out.clean(head), caption=out.clean(foot))
+        table = Table(title=escape(out.clean(head)), caption=escape(out.clean(foot)))
         for name, align in _COLUMNS:
             table.add_column(name, justify="right" if align == ">" else "left")
         for row in rows:
-            table.add_row(*(out.clean(c) for c in row))
+            table.add_row(*(escape(out.clean(c)) for c in row))
         Console().print(table)
         return
     widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, (name, _) in enumerate(_COLUMNS)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, _COLUMNS, widths)).rstrip()
+        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, _COLUMNS, widths, strict=True)).rstrip()
 
     out.print(head)
     out.print(line([name for name, _ in _COLUMNS]))
@@ -482,7 +496,7 @@ _COMMANDS = {"publish": _cmd_publish, "index": _cmd_index, "inspect": _cmd_inspe
 
 # ------------------------------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (``python -m raydist_loader`` and the console script exit with it)."""
+    """Run the CLI and return the exit status (``python -m raydist_loader`` and the script exit with it)."""
     out = _Out()
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):  # know inline URL passwords before anything can echo them
@@ -505,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pkg_logger = logging.getLogger("raydist_loader")
     old_level = pkg_logger.level
     pkg_logger.addHandler(handler)
-    pkg_logger.setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING)
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    pkg_logger.setLevel(level)
     try:
         return _COMMANDS[args.command](args, out)
     except VerificationError as e:

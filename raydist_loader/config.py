@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .redact import redact_text, redact_url
+from .redact import redact_url
 
 __all__ = ["StoreConfig", "LoadSection", "LoadConfig", "load_config", "resolve_secret"]
 
@@ -261,7 +261,7 @@ def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any]) -> s
         msg = "expected " + msg[len("Input should be "):]
     msg = msg.replace("expected greater than or equal to ", "expected a value >= ")
     msg = msg.replace("expected greater than ", "expected a value > ")
-    return redact_text(f"{prefix}{dotted}: got {received}; {msg}")
+    return f"{prefix}{dotted}: got {received}; {msg}"
 
 
 def _received(value: Any) -> str:

@@ -38,8 +38,15 @@ class LoadOptions:
 class Coordinator:
     """Starts the actors of one load, runs it, verifies it, and owns the actors until shutdown."""
 
-    def __init__(self, manifest: Manifest, manifest_raw: bytes, url: str, tp: int, options: LoadOptions,
-                 connector_options: dict | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        manifest_raw: bytes,
+        url: str,
+        tp: int,
+        options: LoadOptions,
+        connector_options: dict | None = None,
+    ):
         if options.placement not in STRATEGIES:
             raise RaydistError(f"placement {options.placement!r} is not one of {sorted(STRATEGIES)}")
         self.manifest, self.tp, self.options = manifest, tp, options
@@ -76,14 +83,22 @@ class Coordinator:
         self.actors = [None] * self.tp
         for rank, b in enumerate(order):
             opts = dict(
-                num_cpus=cpu, num_gpus=1 if self.gpu else 0, max_concurrency=4,
+                num_cpus=cpu,
+                num_gpus=1 if self.gpu else 0,
+                max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
             )
             if self.options.name_prefix:
                 opts["name"] = f"{self.options.name_prefix}:{rank}"
             self.actors[rank] = remote.options(**opts).remote(
-                self._url, self._raw, self.tp, rank, device=device, concurrency=self.options.concurrency,
-                verify=self.options.verify, connector_options=self._connector_options,
+                self._url,
+                self._raw,
+                self.tp,
+                rank,
+                device=device,
+                concurrency=self.options.concurrency,
+                verify=self.options.verify,
+                connector_options=self._connector_options,
             )
 
     def _wants_gpu(self, resources: dict) -> bool:
@@ -132,19 +147,23 @@ class Coordinator:
     def _verify(self, reports: list[dict], ray) -> list[dict]:
         bad = [r for r in reports if r["digest"] != self.expected[r["rank"]] or r["failures"]]
         if bad:  # re-pull the wrong chunks once: a corruption in transit heals, one in the store does not
-            again = ray.get([
-                self.actors[r["rank"]].repull.remote([(f["tensor"], f["chunk"]) for f in r["failures"]]) for r in bad
-            ])
+            again = ray.get(
+                [self.actors[r["rank"]].repull.remote([(f["tensor"], f["chunk"]) for f in r["failures"]]) for r in bad]
+            )
             for r in again:
                 r["repulled"] = len(reports[r["rank"]]["failures"])
-                reports[r["rank"]] = {**r, "started": reports[r["rank"]]["started"],
-                                      "seconds": reports[r["rank"]]["seconds"] + r["seconds"]}
+                reports[r["rank"]] = {
+                    **r,
+                    "started": reports[r["rank"]]["started"],
+                    "seconds": reports[r["rank"]]["seconds"] + r["seconds"],
+                }
         failures = [f for r in reports for f in r["failures"]]
         wrong = [r["rank"] for r in reports if r["digest"] != self.expected[r["rank"]]]
         if failures or wrong:
             detail = describe_failures(failures) if failures else f"ranks {wrong} have unexpected digests"
-            raise VerificationError(f"model {self.manifest.model!r} failed verification after one re-pull: {detail}",
-                                    failures)
+            raise VerificationError(
+                f"model {self.manifest.model!r} failed verification after one re-pull: {detail}", failures
+            )
         return reports
 
     def _progress(self, stop: threading.Event) -> threading.Thread:
@@ -162,8 +181,9 @@ class Coordinator:
     def _clean(self, exc: BaseException) -> str:
         text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
         line = next((t for t in reversed(text) if t.strip()), type(exc).__name__)
-        return redact_text(line, secrets=tuple(v for k, v in self._connector_options.items()
-                                               if "password" in k and isinstance(v, str)))
+        return redact_text(
+            line, secrets=tuple(v for k, v in self._connector_options.items() if "password" in k and isinstance(v, str))
+        )
 
     # ---------------------------------------------------------------- after the load
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:

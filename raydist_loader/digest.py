@@ -24,7 +24,9 @@ def blake3_hex(data: memoryview | bytes) -> str:
     try:
         from blake3 import blake3
     except ImportError:
-        raise MissingDependencyError("blake3 digests need the 'blake3' extra: pip install 'raydist-loader[blake3]'") from None
+        raise MissingDependencyError(
+            "blake3 digests need the 'blake3' extra: pip install 'raydist-loader[blake3]'"
+        ) from None
     return blake3(data, max_threads=1).hexdigest()
 
 

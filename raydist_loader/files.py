@@ -18,8 +18,9 @@ def safe_name(name: str) -> PurePosixPath:
     return path
 
 
-def pull_files(url: str, model: str, dest: str | Path, *, manifest: Manifest | None = None,
-               connector_options: dict | None = None) -> list[Path]:
+def pull_files(
+    url: str, model: str, dest: str | Path, *, manifest: Manifest | None = None, connector_options: dict | None = None
+) -> list[Path]:
     """Write the model's config/tokenizer files into ``dest`` (created), each checked against its digest."""
     base = Path(dest).resolve()
     written = []

@@ -16,8 +16,14 @@ from .manifest import VERSION_RE, check_model_name, manifest_key, read_manifest
 DEFAULT_GRACE_S = 3600.0
 
 
-def gc(url: str, model: str, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
-       connector_options: dict | None = None) -> dict:
+def gc(
+    url: str,
+    model: str,
+    *,
+    grace_s: float = DEFAULT_GRACE_S,
+    dry_run: bool = False,
+    connector_options: dict | None = None,
+) -> dict:
     """Returns ``{"current": version, "deleted": [prefix...], "kept": [prefix...], "objects": n}``."""
     check_model_name(model)
     now = time.time()

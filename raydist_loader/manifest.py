@@ -149,7 +149,9 @@ class Manifest(_Strict):
         return [
             tp
             for tp in range(1, self.max_tp + 1)
-            if all(grid.refusal(t.tensor_rule(), tuple(t.shape), self.max_tp, tp) is None for t in self.tensors.values())
+            if all(
+                grid.refusal(t.tensor_rule(), tuple(t.shape), self.max_tp, tp) is None for t in self.tensors.values()
+            )
         ]
 
     def check_tp(self, tp: int) -> None:

@@ -26,7 +26,7 @@ class Piece:
 
 @dataclass(frozen=True)
 class Extract:
-    """The chunk is ``rows`` blocks of ``length`` bytes, ``stride`` apart, starting ``skip`` bytes into the span read."""
+    """The chunk is ``rows`` blocks of ``length`` bytes, ``stride`` apart, ``skip`` bytes into the span read."""
 
     rows: int
     stride: int
@@ -74,9 +74,14 @@ class TensorSlot:
     def meta(self) -> dict:
         """The shard contract's per-tensor metadata (JSON-able)."""
         return {
-            "global_shape": list(self.global_shape), "shape": list(self.shape), "dim": self.dim,
-            "style": self.style, "segments": {k: list(v) for k, v in self.segments.items()},
-            "kv_replicas": self.kv_replicas, "padded_vocab": self.padded_vocab, "dtype": self.dtype,
+            "global_shape": list(self.global_shape),
+            "shape": list(self.shape),
+            "dim": self.dim,
+            "style": self.style,
+            "segments": {k: list(v) for k, v in self.segments.items()},
+            "kv_replicas": self.kv_replicas,
+            "padded_vocab": self.padded_vocab,
+            "dtype": self.dtype,
         }
 
 
@@ -111,7 +116,12 @@ def make_plan(manifest: Manifest, tp: int, rank: int, *, coalesce_gap: int = 1 <
         slots.append(slot)
         reads.extend(tensor_reads)
     return RankPlan(
-        manifest.model, manifest.version, tp, rank, tuple(slots), tuple(reads),
+        manifest.model,
+        manifest.version,
+        tp,
+        rank,
+        tuple(slots),
+        tuple(reads),
         digest.rank_digest(r.xxh3 for r in reads),
     )
 
@@ -130,7 +140,13 @@ def _plan_tensor(manifest, name, rec: TensorRecord, tp, rank, index, gap) -> tup
     local = sum(c.end - c.start for c in kept) if dim is not None else None
     rank_shape = shape if dim is None else tuple(local if d == dim else s for d, s in enumerate(shape))
     slot = TensorSlot(
-        name, rec.dtype, rank_shape, shape, dim, rule.style, _segment_spans(kept),
+        name,
+        rec.dtype,
+        rank_shape,
+        shape,
+        dim,
+        rule.style,
+        _segment_spans(kept),
         grid.kv_replicas(rule, manifest.max_tp, tp),
         grid.padded_vocab(shape[dim]) if rule.style == "vocab" else None,
     )

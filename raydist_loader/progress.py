@@ -15,8 +15,9 @@ def show(poll: Callable[[], list[tuple[int, int]]], stop: threading.Event, inter
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
     except ImportError:
         return _plain(poll, stop, interval, t0)
-    with Progress(TextColumn("rank {task.fields[rank]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  transient=False) as bar:
+    with Progress(
+        TextColumn("rank {task.fields[rank]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=False
+    ) as bar:
         tasks: list[int] = []
         while True:
             try:

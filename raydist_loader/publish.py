@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import digest, dtypes, grid, manifest as mf
+from . import digest, dtypes, grid
+from . import manifest as mf
 from .connectors import Connector, open_connector
 from .errors import ConfigError, NotFoundError
 from .rules import ModelDims, RuleSet, TensorRule
@@ -109,9 +110,18 @@ def _finish(connector: Connector, manifest: mf.Manifest) -> None:
 
 def _new_manifest(model, version, layout_name, max_tp, algos, rules, config, tensors, files) -> mf.Manifest:
     m = mf.Manifest(
-        format=mf.FORMAT, model=model, version=version, layout=layout_name, created=time.time(), max_tp=max_tp,
-        digests=["xxh3_128", *(["blake3"] if "blake3" in algos else [])], rules=rules.to_dict(),
-        rules_fingerprint=rules.fingerprint(), config=config, tensors=tensors, files=files,
+        format=mf.FORMAT,
+        model=model,
+        version=version,
+        layout=layout_name,
+        created=time.time(),
+        max_tp=max_tp,
+        digests=["xxh3_128", *(["blake3"] if "blake3" in algos else [])],
+        rules=rules.to_dict(),
+        rules_fingerprint=rules.fingerprint(),
+        config=config,
+        tensors=tensors,
+        files=files,
     )
     m.check()
     return m
@@ -132,7 +142,9 @@ def _read_checkpoint(src: Path) -> tuple[list[Path], dict, dict[str, bytes]]:
     files = {
         p.name: p.read_bytes()
         for p in sorted(src.iterdir())
-        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIX) and p.name not in _SKIP_FILES
+        if p.is_file()
+        and not p.name.endswith(_WEIGHT_SUFFIX)
+        and p.name not in _SKIP_FILES
         and not p.name.startswith(".")
     }
     try:
@@ -195,8 +207,18 @@ def publish(
         where = conn.describe()
     for w in warnings:
         log.warning(w)
-    return PublishResult(model, version, where, "chunked", len(cuts), sum(len(c.chunks) for c in cuts), nbytes,
-                         time.perf_counter() - started, n_objects, warnings)
+    return PublishResult(
+        model,
+        version,
+        where,
+        "chunked",
+        len(cuts),
+        sum(len(c.chunks) for c in cuts),
+        nbytes,
+        time.perf_counter() - started,
+        n_objects,
+        warnings,
+    )
 
 
 def _eviction_warning(conn: Connector) -> list[str]:
@@ -242,17 +264,26 @@ def _write_files(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency
 
     def write_one(fname: str, members: list[tuple[_Cut, grid.Chunk]]) -> None:
         key = f"{prefix}{fname}"
-        items = [(_chunk_name(cut, c), cut.entry.dtype, grid.chunk_shape(cut.entry.shape, cut.rule.dim, c),
-                  _chunk_nbytes(cut, c)) for cut, c in members]
+        items = [
+            (
+                _chunk_name(cut, c),
+                cut.entry.dtype,
+                grid.chunk_shape(cut.entry.shape, cut.rule.dim, c),
+                _chunk_nbytes(cut, c),
+            )
+            for cut, c in members
+        ]
         head, offsets = layout(items, {"format": "raydist-loader/1 chunks"})
 
         def blocks():
             for cut, c in members:
-                data = grid.chunk_bytes(raw[cut.entry.name], cut.entry.shape, cut.rule.dim,
-                                        dtypes.itemsize(cut.entry.dtype), c)
+                data = grid.chunk_bytes(
+                    raw[cut.entry.name], cut.entry.shape, cut.rule.dim, dtypes.itemsize(cut.entry.dtype), c
+                )
                 name = _chunk_name(cut, c)
                 info[cut.entry.name][c.id] = {
-                    "nbytes": data.nbytes, **_digests(data, algos),
+                    "nbytes": data.nbytes,
+                    **_digests(data, algos),
                     "parts": [mf.Part(object=key, offset=offsets[name], nbytes=data.nbytes)],
                 }
                 yield memoryview(data)
@@ -326,15 +357,28 @@ def index(
         files = {
             k[len(model) + 1 :]: conn.read(k)
             for k in keys
-            if not k.endswith(_WEIGHT_SUFFIX) and not k.endswith("/manifest.json") and k[len(model) + 1 :] not in _SKIP_FILES
+            if not k.endswith(_WEIGHT_SUFFIX)
+            and not k.endswith("/manifest.json")
+            and k[len(model) + 1 :] not in _SKIP_FILES
         }
-        file_recs = {n: mf.FileRecord(object=f"{model}/{n}", nbytes=len(d), **_digests(d, digests)) for n, d in files.items()}
+        file_recs = {
+            n: mf.FileRecord(object=f"{model}/{n}", nbytes=len(d), **_digests(d, digests)) for n, d in files.items()
+        }
         version = mf.new_version(f"{model}{ruleset.fingerprint()}{[(e.name, e.offset) for e, _ in entries]}")
         manifest = _new_manifest(model, version, "inplace", max_tp, digests, ruleset, config, tensors, file_recs)
         _finish(conn, manifest)
         where = conn.describe()
-    return PublishResult(model, version, where, "inplace", len(cuts), sum(len(c.chunks) for c in cuts),
-                         manifest.total_bytes, time.perf_counter() - started, len(manifest.objects()))
+    return PublishResult(
+        model,
+        version,
+        where,
+        "inplace",
+        len(cuts),
+        sum(len(c.chunks) for c in cuts),
+        manifest.total_bytes,
+        time.perf_counter() - started,
+        len(manifest.objects()),
+    )
 
 
 def _keyed(entries: list[Entry], key: str) -> list[tuple[Entry, str]]:

@@ -46,15 +46,21 @@ def read_header(connector: Connector, key: str) -> list[Entry]:
     header.pop("__metadata__", None)
     base = 8 + size
     entries = [
-        Entry(name, dtypes.from_safetensors(v["dtype"]), tuple(v["shape"]), base + v["data_offsets"][0],
-              v["data_offsets"][1] - v["data_offsets"][0])
+        Entry(
+            name,
+            dtypes.from_safetensors(v["dtype"]),
+            tuple(v["shape"]),
+            base + v["data_offsets"][0],
+            v["data_offsets"][1] - v["data_offsets"][0],
+        )
         for name, v in header.items()
     ]
     return sorted(entries, key=lambda e: e.offset)
 
 
-def layout(items: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None
-           ) -> tuple[bytes, dict[str, int]]:
+def layout(
+    items: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, int]]:
     """Header bytes for tensors ``(name, dtype, shape, nbytes)`` stored in the given order.
 
     Returns the 8-byte length + padded JSON header, and each name's absolute data offset in the file.
@@ -63,7 +69,11 @@ def layout(items: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dic
     rel: dict[str, int] = {}
     pos = 0
     for name, dtype, shape, nbytes in items:
-        header[name] = {"dtype": dtypes.to_safetensors(dtype), "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        header[name] = {
+            "dtype": dtypes.to_safetensors(dtype),
+            "shape": list(shape),
+            "data_offsets": [pos, pos + nbytes],
+        }
         rel[name] = pos
         pos += nbytes
     if metadata:

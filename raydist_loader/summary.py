@@ -18,12 +18,25 @@ def inspect(url: str, model: str, *, tp: int | None = None, connector_options: d
 
 def summarize(manifest: Manifest, where: str, tp: int | None = None, coalesce_gap: int = 1 << 20) -> dict:
     out = {
-        "store": where, "model": manifest.model, "version": manifest.version, "layout": manifest.layout,
-        "max_tp": manifest.max_tp, "served_tp": manifest.served_tps(), "bytes": manifest.total_bytes,
-        "digests": manifest.digests, "rules": manifest.rules.get("name", "custom"),
+        "store": where,
+        "model": manifest.model,
+        "version": manifest.version,
+        "layout": manifest.layout,
+        "max_tp": manifest.max_tp,
+        "served_tp": manifest.served_tps(),
+        "bytes": manifest.total_bytes,
+        "digests": manifest.digests,
+        "rules": manifest.rules.get("name", "custom"),
         "tensors": [
-            {"name": n, "dtype": t.dtype, "shape": t.shape, "style": t.tensor_rule().style,
-             "dim": t.tensor_rule().dim, "chunks": len(t.chunks), "bytes": t.nbytes}
+            {
+                "name": n,
+                "dtype": t.dtype,
+                "shape": t.shape,
+                "style": t.tensor_rule().style,
+                "dim": t.tensor_rule().dim,
+                "chunks": len(t.chunks),
+                "bytes": t.nbytes,
+            }
             for n, t in manifest.tensors.items()
         ],
         "files": sorted(manifest.files),
@@ -38,8 +51,15 @@ def _rank_row(manifest: Manifest, tp: int, rank: int, gap: int) -> dict:
     plan = make_plan(manifest, tp, rank, coalesce_gap=gap)
     split = sum(s.nbytes for s in plan.tensors if s.dim is not None)
     replicated = sum(s.nbytes for s in plan.tensors if s.dim is None)
-    return {"rank": rank, "bytes": plan.bytes_kept, "bytes_read": plan.bytes_read, "split_bytes": split,
-            "replicated_bytes": replicated, "reads": len(plan.reads), "digest": plan.expected_digest}
+    return {
+        "rank": rank,
+        "bytes": plan.bytes_kept,
+        "bytes_read": plan.bytes_read,
+        "split_bytes": split,
+        "replicated_bytes": replicated,
+        "reads": len(plan.reads),
+        "digest": plan.expected_digest,
+    }
 
 
 def render(summary: dict, max_rows: int = 40) -> str:
@@ -53,15 +73,19 @@ def render(summary: dict, max_rows: int = 40) -> str:
         f"  {'tensor':<56} {'dtype':<9} {'shape':<18} {'style':<9} {'dim':>3} {'chunks':>6}",
     ]
     for t in s["tensors"][:max_rows]:
-        lines.append(f"  {t['name']:<56} {t['dtype']:<9} {str(t['shape']):<18} {t['style']:<9} "
-                     f"{'-' if t['dim'] is None else t['dim']:>3} {t['chunks']:>6}")
+        lines.append(
+            f"  {t['name']:<56} {t['dtype']:<9} {str(t['shape']):<18} {t['style']:<9} "
+            f"{'-' if t['dim'] is None else t['dim']:>3} {t['chunks']:>6}"
+        )
     if len(s["tensors"]) > max_rows:
         lines.append(f"  ... {len(s['tensors']) - max_rows} more (use --json for all)")
     if "ranks" in s:
         lines.append(f"  at tp={s['tp']}: {'rank':>4} {'moves':>12} {'split':>12} {'replicated':>12} {'reads':>6}")
         for r in s["ranks"]:
-            lines.append(f"  {'':>8} {r['rank']:>4} {_gb(r['bytes']):>12} {_gb(r['split_bytes']):>12} "
-                         f"{_gb(r['replicated_bytes']):>12} {r['reads']:>6}")
+            lines.append(
+                f"  {'':>8} {r['rank']:>4} {_gb(r['bytes']):>12} {_gb(r['split_bytes']):>12} "
+                f"{_gb(r['replicated_bytes']):>12} {r['reads']:>6}"
+            )
     return "\n".join(lines)
 
 

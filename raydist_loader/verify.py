@@ -46,8 +46,9 @@ def check_manifest_sha256(raw: bytes, expected: str | None, where: str) -> None:
         )
 
 
-def verify(url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False,
-           connector_options: dict | None = None) -> VerifyResult:
+def verify(
+    url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
+) -> VerifyResult:
     """Read every chunk and file of ``model`` and compare with the manifest's digests."""
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:
@@ -62,14 +63,24 @@ def verify(url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool
                 return {"tensor": name, "chunk": read.chunk, "error": str(e), "objects": _objects(read)}
             got = digest.xxh3(data)
             bad = got != read.xxh3 or (read.blake3 is not None and digest.blake3_hex(data) != read.blake3)
-            return {"tensor": name, "chunk": read.chunk, "expected": read.xxh3, "got": got,
-                    "objects": _objects(read)} if bad else None
+            return (
+                {"tensor": name, "chunk": read.chunk, "expected": read.xxh3, "got": got, "objects": _objects(read)}
+                if bad
+                else None
+            )
 
         with ThreadPoolExecutor(max(1, concurrency)) as pool:
             failures = [f for f in pool.map(check, plan.reads) if f]
         failures += _check_files(conn, manifest)
-    result = VerifyResult(model, manifest.version, len(plan.reads), len(manifest.files), plan.bytes_read,
-                          time.perf_counter() - t0, failures)
+    result = VerifyResult(
+        model,
+        manifest.version,
+        len(plan.reads),
+        len(manifest.files),
+        plan.bytes_read,
+        time.perf_counter() - t0,
+        failures,
+    )
     if raise_on_failure and failures:
         raise VerificationError(describe_failures(failures), failures)
     return result

@@ -195,7 +195,7 @@ class ShardLoader:
         flat.view(outer, -1)[:, read.dest * inner : read.dest * inner + cols].copy_(chunk.view(outer, cols))
 
     def _place_on_device(self) -> None:
-        for slot, flat in zip(self.plan.tensors, self._flat):
+        for slot, flat in zip(self.plan.tensors, self._flat, strict=True):
             t = flat.view(dtypes.torch_dtype(slot.dtype)).view(slot.shape) if slot.nbytes else _empty(slot)
             if self.device.type != "cpu":
                 t = t.to(self.device, non_blocking=True)
@@ -208,7 +208,11 @@ class ShardLoader:
         out = {}
         for read in reads:
             slot = self.plan.tensors[read.tensor]
-            flat = self.tensors[slot.name].reshape(-1).view(torch.uint8) if slot.nbytes else torch.empty(0, dtype=torch.uint8)
+            flat = (
+                self.tensors[slot.name].reshape(-1).view(torch.uint8)
+                if slot.nbytes
+                else torch.empty(0, dtype=torch.uint8)
+            )
             inner = _inner_bytes(slot)
             if read.direct:
                 chunk = flat[read.dest * inner : read.dest * inner + read.nbytes]
@@ -223,21 +227,41 @@ class ShardLoader:
         plan = self.plan
         self._digests = digests
         failures = [
-            {"rank": self.rank, "tensor": plan.tensors[r.tensor].name, "chunk": r.chunk, "expected": r.xxh3,
-             "got": digests.get((r.tensor, r.chunk))}
+            {
+                "rank": self.rank,
+                "tensor": plan.tensors[r.tensor].name,
+                "chunk": r.chunk,
+                "expected": r.xxh3,
+                "got": digests.get((r.tensor, r.chunk)),
+            }
             for r in plan.reads
             if digests.get((r.tensor, r.chunk)) != r.xxh3
         ]
         rank_digest = digest.rank_digest(digests.get((r.tensor, r.chunk), "") for r in plan.reads)
         node = self.node()
         return {
-            "rank": self.rank, "tp": self.tp, "model": plan.model, "version": plan.version,
-            "host": node["host"], "node_id": node["node_id"], "gpu_ids": node["gpu_ids"], "device": str(self.device),
-            "store": redact_url(self._url), "bytes": plan.bytes_kept, "bytes_read": plan.bytes_read,
+            "rank": self.rank,
+            "tp": self.tp,
+            "model": plan.model,
+            "version": plan.version,
+            "host": node["host"],
+            "node_id": node["node_id"],
+            "gpu_ids": node["gpu_ids"],
+            "device": str(self.device),
+            "store": redact_url(self._url),
+            "bytes": plan.bytes_kept,
+            "bytes_read": plan.bytes_read,
             "staged_bytes": sum(r.nbytes for r in plan.reads if not r.direct or r.extract),
-            "chunks": len(plan.reads), "started": started, "finished": started + seconds, "seconds": seconds,
-            "gbps": plan.bytes_kept / seconds / 1e9 if seconds else 0.0, "verify": self.verify,
-            "digest": rank_digest, "expected_digest": plan.expected_digest, "failures": failures, "errors": [],
+            "chunks": len(plan.reads),
+            "started": started,
+            "finished": started + seconds,
+            "seconds": seconds,
+            "gbps": plan.bytes_kept / seconds / 1e9 if seconds else 0.0,
+            "verify": self.verify,
+            "digest": rank_digest,
+            "expected_digest": plan.expected_digest,
+            "failures": failures,
+            "errors": [],
         }
 
 

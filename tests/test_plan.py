@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from raydist_loader import index, publish
 from raydist_loader.connectors import open_connector
@@ -17,12 +16,7 @@ from raydist_loader.plan import make_plan
 from raydist_loader.tiny_models import make_tiny_checkpoint
 from raydist_loader.worker import ShardLoader
 
-
-def _original(ckpt) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from .shards import assert_shards_match, original_tensors
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def llama(tmp_path_factory):
     publish(ckpt, url, "chunked", max_tp=8, part_bytes=64 << 10)
     shutil.copytree(ckpt, root / "store" / "inplace")
     index(url, "inplace", max_tp=8)
-    return url, _original(ckpt)
+    return url, original_tensors(ckpt)
 
 
 def _load(url: str, model: str, tp: int) -> list[ShardLoader]:
@@ -46,35 +40,17 @@ def _load(url: str, model: str, tp: int) -> list[ShardLoader]:
     return loaders
 
 
-def _expected_slice(full: torch.Tensor, meta: dict) -> torch.Tensor:
-    if meta["dim"] is None:
-        return full
-    parts = [full.narrow(meta["dim"], a, b - a) for a, b in meta["segments"].values()]
-    return torch.cat(parts, meta["dim"]) if parts else full.narrow(meta["dim"], 0, 0)
-
-
 @pytest.mark.parametrize("model", ["chunked", "inplace"])
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_shards_reassemble_every_tensor(llama, model, tp):
     url, original = llama
     loaders = _load(url, model, tp)
-    for name, full in original.items():
-        covered = set()
-        for w in loaders:
-            meta = w.metadata()[name]
-            got = w.tensors[name]
-            assert got.dtype == full.dtype and list(got.shape) == meta["shape"]
-            assert torch.equal(got, _expected_slice(full, meta)), (name, tp, w.rank)
-            if meta["dim"] is not None:
-                covered.update(i for a, b in meta["segments"].values() for i in range(a, b))
-        if loaders[0].metadata()[name]["dim"] is not None:
-            dim = loaders[0].metadata()[name]["dim"]
-            assert covered == set(range(full.shape[dim])), f"{name}: the ranks do not cover the tensor at tp={tp}"
+    assert_shards_match(original, [(w.tensors, w.metadata()) for w in loaders])
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_cuts_follow_vllm(llama, tp):
-    """q heads split evenly, kv heads as QKVParallelLinear (replicated past 2 ranks), vocab as VocabParallelEmbedding."""
+    """q heads split evenly, kv heads as QKVParallelLinear (replicated past 2 ranks), vocab as vLLM pads it."""
     url, original = llama
     manifest = Manifest.from_json(open_connector(url).read("chunked/manifest.json"))
     vocab, head_dim, kv_heads = 250, 8, 2
@@ -82,14 +58,17 @@ def test_cuts_follow_vllm(llama, tp):
     for rank in range(tp):
         slots = {s.name: s for s in make_plan(manifest, tp, rank).tensors}
         emb = slots["model.embed_tokens.weight"]
-        assert emb.segments.get("all", (min(vocab, rank * per),) * 2) == (min(vocab, rank * per),
-                                                                          min(vocab, (rank + 1) * per))
+        assert emb.segments.get("all", (min(vocab, rank * per),) * 2) == (
+            min(vocab, rank * per),
+            min(vocab, (rank + 1) * per),
+        )
         q = slots["model.layers.0.self_attn.q_proj.weight"]
         assert q.segments["all"] == (rank * 64 // tp, (rank + 1) * 64 // tp)
         k = slots["model.layers.0.self_attn.k_proj.weight"]
         head = rank // (tp // kv_heads) if tp > kv_heads else None
-        want = (head * head_dim, (head + 1) * head_dim) if head is not None else (
-            rank * 16 // tp, (rank + 1) * 16 // tp)
+        want = (
+            (head * head_dim, (head + 1) * head_dim) if head is not None else (rank * 16 // tp, (rank + 1) * 16 // tp)
+        )
         assert k.segments["all"] == want and k.kv_replicas == max(1, tp // kv_heads)
         o = slots["model.layers.0.self_attn.o_proj.weight"]
         assert o.dim == 1 and o.shape == (64, 64 // tp)

@@ -173,7 +173,10 @@ def test_checkpoint_without_manifest_says_to_index(tmp_path, checkpoints):
     [
         (lambda m: m.pop("tensors"), r"field tensors: Field required"),
         (lambda m: m.update(max_tp="eight"), r"field max_tp"),
-        (lambda m: next(iter(m["tensors"].values()))["chunks"][0].update(nbytes=3), r"chunks\[0\]\.nbytes: 3 disagrees"),
+        (
+            lambda m: next(iter(m["tensors"].values()))["chunks"][0].update(nbytes=3),
+            r"chunks\[0\]\.nbytes: 3 disagrees",
+        ),
         (lambda m: next(iter(m["tensors"].values())).update(dtype="float42"), r"dtype: unknown dtype 'float42'"),
         (lambda m: next(iter(m["tensors"].values())).update(shape=[7, 7]), r"chunks"),
         (lambda m: m.update(format="raydist-loader/9"), r"format 'raydist-loader/9' is not supported"),

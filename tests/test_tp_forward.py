@@ -11,20 +11,18 @@ activations, non-trivial biases and norms) before it is published.
 
 from __future__ import annotations
 
-import importlib.util
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from raydist_loader.publish import publish
 from raydist_loader.tiny_models import make_tiny_checkpoint
 
-_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tp_llama.py"
+from .shards import load_example, rerandomise
+
 MAX_TP = 4
 ATOL = RTOL = 1e-5
 
@@ -43,33 +41,7 @@ CASES = [
 ]
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("tp_llama_example", _EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tp_llama = _load_example()
-
-
-def _rerandomise(ckpt: Path, seed: int) -> None:
-    """Rewrite model.safetensors with well-scaled random weights, non-zero biases and non-unit norms."""
-    path = ckpt / "model.safetensors"
-    gen = torch.Generator().manual_seed(seed)
-    state = load_file(path)
-    for name, t in state.items():
-        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-        if name.endswith("norm.weight"):
-            new = 1.0 + 0.3 * noise
-        elif name.endswith(".bias"):
-            new = 0.5 * noise
-        elif "embed_tokens" in name:
-            new = noise
-        else:  # a linear weight [out, in]: unit-variance outputs, slightly larger for peaky attention
-            new = noise * (1.5 / math.sqrt(t.shape[1]))
-        state[name] = new.to(t.dtype).contiguous()
-    save_file(state, path, metadata={"format": "pt"})
+tp_llama = load_example()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +52,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
     out = {}
     for seed, (name, (model_type, overrides)) in enumerate(MODELS.items()):
         ckpt = make_tiny_checkpoint(model_type, root / name, seed=seed, **overrides)
-        _rerandomise(ckpt, seed)
+        rerandomise(ckpt, seed)
         publish(ckpt, url, name, max_tp=MAX_TP)
         out[name] = (url, ckpt)
     return out

@@ -99,7 +99,7 @@ class Connector(abc.ABC):
         """The store URL with secrets redacted: safe to print."""
         return redact_url(self.url)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Release connections; the default has none."""
 
     def __enter__(self) -> Connector:

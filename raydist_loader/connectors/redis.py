@@ -196,6 +196,7 @@ class RedisConnector(Connector):
     packs_files = False
     max_object_bytes = 64 << 20
     coalesce_gap = 1 << 20
+    # Measured on 2 cores (16 MiB values): 2 threads ~= 1 > 4; redis-server itself is single-threaded.
     default_concurrency = 2
     max_request_bytes = 64 << 20
 

@@ -1,0 +1,72 @@
+"""What a rank's shard must hold, derived from the full tensor and the shard's metadata (shared by tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tp_llama.py"
+
+
+def original_tensors(ckpt) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def expected_slice(full: torch.Tensor, meta: dict) -> torch.Tensor:
+    """The rank's segments of ``full`` concatenated on the split dim (the whole tensor when replicated)."""
+    if meta["dim"] is None:
+        return full
+    parts = [full.narrow(meta["dim"], a, b - a) for a, b in meta["segments"].values()]
+    return torch.cat(parts, meta["dim"]) if parts else full.narrow(meta["dim"], 0, 0)
+
+
+def assert_shards_match(original: dict[str, torch.Tensor], shards: list[tuple[dict, dict]]) -> None:
+    """Every rank's tensors equal their expected slices, and the ranks together cover each split tensor."""
+    for name, full in original.items():
+        covered: set[int] = set()
+        for rank, (tensors, metadata) in enumerate(shards):
+            meta = metadata[name]
+            got = tensors[name]
+            assert got.dtype == full.dtype and list(got.shape) == meta["shape"], (name, rank)
+            assert torch.equal(got, expected_slice(full, meta)), (name, rank)
+            if meta["dim"] is not None:
+                covered.update(i for a, b in meta["segments"].values() for i in range(a, b))
+        dim = shards[0][1][name]["dim"]
+        if dim is not None:
+            assert covered == set(range(full.shape[dim])), f"{name}: the ranks do not cover the tensor"
+
+
+def load_example():
+    """examples/tp_llama.py as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("tp_llama_example", _EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so that cloudpickle can ship it to Ray actors by value
+    spec.loader.exec_module(module)
+    return module
+
+
+def rerandomise(ckpt: Path, seed: int) -> None:
+    """Rewrite model.safetensors with well-scaled random weights, non-zero biases and non-unit norms."""
+    path = ckpt / "model.safetensors"
+    gen = torch.Generator().manual_seed(seed)
+    state = load_file(path)
+    for name, t in state.items():
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+        if name.endswith("norm.weight"):
+            new = 1.0 + 0.3 * noise
+        elif name.endswith(".bias"):
+            new = 0.5 * noise
+        elif "embed_tokens" in name:
+            new = noise
+        else:  # a linear weight [out, in]: unit-variance outputs, slightly larger for peaky attention
+            new = noise * (1.5 / math.sqrt(t.shape[1]))
+        state[name] = new.to(t.dtype).contiguous()
+    save_file(state, path, metadata={"format": "pt"})
