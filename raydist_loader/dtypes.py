@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ManifestError
 
-# torch name -> (safetensors code, torch dtype)
-_TABLE: dict[str, tuple[str, torch.dtype]] = {
-    "float64": ("F64", torch.float64),
-    "float32": ("F32", torch.float32),
-    "float16": ("F16", torch.float16),
-    "bfloat16": ("BF16", torch.bfloat16),
-    "int64": ("I64", torch.int64),
-    "int32": ("I32", torch.int32),
-    "int16": ("I16", torch.int16),
-    "int8": ("I8", torch.int8),
-    "uint8": ("U8", torch.uint8),
-    "bool": ("BOOL", torch.bool),
-    "float8_e4m3fn": ("F8_E4M3", torch.float8_e4m3fn),
-    "float8_e5m2": ("F8_E5M2", torch.float8_e5m2),
+if TYPE_CHECKING:
+    import torch
+
+# torch name -> (safetensors code, item size); torch itself is imported only when a tensor is made
+_TABLE: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
 }
 _BY_CODE = {code: name for name, (code, _) in _TABLE.items()}
 
@@ -37,18 +40,21 @@ def to_safetensors(name: str) -> str:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return _entry(name)[1]
+    import torch
+
+    _entry(name)
+    return getattr(torch, name)
 
 
 def itemsize(name: str) -> int:
-    return _entry(name)[1].itemsize
+    return _entry(name)[1]
 
 
 def known(name: str) -> bool:
     return name in _TABLE
 
 
-def _entry(name: str) -> tuple[str, torch.dtype]:
+def _entry(name: str) -> tuple[str, int]:
     try:
         return _TABLE[name]
     except KeyError:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-_SECRET_QUERY = re.compile(r"(?i)((?:password|secret|token|key|signature|credential)[^=&]*=)[^&]*")
+# a query parameter whose name looks secret: stops at '&' and whitespace so free text around it survives
+_SECRET_QUERY = re.compile(r"(?i)(\b[\w-]*(?:password|secret|token|key|signature|credential)[\w-]*=)[^&\s]*")
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]*)@")
 
 

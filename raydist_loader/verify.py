@@ -12,7 +12,6 @@ from .connectors import open_connector
 from .errors import RaydistError, VerificationError
 from .manifest import Manifest, manifest_key, read_manifest
 from .plan import ChunkRead, make_plan
-from .worker import fetch_chunk
 
 
 @dataclass
@@ -50,6 +49,8 @@ def verify(
     url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
 ) -> VerifyResult:
     """Read every chunk and file of ``model`` and compare with the manifest's digests."""
+    from .worker import fetch_chunk  # torch: imported only when bytes are read
+
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:
         manifest = read_manifest(conn, model)

@@ -147,7 +147,8 @@ def test_secret_options_are_refused(tmp_path: Path):
 
 def test_unknown_scheme_lists_the_known_ones():
     message = error_of({"model": "m", "store": {"url": "ftp://host/x"}, "load": {"tp": 1}})
-    assert "store.url" in message and "known schemes: file, redis, rediss, s3" in message
+    assert "store.url" in message and "known schemes:" in message
+    assert all(s in message.split("known schemes:")[1] for s in ("file", "redis", "rediss", "s3"))
 
 
 def test_invalid_model_name():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from raydist_loader import connectors
 from raydist_loader.connectors import Connector, ReadRequest, open_connector, register_connector
 from raydist_loader.connectors.file import FileConnector
 from raydist_loader.errors import BackendError, ConfigError, NotFoundError
@@ -187,7 +188,9 @@ def test_bare_path_opens_a_file_connector(tmp_path) -> None:
     assert (tmp_path / "k").read_bytes() == b"v"
 
 
-def test_register_connector(tmp_path) -> None:
+def test_register_connector(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(connectors, "_registered", {})  # keep the registration local to this test
+
     class Local(FileConnector):
         schemes = ("testlocal",)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import raydist_loader as rl
+from raydist_loader import connectors
 from raydist_loader.connectors import Connector, open_connector, register_connector
 from raydist_loader.connectors.file import FileConnector
 from raydist_loader.errors import ConfigError, ManifestError, NotFoundError, ShardingError
@@ -144,7 +145,8 @@ class _FailAfter(FileConnector):
         super().write(key, data)
 
 
-def test_half_published_model_is_never_taken_for_complete(tmp_path, checkpoints):
+def test_half_published_model_is_never_taken_for_complete(tmp_path, checkpoints, monkeypatch):
+    monkeypatch.setattr(connectors, "_registered", {})  # registrations stay local to this test
     register_connector("failafter", _FailAfter)
     url = f"failafter://{tmp_path}/store"
     with pytest.raises(OSError, match="disk full"):
