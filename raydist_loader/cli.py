@@ -473,6 +473,11 @@ def _print_report(report: dict, out: _Out) -> None:
     out.print(foot)
 
 
+def print_report(report: dict) -> None:
+    """Print a load report as the per-rank summary table ``raydist-loader load`` shows (secrets redacted)."""
+    _print_report(report, _Out())
+
+
 def _use_rich() -> bool:
     if not sys.stdout.isatty():
         return False

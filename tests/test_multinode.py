@@ -1,0 +1,58 @@
+"""Several simulated nodes (ray.cluster_utils.Cluster): PACK keeps a TP group on one node, SPREAD spreads it."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+import raydist_loader as rl
+from raydist_loader.errors import PlacementError
+from raydist_loader.tiny_models import make_tiny_checkpoint
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two nodes of 2 logical GPUs each (CPU 1 each, the actors ask for 0.25)."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 2})
+    c.add_node(num_cpus=1, num_gpus=2)
+    c.wait_for_nodes()
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    ckpt = make_tiny_checkpoint("llama", root / "ckpt", dtype=torch.bfloat16)
+    url = f"file://{root}/store"  # one filesystem: every simulated node sees it
+    rl.publish(ckpt, url, "m", max_tp=2)
+    return url
+
+
+def _nodes(report: dict) -> list[str]:
+    return [r["node_id"] for r in report["ranks"]]
+
+
+@pytest.mark.parametrize(("placement", "distinct"), [("pack", 1), ("strict_pack", 1), ("spread", 2),
+                                                      ("strict_spread", 2)])
+def test_placement_strategies(cluster, store, placement, distinct):
+    with rl.load_across_cluster("m", store, tp=2, placement=placement, progress=False) as loaded:
+        report = loaded.report
+    nodes = _nodes(report)
+    assert report["verified"] and len(set(nodes)) == distinct, nodes
+    assert nodes == sorted(nodes), "ranks are ordered by node"
+    assert all(len(r["gpu_ids"]) == 1 for r in report["ranks"])
+
+
+def test_strict_pack_beyond_one_node_times_out_naming_resources(cluster, store):
+    """Two bundles of 0.9 CPU cannot share a 1-CPU node: the error shows requested vs available resources."""
+    with pytest.raises(PlacementError, match=r"STRICT_PACK.*cluster has \{CPU: 2, GPU: 4\}"):
+        rl.load_across_cluster("m", store, tp=2, placement="strict_pack", placement_timeout_s=3, progress=False,
+                               num_cpus_per_actor=0.9)
+    assert ray.available_resources().get("GPU") == 4, "the placement group was removed"
