@@ -8,6 +8,7 @@ class runs inside an engine's own worker process through :func:`raydist_loader.a
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 import time
@@ -135,16 +136,25 @@ class ShardLoader:
 
     # ---------------------------------------------------------------- internals
     def _allocate(self) -> None:
+        """One flat uint8 tensor per slot on the final device: reads (CPU) or H2D copies (GPU) land in place."""
         assert self.plan is not None
-        pin = self.device.type == "cuda"
-        self._flat = [torch.empty(s.nbytes, dtype=torch.uint8, device="cpu", pin_memory=pin) for s in self.plan.tensors]
+        self._flat = [torch.empty(s.nbytes, dtype=torch.uint8, device=self.device) for s in self.plan.tensors]
         self.tensors = {}
         self._digests: dict[tuple[int, str], str] = {}
 
     def _pull(self, reads: Sequence[ChunkRead]) -> dict[tuple[int, str], str]:
         """Read the chunks, hash each as it completes, place it. Returns (tensor index, chunk) -> digest."""
+        concurrency = max(1, self._concurrency or self.connector.default_concurrency)
+        pull = self._pull_staged if self.device.type == "cuda" else self._pull_direct
+        digests = pull(reads, concurrency)
+        self._expose()
+        if self.verify == "full":
+            digests = {(r.tensor, r.chunk): self._hash(self._region(r, self.tensors)) for r in reads}
+        return digests
+
+    def _pull_direct(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
+        """CPU: contiguous chunks are read straight into the tensors; requests are cut and batched across threads."""
         conn = self.connector
-        concurrency = self._concurrency or conn.default_concurrency
         landings = [self._landing(r) for r in reads]
         batches = _batches(landings, conn.max_request_bytes)
         digests = {(x.read.tensor, x.read.chunk): self._finish(x) for x in landings if x.pending == 0}  # empty
@@ -159,69 +169,87 @@ class ShardLoader:
                 if finished:
                     digests[(landing.read.tensor, landing.read.chunk)] = self._finish(landing)
 
-        with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix=f"rank{self.rank}") as pool:
-            for f in [pool.submit(run, b) for b in batches]:
-                f.result()
-        self._place_on_device()
-        if self.verify == "full":
-            digests = self._rehash_final(reads)
+        _run_all(run, batches, concurrency, f"rank{self.rank}")
+        return digests
+
+    def _pull_staged(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
+        """GPU: each chunk is read into a pinned buffer of a bounded ring, hashed there, and copied to the device
+        with a non-blocking H2D copy on the thread's stream; a buffer is reused only after its copy's event."""
+        conn = self.connector
+        ring = _PinnedRing(concurrency + 1, max((r.read_bytes for r in reads), default=0))
+        local = threading.local()
+
+        def one(read: ChunkRead) -> str:
+            if not hasattr(local, "stream"):
+                local.stream = torch.cuda.Stream(self.device)
+            buf = ring.acquire()
+            try:
+                span = buf[: read.read_bytes]
+                conn.readinto_many(list(_requests(read, span, conn.max_request_bytes)))
+                chunk = span if read.extract is None else _cut(span, read.extract)
+                got = self._hash(chunk, read)
+                with torch.cuda.stream(local.stream):
+                    self._place(read, chunk)
+                    event = torch.cuda.Event()
+                    event.record(local.stream)
+            except BaseException:
+                ring.release(buf, None)
+                raise
+            ring.release(buf, event)
+            with self._lock:
+                self._done += read.nbytes
+            return got
+
+        digests = dict(
+            zip(
+                [(r.tensor, r.chunk) for r in reads], _run_all(one, reads, concurrency, f"rank{self.rank}"), strict=True
+            )
+        )
+        torch.cuda.synchronize(self.device)
         return digests
 
     def _landing(self, read: ChunkRead) -> _Landing:
         if read.direct and read.extract is None:
-            slot = self.plan.tensors[read.tensor]
-            start = read.dest * _inner_bytes(slot)
-            return _Landing(read, self._flat[read.tensor][start : start + read.nbytes], 0, False)
+            return _Landing(read, self._region(read), 0, False)
         return _Landing(read, torch.empty(read.read_bytes, dtype=torch.uint8), 0, True)
 
     def _finish(self, landing: _Landing) -> str:
         """All pieces of a chunk are in: cut it out, hash it, copy it into place when it was staged."""
         read = landing.read
         chunk = landing.buffer if read.extract is None else _cut(landing.buffer, read.extract)
-        got = digest.xxh3(chunk.numpy()) if self.verify else read.xxh3
+        got = self._hash(chunk, read)
         if landing.staged:
             self._place(read, chunk)
         return got
 
-    def _place(self, read: ChunkRead, chunk: torch.Tensor) -> None:
+    def _hash(self, chunk: torch.Tensor, read: ChunkRead | None = None) -> str:
+        if not self.verify and read is not None:
+            return read.xxh3
+        return digest.xxh3(chunk.contiguous().cpu().numpy())
+
+    def _region(self, read: ChunkRead, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The chunk's place in the rank tensor: a flat slice when contiguous, else an [outer, cols] block."""
         slot = self.plan.tensors[read.tensor]
-        flat = self._flat[read.tensor]
-        inner = _inner_bytes(slot)
+        flat = self._flat[read.tensor] if tensors is None else tensors[slot.name].reshape(-1).view(torch.uint8)
+        start = read.dest * _inner_bytes(slot)
         if read.direct:
-            flat[read.dest * inner : read.dest * inner + read.nbytes].copy_(chunk)
-            return
+            return flat[start : start + read.nbytes]
         outer = prod(slot.shape[: slot.dim])
-        cols = read.nbytes // outer
-        flat.view(outer, -1)[:, read.dest * inner : read.dest * inner + cols].copy_(chunk.view(outer, cols))
+        return flat.view(outer, -1)[:, start : start + read.nbytes // outer]
 
-    def _place_on_device(self) -> None:
+    def _place(self, read: ChunkRead, chunk: torch.Tensor) -> None:
+        region = self._region(read)
+        region.copy_(chunk.view(region.shape), non_blocking=chunk.is_pinned())
+
+    def _expose(self) -> None:
+        """The flat buffers viewed as the tensors the engine gets (no copy)."""
         for slot, flat in zip(self.plan.tensors, self._flat, strict=True):
-            t = flat.view(dtypes.torch_dtype(slot.dtype)).view(slot.shape) if slot.nbytes else _empty(slot)
-            if self.device.type != "cpu":
-                t = t.to(self.device, non_blocking=True)
-            self.tensors[slot.name] = t
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _rehash_final(self, reads: Sequence[ChunkRead]) -> dict[tuple[int, str], str]:
-        """verify="full": hash each chunk again from the final (device) tensors."""
-        out = {}
-        for read in reads:
-            slot = self.plan.tensors[read.tensor]
-            flat = (
-                self.tensors[slot.name].reshape(-1).view(torch.uint8)
-                if slot.nbytes
-                else torch.empty(0, dtype=torch.uint8)
+            shape_ok = slot.nbytes and flat.numel() == slot.nbytes
+            self.tensors[slot.name] = (
+                flat.view(dtypes.torch_dtype(slot.dtype)).view(slot.shape)
+                if shape_ok
+                else torch.empty(slot.shape, dtype=dtypes.torch_dtype(slot.dtype), device=self.device)
             )
-            inner = _inner_bytes(slot)
-            if read.direct:
-                chunk = flat[read.dest * inner : read.dest * inner + read.nbytes]
-            else:
-                outer = prod(slot.shape[: slot.dim])
-                cols = read.nbytes // outer
-                chunk = flat.view(outer, -1)[:, read.dest * inner : read.dest * inner + cols]
-            out[(read.tensor, read.chunk)] = digest.xxh3(chunk.contiguous().cpu().numpy())
-        return out
 
     def _report(self, digests: dict[tuple[int, str], str], started: float, seconds: float) -> dict:
         plan = self.plan
@@ -265,37 +293,61 @@ class ShardLoader:
         }
 
 
+def _requests(read: ChunkRead, buf: torch.Tensor, max_bytes: int):
+    """The chunk's pieces as requests of at most ``max_bytes``, landing back to back in ``buf`` (CPU uint8)."""
+    view, pos = buf.numpy(), 0
+    for piece in read.pieces:
+        for off in range(0, piece.nbytes, max_bytes):
+            n = min(max_bytes, piece.nbytes - off)
+            yield ReadRequest(piece.key, piece.offset + off, memoryview(view[pos : pos + n]))
+            pos += n
+
+
 def _batches(landings: list[_Landing], max_bytes: int) -> list[list[tuple[_Landing, ReadRequest]]]:
     """Cut every chunk's pieces into requests of at most ``max_bytes`` and group small ones into batches of
     about that size, so big chunks are read by several threads and small tensors cost one call per batch."""
     batches: list[list[tuple[_Landing, ReadRequest]]] = [[]]
     size = 0
     for landing in landings:
-        buf, pos = landing.buffer, 0
-        for piece in landing.read.pieces:
-            for off in range(0, max(piece.nbytes, 1), max_bytes):
-                n = min(max_bytes, piece.nbytes - off)
-                if n <= 0:
-                    continue
-                req = ReadRequest(piece.key, piece.offset + off, memoryview(buf[pos : pos + n].numpy()))
-                landing.pending += 1
-                pos += n
-                if size and size + n > max_bytes:
-                    batches.append([])
-                    size = 0
-                batches[-1].append((landing, req))
-                size += n
+        for req in _requests(landing.read, landing.buffer, max_bytes):
+            landing.pending += 1
+            n = len(req.buf)
+            if size and size + n > max_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append((landing, req))
+            size += n
     return [b for b in batches if b]
+
+
+class _PinnedRing:
+    """A bounded pool of pinned staging buffers; a buffer comes back with the CUDA event of its last copy."""
+
+    def __init__(self, slots: int, size: int):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(slots):
+            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=True), None))
+
+    def acquire(self) -> torch.Tensor:
+        buf, event = self._free.get()
+        if event is not None:
+            event.synchronize()  # the previous H2D copy out of this buffer has finished
+        return buf
+
+    def release(self, buf: torch.Tensor, event) -> None:
+        self._free.put((buf, event))
+
+
+def _run_all(fn, items, concurrency: int, name: str) -> list:
+    """``fn`` over ``items`` on a bounded thread pool (I/O and hashing release the GIL); results in order."""
+    with ThreadPoolExecutor(concurrency, thread_name_prefix=name) as pool:
+        return [f.result() for f in [pool.submit(fn, item) for item in items]]
 
 
 def _inner_bytes(slot: TensorSlot) -> int:
     if slot.dim is None:
         return 0
     return prod(slot.shape[slot.dim + 1 :]) * dtypes.itemsize(slot.dtype)
-
-
-def _empty(slot: TensorSlot) -> torch.Tensor:
-    return torch.empty(slot.shape, dtype=dtypes.torch_dtype(slot.dtype))
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -313,11 +365,7 @@ def safe_error(exc: BaseException, url: str) -> str:
 def fetch_chunk(conn: Connector, read: ChunkRead) -> torch.Tensor:
     """Read one chunk into a fresh buffer and return its row-major bytes (verify and tools; not the hot path)."""
     buf = torch.empty(read.read_bytes, dtype=torch.uint8)
-    view, pos, requests = buf.numpy(), 0, []
-    for p in read.pieces:
-        requests.append(ReadRequest(p.key, p.offset, memoryview(view[pos : pos + p.nbytes])))
-        pos += p.nbytes
-    conn.readinto_many(requests)
+    conn.readinto_many(list(_requests(read, buf, conn.max_request_bytes)))
     return buf if read.extract is None else _cut(buf, read.extract)
 
 
