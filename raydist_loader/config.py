@@ -32,7 +32,7 @@ from pydantic import (
 from .errors import ConfigError
 from .redact import redact_url
 
-__all__ = ["StoreConfig", "LoadSection", "LoadConfig", "load_config", "resolve_secret"]
+__all__ = ["StoreConfig", "RetriesSection", "LoadSection", "LoadConfig", "load_config", "resolve_secret"]
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -98,6 +98,22 @@ class StoreConfig(_Model):
         return self
 
 
+class RetriesSection(_Model):
+    """``load.retries``: how transient backend errors (resets, timeouts, Redis LOADING/BUSY, S3 5xx/SlowDown) are
+    retried: exponential backoff with full jitter, at most ``attempts`` tries and ``deadline_s`` seconds per request
+    batch. Permanent errors (auth, missing key, bad manifest) are never retried. Defaults as in RetryPolicy."""
+
+    attempts: int = Field(default=5, strict=True, ge=1)
+    base_delay_s: float = Field(default=0.1, ge=0)
+    max_delay_s: float = Field(default=2.0, ge=0)
+    deadline_s: float = Field(default=30.0, gt=0)
+
+    def policy(self):  # -> raydist_loader.retry.RetryPolicy
+        from .retry import RetryPolicy
+
+        return RetryPolicy(**self.model_dump())
+
+
 class LoadSection(_Model):
     """How to load: tensor-parallel size, device, placement and verification."""
 
@@ -111,6 +127,7 @@ class LoadSection(_Model):
     expect_manifest_sha256: str | None = None
     ray_address: str | None = None
     num_cpus_per_actor: float = Field(default=0.25, ge=0)
+    retries: RetriesSection = Field(default_factory=RetriesSection)
 
     @field_validator("verify", mode="before")
     @classmethod

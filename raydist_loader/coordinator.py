@@ -33,6 +33,7 @@ class LoadOptions:
     placement_timeout_s: float = 60.0
     progress: bool = False
     name_prefix: str | None = None  # named actors (for --hold)
+    max_restarts: int = 1  # per rank: an actor that dies mid-load is recreated in its bundle this many times
 
 
 class Coordinator:
@@ -55,12 +56,13 @@ class Coordinator:
         self.pg = None
         self.actors: list[Any] = []
         self.gpu = False
+        self._bundles: list[int] = []
+        self._cpu = options.num_cpus_per_actor
 
     # ---------------------------------------------------------------- placement
     def start(self) -> None:
         import ray
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.gpu = self._wants_gpu(ray.cluster_resources())
         cpu = self.options.num_cpus_per_actor
@@ -78,28 +80,50 @@ class Coordinator:
             )
         nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         order = sorted(range(self.tp), key=lambda b: (nodes[b], b))  # ranks ordered by (node, bundle/GPU)
-        remote = ray.remote(ShardLoader)
-        device = "auto" if self.gpu else "cpu"
-        self.actors = [None] * self.tp
-        for rank, b in enumerate(order):
-            opts = dict(
-                num_cpus=cpu,
-                num_gpus=1 if self.gpu else 0,
-                max_concurrency=4,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b),
-            )
-            if self.options.name_prefix:
-                opts["name"] = f"{self.options.name_prefix}:{rank}"
-            self.actors[rank] = remote.options(**opts).remote(
-                self._url,
-                self._raw,
-                self.tp,
-                rank,
-                device=device,
-                concurrency=self.options.concurrency,
-                verify=self.options.verify,
-                connector_options=self._connector_options,
-            )
+        self._bundles = order
+        self.actors = [self._spawn(rank) for rank in range(self.tp)]
+
+    def _spawn(self, rank: int) -> Any:
+        """Start rank's actor in its placement-group bundle (again, after the previous one died)."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts = dict(
+            num_cpus=self._cpu,
+            num_gpus=1 if self.gpu else 0,
+            max_concurrency=4,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self._bundles[rank]
+            ),
+        )
+        if self.options.name_prefix:
+            opts["name"] = f"{self.options.name_prefix}:{rank}"
+        return ray.remote(ShardLoader).options(**opts).remote(
+            self._url,
+            self._raw,
+            self.tp,
+            rank,
+            device="auto" if self.gpu else "cpu",
+            concurrency=self.options.concurrency,
+            verify=self.options.verify,
+            connector_options=self._connector_options,
+        )
+
+    def _restart(self, rank: int) -> Any:
+        """Replace rank's dead actor with a fresh one in the same bundle and start its load again."""
+        import ray
+
+        ray.kill(self.actors[rank], no_restart=True)  # frees the bundle if it was only unreachable
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self.actors[rank] = self._spawn(rank)
+                break
+            except ValueError:  # a named actor's name is freed a moment after it dies
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        return self.actors[rank].load.remote()
 
     def _wants_gpu(self, resources: dict) -> bool:
         if self.options.device == "cpu":
@@ -128,21 +152,39 @@ class Coordinator:
         return reports
 
     def _gather(self, refs: list) -> list[dict]:
+        """Wait for every rank; a rank whose actor died is restarted (``max_restarts`` times), any other failure
+        raises at once naming the rank. Never returns with a rank missing."""
         import ray
+        from ray.exceptions import RayActorError
 
+        refs = list(refs)
+        restarts = [0] * len(refs)
         deadline = time.monotonic() + self.options.timeout_s
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, deadline - time.monotonic()))
-            if pending and time.monotonic() >= deadline:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done and time.monotonic() >= deadline:
                 ranks = [refs.index(p) for p in pending]
                 raise RaydistError(f"load did not finish within {self.options.timeout_s:.0f}s; ranks {ranks} pending")
             for ref in done:
+                rank = refs.index(ref)
                 try:
                     ray.get(ref)
+                except RayActorError as e:
+                    if restarts[rank] >= self.options.max_restarts:
+                        raise RaydistError(
+                            f"rank {rank} failed: its actor died ({self._clean(e)}) after {restarts[rank]} "
+                            f"restart(s); max_restarts={self.options.max_restarts} is exhausted"
+                        ) from None
+                    restarts[rank] += 1
+                    refs[rank] = self._restart(rank)
+                    pending.append(refs[rank])
                 except Exception as e:  # noqa: BLE001 - surface the first failing rank with its cause
-                    raise RaydistError(f"rank {refs.index(ref)} failed: {self._clean(e)}") from None
-        return ray.get(refs)
+                    raise RaydistError(f"rank {rank} failed: {self._clean(e)}") from None
+        reports = ray.get(refs)
+        for report in reports:
+            report["restarts"] = restarts[report["rank"]]
+        return reports
 
     def _verify(self, reports: list[dict], ray) -> list[dict]:
         bad = [r for r in reports if r["digest"] != self.expected[r["rank"]] or r["failures"]]
@@ -206,6 +248,7 @@ class Coordinator:
         self.actors = []
         if self.pg is not None:
             remove_placement_group(self.pg)
+            _wait_removed(self.pg)
             self.pg = None
 
     def __repr__(self) -> str:
@@ -215,3 +258,12 @@ class Coordinator:
 def _fmt(resources: dict) -> str:
     keys = ("CPU", "GPU", "memory")
     return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys if k in resources and k != "memory") + "}"
+
+
+def _wait_removed(pg, timeout_s: float = 10.0) -> None:
+    """Wait until the placement group's resources are back, so the next load can use them at once."""
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and placement_group_table(pg).get("state") != "REMOVED":
+        time.sleep(0.05)

@@ -13,7 +13,6 @@ again), so a whole batch can simply be re-run.
 from __future__ import annotations
 
 import random
-import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -81,7 +80,7 @@ def is_transient(exc: BaseException) -> bool:
         return bool(exc.transient)
     if isinstance(exc, RaydistError):  # NotFoundError, ManifestError, VerificationError...: permanent
         return False
-    return isinstance(exc, (ConnectionError, TimeoutError, socket.timeout))
+    return isinstance(exc, (ConnectionError, TimeoutError))  # socket.timeout is TimeoutError
 
 
 def call(

@@ -154,7 +154,8 @@ class FaultyConnector(Connector):
         if kind == "timeout":
             return TimeoutError(f"timed out (injected while reading {key!r})")
         if kind == "refused":
-            return BackendError(f"cannot reach {where} while reading {key!r}: connection refused (injected)", True)
+            msg = f"cannot reach {where} while reading {key!r}: connection refused (injected)"
+            return BackendError(msg, transient=True)
         if kind == "loading":
             return BackendError(
                 f"Redis at {where} is busy while reading {key!r} (LOADING Redis is loading the dataset in "
@@ -162,9 +163,9 @@ class FaultyConnector(Connector):
                 transient=True,
             )
         if kind == "slowdown":
-            return BackendError(f"S3 at {where} answered 503 SlowDown while reading {key!r} (injected)", True)
+            return BackendError(f"S3 at {where} answered 503 SlowDown while reading {key!r} (injected)", transient=True)
         if kind == "auth":
-            return BackendError(f"authentication failed at {where} while reading {key!r} (injected)", False)
+            return BackendError(f"authentication failed at {where} while reading {key!r} (injected)", transient=False)
         return NotFoundError(f"{key!r} does not exist in {where} (injected)")
 
     def _maybe_corrupt(self, requests: Sequence[ReadRequest]) -> None:
