@@ -16,6 +16,7 @@ from .coordinator import Coordinator, LoadOptions
 from .errors import ConfigError, VerificationError
 from .manifest import Manifest, manifest_key, read_manifest
 from .redact import redact_url
+from .retry import RetryPolicy, coerce_policy
 from .rules import RuleSet
 from .verify import check_manifest_sha256, describe_failures
 from .worker import ShardLoader, Verify
@@ -108,12 +109,16 @@ def load_across_cluster(
     num_cpus_per_actor: float = 0.25,
     progress: bool | None = None,
     hold: bool = False,
+    retry: RetryPolicy | dict | None = None,
+    max_restarts: int = 1,
 ) -> LoadedModel:
     """Load ``model`` from store ``url`` across ``tp`` Ray actors (one per GPU), verified before it returns.
 
     Each actor pulls only its TP shard; a digest mismatch re-pulls those chunks once and then raises
     :class:`VerificationError` naming rank, tensor and chunk, so a LoadedModel is never returned unverified
-    (unless ``verify=False``). ``device="auto"`` uses GPU bundles when the cluster has ``tp`` GPUs.
+    (unless ``verify=False``). ``device="auto"`` uses GPU bundles when the cluster has ``tp`` GPUs. Transient
+    backend errors are retried per ``retry`` (a RetryPolicy or dict: attempts, base_delay_s, max_delay_s,
+    deadline_s); an actor that dies mid-load is restarted in its bundle up to ``max_restarts`` times.
     """
     from .cluster import connect
 
@@ -133,6 +138,8 @@ def load_across_cluster(
         placement_timeout_s=placement_timeout_s,
         progress=sys.stderr.isatty() if progress is None else progress,
         name_prefix=f"raydist:{model}" if hold else None,
+        max_restarts=max_restarts,
+        retry=coerce_policy(retry),
     )
     coordinator = Coordinator(manifest, raw, url, tp, options, connector_options)
     try:
@@ -188,6 +195,7 @@ def load_shard(
     verify: Verify = True,
     expect_manifest_sha256: str | None = None,
     connector_options: dict | None = None,
+    retry: RetryPolicy | dict | None = None,
 ) -> Shard:
     """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
 
@@ -197,7 +205,8 @@ def load_shard(
         url, model, expect_manifest_sha256=expect_manifest_sha256, connector_options=connector_options
     )
     loader = ShardLoader(
-        url, raw, tp, rank, device=device, concurrency=concurrency, verify=verify, connector_options=connector_options
+        url, raw, tp, rank, device=device, concurrency=concurrency, verify=verify, connector_options=connector_options,
+        retry=retry,
     )
     try:
         report = loader.load()

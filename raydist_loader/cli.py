@@ -384,6 +384,7 @@ def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | Non
             "tp": ld.tp, "device": ld.device, "placement": ld.placement, "concurrency": ld.concurrency,
             "verify": ld.verify, "rules": ld.rules, "ray_address": ld.ray_address, "timeout_s": ld.timeout_s,
             "expect_manifest_sha256": ld.expect_manifest_sha256, "num_cpus_per_actor": ld.num_cpus_per_actor,
+            "retry": ld.retries.policy(),
         }
         report, hold = cfg.report, cfg.hold
     else:
@@ -397,7 +398,7 @@ def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | Non
         model, url, base_options, report, hold = args.model, args.url, {}, None, False
         settings = {"tp": args.tp, "device": "auto", "placement": "pack", "concurrency": None, "verify": True,
                     "rules": None, "ray_address": None, "timeout_s": 600.0, "expect_manifest_sha256": None,
-                    "num_cpus_per_actor": 0.25}
+                    "num_cpus_per_actor": 0.25, "retry": None}
     overrides = {
         "tp": args.tp, "device": args.device, "placement": args.placement, "concurrency": args.concurrency,
         "verify": args.verify, "rules": args.rules, "ray_address": args.ray_address,

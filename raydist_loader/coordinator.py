@@ -16,6 +16,7 @@ from .errors import PlacementError, RaydistError, VerificationError
 from .manifest import Manifest
 from .plan import expected_digests
 from .redact import redact_text, redact_url
+from .retry import RetryPolicy
 from .verify import describe_failures
 from .worker import ShardLoader
 
@@ -34,6 +35,7 @@ class LoadOptions:
     progress: bool = False
     name_prefix: str | None = None  # named actors (for --hold)
     max_restarts: int = 1  # per rank: an actor that dies mid-load is recreated in its bundle this many times
+    retry: RetryPolicy | None = None  # transient backend errors, retried inside each actor
 
 
 class Coordinator:
@@ -107,6 +109,7 @@ class Coordinator:
             concurrency=self.options.concurrency,
             verify=self.options.verify,
             connector_options=self._connector_options,
+            retry=self.options.retry,
         )
 
     def _restart(self, rank: int) -> Any:

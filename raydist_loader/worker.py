@@ -25,8 +25,11 @@ from .connectors import Connector, ReadRequest, open_connector
 from .manifest import Manifest
 from .plan import ChunkRead, Extract, RankPlan, TensorSlot, make_plan
 from .redact import redact_text, redact_url
+from .retry import RetryPolicy, coerce_policy
+from .retry import call as with_retries
 
 Verify = bool | Literal["full"]
+_ALIGN = 256  # every tensor starts 256-byte aligned in the arena
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ShardLoader:
         concurrency: int | None = None,
         verify: Verify = True,
         connector_options: dict | None = None,
+        retry: RetryPolicy | dict | None = None,
     ):
         self._url = url
         self._options = connector_options or {}
@@ -61,6 +65,7 @@ class ShardLoader:
         self.device = _resolve_device(device)
         self.verify = verify
         self._concurrency = concurrency
+        self.retry_policy = coerce_policy(retry)
         self._connector: Connector | None = None
         self.plan: RankPlan | None = None
         self._flat: list[torch.Tensor] = []
@@ -136,9 +141,15 @@ class ShardLoader:
 
     # ---------------------------------------------------------------- internals
     def _allocate(self) -> None:
-        """One flat uint8 tensor per slot on the final device: reads (CPU) or H2D copies (GPU) land in place."""
+        """One arena on the final device, a flat uint8 view per slot: reads (CPU) or H2D copies (GPU) land in place,
+        and chunks of consecutive tensors are adjacent, so the GPU path moves them with one copy."""
         assert self.plan is not None
-        self._flat = [torch.empty(s.nbytes, dtype=torch.uint8, device=self.device) for s in self.plan.tensors]
+        self._offsets, size = [], 0
+        for slot in self.plan.tensors:
+            self._offsets.append(size)
+            size += -(-slot.nbytes // _ALIGN) * _ALIGN
+        self._arena = torch.empty(size, dtype=torch.uint8, device=self.device)  # one allocation per rank
+        self._flat = [self._arena[o : o + s.nbytes] for o, s in zip(self._offsets, self.plan.tensors, strict=True)]
         self.tensors = {}
         self._digests: dict[tuple[int, str], str] = {}
 
@@ -160,7 +171,7 @@ class ShardLoader:
         digests = {(x.read.tensor, x.read.chunk): self._finish(x) for x in landings if x.pending == 0}  # empty
 
         def run(batch: list[tuple[_Landing, ReadRequest]]) -> None:
-            conn.readinto_many([req for _, req in batch])
+            self._read(conn, [req for _, req in batch])
             for landing, req in batch:
                 with self._lock:
                     landing.pending -= 1
@@ -173,40 +184,86 @@ class ShardLoader:
         return digests
 
     def _pull_staged(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
-        """GPU: each chunk is read into a pinned buffer of a bounded ring, hashed there, and copied to the device
-        with a non-blocking H2D copy on the thread's stream; a buffer is reused only after its copy's event."""
+        """GPU: runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded
+        ring, hashed there, and sent with ONE non-blocking H2D copy on the thread's stream; a buffer is reused only
+        after its copy's event completed. Other chunks (column blocks, in-place extracts) go one at a time."""
         conn = self.connector
-        ring = _PinnedRing(concurrency + 1, max((r.read_bytes for r in reads), default=0))
+        groups = self._groups(reads)
+        ring = _PinnedRing(concurrency + 1, max((self._group_bytes(g) for g in groups), default=0))
         local = threading.local()
 
-        def one(read: ChunkRead) -> str:
+        def one(group: list[ChunkRead]) -> list[str]:
             if not hasattr(local, "stream"):
                 local.stream = torch.cuda.Stream(self.device)
             buf = ring.acquire()
+            event = None
             try:
-                span = buf[: read.read_bytes]
-                conn.readinto_many(list(_requests(read, span, conn.max_request_bytes)))
-                chunk = span if read.extract is None else _cut(span, read.extract)
-                got = self._hash(chunk, read)
+                digests, copy = self._stage(group, buf[: self._group_bytes(group)], conn)
                 with torch.cuda.stream(local.stream):
-                    self._place(read, chunk)
+                    copy()
                     event = torch.cuda.Event()
                     event.record(local.stream)
-            except BaseException:
-                ring.release(buf, None)
-                raise
-            ring.release(buf, event)
+            finally:
+                ring.release(buf, event)
             with self._lock:
-                self._done += read.nbytes
-            return got
+                self._done += sum(r.nbytes for r in group)
+            return digests
 
-        digests = dict(
-            zip(
-                [(r.tensor, r.chunk) for r in reads], _run_all(one, reads, concurrency, f"rank{self.rank}"), strict=True
-            )
-        )
+        results = _run_all(one, groups, concurrency, f"rank{self.rank}")
         torch.cuda.synchronize(self.device)
-        return digests
+        return {
+            (r.tensor, r.chunk): d for g, ds in zip(groups, results, strict=True) for r, d in zip(g, ds, strict=True)
+        }
+
+    def _stage(self, group: list[ChunkRead], stage: torch.Tensor, conn: Connector):
+        """Read a group into ``stage`` (pinned) and hash it; returns the digests and the H2D copy to issue."""
+        if len(group) == 1 and not self._arena_run(group[0]):
+            read = group[0]
+            self._read(conn, list(_requests(read, stage, conn.max_request_bytes)))
+            chunk = stage if read.extract is None else _cut(stage, read.extract)
+            return [self._hash(chunk, read)], lambda: self._place(read, chunk)
+        start = self._arena_span(group[0])[0]
+        views = [stage[a - start : b - start] for a, b in map(self._arena_span, group)]
+        conn.readinto_many(
+            [q for r, v in zip(group, views, strict=True) for q in _requests(r, v, conn.max_request_bytes)]
+        )
+        end = self._arena_span(group[-1])[1]
+        return [self._hash(v, r) for r, v in zip(group, views, strict=True)], lambda: self._arena[start:end].copy_(
+            stage, non_blocking=True
+        )
+
+    def _arena_run(self, read: ChunkRead) -> bool:
+        return read.direct and read.extract is None
+
+    def _arena_span(self, read: ChunkRead) -> tuple[int, int]:
+        """[start, end) of a contiguous chunk in the rank's arena."""
+        start = self._offsets[read.tensor] + read.dest * _inner_bytes(self.plan.tensors[read.tensor])
+        return start, start + read.nbytes
+
+    def _groups(self, reads: Sequence[ChunkRead], target: int = 32 << 20) -> list[list[ChunkRead]]:
+        """Consecutive arena-contiguous chunks (small gaps of alignment padding allowed) up to ``target`` bytes."""
+        groups: list[list[ChunkRead]] = []
+        run: list[ChunkRead] = []
+        for read in reads:
+            if not self._arena_run(read):
+                groups.append([read])
+                continue
+            a, b = self._arena_span(read)
+            if run and (a - self._arena_span(run[-1])[1] > _ALIGN or b - self._arena_span(run[0])[0] > target):
+                groups.append(run)
+                run = []
+            run.append(read)
+        return groups + ([run] if run else [])
+
+    def _group_bytes(self, group: list[ChunkRead]) -> int:
+        if len(group) == 1 and not self._arena_run(group[0]):
+            return group[0].read_bytes
+        return self._arena_span(group[-1])[1] - self._arena_span(group[0])[0]
+
+    def _read(self, conn: Connector, requests: list[ReadRequest]) -> None:
+        """One batch of reads, with transient backend errors retried under the load's policy."""
+        what = f"rank {self.rank}: reading {len(requests)} range(s) from {conn.describe()}"
+        with_retries(lambda: conn.readinto_many(requests), self.retry_policy, what=what)
 
     def _landing(self, read: ChunkRead) -> _Landing:
         if read.direct and read.extract is None:
@@ -339,9 +396,16 @@ class _PinnedRing:
 
 
 def _run_all(fn, items, concurrency: int, name: str) -> list:
-    """``fn`` over ``items`` on a bounded thread pool (I/O and hashing release the GIL); results in order."""
-    with ThreadPoolExecutor(concurrency, thread_name_prefix=name) as pool:
+    """``fn`` over ``items`` on a bounded thread pool (I/O and hashing release the GIL); results in order.
+    The first failure cancels what has not started, so a dead backend fails the load fast."""
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix=name)
+    try:
         return [f.result() for f in [pool.submit(fn, item) for item in items]]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _inner_bytes(slot: TensorSlot) -> int:

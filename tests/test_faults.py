@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import inspect
 import random
 import threading
 import time
@@ -33,10 +32,6 @@ from .shards import assert_shards_match, expected_slice, original_tensors
 PW = "s3cret-Pw-7f1c"
 ACL = ("--user", "loader", "on", f">{PW}", "~*", "+@all")
 PERSIST = ("--appendonly", "yes", "--appendfsync", "always")  # the data survives a kill -9 and a restart
-RETRIES = "retry" in inspect.signature(ShardLoader.__init__).parameters
-needs_retries = pytest.mark.xfail(
-    not RETRIES, strict=True, reason="needs the worker's retry integration (ShardLoader(retry=...) + retry.call)"
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,9 +71,7 @@ def with_query(url: str, **params) -> str:
     return f"faulty+{url}{sep}{query}" if query else f"faulty+{url}"
 
 
-def loader(url, raw, tp, rank, retry=None, **kw) -> ShardLoader:
-    if RETRIES and retry is not None:
-        kw["retry"] = retry
+def loader(url, raw, tp, rank, **kw) -> ShardLoader:
     return ShardLoader(url, raw, tp, rank, **kw)
 
 
@@ -116,7 +109,6 @@ def wait_until(cond, timeout: float, what: str, step: float = 0.02):
 
 
 # --------------------------------------------------------------------------------------------- transient faults
-@needs_retries
 @pytest.mark.parametrize("kind", ["reset", "timeout", "loading", "refused"])
 def test_transient_read_faults_are_retried_and_the_load_verifies(redis_server, ckpts, originals, kind):
     url = fresh_redis(redis_server)
@@ -186,7 +178,6 @@ def test_redis_killed_mid_load_gives_a_clear_error_then_loads_after_restart(star
     assert_rank_matches(originals[0], shard.tensors, shard.metadata)
 
 
-@needs_retries
 def test_redis_restarted_during_a_load_is_ridden_out_by_retries(start_redis, ckpts, originals):
     server = start_redis(*PERSIST, *ACL)
     base, raw, slow = _outage_loader(server, ckpts[0], delay_ms=100, request_bytes=8192)
@@ -297,7 +288,6 @@ def test_s3_5xx_on_some_reads_is_retried_and_verifies(s3_store, ckpts, originals
         proxy.close()
 
 
-@needs_retries
 def test_s3_burst_of_503s_beyond_boto3_retries_is_ridden_out(s3_store, ckpts, originals):
     s3, url = s3_store
     rl.publish(ckpts[0], url, "m", max_tp=2)

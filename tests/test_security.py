@@ -110,12 +110,6 @@ def test_rediss_tls_with_an_acl_user_publish_load_verify(start_redis, tls_files,
     assert f"rediss://loader@127.0.0.1:{server.port}/0" in str(info.value) and PW not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connectors/redis.py failure_message() only recognises a bare ssl.SSLCertVerificationError; redis-py "
-    "wraps it in a ConnectionError, so the error is 'cannot reach' + transient=True (retried) without the "
-    "ssl_ca_certs hint",
-)
 def test_rediss_with_an_untrusted_certificate_is_a_permanent_error_with_a_hint(start_redis, tls_files):
     server = start_redis(tls=tls_files)
     with pytest.raises(BackendError, match=r"TLS certificate verification failed .*ssl_ca_certs") as info:

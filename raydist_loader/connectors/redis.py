@@ -357,6 +357,12 @@ class RedisConnector(Connector):
         return BackendError(message, transient=transient)
 
 
+def _cert_failure(exc: BaseException, detail: str) -> bool:
+    """A TLS verification failure, also when redis-py wrapped it in its own ConnectionError."""
+    chain = [exc, exc.__cause__, exc.__context__]
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in chain) or "CERTIFICATE_VERIFY_FAILED" in detail
+
+
 def failure_message(exc: BaseException, action: str, where: str, user: str, detail: str) -> tuple[str, bool]:
     """What to tell the user about ``exc`` (already redacted as ``detail``), and whether a retry may help."""
     code = _error_code(exc)
@@ -372,7 +378,7 @@ def failure_message(exc: BaseException, action: str, where: str, user: str, deta
         ), False
     if code in _BUSY_CODES:
         return f"Redis at {where} is busy while {action} ({detail}); retry shortly", True
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if _cert_failure(exc, detail):
         return (
             f"TLS certificate verification failed for {where} ({detail}): pass ?ssl_ca_certs=/path/ca.pem "
             "(or ssl_ca_certs=) naming the CA that signed the server's certificate"
