@@ -103,10 +103,13 @@ class ShardLoader:
         started = time.time()
         t0 = time.perf_counter()
         self.plan = make_plan(self.manifest, self.tp, self.rank, coalesce_gap=self.connector.coalesce_gap)
+        t1 = time.perf_counter()
         self._allocate()
+        t2 = time.perf_counter()
         digests = self._pull(self.plan.reads)
-        seconds = time.perf_counter() - t0
-        return self._report(digests, started, seconds)
+        t3 = time.perf_counter()
+        self._phases = {"plan_s": t1 - t0, "alloc_s": t2 - t1, "pull_s": t3 - t2}
+        return self._report(digests, started, t3 - t0)
 
     def repull(self, chunks: Sequence[tuple[str, str]]) -> dict:
         """Read the named (tensor, chunk id) pairs again (after a digest mismatch) and return a fresh report."""
@@ -347,6 +350,7 @@ class ShardLoader:
             "expected_digest": plan.expected_digest,
             "failures": failures,
             "errors": [],
+            "phases": dict(getattr(self, "_phases", {})),  # plan_s, alloc_s, pull_s of the last load
         }
 
 
