@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 import raydist_loader as rl
-from raydist_loader.cli import main as cli, print_report
+from raydist_loader.cli import main as cli
+from raydist_loader.cli import print_report
 from raydist_loader.tiny_models import make_tiny_checkpoint
 
 HERE = Path(__file__).resolve().parent

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError, RaydistError, VerificationError
 from .redact import redact_text, redact_url
+from .summary import human_bytes
 
 PROG = "raydist-loader"
 EXIT_OK, EXIT_VERIFY, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -91,34 +92,24 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _number(kind: type, low: float, strict: bool, what: str):
+    """An argparse type: ``kind`` parsed from text, > ``low`` (``strict``) or >= ``low``, with a clear message."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+_positive_int = _number(int, 1, False, "an integer >= 1")
+_positive_float = _number(float, 0, True, "a number of seconds > 0")
+_nonneg_float = _number(float, 0, False, "a number >= 0")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -280,7 +271,7 @@ def _print_publish(result, args: argparse.Namespace, out: _Out, verb: str) -> No
         return
     out.print(f"{verb} {result.model} version {result.version} ({result.layout}) to {result.url}: "
               f"{result.tensors} tensors, {result.chunks} chunks, {result.objects} objects, "
-              f"{_size(result.bytes)} in {result.seconds:.2f} s ({result.gbps:.2f} GB/s)")
+              f"{human_bytes(result.bytes)} in {result.seconds:.2f} s ({result.gbps:.2f} GB/s)")
     for warning in result.warnings:
         out.err(f"{PROG}: warning: {warning}")
 
@@ -305,7 +296,7 @@ def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
         out.json(result)
     elif result.ok:
         out.print(f"verified {result.model} version {result.version}: {result.chunks} chunks and "
-                  f"{result.files} files, {_size(result.bytes)} in {result.seconds:.2f} s: all digests match")
+                  f"{result.files} files, {human_bytes(result.bytes)} in {result.seconds:.2f} s: all digests match")
     else:
         out.print(f"{result.model} version {result.version}: "
                   + describe_failures(result.failures, limit=len(result.failures)))
@@ -437,7 +428,7 @@ def _report_rows(report: dict) -> list[list[str]]:
             state = "not checked"
         rows.append([
             str(r.get("rank", "?")), str(r.get("host", "") or ""), ",".join(str(g) for g in gpus) or "-",
-            str(r.get("device", "") or ""), _size(r.get("bytes") or 0), _size(r.get("bytes_read") or 0),
+            str(r.get("device", "") or ""), human_bytes(r.get("bytes") or 0), human_bytes(r.get("bytes_read") or 0),
             f"{r.get('seconds') or 0:.2f}", f"{r.get('gbps') or 0:.2f}", state,
         ])
     return rows
@@ -448,7 +439,7 @@ def _print_report(report: dict, out: _Out) -> None:
     total = report.get("total") or {}
     head = (f"{report.get('model')} version {report.get('version')} tp={report.get('tp')} "
             f"from {report.get('store')}: " + ("verified" if report.get("verified") else "NOT verified"))
-    foot = (f"total {_size(total.get('bytes') or 0)} in {total.get('seconds') or 0:.2f} s "
+    foot = (f"total {human_bytes(total.get('bytes') or 0)} in {total.get('seconds') or 0:.2f} s "
             f"({total.get('gbps') or 0:.2f} GB/s); ready in {total.get('time_to_ready_s') or 0:.2f} s")
     if _use_rich():
         from rich.console import Console
@@ -487,13 +478,6 @@ def _use_rich() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _size(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 _COMMANDS = {"publish": _cmd_publish, "index": _cmd_index, "inspect": _cmd_inspect, "verify": _cmd_verify,

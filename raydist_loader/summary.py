@@ -67,7 +67,7 @@ def render(summary: dict, max_rows: int = 40) -> str:
     s = summary
     lines = [
         f"model {s['model']} version {s['version']} ({s['layout']}) in {s['store']}",
-        f"  {len(s['tensors'])} tensors, {_gb(s['bytes'])}, max_tp {s['max_tp']}, serves tp {s['served_tp']}, "
+        f"  {len(s['tensors'])} tensors, {human_bytes(s['bytes'])}, max_tp {s['max_tp']}, serves tp {s['served_tp']}, "
         f"digests {', '.join(s['digests'])}, rules {s['rules']}",
         f"  files: {', '.join(s['files']) or '-'}",
         f"  {'tensor':<56} {'dtype':<9} {'shape':<18} {'style':<9} {'dim':>3} {'chunks':>6}",
@@ -83,13 +83,14 @@ def render(summary: dict, max_rows: int = 40) -> str:
         lines.append(f"  at tp={s['tp']}: {'rank':>4} {'moves':>12} {'split':>12} {'replicated':>12} {'reads':>6}")
         for r in s["ranks"]:
             lines.append(
-                f"  {'':>8} {r['rank']:>4} {_gb(r['bytes']):>12} {_gb(r['split_bytes']):>12} "
-                f"{_gb(r['replicated_bytes']):>12} {r['reads']:>6}"
+                f"  {'':>8} {r['rank']:>4} {human_bytes(r['bytes']):>12} {human_bytes(r['split_bytes']):>12} "
+                f"{human_bytes(r['replicated_bytes']):>12} {r['reads']:>6}"
             )
     return "\n".join(lines)
 
 
-def _gb(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """``1234567`` -> ``1.23 MB`` (decimal units, as the GB/s figures)."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"

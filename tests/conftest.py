@@ -230,3 +230,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return server.url
     s3: S3Server = request.getfixturevalue("s3_server")
     return f"s3://{s3.make_bucket(f'test-{uuid.uuid4().hex[:8]}')}/store"
+
+
+@pytest.fixture(scope="session")
+def two_llamas(tmp_path_factory: pytest.TempPathFactory):
+    """Two tiny bf16 GQA llamas with different weights (a model and its re-publish)."""
+    import torch
+
+    from raydist_loader.tiny_models import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("two-llamas")
+    return tuple(make_tiny_checkpoint("llama", root / n, dtype=torch.bfloat16, seed=i) for i, n in enumerate("ab"))

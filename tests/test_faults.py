@@ -24,7 +24,6 @@ from raydist_loader.connectors import faulty
 from raydist_loader.errors import BackendError, RaydistError, VerificationError
 from raydist_loader.manifest import Manifest, manifest_key, read_manifest
 from raydist_loader.plan import expected_digests, make_plan
-from raydist_loader.tiny_models import make_tiny_checkpoint
 from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, expected_slice, original_tensors
@@ -45,11 +44,8 @@ def faulty_scheme():
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    a = make_tiny_checkpoint("llama", root / "a", dtype=torch.bfloat16, seed=0)
-    b = make_tiny_checkpoint("llama", root / "b", dtype=torch.bfloat16, seed=1)
-    return a, b
+def ckpts(two_llamas):
+    return two_llamas
 
 
 @pytest.fixture(scope="module")

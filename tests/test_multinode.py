@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def cluster():
     """Two nodes of 2 logical GPUs each (CPU 1 each, the actors ask for 0.25)."""
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 2})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 2, "include_dashboard": False})
     c.add_node(num_cpus=1, num_gpus=2)
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)

@@ -23,7 +23,6 @@ from raydist_loader.connectors.redis import RedisConnector
 from raydist_loader.coordinator import Coordinator, LoadOptions
 from raydist_loader.errors import BackendError, VerificationError
 from raydist_loader.manifest import Manifest, manifest_key, read_manifest
-from raydist_loader.tiny_models import make_tiny_checkpoint
 from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, original_tensors
@@ -36,11 +35,8 @@ ACL = ("--user", "loader", "on", f">{PW}", "~*", "+@all", "--user", "reader", "o
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    a = make_tiny_checkpoint("llama", root / "a", dtype=torch.bfloat16, seed=0)
-    b = make_tiny_checkpoint("llama", root / "b", dtype=torch.bfloat16, seed=1)
-    return a, b
+def ckpts(two_llamas):
+    return two_llamas
 
 
 @pytest.fixture
