@@ -23,10 +23,24 @@ def _materialised(tensors: dict[str, torch.Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------------------- local files
-def page_cache_readinto(files: list[Path]) -> int:
-    """The local ceiling: one ``readinto`` per file from the (warm) page cache into a fresh preallocated buffer."""
+def prefaulted(nbytes: int) -> torch.Tensor:
+    """A preallocated buffer whose pages are already mapped (the ceilings' destination, made before timing)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf.fill_(0)
+    return buf
+
+
+def first_touch(nbytes: int) -> int:
+    """Reference: allocate a fresh buffer and touch every page (what any fresh destination costs on this host)."""
+    prefaulted(nbytes)
+    return nbytes
+
+
+def page_cache_readinto(files: list[Path], buf: torch.Tensor | None = None) -> int:
+    """The local ceiling: ``readinto`` each file from the (warm) page cache into a preallocated buffer
+    (``buf``, prefaulted before timing; None allocates a fresh one inside the timing)."""
     total = sum(f.stat().st_size for f in files)
-    buf = torch.empty(total, dtype=torch.uint8)
+    buf = torch.empty(total, dtype=torch.uint8) if buf is None else buf
     view, pos = memoryview(buf.numpy()), 0
     for f in files:
         with open(f, "rb", buffering=0) as fh:
@@ -78,10 +92,9 @@ def sglang_redis(port: int, keys: list[str]) -> int:
     return _materialised(out)
 
 
-def resp_ceiling_read(port: int, sizes: dict[str, int]) -> int:
+def resp_ceiling_read(port: int, sizes: dict[str, int], buf: torch.Tensor) -> int:
     """The Redis ceiling: minimal RESP reader, pipelined GETs, recv_into one preallocated buffer, 2 connections."""
     total = sum(sizes.values())
-    buf = torch.empty(total, dtype=torch.uint8)
     view, pos, items = memoryview(buf.numpy()), 0, []
     for key, n in sizes.items():
         items.append((key.encode(), view[pos : pos + n]))
@@ -103,11 +116,9 @@ def _s3_client(threads: int):
     return boto3.session.Session().client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], config=config)
 
 
-def boto3_ranges(bucket: str, keys: list[str]) -> int:
+def boto3_ranges(bucket: str, keys: list[str], sizes: list[int], buf: torch.Tensor) -> int:
     """boto3, 8 threads of 16 MiB range GETs, each body ``readinto`` its slice of one preallocated buffer."""
     s3 = _s3_client(BOTO3_THREADS)
-    sizes = [int(s3.head_object(Bucket=bucket, Key=k)["ContentLength"]) for k in keys]
-    buf = torch.empty(sum(sizes), dtype=torch.uint8)
     view = memoryview(buf.numpy())
     jobs, base = [], 0
     for key, size in zip(keys, sizes, strict=True):

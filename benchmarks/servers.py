@@ -63,18 +63,42 @@ def start_redis() -> Server:
         raise RuntimeError("redis-server is not on PATH: run `bash benchmarks/run.sh` (it installs it)")
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir), "--protected-mode", "yes"]
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--protected-mode",
+        "yes",
+    ]
     return Server("redis-server", argv, port, workdir)
 
 
 def start_s3rver(bucket: str) -> Server:
     if not S3RVER.exists():
-        raise RuntimeError(f"{S3RVER} is missing: run `bash benchmarks/run.sh` (npm install --prefix benchmarks/.node s3rver)")
+        raise RuntimeError(f"{S3RVER} is missing: run `bash benchmarks/run.sh` (it runs npm install s3rver)")
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-s3rver-"))
-    argv = [shutil.which("node") or "node", str(S3RVER), "-d", str(workdir / "data"), "-a", "127.0.0.1",
-            "-p", str(port), "--silent", "--configure-bucket", bucket]
+    argv = [
+        shutil.which("node") or "node",
+        str(S3RVER),
+        "-d",
+        str(workdir / "data"),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--silent",
+        "--configure-bucket",
+        bucket,
+    ]
     return Server("s3rver", argv, port, workdir, env=dict(os.environ))
 
 

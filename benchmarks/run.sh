@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one command of the benchmark: bash benchmarks/run.sh [--gb 1] [--runs 5] [--backends file,redis,s3]
+# Sets up what it needs (repo venv, the peers, s3rver, redis-server), then runs python -m benchmarks.bench.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[run.sh] creating .venv (CPU torch first, then the package with its test extras)"
+  python3 -m venv .venv
+  .venv/bin/pip install torch==2.13.0
+  .venv/bin/pip install -e '.[test]'
+fi
+
+# The peers and the chart library (quiet when already installed).
+.venv/bin/python - <<'PY' || .venv/bin/pip install runai-model-streamer runai-model-streamer-s3 matplotlib
+import importlib.util, sys
+sys.exit(0 if all(importlib.util.find_spec(m) for m in ("runai_model_streamer", "runai_model_streamer_s3", "matplotlib")) else 1)
+PY
+
+# s3rver (npm) in benchmarks/.node
+if [ ! -x benchmarks/.node/node_modules/.bin/s3rver ]; then
+  command -v npm >/dev/null || { echo "[run.sh] npm is needed for s3rver: apt-get install -y nodejs npm" >&2; exit 1; }
+  mkdir -p benchmarks/.node
+  npm install --no-audit --no-fund --prefix benchmarks/.node s3rver
+fi
+
+# redis-server (Debian package)
+if ! command -v redis-server >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update && $SUDO apt-get install -y redis-server
+fi
+
+exec .venv/bin/python -m benchmarks.bench "$@"
