@@ -84,6 +84,24 @@ class Coordinator:
         order = sorted(range(self.tp), key=lambda b: (nodes[b], b))  # ranks ordered by (node, bundle/GPU)
         self._bundles = order
         self.actors = [self._spawn(rank) for rank in range(self.tp)]
+        self._ready([a.prepare.remote() for a in self.actors])
+
+    def _ready(self, refs: list) -> None:
+        """Wait until every actor is up with its connector open and its plan made, so that all ranks start
+        reading together (a late rank would stretch the load) and start-up stays out of the load's timing."""
+        import ray
+
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.options.placement_timeout_s)
+        if pending:
+            raise PlacementError(
+                f"ranks {[refs.index(p) for p in pending]} did not start within "
+                f"{self.options.placement_timeout_s:.0f}s (importing torch and opening the store)"
+            )
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the store could not be opened from that node
+                raise RaydistError(f"rank {rank} could not start: {self._clean(e)}") from None
 
     def _spawn(self, rank: int) -> Any:
         """Start rank's actor in its placement-group bundle (again, after the previous one died)."""

@@ -37,9 +37,8 @@ class _Landing:
     """Where one chunk's read buffer lives while it is in flight."""
 
     read: ChunkRead
-    buffer: torch.Tensor  # uint8, holds the pieces back to back (the destination itself when direct)
-    pending: int
-    staged: bool
+    buffer: torch.Tensor  # uint8: the chunk's place in the rank's arena
+    pending: int  # requests not yet landed
 
 
 class ShardLoader:
@@ -97,12 +96,19 @@ class ShardLoader:
             pass
         return info
 
+    def prepare(self) -> dict:
+        """Open the connector and make the plan ahead of the load (the coordinator calls it on every actor
+        before any starts reading, so ranks start together); returns where this rank runs."""
+        if self.plan is None:
+            self.plan = make_plan(self.manifest, self.tp, self.rank, coalesce_gap=self.connector.coalesce_gap)
+        return self.node()
+
     def load(self) -> dict:
         """Pull this rank's shard; returns the report (digests included). Never raises on a digest mismatch:
         the report lists the failed chunks so the caller can re-pull them."""
         started = time.time()
         t0 = time.perf_counter()
-        self.plan = make_plan(self.manifest, self.tp, self.rank, coalesce_gap=self.connector.coalesce_gap)
+        self.prepare()
         t1 = time.perf_counter()
         self._allocate()
         t2 = time.perf_counter()
@@ -167,24 +173,40 @@ class ShardLoader:
         return digests
 
     def _pull_direct(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
-        """CPU: contiguous chunks are read straight into the tensors; requests are cut and batched across threads."""
+        """CPU: contiguous chunks are read straight into the tensors (requests cut and batched across threads);
+        column blocks and in-place extracts go one chunk at a time through a bounded ring of staging buffers."""
         conn = self.connector
-        landings = [self._landing(r) for r in reads]
-        batches = _batches(landings, conn.max_request_bytes)
-        digests = {(x.read.tensor, x.read.chunk): self._finish(x) for x in landings if x.pending == 0}  # empty
+        direct = [_Landing(r, self._region(r), 0) for r in reads if self._arena_run(r)]
+        staged = [r for r in reads if not self._arena_run(r)]
+        ring = _Ring(min(concurrency, len(staged)), max((r.read_bytes for r in staged), default=0), pin=False)
+        digests = {(x.read.tensor, x.read.chunk): self._hash(x.buffer, x.read) for x in direct if not x.read.nbytes}
 
-        def run(batch: list[tuple[_Landing, ReadRequest]]) -> None:
-            self._read(conn, [req for _, req in batch])
-            for landing, req in batch:
+        def run(task: list[tuple[_Landing, ReadRequest]] | ChunkRead) -> None:
+            if isinstance(task, ChunkRead):
+                digests[(task.tensor, task.chunk)] = self._staged_one(task, ring, conn)
+                return
+            self._read(conn, [req for _, req in task])
+            for landing, req in task:
                 with self._lock:
                     landing.pending -= 1
                     self._done += len(req.buf)
                     finished = landing.pending == 0
                 if finished:
-                    digests[(landing.read.tensor, landing.read.chunk)] = self._finish(landing)
+                    digests[(landing.read.tensor, landing.read.chunk)] = self._hash(landing.buffer, landing.read)
 
-        _run_all(run, batches, concurrency, f"rank{self.rank}")
+        _run_all(run, [*_batches(direct, conn.max_request_bytes), *staged], concurrency, f"rank{self.rank}")
         return digests
+
+    def _staged_one(self, read: ChunkRead, ring: _Ring, conn: Connector) -> str:
+        buf = ring.acquire()
+        try:
+            digests, copy = self._stage([read], buf[: read.read_bytes], conn)
+            copy()
+        finally:
+            ring.release(buf, None)
+        with self._lock:
+            self._done += read.nbytes
+        return digests[0]
 
     def _pull_staged(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
         """GPU: runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded
@@ -192,7 +214,7 @@ class ShardLoader:
         after its copy's event completed. Other chunks (column blocks, in-place extracts) go one at a time."""
         conn = self.connector
         groups = self._groups(reads)
-        ring = _PinnedRing(concurrency + 1, max((self._group_bytes(g) for g in groups), default=0))
+        ring = _Ring(concurrency + 1, max((self._group_bytes(g) for g in groups), default=0))
         local = threading.local()
 
         def one(group: list[ChunkRead]) -> list[str]:
@@ -267,20 +289,6 @@ class ShardLoader:
         """One batch of reads, with transient backend errors retried under the load's policy."""
         what = f"rank {self.rank}: reading {len(requests)} range(s) from {conn.describe()}"
         with_retries(lambda: conn.readinto_many(requests), self.retry_policy, what=what)
-
-    def _landing(self, read: ChunkRead) -> _Landing:
-        if read.direct and read.extract is None:
-            return _Landing(read, self._region(read), 0, False)
-        return _Landing(read, torch.empty(read.read_bytes, dtype=torch.uint8), 0, True)
-
-    def _finish(self, landing: _Landing) -> str:
-        """All pieces of a chunk are in: cut it out, hash it, copy it into place when it was staged."""
-        read = landing.read
-        chunk = landing.buffer if read.extract is None else _cut(landing.buffer, read.extract)
-        got = self._hash(chunk, read)
-        if landing.staged:
-            self._place(read, chunk)
-        return got
 
     def _hash(self, chunk: torch.Tensor, read: ChunkRead | None = None) -> str:
         if not self.verify and read is not None:
@@ -381,13 +389,14 @@ def _batches(landings: list[_Landing], max_bytes: int) -> list[list[tuple[_Landi
     return [b for b in batches if b]
 
 
-class _PinnedRing:
-    """A bounded pool of pinned staging buffers; a buffer comes back with the CUDA event of its last copy."""
+class _Ring:
+    """A bounded pool of staging buffers (pinned for GPU copies); a buffer comes back with the CUDA event of its
+    last copy, if any. Staging memory is at most ``slots x size``, whatever the shard's size."""
 
-    def __init__(self, slots: int, size: int):
+    def __init__(self, slots: int, size: int, *, pin: bool = True):
         self._free: queue.Queue = queue.Queue()
         for _ in range(slots):
-            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=True), None))
+            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
 
     def acquire(self) -> torch.Tensor:
         buf, event = self._free.get()

@@ -157,6 +157,32 @@ def test_readinto_many_equals_individual_reads(conn: Connector) -> None:
         assert bytes(req.buf) == bytes(single) == values[key][offset : offset + length]
 
 
+def test_adjacent_ranges_are_served_as_one_request(conn: Connector, monkeypatch) -> None:
+    """Back-to-back ranges of one object (adjacent chunks of a rank slot file) land exactly where asked."""
+    value = pattern(1_000_003, seed=9)
+    conn.write("m/v1/rank000.safetensors", value)
+    cuts = [0, 1, 4096, 4097, 300_000, 999_000, 1_000_003]
+    bufs = [bytearray(b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+    reqs = [ReadRequest("m/v1/rank000.safetensors", a, memoryview(buf)) for a, buf in zip(cuts, bufs, strict=False)]
+    calls = []
+    if type(conn).readv is not Connector.readv:  # backends with a vectored read make one request per run
+        original = type(conn).readv
+        monkeypatch.setattr(type(conn), "readv", lambda self, *a: calls.append(a[0]) or original(self, *a))
+    conn.readinto_many(reqs)
+    assert b"".join(bufs) == value
+    assert calls in ([], ["m/v1/rank000.safetensors"])
+
+
+def test_coalesce_joins_only_adjacent_ranges_of_one_object() -> None:
+    from raydist_loader.connectors.base import coalesce
+
+    buf = memoryview(bytearray(10))
+    runs = coalesce([ReadRequest("a", 0, buf[:4]), ReadRequest("a", 4, buf[4:]), ReadRequest("a", 20, buf),
+                     ReadRequest("b", 30, buf), ReadRequest("a", 30, buf)])
+    assert [(k, o, [len(b) for b in bs]) for k, o, bs in runs] == [
+        ("a", 0, [4, 6]), ("a", 20, [10]), ("b", 30, [10]), ("a", 30, [10])]
+
+
 def test_values_are_binary_safe(conn: Connector) -> None:
     data = bytes(range(256)) * 3 + b"\r\n$-1\r\n*2\r\n-ERR x\r\n" + bytes(10)
     conn.write("m/bin", data)

@@ -69,9 +69,19 @@ class Connector(abc.ABC):
 
     # ----------------------------------------------------------------- derived
     def readinto_many(self, requests: Sequence[ReadRequest]) -> None:
-        """Serve a batch of reads; backends with pipelining override this."""
-        for req in requests:
-            self.readinto(req.key, req.offset, req.buf)
+        """Serve a batch of reads: back-to-back ranges of one object become one request (``readv``).
+        Backends with pipelining override this."""
+        for key, offset, bufs in coalesce(requests):
+            if len(bufs) == 1:
+                self.readinto(key, offset, bufs[0])
+            else:
+                self.readv(key, offset, bufs)
+
+    def readv(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` in turn from one contiguous range of ``key``; backends override it with one request."""
+        for buf in bufs:
+            self.readinto(key, offset, buf)
+            offset += len(buf)
 
     def read(self, key: str) -> bytes:
         """The whole object as bytes (small objects: manifests, config files)."""
@@ -113,6 +123,19 @@ class Connector(abc.ABC):
 
     def __getstate__(self) -> dict:  # connectors hold sockets; they are opened per process, never shipped
         raise TypeError(f"{type(self).__name__} is not picklable: open one per process with open_connector(url)")
+
+
+def coalesce(requests: Sequence[ReadRequest]) -> list[tuple[str, int, list[memoryview]]]:
+    """Runs of requests for adjacent ranges of the same object, in the order given: ``(key, offset, bufs)``."""
+    runs: list[tuple[str, int, list[memoryview]]] = []
+    end = -1
+    for req in requests:
+        if runs and runs[-1][0] == req.key and end == req.offset:
+            runs[-1][2].append(req.buf)
+        else:
+            runs.append((req.key, req.offset, [req.buf]))
+        end = req.offset + len(req.buf)
+    return runs
 
 
 def check_key(key: str) -> str:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import BackendError, NotFoundError
 from .base import Buffer, Connector, check_key, short_read
+
+_IOV_MAX = 1024  # Linux limit on buffers per preadv
 
 
 def url_to_path(url: str) -> Path:
@@ -55,13 +57,22 @@ class FileConnector(Connector):
         return fd
 
     def readinto(self, key: str, offset: int, buf: memoryview) -> None:
+        self.readv(key, offset, [buf])
+
+    def readv(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
+        """One ``preadv`` system call fills all the buffers (repeated only after a short read)."""
         fd = self._fd(key)
-        done, want = 0, len(buf)
-        while done < want:
-            n = os.preadv(fd, [buf[done:]], offset + done)
+        want = sum(len(b) for b in bufs)
+        done, pending = 0, list(bufs)
+        while pending:
+            n = os.preadv(fd, pending[:_IOV_MAX], offset + done)
             if n == 0:
                 raise short_read(key, offset, want, done, self.describe())
             done += n
+            while pending and n >= len(pending[0]):
+                n -= len(pending.pop(0))
+            if n:
+                pending[0] = pending[0][n:]
 
     def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
         path = self._path(key)

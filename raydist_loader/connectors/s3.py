@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -122,7 +122,11 @@ class S3Connector(Connector):
 
     # ----------------------------------------------------------------- primitives
     def readinto(self, key: str, offset: int, buf: memoryview) -> None:
-        want = len(buf)
+        self.readv(key, offset, [buf])
+
+    def readv(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
+        """One ranged GET whose body is read into each buffer in turn (adjacent chunks: one request)."""
+        want = sum(len(b) for b in bufs)
         if not want:
             if self.stat(key) is None:
                 raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
@@ -136,7 +140,12 @@ class S3Connector(Connector):
                 if _code(e) != "InvalidRange":  # the range starts past the end of the object
                     raise
                 raise short_read(key, offset, want, 0, self.describe()) from None
-            got = self._drain_into(resp["Body"], buf)
+            got = 0
+            for buf in bufs:
+                n = self._drain_into(resp["Body"], buf)
+                got += n
+                if n < len(buf):
+                    break
         if got < want:
             raise short_read(key, offset, want, got, self.describe())
 
