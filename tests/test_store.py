@@ -229,3 +229,21 @@ def test_connectors_are_not_shipped_between_processes(tmp_path):
     conn: Connector = open_connector(str(tmp_path))
     with pytest.raises(TypeError, match="open one per process"):
         conn.__getstate__()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_truncated_chunk_object_is_one_clear_error(store_url, checkpoints, damage):
+    rl.publish(checkpoints["llama"], store_url, "m", max_tp=2)
+    manifest = _manifest(store_url, "m")
+    part = manifest.tensors["model.layers.1.mlp.up_proj.weight"].chunks[0].parts[0]
+    with open_connector(store_url) as conn:
+        if damage == "missing":
+            conn.delete(part.object)
+        else:
+            conn.write(part.object, conn.read(part.object)[: part.offset + part.nbytes - 7])
+    pattern = "does not exist" if damage == "missing" else "truncated object"
+    with pytest.raises(rl.RaydistError, match=pattern) as info:
+        rl.load_shard("m", store_url, 2, 0, device="cpu", retry={"attempts": 1})
+    assert part.object.split("/")[-1] in str(info.value)
+    failures = rl.verify(store_url, "m").failures
+    assert ("model.layers.1.mlp.up_proj.weight", "all.0") in [(f.get("tensor"), f.get("chunk")) for f in failures]
