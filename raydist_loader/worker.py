@@ -173,29 +173,58 @@ class ShardLoader:
         return digests
 
     def _pull_direct(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
-        """CPU: contiguous chunks are read straight into the tensors (requests cut and batched across threads);
-        column blocks and in-place extracts go one chunk at a time through a bounded ring of staging buffers."""
+        """CPU: contiguous chunks are read straight into the tensors; column blocks and in-place extracts ride in
+        the same batches into a staging slot (one per thread, ``max_request_bytes``), then are cut, hashed and
+        copied into place. Batches follow object and offset order, so back-to-back ranges are one request.
+        Staged chunks larger than a slot go alone through a ring of their own."""
         conn = self.connector
+        limit = conn.max_request_bytes
         direct = [_Landing(r, self._region(r), 0) for r in reads if self._arena_run(r)]
-        staged = [r for r in reads if not self._arena_run(r)]
-        ring = _Ring(min(concurrency, len(staged)), max((r.read_bytes for r in staged), default=0), pin=False)
+        staged = [r for r in reads if not self._arena_run(r) and r.read_bytes <= limit]
+        big = [r for r in reads if not self._arena_run(r) and r.read_bytes > limit]
+        slots = _Ring(concurrency if staged else 0, limit, pin=False)
+        ring = _Ring(min(concurrency, len(big)), max((r.read_bytes for r in big), default=0), pin=False)
         digests = {(x.read.tensor, x.read.chunk): self._hash(x.buffer, x.read) for x in direct if not x.read.nbytes}
 
-        def run(task: list[tuple[_Landing, ReadRequest]] | ChunkRead) -> None:
+        def run(task: _Batch | ChunkRead) -> None:
             if isinstance(task, ChunkRead):
                 digests[(task.tensor, task.chunk)] = self._staged_one(task, ring, conn)
-                return
-            self._read(conn, [req for _, req in task])
-            for landing, req in task:
-                with self._lock:
-                    landing.pending -= 1
-                    self._done += len(req.buf)
-                    finished = landing.pending == 0
-                if finished:
-                    digests[(landing.read.tensor, landing.read.chunk)] = self._hash(landing.buffer, landing.read)
+            else:
+                digests.update(self._run_batch(task, slots, conn))
 
-        _run_all(run, [*_batches(direct, conn.max_request_bytes), *staged], concurrency, f"rank{self.rank}")
+        _run_all(run, [*_batches(direct, staged, limit), *big], concurrency, f"rank{self.rank}")
         return digests
+
+    def _run_batch(self, batch: _Batch, slots: _Ring, conn: Connector) -> dict[tuple[int, str], str]:
+        """One batch: direct requests and whole staged chunks, read with one ``readinto_many``."""
+        requests = [req for _, req in batch.direct]
+        slot = slots.acquire() if batch.staged else None
+        views, pos = [], 0
+        try:
+            for read in batch.staged:
+                views.append(slot[pos : pos + read.read_bytes])
+                requests.extend(_requests(read, views[-1], conn.max_request_bytes))
+                pos += read.read_bytes
+            requests.sort(key=lambda q: (q.key, q.offset))
+            self._read(conn, requests)
+            out = {}
+            for read, view in zip(batch.staged, views, strict=True):
+                chunk = view if read.extract is None else _cut(view, read.extract)
+                out[(read.tensor, read.chunk)] = self._hash(chunk, read)
+                self._place(read, chunk)
+        finally:
+            if slot is not None:
+                slots.release(slot, None)
+        with self._lock:
+            self._done += sum(r.nbytes for r in batch.staged)
+        for landing, req in batch.direct:
+            with self._lock:
+                landing.pending -= 1
+                self._done += len(req.buf)
+                finished = landing.pending == 0
+            if finished:
+                out[(landing.read.tensor, landing.read.chunk)] = self._hash(landing.buffer, landing.read)
+        return out
 
     def _staged_one(self, read: ChunkRead, ring: _Ring, conn: Connector) -> str:
         buf = ring.acquire()
@@ -372,21 +401,36 @@ def _requests(read: ChunkRead, buf: torch.Tensor, max_bytes: int):
             pos += n
 
 
-def _batches(landings: list[_Landing], max_bytes: int) -> list[list[tuple[_Landing, ReadRequest]]]:
-    """Cut every chunk's pieces into requests of at most ``max_bytes`` and group small ones into batches of
-    about that size, so big chunks are read by several threads and small tensors cost one call per batch."""
-    batches: list[list[tuple[_Landing, ReadRequest]]] = [[]]
-    size = 0
+@dataclass
+class _Batch:
+    """What one thread reads in one go: requests landing in the tensors, and whole staged chunks."""
+
+    direct: list[tuple[_Landing, ReadRequest]]
+    staged: list[ChunkRead]
+    size: int = 0
+
+
+def _batches(landings: list[_Landing], staged: list[ChunkRead], max_bytes: int) -> list[_Batch]:
+    """Cut every direct chunk into requests of at most ``max_bytes``, and group them with the (whole) staged
+    chunks, in object and offset order, into batches of about ``max_bytes``: big chunks are read by several
+    threads, and chunks back to back in one object (a rank's slot file) become one request."""
+    units: list[tuple[tuple[str, int], int, object]] = []
     for landing in landings:
         for req in _requests(landing.read, landing.buffer, max_bytes):
             landing.pending += 1
-            n = len(req.buf)
-            if size and size + n > max_bytes:
-                batches.append([])
-                size = 0
-            batches[-1].append((landing, req))
-            size += n
-    return [b for b in batches if b]
+            units.append(((req.key, req.offset), len(req.buf), (landing, req)))
+    units += [((r.pieces[0].key, r.pieces[0].offset), r.read_bytes, r) for r in staged if r.pieces]
+    units.sort(key=lambda u: u[0])
+    batches = [_Batch([], [])]
+    for _, size, unit in units:
+        if batches[-1].size and batches[-1].size + size > max_bytes:
+            batches.append(_Batch([], []))
+        if isinstance(unit, ChunkRead):
+            batches[-1].staged.append(unit)
+        else:
+            batches[-1].direct.append(unit)
+        batches[-1].size += size
+    return [b for b in batches if b.size or b.direct or b.staged]
 
 
 class _Ring:
@@ -448,4 +492,5 @@ def fetch_chunk(conn: Connector, read: ChunkRead) -> torch.Tensor:
 
 def _cut(span: torch.Tensor, e: Extract) -> torch.Tensor:
     """The chunk's contiguous bytes out of a coalesced span of strided rows."""
-    return span.as_strided((e.rows, e.length), (e.stride, 1), e.skip).contiguous().view(-1)
+    # as_strided's offset counts from the start of the storage, not of this view
+    return span.as_strided((e.rows, e.length), (e.stride, 1), span.storage_offset() + e.skip).contiguous().view(-1)

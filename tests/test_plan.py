@@ -102,3 +102,16 @@ def test_unserved_tp_lists_the_served_ones(llama):
         make_plan(manifest, 3, 0)
     with pytest.raises(ValueError, match="outside tp=2"):
         make_plan(manifest, 2, 2)
+
+
+@pytest.mark.parametrize("model", ["chunked", "inplace"])
+@pytest.mark.parametrize("request_bytes", [3000, 64 << 10])
+def test_small_requests_split_chunks_across_batches_and_still_reassemble(llama, model, request_bytes, monkeypatch):
+    """Chunks cut into many requests, staged chunks bigger than a batch, and mixed batches all land right."""
+    from raydist_loader.connectors.file import FileConnector
+
+    monkeypatch.setattr(FileConnector, "max_request_bytes", request_bytes)
+    url, original = llama
+    for tp in (1, 2):
+        loaders = _load(url, model, tp)
+        assert_shards_match(original, [(w.tensors, w.metadata()) for w in loaders])
