@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from . import digest
 from .connectors import open_connector
 from .errors import ConfigError, VerificationError
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, is_safe_file_name, read_manifest
 
 
 def safe_name(name: str) -> PurePosixPath:
     """Refuse absolute names and names with ``..`` (a store must never write outside ``dest``)."""
-    path = PurePosixPath(name)
-    if not name or path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
+    if not is_safe_file_name(name):
         raise ConfigError(f"refusing file name {name!r} from the manifest: absolute or '..' names are not allowed")
-    return path
+    return PurePosixPath(name)
 
 
 def pull_files(
@@ -33,8 +34,11 @@ def pull_files(
                 raise VerificationError(f"file {name} ({rec.object}) does not match its digest: re-publish the model")
             target = targets[name]
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            if not target.parent.resolve().is_relative_to(base):  # a symlinked directory inside dest
+                raise ConfigError(f"refusing to write {name!r}: {target.parent} leads outside {base}")
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)  # atomic: a reader never sees half a file, concurrent pulls never collide
             written.append(target)
     return written

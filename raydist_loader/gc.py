@@ -1,8 +1,10 @@
 """``gc``: delete versions of a model that its manifest no longer names and that are older than a grace period.
 
-Only prefixes that look like our version ids (``vYYYYmmddHHMMSS-xxxxxxxx``) are ever touched, so original checkpoint
-files indexed in place and anything else an operator keeps under the model's name are left alone. The grace period
-lets a reader that read the previous manifest just before a publish finish its load.
+Only prefixes that look like our version ids (``vYYYYmmddHHMMSSmmm-xxxxxxxx``, which sort by time) are ever touched, so
+original checkpoint files indexed in place and anything else an operator keeps under the model's name are left
+alone. A version is deleted only when it is older than the current one AND the version that replaced it was published
+more than ``grace_s`` ago: a reader that read the old manifest just before the swap can finish its load. Versions
+newer than the current one (a publish still writing) are never touched.
 """
 
 from __future__ import annotations
@@ -28,16 +30,20 @@ def gc(
     check_model_name(model)
     now = time.time()
     with open_connector(url, **(connector_options or {})) as conn:
-        current = read_manifest(conn, model).version
+        manifest = read_manifest(conn, model)
+        current = manifest.version
+        in_use = {key.split("/")[len(model.split("/"))] for key in manifest.objects()}
         versions: dict[str, list[str]] = {}
         for key in conn.list(f"{model}/"):
             head = key[len(model) + 1 :].split("/", 1)[0]
             if VERSION_RE.match(head) and key != manifest_key(model):
                 versions.setdefault(head, []).append(key)
+        order = sorted(set(versions) | {current})
         deleted, kept, n = [], [], 0
         for version, keys in sorted(versions.items()):
             prefix = f"{model}/{version}/"
-            if version == current or now - _created(version) < grace_s:
+            successor = order[order.index(version) + 1] if version < current else None
+            if successor is None or version in in_use or now - _created(successor) < grace_s:
                 kept.append(prefix)
                 continue
             deleted.append(prefix)
@@ -49,4 +55,4 @@ def gc(
 
 
 def _created(version: str) -> float:
-    return calendar.timegm(time.strptime(version[1:15], "%Y%m%d%H%M%S"))
+    return calendar.timegm(time.strptime(version[1:15], "%Y%m%d%H%M%S")) + int(version[15:18]) / 1000

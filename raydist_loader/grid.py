@@ -121,6 +121,11 @@ def chunk_shape(shape: tuple[int, ...], dim: int | None, chunk: Chunk) -> tuple[
     return tuple(chunk.end - chunk.start if d == dim else s for d, s in enumerate(shape))
 
 
+def chunk_nbytes(shape: tuple[int, ...], dim: int | None, start: int, end: int, itemsize: int) -> int:
+    """Bytes of the chunk ``[start, end)`` on ``dim`` (the whole tensor when replicated)."""
+    return prod(chunk_shape(shape, dim, Chunk("", 0, start, end))) * itemsize
+
+
 def strides(shape: tuple[int, ...], dim: int, itemsize: int) -> tuple[int, int]:
     """(outer, inner_bytes) of ``shape`` around ``dim``: the tensor is ``outer`` rows of ``shape[dim] * inner``."""
     return prod(shape[:dim]), prod(shape[dim + 1 :]) * itemsize

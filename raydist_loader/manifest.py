@@ -20,7 +20,8 @@ from .errors import ManifestError, NotFoundError, ShardingError
 from .rules import TensorRule
 
 FORMAT = "raydist-loader/1"
-VERSION_RE = re.compile(r"^v\d{14}-[0-9a-f]{8}$")
+_MAX_TP = 1024
+VERSION_RE = re.compile(r"^v\d{17}-[0-9a-f]{8}$")  # vYYYYmmddHHMMSSmmm-<8 hex>: sorts by time
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 
 
@@ -116,33 +117,62 @@ class Manifest(_Strict):
 
     # ---------------------------------------------------------------- consistency
     def check(self, where: str = "manifest") -> None:
-        """Cross-field checks: dtypes known, chunks cover each tensor exactly, nbytes agree with shape x dtype."""
+        """Cross-field checks: dtypes known, rules fit the shapes, chunks cover each tensor exactly, nbytes agree
+        with shape x dtype, and every object named lies inside this model's version (a manifest can never make a
+        reader touch another model's keys or a path outside the store)."""
+        if not VERSION_RE.match(self.version):
+            raise ManifestError(f"{where}: field version: {self.version!r} is not a raydist-loader version id")
+        if self.max_tp > _MAX_TP:
+            raise ManifestError(f"{where}: field max_tp: {self.max_tp} is above {_MAX_TP}")
         for name, t in self.tensors.items():
-            at = f"{where}: tensors[{name!r}]"
-            if not dtypes.known(t.dtype):
-                raise ManifestError(f"{at}.dtype: unknown dtype {t.dtype!r}")
-            if any(s < 0 for s in t.shape):
-                raise ManifestError(f"{at}.shape: negative size in {t.shape}")
-            try:
-                rule = t.tensor_rule()
-            except (KeyError, TypeError, ValueError) as e:
-                raise ManifestError(f"{at}.rule: {e}") from None
-            expected = grid.chunks(rule, tuple(t.shape), self.max_tp)
-            got = [(c.id, c.start, c.end) for c in t.chunks]
-            if got != [(c.id, c.start, c.end) for c in expected]:
-                raise ManifestError(f"{at}.chunks: chunk grid {got[:4]}... does not match its rule and shape")
-            for i, c in enumerate(t.chunks):
-                want = prod(grid.chunk_shape(tuple(t.shape), rule.dim, grid.Chunk(c.seg, 0, c.start, c.end)))
-                want *= dtypes.itemsize(t.dtype)
-                if c.nbytes != want:
-                    raise ManifestError(
-                        f"{at}.chunks[{i}].nbytes: {c.nbytes} disagrees with shape {t.shape} and dtype "
-                        f"{t.dtype} (expected {want})"
-                    )
-                if self.layout == "chunked" and sum(p.nbytes for p in c.parts) != c.nbytes:
-                    raise ManifestError(f"{at}.chunks[{i}].parts: parts add up to a size other than nbytes")
-            if self.layout == "inplace" and t.source is None:
-                raise ManifestError(f"{at}.source: an in-place manifest needs the tensor's source")
+            self._check_tensor(name, t, f"{where}: tensors[{name!r}]")
+        for name, f in self.files.items():
+            if not is_safe_file_name(name):
+                raise ManifestError(f"{where}: files[{name!r}]: not a plain relative file name")
+            self._check_object(f.object, f"{where}: files[{name!r}].object", own_version=self.layout == "chunked")
+
+    def _check_tensor(self, name: str, t: TensorRecord, at: str) -> None:
+        if not dtypes.known(t.dtype):
+            raise ManifestError(f"{at}.dtype: unknown dtype {t.dtype!r}")
+        if any(s < 0 for s in t.shape):
+            raise ManifestError(f"{at}.shape: negative size in {t.shape}")
+        try:
+            rule = t.tensor_rule()
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{at}.rule: {e}") from None
+        if rule.dim is not None and not 0 <= rule.dim < len(t.shape):
+            raise ManifestError(f"{at}.rule.dim: {rule.dim} is outside a tensor of shape {t.shape}")
+        if rule.style in ("colwise", "rowwise") and sum(seg.size for seg in rule.segments) != t.shape[rule.dim]:
+            raise ManifestError(f"{at}.rule.segments: sizes do not add up to dim {rule.dim} of shape {t.shape}")
+        expected = grid.chunks(rule, tuple(t.shape), self.max_tp)
+        got = [(c.id, c.start, c.end) for c in t.chunks]
+        if got != [(c.id, c.start, c.end) for c in expected]:
+            raise ManifestError(f"{at}.chunks: chunk grid {got[:4]}... does not match its rule and shape")
+        if (t.source is None) != (self.layout == "chunked"):
+            raise ManifestError(
+                f"{at}.source: a {self.layout} manifest {'needs' if t.source is None else 'has no'} sources"
+            )
+        if t.source is not None:
+            self._check_object(t.source.object, f"{at}.source.object", own_version=False)
+        for i, c in enumerate(t.chunks):
+            want = grid.chunk_nbytes(tuple(t.shape), rule.dim, c.start, c.end, dtypes.itemsize(t.dtype))
+            if c.nbytes != want:
+                raise ManifestError(
+                    f"{at}.chunks[{i}].nbytes: {c.nbytes} disagrees with shape {t.shape} and dtype "
+                    f"{t.dtype} (expected {want})"
+                )
+            if self.layout == "chunked" and sum(p.nbytes for p in c.parts) != c.nbytes:
+                raise ManifestError(f"{at}.chunks[{i}].parts: parts add up to a size other than nbytes")
+            if self.layout == "inplace" and c.parts:
+                raise ManifestError(f"{at}.chunks[{i}].parts: an in-place manifest reads from sources, not parts")
+            for p in c.parts:
+                self._check_object(p.object, f"{at}.chunks[{i}].parts", own_version=True)
+
+    def _check_object(self, key: str, at: str, *, own_version: bool) -> None:
+        prefix = version_prefix(self.model, self.version) if own_version else f"{self.model}/"
+        parts = key.split("/")
+        if not key.startswith(prefix) or any(p in ("", ".", "..") for p in parts):
+            raise ManifestError(f"{at}: object {key!r} is outside {prefix}")
 
     def served_tps(self) -> list[int]:
         """Every tp this store can be loaded at."""
@@ -193,11 +223,23 @@ def manifest_key(model: str) -> str:
 
 
 def new_version(seed: str) -> str:
-    """A fresh, sortable version id ``vYYYYmmddHHMMSS-<8 hex>``."""
+    """A fresh version id ``vYYYYmmddHHMMSSmmm-<8 hex>`` (UTC, milliseconds): ids sort in publish order."""
     import hashlib
 
-    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-    return f"v{stamp}-{hashlib.sha256(f'{seed}{time.time_ns()}'.encode()).hexdigest()[:8]}"
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now / 1e9)) + f"{now // 1_000_000 % 1000:03d}"
+    return f"v{stamp}-{hashlib.sha256(f'{seed}{now}'.encode()).hexdigest()[:8]}"
+
+
+def is_safe_file_name(name: str) -> bool:
+    """A relative '/'-separated name with no empty, '.' or '..' part (it can only land inside a directory)."""
+    parts = name.split("/")
+    return (
+        bool(name)
+        and not name.startswith(("/", "~"))
+        and "\\" not in name
+        and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 def version_prefix(model: str, version: str) -> str:

@@ -10,7 +10,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from . import digest, dtypes, grid
 from . import manifest as mf
 from .connectors import Connector, open_connector
 from .errors import ConfigError, NotFoundError
+from .pool import run_all
 from .rules import ModelDims, RuleSet, TensorRule
 from .safetensors_io import Entry, layout, read_header, stream
 
@@ -249,9 +249,7 @@ def _groups(cuts: list[_Cut], max_tp: int, part_bytes: int) -> dict[str, list[tu
 
 
 def _chunk_nbytes(cut: _Cut, c: grid.Chunk) -> int:
-    from math import prod
-
-    return prod(grid.chunk_shape(cut.entry.shape, cut.rule.dim, c)) * dtypes.itemsize(cut.entry.dtype)
+    return grid.chunk_nbytes(cut.entry.shape, cut.rule.dim, c.start, c.end, dtypes.itemsize(cut.entry.dtype))
 
 
 def _chunk_name(cut: _Cut, c: grid.Chunk) -> str:
@@ -290,7 +288,7 @@ def _write_files(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency
 
         conn.write(key, stream(head, blocks()))
 
-    _run_all(write_one, _groups(cuts, max_tp, part_bytes).items(), concurrency)
+    run_all(lambda item: write_one(*item), _groups(cuts, max_tp, part_bytes).items(), concurrency, "publish")
     return info
 
 
@@ -311,15 +309,8 @@ def _write_objects(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurren
                 parts.append(mf.Part(object=part_key, offset=0, nbytes=b - a))
             info[cut.entry.name][c.id] = {"nbytes": data.nbytes, **_digests(data, algos), "parts": parts}
 
-    _run_all(write_one, cuts, concurrency, star=False)
+    run_all(write_one, cuts, concurrency, "publish")
     return info
-
-
-def _run_all(fn, items, concurrency: int, star: bool = True) -> None:
-    with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        futures = [pool.submit(fn, *item) if star else pool.submit(fn, item) for item in items]
-        for f in futures:
-            f.result()
 
 
 # ------------------------------------------------------------------------------------------ index

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import digest
@@ -12,6 +11,7 @@ from .connectors import open_connector
 from .errors import RaydistError, VerificationError
 from .manifest import Manifest, manifest_key, read_manifest
 from .plan import ChunkRead, make_plan
+from .pool import run_all
 
 
 @dataclass
@@ -70,8 +70,7 @@ def verify(
                 else None
             )
 
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            failures = [f for f in pool.map(check, plan.reads) if f]
+        failures = [f for f in run_all(check, plan.reads, concurrency, "verify") if f]
         failures += _check_files(conn, manifest)
     result = VerifyResult(
         model,

@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from . import digest, dtypes
 from .connectors import Connector, ReadRequest, open_connector
 from .manifest import Manifest
 from .plan import ChunkRead, Extract, RankPlan, TensorSlot, make_plan
+from .pool import run_all
 from .redact import redact_text, redact_url
 from .retry import RetryPolicy, coerce_policy
 from .retry import call as with_retries
@@ -192,7 +192,7 @@ class ShardLoader:
             else:
                 digests.update(self._run_batch(task, slots, conn))
 
-        _run_all(run, [*_batches(direct, staged, limit), *big], concurrency, f"rank{self.rank}")
+        run_all(run, [*_batches(direct, staged, limit), *big], concurrency, f"rank{self.rank}")
         return digests
 
     def _run_batch(self, batch: _Batch, slots: _Ring, conn: Connector) -> dict[tuple[int, str], str]:
@@ -263,7 +263,7 @@ class ShardLoader:
                 self._done += sum(r.nbytes for r in group)
             return digests
 
-        results = _run_all(one, groups, concurrency, f"rank{self.rank}")
+        results = run_all(one, groups, concurrency, f"rank{self.rank}")
         torch.cuda.synchronize(self.device)
         return {
             (r.tensor, r.chunk): d for g, ds in zip(groups, results, strict=True) for r, d in zip(g, ds, strict=True)
@@ -278,8 +278,8 @@ class ShardLoader:
             return [self._hash(chunk, read)], lambda: self._place(read, chunk)
         start = self._arena_span(group[0])[0]
         views = [stage[a - start : b - start] for a, b in map(self._arena_span, group)]
-        conn.readinto_many(
-            [q for r, v in zip(group, views, strict=True) for q in _requests(r, v, conn.max_request_bytes)]
+        self._read(
+            conn, [q for r, v in zip(group, views, strict=True) for q in _requests(r, v, conn.max_request_bytes)]
         )
         end = self._arena_span(group[-1])[1]
         return [self._hash(v, r) for r, v in zip(group, views, strict=True)], lambda: self._arena[start:end].copy_(
@@ -295,19 +295,30 @@ class ShardLoader:
         return start, start + read.nbytes
 
     def _groups(self, reads: Sequence[ChunkRead], target: int = 32 << 20) -> list[list[ChunkRead]]:
-        """Consecutive arena-contiguous chunks (small gaps of alignment padding allowed) up to ``target`` bytes."""
+        """Runs of arena-contiguous chunks up to ``target`` bytes. Two chunks join only when the second starts
+        where the first ends, or when the first ends its tensor and the second starts the next one (the gap is
+        alignment padding): one H2D copy of the run must never cover bytes of a chunk outside it."""
         groups: list[list[ChunkRead]] = []
         run: list[ChunkRead] = []
         for read in reads:
             if not self._arena_run(read):
+                groups += [run] if run else []
                 groups.append([read])
+                run = []
                 continue
-            a, b = self._arena_span(read)
-            if run and (a - self._arena_span(run[-1])[1] > _ALIGN or b - self._arena_span(run[0])[0] > target):
+            too_big = run and self._arena_span(read)[1] - self._arena_span(run[0])[0] > target
+            if run and (too_big or not self._adjacent(run[-1], read)):
                 groups.append(run)
                 run = []
             run.append(read)
         return groups + ([run] if run else [])
+
+    def _adjacent(self, prev: ChunkRead, read: ChunkRead) -> bool:
+        end, start = self._arena_span(prev)[1], self._arena_span(read)[0]
+        if start == end:
+            return True
+        ends_tensor = end == self._offsets[prev.tensor] + self.plan.tensors[prev.tensor].nbytes
+        return ends_tensor and read.tensor == prev.tensor + 1 and start == self._offsets[read.tensor]
 
     def _group_bytes(self, group: list[ChunkRead]) -> int:
         if len(group) == 1 and not self._arena_run(group[0]):
@@ -450,19 +461,6 @@ class _Ring:
 
     def release(self, buf: torch.Tensor, event) -> None:
         self._free.put((buf, event))
-
-
-def _run_all(fn, items, concurrency: int, name: str) -> list:
-    """``fn`` over ``items`` on a bounded thread pool (I/O and hashing release the GIL); results in order.
-    The first failure cancels what has not started, so a dead backend fails the load fast."""
-    pool = ThreadPoolExecutor(concurrency, thread_name_prefix=name)
-    try:
-        return [f.result() for f in [pool.submit(fn, item) for item in items]]
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    finally:
-        pool.shutdown(wait=True)
 
 
 def _inner_bytes(slot: TensorSlot) -> int:

@@ -104,14 +104,14 @@ def test_pull_files_writes_config_and_tokenizer_byte_for_byte(tmp_path, checkpoi
         assert p.read_bytes() == (checkpoints["llama"] / p.name).read_bytes()
 
 
-@pytest.mark.parametrize("name", ["../escape.json", "/etc/passwd", "a/../../b"])
+@pytest.mark.parametrize("name", ["../escape.json", "/etc/passwd", "a/../../b", ".", "a//b"])
 def test_pull_files_refuses_names_outside_dest(tmp_path, checkpoints, name):
     url = f"file://{tmp_path}/store"
     rl.publish(checkpoints["llama"], url, "m", max_tp=2)
     raw = json.loads((tmp_path / "store" / "m" / "manifest.json").read_bytes())
     raw["files"][name] = raw["files"]["config.json"]
     (tmp_path / "store" / "m" / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ConfigError, match="refusing file name"):
+    with pytest.raises(rl.RaydistError, match="file name"):  # refused when the manifest is read
         rl.pull_files(url, "m", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -182,6 +182,10 @@ def test_checkpoint_without_manifest_says_to_index(tmp_path, checkpoints):
         (lambda m: next(iter(m["tensors"].values())).update(dtype="float42"), r"dtype: unknown dtype 'float42'"),
         (lambda m: next(iter(m["tensors"].values())).update(shape=[7, 7]), r"chunks"),
         (lambda m: m.update(format="raydist-loader/9"), r"format 'raydist-loader/9' is not supported"),
+        (lambda m: m.update(version="../x"), r"field version"),
+        (lambda m: next(iter(m["tensors"].values()))["chunks"][0]["parts"][0].update(object="other/v1/x"),
+         r"object 'other/v1/x' is outside m/v"),
+        (lambda m: m["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rule"].update(dim=5), r"rule.dim: 5"),
     ],
 )
 def test_garbled_manifest_names_the_field(tmp_path, checkpoints, edit, pattern):
@@ -247,3 +251,25 @@ def test_missing_or_truncated_chunk_object_is_one_clear_error(store_url, checkpo
     assert part.object.split("/")[-1] in str(info.value)
     failures = rl.verify(store_url, "m").failures
     assert ("model.layers.1.mlp.up_proj.weight", "all.0") in [(f.get("tensor"), f.get("chunk")) for f in failures]
+
+
+def test_gc_keeps_a_version_replaced_within_the_grace_period_and_newer_ones(tmp_path, checkpoints):
+    """The grace period counts from when a version stopped being current, and a publish still writing (a version
+    newer than the manifest's) is never touched."""
+    url = f"file://{tmp_path}/store"
+    first = rl.publish(checkpoints["llama"], url, "m", max_tp=2)
+    second = rl.publish(checkpoints["llama"], url, "m", max_tp=2)
+    store = tmp_path / "store" / "m"
+    old = store / "v20200101000000000-0123abcd"  # a two-week-old version nobody points at
+    (old / "x").parent.mkdir(parents=True)
+    (old / "x").write_bytes(b"1")
+    # make `second` current again after a newer, unfinished publish left its objects behind
+    newer = store / "v29990101000000000-0123abcd"
+    newer.mkdir()
+    (newer / "part.safetensors").write_bytes(b"2")
+    result = rl.gc(url, "m", grace_s=3600)
+    assert result["deleted"] == [], "first was replaced by second seconds ago: still within the grace period"
+    result = rl.gc(url, "m", grace_s=0)
+    assert set(result["deleted"]) == {"m/v20200101000000000-0123abcd/", f"m/{first.version}/"}
+    assert f"m/{second.version}/" in result["kept"] and "m/v29990101000000000-0123abcd/" in result["kept"]
+    assert rl.verify(url, "m").ok

@@ -1,0 +1,21 @@
+"""A bounded thread pool that fails fast: the one way this package runs I/O in parallel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any
+
+
+def run_all(fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int, name: str = "raydist") -> list:
+    """``fn`` over ``items`` on at most ``concurrency`` threads (I/O and hashing release the GIL); results in
+    order. The first failure, whichever item raised it, cancels every item not yet started and is re-raised."""
+    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix=name) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            for f in futures:
+                f.cancel()
+            raise failed.exception()
+        return [f.result() for f in futures]
