@@ -264,7 +264,9 @@ def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any]) -> s
     line = _line_of(root, loc)
     prefix = f"{where}:{line}: " if line else f"{where}: "
     kind = err["type"]
-    received = _received(err.get("input"))
+    # a value under a secret-bearing key may be the secret itself (pasted into password_env by mistake)
+    secret = any(part in ("password_env", "password_file", "options") for part in loc)
+    received = "a value (not shown: it may be a secret)" if secret else _received(err.get("input"))
     if kind == "extra_forbidden":
         known = ", ".join(_known_keys(loc[:-1]))
         return f"{prefix}{dotted}: unknown key; known keys: {known}"

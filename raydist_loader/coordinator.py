@@ -118,16 +118,20 @@ class Coordinator:
         )
         if self.options.name_prefix:
             opts["name"] = f"{self.options.name_prefix}:{rank}"
-        return ray.remote(ShardLoader).options(**opts).remote(
-            self._url,
-            self._raw,
-            self.tp,
-            rank,
-            device="auto" if self.gpu else "cpu",
-            concurrency=self.options.concurrency,
-            verify=self.options.verify,
-            connector_options=self._connector_options,
-            retry=self.options.retry,
+        return (
+            ray.remote(ShardLoader)
+            .options(**opts)
+            .remote(
+                self._url,
+                self._raw,
+                self.tp,
+                rank,
+                device="auto" if self.gpu else "cpu",
+                concurrency=self.options.concurrency,
+                verify=self.options.verify,
+                connector_options=self._connector_options,
+                retry=self.options.retry,
+            )
         )
 
     def _restart(self, rank: int) -> Any:
@@ -210,15 +214,23 @@ class Coordinator:
     def _verify(self, reports: list[dict], ray) -> list[dict]:
         bad = [r for r in reports if r["digest"] != self.expected[r["rank"]] or r["failures"]]
         if bad:  # re-pull the wrong chunks once: a corruption in transit heals, one in the store does not
-            again = ray.get(
-                [self.actors[r["rank"]].repull.remote([(f["tensor"], f["chunk"]) for f in r["failures"]]) for r in bad]
-            )
+            refs = [
+                self.actors[r["rank"]].repull.remote([(f["tensor"], f["chunk"]) for f in r["failures"]]) for r in bad
+            ]
+            try:
+                again = ray.get(refs, timeout=self.options.timeout_s)
+            except Exception as e:  # noqa: BLE001 - a rank that died or hung while re-pulling fails the load
+                raise RaydistError(
+                    f"re-pulling the chunks that failed verification did not finish: {self._clean(e)}"
+                ) from None
             for r in again:
-                r["repulled"] = len(reports[r["rank"]]["failures"])
+                first = reports[r["rank"]]
                 reports[r["rank"]] = {
                     **r,
-                    "started": reports[r["rank"]]["started"],
-                    "seconds": reports[r["rank"]]["seconds"] + r["seconds"],
+                    "repulled": len(first["failures"]),
+                    "started": first["started"],
+                    "seconds": first["seconds"] + r["seconds"],
+                    "restarts": first.get("restarts", 0),
                 }
         failures = [f for r in reports for f in r["failures"]]
         wrong = [r["rank"] for r in reports if r["digest"] != self.expected[r["rank"]]]

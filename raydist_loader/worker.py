@@ -331,9 +331,15 @@ class ShardLoader:
         with_retries(lambda: conn.readinto_many(requests), self.retry_policy, what=what)
 
     def _hash(self, chunk: torch.Tensor, read: ChunkRead | None = None) -> str:
+        """The chunk's xxh3; where the manifest also records blake3 (tamper evidence), that is checked too and a
+        mismatch reported as a digest that cannot equal the expected one."""
         if not self.verify and read is not None:
             return read.xxh3
-        return digest.xxh3(chunk.contiguous().cpu().numpy())
+        data = chunk.contiguous().cpu().numpy()
+        got = digest.xxh3(data)
+        if read is not None and read.blake3 and got == read.xxh3 and digest.blake3_hex(data) != read.blake3:
+            return f"blake3-mismatch:{got}"
+        return got
 
     def _region(self, read: ChunkRead, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The chunk's place in the rank tensor: a flat slice when contiguous, else an [outer, cols] block."""

@@ -203,3 +203,12 @@ def test_no_secret_means_just_the_options():
 def test_relative_rules_path_is_taken_from_the_config_directory(tmp_path: Path):
     config = load_config(write(tmp_path, GOOD + "  rules: rules/llama.yaml\n"))
     assert config.load.rules == str(tmp_path.resolve() / "rules" / "llama.yaml")
+
+
+def test_a_password_pasted_into_password_env_is_never_echoed(tmp_path):
+    text = "model: m\nstore:\n  url: redis://loader@127.0.0.1:6379/0\n  password_env: 'hunter2-S3cr3t!'\nload:\n  tp: 1\n"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="store.password_env") as info:
+        load_config(path)
+    assert "hunter2" not in str(info.value)

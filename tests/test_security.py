@@ -318,3 +318,19 @@ def test_a_pinned_manifest_sha256_refuses_a_swapped_or_rewritten_store(tmp_path,
     assert rl.load_shard("m", url, 2, 0, device="cpu").report["digest"], "undetectable without a pin"
     with pytest.raises(VerificationError, match="not the expected"):
         rl.load_shard("m", url, 2, 0, device="cpu", expect_manifest_sha256=pinned_b)
+
+
+def test_a_load_checks_blake3_where_the_manifest_records_it(tmp_path, ckpts):
+    """Bytes whose xxh3 matches but blake3 does not (a forged xxh3 collision) fail the load, naming the chunk."""
+    import json
+
+    url = f"file://{tmp_path}/store"
+    rl.publish(ckpts[0], url, "m", max_tp=2, digests=("xxh3_128", "blake3"))
+    path = tmp_path / "store" / "m" / "manifest.json"
+    raw = json.loads(path.read_text())
+    name = "model.layers.0.mlp.up_proj.weight"
+    raw["tensors"][name]["chunks"][0]["blake3"] = "0" * 64  # what a forged collision looks like to the loader
+    path.write_text(json.dumps(raw))
+    with pytest.raises(VerificationError, match=rf"rank 0: tensor {name} chunk all.0"):
+        rl.load_shard("m", url, 2, 0, device="cpu")
+    assert rl.load_shard("m", url, 2, 1, device="cpu").report["failures"] == []
