@@ -206,7 +206,8 @@ def test_relative_rules_path_is_taken_from_the_config_directory(tmp_path: Path):
 
 
 def test_a_password_pasted_into_password_env_is_never_echoed(tmp_path):
-    text = "model: m\nstore:\n  url: redis://loader@127.0.0.1:6379/0\n  password_env: 'hunter2-S3cr3t!'\nload:\n  tp: 1\n"
+    text = ("model: m\nstore:\n  url: redis://loader@127.0.0.1:6379/0\n  password_env: 'hunter2-S3cr3t!'\n"
+            "load:\n  tp: 1\n")
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match="store.password_env") as info:
