@@ -102,7 +102,8 @@ class RankPlan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(r.read_bytes for r in self.reads)
+        """Bytes requested from the store; chunks that share one span (in place, strided) count it once."""
+        return sum(sum(p.nbytes for p in pieces) for pieces in dict.fromkeys(r.pieces for r in self.reads))
 
 
 def make_plan(manifest: Manifest, tp: int, rank: int, *, coalesce_gap: int = 1 << 20) -> RankPlan:
@@ -152,10 +153,21 @@ def _plan_tensor(manifest, name, rec: TensorRecord, tp, rank, index, gap) -> tup
     )
     reads, pos = [], 0
     direct = dim is None or prod(rank_shape[:dim]) == 1
-    for c in kept:
-        reads.append(_chunk_read(rec, rule, by_id[c.id], index, pos, direct, gap))
+    for c, run in zip(kept, _runs(kept), strict=True):
+        reads.append(_chunk_read(rec, rule, by_id[c.id], index, pos, direct, gap, run))
         pos += c.end - c.start
     return slot, reads
+
+
+def _runs(kept: list[grid.Chunk]) -> list[tuple[int, int]]:
+    """For each kept chunk, the [lo, hi) of the run of back-to-back kept chunks it belongs to."""
+    runs: list[list[grid.Chunk]] = []
+    for c in kept:
+        if runs and runs[-1][-1].end == c.start:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return [(run[0].start, run[-1].end) for run in runs for _ in run]
 
 
 def _segment_spans(kept: list[grid.Chunk]) -> dict[str, tuple[int, int]]:
@@ -166,13 +178,17 @@ def _segment_spans(kept: list[grid.Chunk]) -> dict[str, tuple[int, int]]:
     return spans
 
 
-def _chunk_read(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, index, dest, direct, gap) -> ChunkRead:
-    pieces, extract = _source_pieces(rec, rule, c, gap)
+def _chunk_read(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, index, dest, direct, gap, run) -> ChunkRead:
+    pieces, extract = _source_pieces(rec, rule, c, gap, run)
     return ChunkRead(index, c.id, c.nbytes, c.xxh3, pieces, extract, dest, direct, c.blake3)
 
 
-def _source_pieces(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, gap: int):
-    """Where the chunk's bytes are: its parts (chunked layout), or ranges of the original tensor (in place)."""
+def _source_pieces(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, gap: int, run: tuple[int, int]):
+    """Where the chunk's bytes are: its parts (chunked layout), or ranges of the original tensor (in place).
+
+    In place, a chunk on a later dim is ``outer`` strided rows. When the gaps between the rows of the rank's run
+    of chunks are small, every chunk of the run names the SAME span (first row's start to last row's end) with
+    its own cut, so the worker reads the span once and cuts each chunk out of it."""
     if rec.source is None:
         return tuple(Piece(p.object, p.offset, p.nbytes) for p in c.parts), None
     key, base = rec.source.object, rec.source.offset
@@ -182,7 +198,8 @@ def _source_pieces(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, gap: int
     stride, skip, length = rec.shape[rule.dim] * inner, c.start * inner, (c.end - c.start) * inner
     if outer == 1 or length == stride:
         return (Piece(key, base + skip, c.nbytes),), None
-    if stride - length <= gap:  # one span from the first row's start to the last row's end
-        span = (outer - 1) * stride + length
-        return (Piece(key, base + skip, span),), Extract(outer, stride, 0, length)
+    lo, hi = run[0] * inner, run[1] * inner
+    if stride - (hi - lo) <= gap:  # one span for the run, from its first row's start to its last row's end
+        span = (outer - 1) * stride + (hi - lo)
+        return (Piece(key, base + lo, span),), Extract(outer, stride, skip - lo, length)
     return tuple(Piece(key, base + o * stride + skip, length) for o in range(outer)), None

@@ -49,28 +49,38 @@ def verify(
     url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
 ) -> VerifyResult:
     """Read every chunk and file of ``model`` and compare with the manifest's digests."""
-    from .worker import fetch_chunk  # torch: imported only when bytes are read
+    from .worker import fetch_chunks, shared  # torch: imported only when bytes are read
 
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:
         manifest = read_manifest(conn, model)
         plan = make_plan(manifest, 1, 0, coalesce_gap=conn.coalesce_gap)
 
-        def check(read: ChunkRead) -> dict | None:
-            name = plan.tensors[read.tensor].name
+        def check(group: list[ChunkRead]) -> list[dict]:
+            names = [plan.tensors[r.tensor].name for r in group]
             try:
-                data = fetch_chunk(conn, read).numpy()
+                chunks = [c.numpy() for c in fetch_chunks(conn, group)]
             except RaydistError as e:
-                return {"tensor": name, "chunk": read.chunk, "error": str(e), "objects": _objects(read)}
-            got = digest.xxh3(data)
-            bad = got != read.xxh3 or (read.blake3 is not None and digest.blake3_hex(data) != read.blake3)
-            return (
-                {"tensor": name, "chunk": read.chunk, "expected": read.xxh3, "got": got, "objects": _objects(read)}
-                if bad
-                else None
-            )
+                return [
+                    {"tensor": n, "chunk": r.chunk, "error": str(e), "objects": _objects(r)}
+                    for n, r in zip(names, group, strict=True)
+                ]
+            out = []
+            for name, read, data in zip(names, group, chunks, strict=True):
+                got = digest.xxh3(data)
+                if got != read.xxh3 or (read.blake3 is not None and digest.blake3_hex(data) != read.blake3):
+                    out.append(
+                        {
+                            "tensor": name,
+                            "chunk": read.chunk,
+                            "expected": read.xxh3,
+                            "got": got,
+                            "objects": _objects(read),
+                        }
+                    )
+            return out
 
-        failures = [f for f in run_all(check, plan.reads, concurrency, "verify") if f]
+        failures = [f for group in run_all(check, shared(plan.reads), concurrency, "verify") for f in group]
         failures += _check_files(conn, manifest)
     result = VerifyResult(
         model,

@@ -180,15 +180,16 @@ class ShardLoader:
         conn = self.connector
         limit = conn.max_request_bytes
         direct = [_Landing(r, self._region(r), 0) for r in reads if self._arena_run(r)]
-        staged = [r for r in reads if not self._arena_run(r) and r.read_bytes <= limit]
-        big = [r for r in reads if not self._arena_run(r) and r.read_bytes > limit]
+        groups = shared([r for r in reads if not self._arena_run(r)])
+        staged = [g for g in groups if g[0].read_bytes <= limit]
+        big = [g for g in groups if g[0].read_bytes > limit]
         slots = _Ring(concurrency if staged else 0, limit, pin=False)
-        ring = _Ring(min(concurrency, len(big)), max((r.read_bytes for r in big), default=0), pin=False)
+        ring = _Ring(min(2, len(big)), max((g[0].read_bytes for g in big), default=0), pin=False)
         digests = {(x.read.tensor, x.read.chunk): self._hash(x.buffer, x.read) for x in direct if not x.read.nbytes}
 
-        def run(task: _Batch | ChunkRead) -> None:
-            if isinstance(task, ChunkRead):
-                digests[(task.tensor, task.chunk)] = self._staged_one(task, ring, conn)
+        def run(task: _Batch | list[ChunkRead]) -> None:
+            if isinstance(task, list):
+                digests.update(self._staged_group(task, ring, conn))
             else:
                 digests.update(self._run_batch(task, slots, conn))
 
@@ -201,22 +202,23 @@ class ShardLoader:
         slot = slots.acquire() if batch.staged else None
         views, pos = [], 0
         try:
-            for read in batch.staged:
-                views.append(slot[pos : pos + read.read_bytes])
-                requests.extend(_requests(read, views[-1], conn.max_request_bytes))
-                pos += read.read_bytes
+            for group in batch.staged:
+                views.append(slot[pos : pos + group[0].read_bytes])
+                requests.extend(_requests(group[0], views[-1], conn.max_request_bytes))
+                pos += group[0].read_bytes
             requests.sort(key=lambda q: (q.key, q.offset))
             self._read(conn, requests)
             out = {}
-            for read, view in zip(batch.staged, views, strict=True):
-                chunk = view if read.extract is None else _cut(view, read.extract)
-                out[(read.tensor, read.chunk)] = self._hash(chunk, read)
-                self._place(read, chunk)
+            for group, view in zip(batch.staged, views, strict=True):
+                for read in group:
+                    chunk = view if read.extract is None else _cut(view, read.extract)
+                    out[(read.tensor, read.chunk)] = self._hash(chunk, read)
+                    self._place(read, chunk)
         finally:
             if slot is not None:
                 slots.release(slot, None)
         with self._lock:
-            self._done += sum(r.nbytes for r in batch.staged)
+            self._done += sum(r.nbytes for g in batch.staged for r in g)
         for landing, req in batch.direct:
             with self._lock:
                 landing.pending -= 1
@@ -226,16 +228,17 @@ class ShardLoader:
                 out[(landing.read.tensor, landing.read.chunk)] = self._hash(landing.buffer, landing.read)
         return out
 
-    def _staged_one(self, read: ChunkRead, ring: _Ring, conn: Connector) -> str:
+    def _staged_group(self, group: list[ChunkRead], ring: _Ring, conn: Connector) -> dict[tuple[int, str], str]:
+        """Chunks sharing one span too big for a batch slot: read it once through the ring, cut each."""
         buf = ring.acquire()
         try:
-            digests, copy = self._stage([read], buf[: read.read_bytes], conn)
+            digests, copy = self._stage(group, buf[: group[0].read_bytes], conn)
             copy()
         finally:
             ring.release(buf, None)
         with self._lock:
-            self._done += read.nbytes
-        return digests[0]
+            self._done += sum(r.nbytes for r in group)
+        return {(r.tensor, r.chunk): d for r, d in zip(group, digests, strict=True)}
 
     def _pull_staged(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
         """GPU: runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded
@@ -271,11 +274,15 @@ class ShardLoader:
 
     def _stage(self, group: list[ChunkRead], stage: torch.Tensor, conn: Connector):
         """Read a group into ``stage`` (pinned) and hash it; returns the digests and the H2D copy to issue."""
-        if len(group) == 1 and not self._arena_run(group[0]):
-            read = group[0]
-            self._read(conn, list(_requests(read, stage, conn.max_request_bytes)))
-            chunk = stage if read.extract is None else _cut(stage, read.extract)
-            return [self._hash(chunk, read)], lambda: self._place(read, chunk)
+        if not self._arena_run(group[0]):  # chunks sharing one span: read once, cut each, place each
+            self._read(conn, list(_requests(group[0], stage, conn.max_request_bytes)))
+            chunks = [stage if r.extract is None else _cut(stage, r.extract) for r in group]
+
+            def place() -> None:
+                for r, c in zip(group, chunks, strict=True):
+                    self._place(r, c)
+
+            return [self._hash(c, r) for r, c in zip(group, chunks, strict=True)], place
         start = self._arena_span(group[0])[0]
         views = [stage[a - start : b - start] for a, b in map(self._arena_span, group)]
         self._read(
@@ -303,8 +310,11 @@ class ShardLoader:
         for read in reads:
             if not self._arena_run(read):
                 groups += [run] if run else []
-                groups.append([read])
                 run = []
+                if groups and not self._arena_run(groups[-1][0]) and groups[-1][0].pieces == read.pieces:
+                    groups[-1].append(read)  # shares the previous chunk's span
+                else:
+                    groups.append([read])
                 continue
             too_big = run and self._arena_span(read)[1] - self._arena_span(run[0])[0] > target
             if run and (too_big or not self._adjacent(run[-1], read)):
@@ -321,7 +331,7 @@ class ShardLoader:
         return ends_tensor and read.tensor == prev.tensor + 1 and start == self._offsets[read.tensor]
 
     def _group_bytes(self, group: list[ChunkRead]) -> int:
-        if len(group) == 1 and not self._arena_run(group[0]):
+        if not self._arena_run(group[0]):
             return group[0].read_bytes
         return self._arena_span(group[-1])[1] - self._arena_span(group[0])[0]
 
@@ -423,11 +433,11 @@ class _Batch:
     """What one thread reads in one go: requests landing in the tensors, and whole staged chunks."""
 
     direct: list[tuple[_Landing, ReadRequest]]
-    staged: list[ChunkRead]
+    staged: list[list[ChunkRead]]  # groups of chunks sharing one read
     size: int = 0
 
 
-def _batches(landings: list[_Landing], staged: list[ChunkRead], max_bytes: int) -> list[_Batch]:
+def _batches(landings: list[_Landing], staged: list[list[ChunkRead]], max_bytes: int) -> list[_Batch]:
     """Cut every direct chunk into requests of at most ``max_bytes``, and group them with the (whole) staged
     chunks, in object and offset order, into batches of about ``max_bytes``: big chunks are read by several
     threads, and chunks back to back in one object (a rank's slot file) become one request."""
@@ -436,13 +446,13 @@ def _batches(landings: list[_Landing], staged: list[ChunkRead], max_bytes: int) 
         for req in _requests(landing.read, landing.buffer, max_bytes):
             landing.pending += 1
             units.append(((req.key, req.offset), len(req.buf), (landing, req)))
-    units += [((r.pieces[0].key, r.pieces[0].offset), r.read_bytes, r) for r in staged if r.pieces]
+    units += [((g[0].pieces[0].key, g[0].pieces[0].offset), g[0].read_bytes, g) for g in staged if g[0].pieces]
     units.sort(key=lambda u: u[0])
     batches = [_Batch([], [])]
     for _, size, unit in units:
         if batches[-1].size and batches[-1].size + size > max_bytes:
             batches.append(_Batch([], []))
-        if isinstance(unit, ChunkRead):
+        if isinstance(unit, list):
             batches[-1].staged.append(unit)
         else:
             batches[-1].direct.append(unit)
@@ -487,11 +497,19 @@ def safe_error(exc: BaseException, url: str) -> str:
     return redact_text(f"{type(exc).__name__}: {exc}", secrets=(url,)) if url else f"{type(exc).__name__}: {exc}"
 
 
-def fetch_chunk(conn: Connector, read: ChunkRead) -> torch.Tensor:
-    """Read one chunk into a fresh buffer and return its row-major bytes (verify and tools; not the hot path)."""
-    buf = torch.empty(read.read_bytes, dtype=torch.uint8)
-    conn.readinto_many(list(_requests(read, buf, conn.max_request_bytes)))
-    return buf if read.extract is None else _cut(buf, read.extract)
+def shared(reads: Sequence[ChunkRead]) -> list[list[ChunkRead]]:
+    """Chunks grouped by the span they are read from (in place, a rank's strided run shares one), in order."""
+    groups: dict[tuple, list[ChunkRead]] = {}
+    for read in reads:
+        groups.setdefault(read.pieces, []).append(read)
+    return list(groups.values())
+
+
+def fetch_chunks(conn: Connector, group: Sequence[ChunkRead]) -> list[torch.Tensor]:
+    """Read a group's span once into a fresh buffer; each chunk's row-major bytes (verify and tools)."""
+    buf = torch.empty(group[0].read_bytes, dtype=torch.uint8)
+    conn.readinto_many(list(_requests(group[0], buf, conn.max_request_bytes)))
+    return [buf if r.extract is None else _cut(buf, r.extract) for r in group]
 
 
 def _cut(span: torch.Tensor, e: Extract) -> torch.Tensor:

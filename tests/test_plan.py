@@ -85,6 +85,18 @@ def test_chunked_layout_reads_only_kept_bytes(llama, tp):
         assert sum(s.nbytes for s in plan.tensors) == plan.bytes_kept
 
 
+def test_inplace_reads_each_span_once(llama):
+    """A rank's run of strided chunks shares one span: at tp=1 every byte is read exactly once; below, a rank reads
+    its row-parallel tensors' rows whole (the gaps are small) and everything else exactly."""
+    url, _ = llama
+    manifest = Manifest.from_json(open_connector(url).read("inplace/manifest.json"))
+    assert make_plan(manifest, 1, 0).bytes_read == make_plan(manifest, 1, 0).bytes_kept == manifest.total_bytes
+    for rank in range(2):
+        plan = make_plan(manifest, 2, rank)
+        rowwise = sum(s.nbytes for s in plan.tensors if s.dim == 1)
+        assert plan.bytes_read <= plan.bytes_kept + rowwise  # each row-parallel span read once, not per chunk
+
+
 def test_inplace_rowwise_reads_are_coalesced_and_reported(llama):
     url, _ = llama
     loaders = _load(url, "inplace", 2)
