@@ -274,6 +274,8 @@ class ShardLoader:
 
     def _stage(self, group: list[ChunkRead], stage: torch.Tensor, conn: Connector):
         """Read a group into ``stage`` (pinned) and hash it; returns the digests and the H2D copy to issue."""
+        if len(group) > 1 and self._columns(group):
+            return self._stage_columns(group, stage, conn)
         if not self._arena_run(group[0]):  # chunks sharing one span: read once, cut each, place each
             self._read(conn, list(_requests(group[0], stage, conn.max_request_bytes)))
             chunks = [stage if r.extract is None else _cut(stage, r.extract) for r in group]
@@ -293,6 +295,26 @@ class ShardLoader:
             stage, non_blocking=True
         )
 
+    def _stage_columns(self, group: list[ChunkRead], stage: torch.Tensor, conn: Connector):
+        """All column blocks of one tensor: read back to back into the first half of ``stage``, hashed there,
+        assembled row-major in the second half (a host copy), then ONE H2D copy of the whole tensor."""
+        index = group[0].tensor
+        n = self.plan.tensors[index].nbytes
+        raw, assembled = stage[:n], stage[n : 2 * n]
+        views, pos = [], 0
+        for r in group:
+            views.append(raw[pos : pos + r.nbytes])
+            pos += r.nbytes
+        self._read(
+            conn, [q for r, v in zip(group, views, strict=True) for q in _requests(r, v, conn.max_request_bytes)]
+        )
+        digests = [self._hash(v, r) for r, v in zip(group, views, strict=True)]
+        for r, v in zip(group, views, strict=True):
+            block = self._region(r, flat=assembled)
+            block.copy_(v.view(block.shape))
+        start = self._offsets[index]
+        return digests, lambda: self._arena[start : start + n].copy_(assembled, non_blocking=True)
+
     def _arena_run(self, read: ChunkRead) -> bool:
         return read.direct and read.extract is None
 
@@ -307,12 +329,14 @@ class ShardLoader:
         alignment padding): one H2D copy of the run must never cover bytes of a chunk outside it."""
         groups: list[list[ChunkRead]] = []
         run: list[ChunkRead] = []
+        reads = list(reads)
         for read in reads:
             if not self._arena_run(read):
                 groups += [run] if run else []
                 run = []
-                if groups and not self._arena_run(groups[-1][0]) and groups[-1][0].pieces == read.pieces:
-                    groups[-1].append(read)  # shares the previous chunk's span
+                last = groups[-1] if groups and not self._arena_run(groups[-1][0]) else None
+                if last and (last[0].pieces == read.pieces or self._columns(last + [read], whole=False)):
+                    last.append(read)  # shares the previous chunk's span, or is the next column block
                 else:
                     groups.append([read])
                 continue
@@ -321,7 +345,23 @@ class ShardLoader:
                 groups.append(run)
                 run = []
             run.append(read)
-        return groups + ([run] if run else [])
+        groups += [run] if run else []
+        # column blocks go as one assembled tensor only when the group holds all of them (not in a re-pull)
+        return [
+            g
+            for grp in groups
+            for g in (
+                [grp]
+                if len(grp) == 1 or not self._columns(grp, whole=False) or self._columns(grp)
+                else [[r] for r in grp]
+            )
+        ]
+
+    def _columns(self, group: list[ChunkRead], *, whole: bool = True) -> bool:
+        """A group of column blocks (row-parallel chunks at tp < max_tp) of one tensor, all of them if ``whole``."""
+        first = group[0]
+        same = all(not r.direct and r.extract is None and r.tensor == first.tensor for r in group)
+        return same and (not whole or sum(r.nbytes for r in group) == self.plan.tensors[first.tensor].nbytes)
 
     def _adjacent(self, prev: ChunkRead, read: ChunkRead) -> bool:
         end, start = self._arena_span(prev)[1], self._arena_span(read)[0]
@@ -331,6 +371,8 @@ class ShardLoader:
         return ends_tensor and read.tensor == prev.tensor + 1 and start == self._offsets[read.tensor]
 
     def _group_bytes(self, group: list[ChunkRead]) -> int:
+        if len(group) > 1 and self._columns(group):
+            return 2 * self.plan.tensors[group[0].tensor].nbytes
         if not self._arena_run(group[0]):
             return group[0].read_bytes
         return self._arena_span(group[-1])[1] - self._arena_span(group[0])[0]
@@ -351,10 +393,14 @@ class ShardLoader:
             return f"blake3-mismatch:{got}"
         return got
 
-    def _region(self, read: ChunkRead, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The chunk's place in the rank tensor: a flat slice when contiguous, else an [outer, cols] block."""
+    def _region(
+        self, read: ChunkRead, tensors: dict[str, torch.Tensor] | None = None, *, flat: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The chunk's place in the rank tensor (its arena bytes, ``tensors``' final tensor, or a ``flat`` uint8
+        buffer laid out like it): a flat slice when contiguous, else an [outer, cols] block."""
         slot = self.plan.tensors[read.tensor]
-        flat = self._flat[read.tensor] if tensors is None else tensors[slot.name].reshape(-1).view(torch.uint8)
+        if flat is None:
+            flat = self._flat[read.tensor] if tensors is None else tensors[slot.name].reshape(-1).view(torch.uint8)
         start = read.dest * _inner_bytes(slot)
         if read.direct:
             return flat[start : start + read.nbytes]

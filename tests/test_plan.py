@@ -127,3 +127,25 @@ def test_small_requests_split_chunks_across_batches_and_still_reassemble(llama, 
     for tp in (1, 2):
         loaders = _load(url, model, tp)
         assert_shards_match(original, [(w.tensors, w.metadata()) for w in loaders])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gpu_copy_groups_never_cover_bytes_outside_them(llama, tp):
+    """The GPU path sends each group with one H2D copy: runs must be truly adjacent in the arena, column-block
+    groups must hold all of a tensor's blocks, and a re-pull of some chunks must not drag others along."""
+    url, _ = llama
+    raw = open_connector(url).read("chunked/manifest.json")
+    w = ShardLoader(url, raw, tp, 0, device="cpu")
+    w.prepare()
+    w._allocate()
+    groups = w._groups(w.plan.reads, target=64 << 10)
+    assert sorted((r.tensor, r.chunk) for g in groups for r in g) == sorted((r.tensor, r.chunk) for r in w.plan.reads)
+    for g in groups:
+        if w._arena_run(g[0]):
+            assert all(w._adjacent(a, b) for a, b in zip(g, g[1:], strict=False))
+        elif len(g) > 1:
+            assert w._columns(g), "column blocks travel together only when they are all of the tensor"
+    columns = [g for g in groups if len(g) > 1 and w._columns(g)]
+    assert columns, "row-parallel tensors below max_tp come as column blocks"
+    some = columns[0][::2]  # a re-pull of every other block
+    assert [len(g) for g in w._groups(some)] == [1] * len(some)
