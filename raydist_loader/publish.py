@@ -29,6 +29,24 @@ DEFAULT_MAX_TP = 8
 DEFAULT_PART_BYTES = 1536 << 20
 _WEIGHT_SUFFIX = ".safetensors"
 _SKIP_FILES = {"model.safetensors.index.json"}
+# weights in other formats beside the safetensors (never uploaded as "files")
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def _weight_files(src: Path) -> list[Path]:
+    """The checkpoint's safetensors: those its index names when there is one (so a stray
+    ``consolidated.safetensors`` beside HF shards is left out), else every top-level ``*.safetensors``."""
+    index_file = src / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{index_file} is not a valid safetensors index ({e})") from None
+        missing = [n for n in names if not (src / n).is_file()]
+        if missing:
+            raise ConfigError(f"{index_file} names files that are missing: {missing[:5]}")
+        return [src / n for n in names]
+    return sorted(src.glob(f"*{_WEIGHT_SUFFIX}"))
 
 
 @dataclass
@@ -131,7 +149,7 @@ def _new_manifest(model, version, layout_name, max_tp, algos, rules, config, ten
 def _read_checkpoint(src: Path) -> tuple[list[Path], dict, dict[str, bytes]]:
     if not src.is_dir():
         raise ConfigError(f"checkpoint directory {str(src)!r} does not exist or is not a directory")
-    weights = sorted(src.glob(f"*{_WEIGHT_SUFFIX}"))
+    weights = _weight_files(src)
     if not weights:
         raise ConfigError(
             f"no *.safetensors files in {str(src)!r}: publish takes a Hugging Face checkpoint directory "
@@ -143,7 +161,7 @@ def _read_checkpoint(src: Path) -> tuple[list[Path], dict, dict[str, bytes]]:
         p.name: p.read_bytes()
         for p in sorted(src.iterdir())
         if p.is_file()
-        and not p.name.endswith(_WEIGHT_SUFFIX)
+        and not p.name.endswith((_WEIGHT_SUFFIX, *_OTHER_WEIGHTS))
         and p.name not in _SKIP_FILES
         and not p.name.startswith(".")
     }

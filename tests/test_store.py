@@ -273,3 +273,24 @@ def test_gc_keeps_a_version_replaced_within_the_grace_period_and_newer_ones(tmp_
     assert set(result["deleted"]) == {"m/v20200101000000000-0123abcd/", f"m/{first.version}/"}
     assert f"m/{second.version}/" in result["kept"] and "m/v29990101000000000-0123abcd/" in result["kept"]
     assert rl.verify(url, "m").ok
+
+
+def test_publish_takes_the_shards_the_index_names_and_no_other_weights(tmp_path, checkpoints):
+    """Beside HF shards a checkpoint may hold consolidated.safetensors (Mistral) or *.bin copies: not published."""
+    import shutil
+
+    from safetensors import safe_open
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints["llama"], src)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names,
+                                                                                           "model.safetensors")}))
+    shutil.copy(src / "model.safetensors", src / "consolidated.safetensors")
+    (src / "pytorch_model.bin").write_bytes(b"\0" * 1000)
+    rl.publish(src, f"file://{tmp_path}/store", "m", max_tp=2)
+    manifest = _manifest(f"file://{tmp_path}/store", "m")
+    assert set(manifest.tensors) == set(names)
+    assert "pytorch_model.bin" not in manifest.files and "consolidated.safetensors" not in manifest.files
+    assert rl.verify(f"file://{tmp_path}/store", "m").ok

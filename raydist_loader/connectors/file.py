@@ -13,6 +13,8 @@ from ..errors import BackendError, NotFoundError
 from .base import Buffer, Connector, check_key, short_read
 
 _IOV_MAX = 1024  # Linux limit on buffers per preadv
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def url_to_path(url: str) -> Path:
@@ -80,9 +82,12 @@ class FileConnector(Connector):
         blocks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: workers running as another user must read it
             with os.fdopen(fd, "wb") as f:
                 for block in blocks:
                     f.write(block)
+                f.flush()
+                os.fsync(f.fileno())  # durable before the rename makes it visible (the manifest goes last)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
