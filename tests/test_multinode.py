@@ -39,9 +39,24 @@ def _nodes(report: dict) -> list[str]:
     return [r["node_id"] for r in report["ranks"]]
 
 
-@pytest.mark.parametrize(("placement", "distinct"), [("pack", 1), ("strict_pack", 1), ("spread", 2),
-                                                      ("strict_spread", 2)])
+def _settle(timeout_s: float = 20.0) -> None:
+    """Wait until the cluster's view shows every CPU and GPU free again: SPREAD is best effort and places on the
+    nodes that look free, so a node still counted busy from the previous load would take both ranks elsewhere."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    total = ray.cluster_resources()
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= total[k] for k in ("CPU", "GPU")):
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("placement", "distinct"), [("spread", 2), ("strict_spread", 2), ("pack", 1),
+                                                      ("strict_pack", 1)])
 def test_placement_strategies(cluster, store, placement, distinct):
+    _settle()
     with rl.load_across_cluster("m", store, tp=2, placement=placement, progress=False) as loaded:
         report = loaded.report
     nodes = _nodes(report)
