@@ -483,14 +483,8 @@ def ray_faults(redis_server):
     """One local Ray for this module; its worker processes register faulty+ at start-up."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": "raydist_loader.connectors.faulty.register_all"},
-    )
+    hook = {"worker_process_setup_hook": "raydist_loader.connectors.faulty.register_all"}
+    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, runtime_env=hook)
     yield ray
     ray.shutdown()
 
