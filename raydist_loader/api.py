@@ -14,7 +14,7 @@ import torch
 from .connectors import open_connector
 from .coordinator import Coordinator, LoadOptions
 from .errors import ConfigError, VerificationError
-from .manifest import Manifest, manifest_key, read_manifest
+from .manifest import Manifest, manifest_key, read_manifest_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, coerce_policy
 from .rules import RuleSet
@@ -77,10 +77,8 @@ def open_manifest(
 ) -> tuple[Manifest, bytes]:
     """Read the manifest once (the whole load then reads only its version) and check what the caller pinned."""
     with open_connector(url, **(connector_options or {})) as conn:
-        read_manifest(conn, model)  # validates, and explains a missing model
-        raw = conn.read(manifest_key(model))
+        manifest, raw = read_manifest_bytes(conn, model)  # validates, and explains a missing model
         check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {manifest_key(model)}")
-    manifest = Manifest.from_json(raw)
     if rules is not None:
         wanted = RuleSet.for_checkpoint(manifest.config, rules).fingerprint()
         if wanted != manifest.rules_fingerprint:

@@ -11,8 +11,6 @@ import xxhash
 
 from .errors import MissingDependencyError
 
-ALGORITHMS = ("xxh3_128", "blake3")
-
 
 def xxh3(data: memoryview | bytes) -> str:
     """xxh3-128 hex digest of a byte buffer."""

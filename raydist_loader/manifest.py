@@ -248,11 +248,16 @@ def version_prefix(model: str, version: str) -> str:
 
 def read_manifest(connector, model: str) -> Manifest:
     """Read and validate ``<model>/manifest.json``; a missing one says how to publish or index."""
+    return read_manifest_bytes(connector, model)[0]
+
+
+def read_manifest_bytes(connector, model: str) -> tuple[Manifest, bytes]:
+    """The validated manifest and the exact bytes it was parsed from (to pin with a sha256, or hand to actors)."""
     key = manifest_key(model)
-    size = connector.stat(key)
-    if size is None:
+    if connector.stat(key) is None:
         raise NotFoundError(_missing_message(connector, model))
-    return Manifest.from_json(connector.read(key), where=f"{connector.describe()} {key}")
+    raw = connector.read(key)
+    return Manifest.from_json(raw, where=f"{connector.describe()} {key}"), raw
 
 
 def _missing_message(connector, model: str) -> str:

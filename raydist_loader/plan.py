@@ -7,7 +7,7 @@ chunk on a later dim is a set of strided row pieces that are coalesced into one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 
 from . import digest, dtypes, grid
@@ -94,7 +94,6 @@ class RankPlan:
     tensors: tuple[TensorSlot, ...]
     reads: tuple[ChunkRead, ...]
     expected_digest: str
-    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def bytes_kept(self) -> int:

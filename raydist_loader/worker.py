@@ -24,7 +24,7 @@ from .connectors import Connector, ReadRequest, open_connector
 from .manifest import Manifest
 from .plan import ChunkRead, Extract, RankPlan, TensorSlot, make_plan
 from .pool import run_all
-from .redact import redact_text, redact_url
+from .redact import redact_url
 from .retry import RetryPolicy, coerce_policy
 from .retry import call as with_retries
 
@@ -536,11 +536,6 @@ def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def safe_error(exc: BaseException, url: str) -> str:
-    """An exception as one line with the store's secrets redacted (for reports)."""
-    return redact_text(f"{type(exc).__name__}: {exc}", secrets=(url,)) if url else f"{type(exc).__name__}: {exc}"
 
 
 def shared(reads: Sequence[ChunkRead]) -> list[list[ChunkRead]]:
