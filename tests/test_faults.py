@@ -534,13 +534,18 @@ def test_ray_redis_killed_mid_load_then_restarted(ray_faults, start_redis, ckpts
         assert_shards_match(originals[0], [(loaded.state_dict(r), loaded.metadata(r)) for r in range(2)])
 
 
+def _slow_named_load(redis_server, ckpt):
+    """A tp=2 load with slowed reads and named actors (``raydist:m:<rank>``), running in a thread."""
+    url = fresh_redis(redis_server)
+    rl.publish(ckpt, url, "m", max_tp=2)
+    slow = with_query(url, delay_ms=300, request_bytes=16384)
+    return run_in_thread(lambda: rl.load_across_cluster("m", slow, tp=2, progress=False, hold=True))
+
+
 @pytest.mark.ray
 def test_ray_actor_killed_mid_pull_is_restarted_and_the_load_verifies(ray_faults, redis_server, ckpts, originals):
     ray = ray_faults
-    url = fresh_redis(redis_server)
-    rl.publish(ckpts[0], url, "m", max_tp=2)
-    slow = with_query(url, delay_ms=300, request_bytes=16384)
-    thread, box = run_in_thread(lambda: rl.load_across_cluster("m", slow, tp=2, progress=False, hold=True))
+    thread, box = _slow_named_load(redis_server, ckpts[0])
     victim = _actor(ray, "raydist:m:1")
     ray.kill(victim, no_restart=True)
     thread.join(60)
@@ -555,10 +560,7 @@ def test_ray_actor_killed_mid_pull_is_restarted_and_the_load_verifies(ray_faults
 @pytest.mark.ray
 def test_ray_actor_killed_again_after_its_restart_gives_one_clear_error(ray_faults, redis_server, ckpts):
     ray = ray_faults
-    url = fresh_redis(redis_server)
-    rl.publish(ckpts[0], url, "m", max_tp=2)
-    slow = with_query(url, delay_ms=300, request_bytes=16384)
-    thread, box = run_in_thread(lambda: rl.load_across_cluster("m", slow, tp=2, progress=False, hold=True))
+    thread, box = _slow_named_load(redis_server, ckpts[0])
     first = _actor(ray, "raydist:m:1")
     ray.kill(first, no_restart=True)
     second = _actor(ray, "raydist:m:1", not_id=first._actor_id)

@@ -20,7 +20,7 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 2, "include_dashboard": False})
     c.add_node(num_cpus=1, num_gpus=2)
     c.wait_for_nodes()
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    c.connect()  # the driver joins this simulated cluster (its own address), never a stale one
     yield c
     ray.shutdown()
     c.shutdown()
