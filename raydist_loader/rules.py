@@ -1,7 +1,8 @@
 """Tensor-parallel sharding rules: which dim of each tensor is split, and into which segments.
 
 A :class:`RuleSet` is an ordered list of :class:`Rule` (regex on the tensor name -> style), first match wins.
-Presets exist per config.json ``model_type``; user rules from YAML go in front of a preset and so override it.
+Presets per config.json ``model_type`` are data in :mod:`.presets` (in the rules-YAML form, read through the
+same validation as user rules); user rules from YAML go in front of a preset and so override it.
 Resolving a tensor name + shape against the model's :class:`ModelDims` gives a :class:`TensorRule`: the style,
 the split dim of *this* tensor and its segments (``[q; k; v]``, ``[gate; up]`` or one ``all``), which is what
 the chunk grid, the plans and the manifest are built from. The cuts follow vLLM's parallel layers
@@ -11,6 +12,7 @@ what an engine expects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +25,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from .errors import ConfigError, ManifestError, ShardingError
+from .presets import PRESETS, QKV
 
 Style = Literal["colwise", "rowwise", "vocab", "replicate"]
 Heads = Literal["q", "kv", "none"]
@@ -31,9 +34,6 @@ Default = Literal["error", "replicate"]
 STYLES: tuple[str, ...] = get_args(Style)
 HEADS: tuple[str, ...] = get_args(Heads)
 DEFAULTS: tuple[str, ...] = get_args(Default)
-
-QKV: tuple[str, ...] = ("q", "k", "v")
-GATE_UP: tuple[str, ...] = ("gate", "up")
 
 _SEGMENT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # chunk names are "<tensor>::<segment>.<index>"
 _SCALE_NAME = re.compile(r"^(?P<module>.+)\.(?P<kind>\w*_scale(_inv|_2)?)$")
@@ -248,77 +248,6 @@ def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None
 
 
 # --------------------------------------------------------------------------------------------------------
-# Presets, composed from shared blocks (anchored suffixes: a rule never matches part of a name component)
-
-
-def _suffix(
-    regex: str, style: Style, heads: Heads = "none", segments: tuple[str, ...] = (), transposed: bool = False
-) -> Rule:
-    """A rule on the last name components: ``regex`` must start at a component boundary and end the name."""
-    return Rule(rf"(^|\.){regex}$", style, heads, segments, transposed)
-
-
-_WB = r"\.(weight|bias)"
-# input_layernorm, post_attention_layernorm, model.norm, q_norm/k_norm, ...
-_NORMS = (_suffix(r"\w*norm" + _WB, "replicate"),)
-_VOCAB = (_suffix(r"embed_tokens\.weight", "vocab"), _suffix(r"lm_head\.weight", "vocab"))
-_ATTENTION = (
-    _suffix(r"q_proj" + _WB, "colwise", "q"),
-    _suffix(r"(k|v)_proj" + _WB, "colwise", "kv"),
-    _suffix(r"o_proj" + _WB, "rowwise", "q"),
-)
-_MLP = (  # also matches per-expert (experts.N.gate_proj) and shared-expert MLPs
-    _suffix(r"(gate|up)_proj" + _WB, "colwise"),
-    _suffix(r"down_proj" + _WB, "rowwise"),
-)
-LLAMA: tuple[Rule, ...] = _VOCAB + _ATTENTION + _MLP + _NORMS
-
-_FUSED_DENSE = (  # phi3
-    _suffix(r"qkv_proj" + _WB, "colwise", segments=QKV),
-    _suffix(r"gate_up_proj" + _WB, "colwise", segments=GATE_UP),
-)
-_ROUTERS = (
-    _suffix(r"(mlp|block_sparse_moe)\.gate\.weight", "replicate"),
-    _suffix(r"shared_expert_gate\.weight", "replicate"),
-)
-_FUSED_EXPERTS = (  # transformers 5.x in-memory 3-D experts: gate_up_proj [E, 2I, H], down_proj [E, H, I]
-    _suffix(r"experts\.gate_up_proj(\.weight)?", "colwise", segments=GATE_UP),
-    _suffix(r"experts\.(gate|up)_proj", "colwise"),
-    _suffix(r"experts\.down_proj", "rowwise"),
-)
-_MOE = _ROUTERS + _FUSED_EXPERTS
-_MIXTRAL_EXPERTS = (
-    _suffix(r"experts\.\d+\.w[13]\.weight", "colwise"),
-    _suffix(r"experts\.\d+\.w2\.weight", "rowwise"),
-)
-GPT2: tuple[Rule, ...] = (
-    _suffix(r"wte\.weight", "vocab"),
-    _suffix(r"wpe\.weight", "replicate"),
-    _suffix(r"attn\.c_attn" + _WB, "colwise", segments=QKV, transposed=True),
-    _suffix(r"attn\.c_proj" + _WB, "rowwise", "q", transposed=True),
-    _suffix(r"mlp\.c_fc" + _WB, "colwise", transposed=True),
-    _suffix(r"mlp\.c_proj" + _WB, "rowwise", transposed=True),
-    _suffix(r"attn\.(masked_)?bias", "replicate"),  # causal-mask buffers in older GPT-2 checkpoints
-    _suffix(r"ln_\w+" + _WB, "replicate"),
-    _suffix(r"lm_head\.weight", "vocab"),
-)
-
-PRESETS: dict[str, tuple[Rule, ...]] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,  # q/k/v biases: covered by the (weight|bias) suffixes
-    "qwen3": LLAMA,  # q_norm/k_norm: covered by the norm rule; head_dim from config
-    "gemma": LLAMA,  # head_dim from config; tied embeddings (no lm_head.weight written)
-    "phi3": _FUSED_DENSE + LLAMA,
-    "gpt2": GPT2,
-    "mixtral": _MIXTRAL_EXPERTS + _MOE + LLAMA,
-    "qwen2_moe": _MOE + LLAMA,
-    "qwen3_moe": _MOE + LLAMA,
-}
-"""Rules per config.json ``model_type``."""
-
-
-# --------------------------------------------------------------------------------------------------------
 # Applying a rule to one tensor
 
 
@@ -424,7 +353,7 @@ class RuleSet:
                 f"{', '.join(sorted(PRESETS))}. Pass your own rules (YAML: rules: [{{pattern, "
                 "style, heads, segments, transposed}]) to load other models."
             )
-        return cls(PRESETS[model_type], name=model_type)
+        return cls(_preset_rules(model_type), name=model_type)
 
     @classmethod
     def from_yaml(cls, source: str | Path | Mapping[str, Any], *, base: RuleSet | None = None) -> RuleSet:
@@ -621,6 +550,13 @@ def _rule_from_mapping(item: Any, path: str) -> Rule:
         )
     except _RuleFieldError as exc:
         raise ConfigError(f"{path}.{exc.field_name}: {exc.detail}") from None
+
+
+@functools.cache
+def _preset_rules(model_type: str) -> tuple[Rule, ...]:
+    """The preset of ``model_type`` (rules-YAML form in :mod:`.presets`) as validated :class:`Rule` objects."""
+    specs = PRESETS[model_type]
+    return tuple(_rule_from_mapping(spec, f"presets[{model_type!r}][{i}]") for i, spec in enumerate(specs))
 
 
 def _check_keys(mapping: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:

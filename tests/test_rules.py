@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from raydist_loader.errors import ConfigError, ManifestError, ShardingError
-from raydist_loader.rules import PRESETS, ModelDims, Rule, RuleSet, Segment, TensorRule
+from raydist_loader.presets import PRESETS
+from raydist_loader.rules import ModelDims, Rule, RuleSet, Segment, TensorRule
 from raydist_loader.tiny_models import TINY_DEFAULTS, make_tiny_checkpoint
 
 Shapes = dict[str, tuple[int, ...]]
@@ -141,6 +142,7 @@ def _llama_dims() -> ModelDims:
 
 def test_every_preset_has_a_tiny_model() -> None:
     assert set(PRESETS) == set(TINY_DEFAULTS) == set(EXPECT)
+    assert list(PRESETS) == sorted(PRESETS)  # one entry per model_type, in order
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_DEFAULTS))
