@@ -6,11 +6,15 @@ registry are tested below the contract suite.
 
 from __future__ import annotations
 
+import importlib
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +23,7 @@ import torch
 from raydist_loader import connectors
 from raydist_loader.connectors import Connector, ReadRequest, open_connector, register_connector
 from raydist_loader.connectors.file import FileConnector
-from raydist_loader.errors import BackendError, ConfigError, NotFoundError
+from raydist_loader.errors import BackendError, ConfigError, MissingDependencyError, NotFoundError
 
 MiB = 1 << 20
 TENSOR_KEY = "m/v1/model.layers.0.self_attn.q_proj.weight::q.0"
@@ -227,6 +231,74 @@ def test_register_connector(tmp_path, monkeypatch) -> None:
     register_connector("testlocal", Local)
     conn = open_connector("testlocal://anything")
     assert isinstance(conn, Local) and repr(conn) == "Local('testlocal://anything')"
+
+
+def test_builtin_table_agrees_with_declared_schemes() -> None:
+    """The registry names built-ins lazily; each class must declare exactly the schemes the table gives it."""
+    by_target: dict[str, set[str]] = {}
+    for scheme, (target, _) in connectors._BUILTIN.items():
+        by_target.setdefault(target, set()).add(scheme)
+    for target, schemes in by_target.items():
+        module, _, name = target.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, Connector) and set(cls.schemes) == schemes, target
+        assert all(connectors.connector_class(f"{s}://h/x") is cls for s in schemes)
+
+
+def _install_entry_points(root: Path, monkeypatch: pytest.MonkeyPatch, **eps: str) -> None:
+    """A minimal installed distribution on sys.path whose entry points (group raydist_loader.connectors) are ``eps``."""
+    info = root / "fakeplugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplugin\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in eps.items())
+    (info / "entry_points.txt").write_text(f"[{connectors.ENTRY_POINT_GROUP}]\n{lines}")
+    monkeypatch.syspath_prepend(str(root))
+
+
+def test_entry_point_plugins(tmp_path, monkeypatch) -> None:
+    _install_entry_points(
+        tmp_path / "site",
+        monkeypatch,
+        plugfile="raydist_loader.connectors.file:FileConnector",
+        notaconnector="json:dumps",
+        brokenplug="raydist_loader_no_such_module:Thing",
+    )
+    assert {"plugfile", "notaconnector", "brokenplug"} <= set(connectors.known_schemes())
+    assert connectors.connector_class("plugfile://x") is FileConnector
+    with pytest.raises(ConfigError) as info:
+        open_connector("notaconnector://host/x")
+    message = str(info.value)
+    assert "entry point 'notaconnector' = 'json:dumps'" in message and "fakeplugin" in message
+    assert "not a subclass of raydist_loader.connectors.Connector" in message
+    with pytest.raises(MissingDependencyError, match="entry point 'brokenplug'.*raydist_loader_no_such_module"):
+        open_connector("brokenplug://host/x")
+
+
+def test_register_connector_refuses_a_non_connector() -> None:
+    with pytest.raises(ConfigError, match="register_connector\\('bad', ...\\) gives .*not a subclass"):
+        register_connector("bad", dict)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("url", "extra"), [("s3://bucket/models", "s3"), ("redis://127.0.0.1:1/0", "redis")])
+def test_missing_extra_is_named(tmp_path, url: str, extra: str) -> None:
+    """With boto3 and redis-py not importable, the package still imports and runs (file://), and using a backend
+    whose extra is missing is one CLI error line naming the extra to install."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['boto3'] = None\nsys.modules['redis'] = None\n")
+    env = {"PYTHONPATH": str(hide), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "raydist_loader", *argv], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=120)
+
+    proc = cli("inspect", url, "--model", "m")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raydist-loader: error: "), proc.stderr
+    assert f"pip install 'raydist-loader[{extra}]'" in lines[0]
+    proc = cli("inspect", str(tmp_path / "store"), "--model", "m")  # file:// needs no extra
+    assert proc.returncode == 2 and "publish" in proc.stderr and "raydist-loader[" not in proc.stderr
 
 
 def test_redis_url_secret_never_shown(redis_server) -> None:

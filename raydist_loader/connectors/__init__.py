@@ -1,13 +1,18 @@
-"""Connector registry: URL scheme -> backend class, imported lazily (fsspec-style).
+"""Connector registry: URL scheme -> backend class, imported on first use (fsspec-style).
 
-Built-in schemes are listed in ``_BUILTIN``; plug-ins register through the ``raydist_loader.connectors`` entry-point
-group (name = scheme, value = ``module:Class``) or, in-process, with :func:`register_connector`.
+The built-in backends are named in ``_BUILTIN`` as ``module:Class`` strings, so importing the package never imports
+boto3 or redis; a missing optional dependency surfaces when its scheme is first used, as a
+:class:`MissingDependencyError` naming the extra to install. Each class declares the schemes it serves in
+``Connector.schemes``; tests/test_connectors.py checks that the table and those declarations agree. Plug-ins register
+through the ``raydist_loader.connectors`` entry-point group (name = scheme, value = ``module:Class``) or, in-process,
+with :func:`register_connector`. Lookup order: registered, entry points, built-ins. Whatever a plug-in names must be a
+:class:`Connector` subclass, else a :class:`ConfigError` names where it came from.
 """
 
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from ..errors import ConfigError, MissingDependencyError
 from ..redact import redact_url
@@ -15,7 +20,9 @@ from .base import Connector, ReadRequest
 
 __all__ = ["Connector", "ReadRequest", "open_connector", "register_connector", "known_schemes", "scheme_of"]
 
-# scheme -> ("module:Class", extra that provides its dependencies)
+ENTRY_POINT_GROUP = "raydist_loader.connectors"
+
+# scheme -> ("module:Class", the extra that provides its dependencies); must agree with each class's `schemes`
 _BUILTIN: dict[str, tuple[str, str | None]] = {
     "file": ("raydist_loader.connectors.file:FileConnector", None),
     "redis": ("raydist_loader.connectors.redis:RedisConnector", "redis"),
@@ -26,12 +33,14 @@ _registered: dict[str, type[Connector] | str] = {}
 
 
 def register_connector(scheme: str, target: type[Connector] | str) -> None:
-    """Serve ``scheme://`` URLs with ``target`` (a Connector class or a ``module:Class`` string)."""
+    """Serve ``scheme://`` URLs with ``target`` (a Connector class, or a ``module:Class`` string imported on use)."""
+    if not isinstance(target, str):
+        target = _checked(target, f"register_connector({scheme!r}, ...)")
     _registered[scheme.lower()] = target
 
 
-def _entry_points() -> dict[str, str]:
-    return {ep.name.lower(): ep.value for ep in entry_points(group="raydist_loader.connectors")}
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name.lower(): ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def known_schemes() -> list[str]:
@@ -45,16 +54,33 @@ def scheme_of(url: str) -> str:
     return head.lower() if sep else "file"
 
 
-def _load(target: str, scheme: str, extra: str | None) -> type[Connector]:
+def _checked(obj: object, origin: str) -> type[Connector]:
+    """``obj`` if it is a Connector subclass, else a ConfigError naming ``origin`` (where it was declared)."""
+    if isinstance(obj, type) and issubclass(obj, Connector):
+        return obj
+    raise ConfigError(
+        f"{origin} gives {obj!r}, which is not a subclass of raydist_loader.connectors.Connector; "
+        "point it at a Connector subclass (see raydist_loader/connectors/base.py)"
+    )
+
+
+def _import(target: str, origin: str, hint: str) -> type[Connector]:
+    """Import ``module:Class``; a failed import is a MissingDependencyError ending in ``hint``."""
     module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        obj: object = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
     except ImportError as e:
-        hint = f"pip install 'raydist-loader[{extra}]'" if extra else f"install the package providing {module_name}"
-        raise MissingDependencyError(
-            f"the {scheme}:// connector needs a missing dependency ({e.name or e}): {hint}"
-        ) from None
-    return getattr(module, attr)
+        raise MissingDependencyError(f"{origin} needs a missing dependency ({e.name or e}): {hint}") from None
+    except AttributeError as e:
+        raise ConfigError(f"{origin}: {target!r} cannot be imported ({e})") from None
+    return _checked(obj, origin)
+
+
+def _entry_point_origin(ep: EntryPoint) -> str:
+    dist = f" (from the {ep.dist.name} package)" if ep.dist is not None else ""
+    return f"entry point {ep.name!r} = {ep.value!r} in group {ENTRY_POINT_GROUP!r}{dist}"
 
 
 def connector_class(url: str) -> type[Connector]:
@@ -62,15 +88,22 @@ def connector_class(url: str) -> type[Connector]:
     scheme = scheme_of(url)
     if scheme in _registered:
         target = _registered[scheme]
-        return target if isinstance(target, type) else _load(target, scheme, None)
+        if isinstance(target, type):
+            return target
+        origin = f"the {scheme}:// connector registered as {target!r}"
+        return _import(target, origin, f"install the package providing {target.partition(':')[0]}")
     eps = _entry_points()
     if scheme in eps:
-        return _load(eps[scheme], scheme, None)
+        ep = eps[scheme]
+        dist = ep.dist.name if ep.dist is not None else "the plug-in's package"
+        return _import(f"{ep.module}:{ep.attr}", _entry_point_origin(ep), f"reinstall {dist} with its dependencies")
     if scheme in _BUILTIN:
-        return _load(*_BUILTIN[scheme][:1], scheme, _BUILTIN[scheme][1])
+        target, extra = _BUILTIN[scheme]
+        hint = f"pip install 'raydist-loader[{extra}]'" if extra else "reinstall raydist-loader"
+        return _import(target, f"the {scheme}:// connector", hint)
     raise ConfigError(
         f"unknown store scheme {scheme!r} in {redact_url(url)!r}; known schemes: {', '.join(known_schemes())} "
-        "(a bare path means file://; plug-ins register through the 'raydist_loader.connectors' entry points)"
+        f"(a bare path means file://; plug-ins register through the {ENTRY_POINT_GROUP!r} entry points)"
     )
 
 

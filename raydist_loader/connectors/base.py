@@ -30,7 +30,8 @@ class ReadRequest:
 class Connector(abc.ABC):
     """Base class of every backend. Subclasses set the class attributes and implement the five primitives."""
 
-    #: URL schemes this class serves (the registry maps them here).
+    #: URL schemes this class serves. Built-ins: the registry's lazy table (connectors/__init__.py) must list exactly
+    #: these (a test checks); plug-ins: one entry point per scheme.
     schemes: ClassVar[tuple[str, ...]] = ()
     #: True when publish should pack chunks into safetensors files (file, S3); False for one object per chunk.
     packs_files: ClassVar[bool] = True
