@@ -45,7 +45,7 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------- set-up
 def checkpoint(gb: float) -> Path:
     """A cached transformers-written bf16 Llama of about ``gb`` GB (benchmarks/.data/llama-<gb>gb)."""
-    from raydist_loader.tiny_models import make_big_llama
+    from raydist_loader.testing.tiny_models import make_big_llama
 
     dest = DATA / f"llama-{gb:g}gb"
     if (dest / "config.json").exists() and list(dest.glob("*.safetensors")):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raydist_loader import index, load_shard, publish  # noqa: E402
 from raydist_loader.connectors import register_connector  # noqa: E402
 from raydist_loader.connectors.file import FileConnector  # noqa: E402
-from raydist_loader.tiny_models import make_big_llama  # noqa: E402
+from raydist_loader.testing.tiny_models import make_big_llama  # noqa: E402
 
 
 def _sync() -> None:

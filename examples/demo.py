@@ -17,7 +17,7 @@ import torch
 import raydist_loader as rl
 from raydist_loader.cli import main as cli
 from raydist_loader.cli import print_report
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 HERE = Path(__file__).resolve().parent
 STORE = "file:///tmp/raydist-demo-store"  # the store configs/local-demo.yaml loads from

@@ -234,7 +234,7 @@ def load_shards_in_process(url: str, model: str, tp: int) -> tuple[list[dict], l
 def main(tp: int = 2) -> float:
     """Demo: tiny GQA llama -> temporary file store -> tp shards in this process -> compare with HF."""
     from raydist_loader.publish import publish
-    from raydist_loader.tiny_models import make_tiny_checkpoint
+    from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny_checkpoint("llama", Path(tmp) / "ckpt")  # 8 query heads over 2 kv heads

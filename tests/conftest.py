@@ -237,7 +237,7 @@ def two_llamas(tmp_path_factory: pytest.TempPathFactory):
     """Two tiny bf16 GQA llamas with different weights (a model and its re-publish)."""
     import torch
 
-    from raydist_loader.tiny_models import make_tiny_checkpoint
+    from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("two-llamas")
     return tuple(make_tiny_checkpoint("llama", root / n, dtype=torch.bfloat16, seed=i) for i, n in enumerate("ab"))

@@ -13,7 +13,7 @@ import pytest
 
 import raydist_loader
 from raydist_loader.cli import main
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
 
 MODEL = "tiny-llama"

@@ -20,10 +20,10 @@ import torch
 
 import raydist_loader as rl
 from raydist_loader import connectors
-from raydist_loader.connectors import faulty
 from raydist_loader.errors import BackendError, RaydistError, VerificationError
 from raydist_loader.manifest import Manifest, manifest_key, read_manifest
 from raydist_loader.plan import expected_digests, make_plan
+from raydist_loader.testing import faulty
 from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, expected_slice, original_tensors
@@ -483,7 +483,7 @@ def ray_faults(redis_server):
     """One local Ray for this module; its worker processes register faulty+ at start-up."""
     import ray
 
-    hook = {"worker_process_setup_hook": "raydist_loader.connectors.faulty.register_all"}
+    hook = {"worker_process_setup_hook": "raydist_loader.testing.faulty.register_all"}
     ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False, runtime_env=hook)
     yield ray
     ray.shutdown()

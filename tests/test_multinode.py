@@ -9,7 +9,7 @@ from ray.cluster_utils import Cluster
 
 import raydist_loader as rl
 from raydist_loader.errors import PlacementError
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.ray
 

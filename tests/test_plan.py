@@ -13,7 +13,7 @@ from raydist_loader.errors import ShardingError
 from raydist_loader.grid import padded_vocab
 from raydist_loader.manifest import Manifest
 from raydist_loader.plan import make_plan
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, original_tensors

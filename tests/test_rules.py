@@ -13,7 +13,7 @@ from safetensors import safe_open
 from raydist_loader.errors import ConfigError, ManifestError, ShardingError
 from raydist_loader.presets import PRESETS
 from raydist_loader.rules import ModelDims, Rule, RuleSet, Segment, TensorRule
-from raydist_loader.tiny_models import TINY_DEFAULTS, make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import TINY_DEFAULTS, make_tiny_checkpoint
 
 Shapes = dict[str, tuple[int, ...]]
 

@@ -18,11 +18,11 @@ import torch
 
 import raydist_loader as rl
 from raydist_loader import digest
-from raydist_loader.connectors import faulty
 from raydist_loader.connectors.redis import RedisConnector
 from raydist_loader.coordinator import Coordinator, LoadOptions
 from raydist_loader.errors import BackendError, VerificationError
 from raydist_loader.manifest import Manifest, manifest_key, read_manifest
+from raydist_loader.testing import faulty
 from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, original_tensors
@@ -270,6 +270,25 @@ def test_the_checker_catches_each_banned_use(tmp_path, monkeypatch):
                    "torch.load('x')\neval('1')\nexec('x=1')\nyaml.load('a')\nnp.load('f', allow_pickle=True)\n")
     hits = _banned_uses(bad)
     assert len(hits) == 7, hits
+
+
+def test_the_product_never_imports_its_test_helpers():
+    """raydist_loader.testing (tiny models, the faulty+ connector) serves tests; no product module depends on it."""
+    hits = []
+    for path in _source_files():
+        if path.is_relative_to(PACKAGE / "testing"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # a relative import is taken from the package root
+                base = ".".join(["raydist_loader"] * bool(node.level) + [node.module] * bool(node.module))
+                modules = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            if any(m.startswith("raydist_loader.testing") for m in modules):
+                hits.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not hits, f"product modules import raydist_loader.testing: {hits}"
 
 
 # --------------------------------------------------------------------------------------------- tamper evidence

@@ -14,7 +14,7 @@ from raydist_loader.connectors import Connector, open_connector, register_connec
 from raydist_loader.connectors.file import FileConnector
 from raydist_loader.errors import ConfigError, ManifestError, NotFoundError, ShardingError
 from raydist_loader.manifest import Manifest, read_manifest
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

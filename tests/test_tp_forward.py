@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from raydist_loader.publish import publish
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .shards import load_example, rerandomise
 

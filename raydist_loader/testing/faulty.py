@@ -20,14 +20,14 @@ instance. Parameters (all optional; the others go to the wrapped URL untouched):
 Example: ``faulty+redis://127.0.0.1:6379/0?fail=2&fail_error=loading&delay_ms=20``.
 
 Registration: in-process with :meth:`FaultyConnector.register`; in Ray worker processes through
-``ray.init(runtime_env={"worker_process_setup_hook": "raydist_loader.connectors.faulty.register_all"})``; or for
+``ray.init(runtime_env={"worker_process_setup_hook": "raydist_loader.testing.faulty.register_all"})``; or for
 every process through entry points (``pyproject.toml``)::
 
     [project.entry-points."raydist_loader.connectors"]
-    "faulty+file" = "raydist_loader.connectors.faulty:FaultyConnector"
-    "faulty+redis" = "raydist_loader.connectors.faulty:FaultyConnector"
-    "faulty+rediss" = "raydist_loader.connectors.faulty:FaultyConnector"
-    "faulty+s3" = "raydist_loader.connectors.faulty:FaultyConnector"
+    "faulty+file" = "raydist_loader.testing.faulty:FaultyConnector"
+    "faulty+redis" = "raydist_loader.testing.faulty:FaultyConnector"
+    "faulty+rediss" = "raydist_loader.testing.faulty:FaultyConnector"
+    "faulty+s3" = "raydist_loader.testing.faulty:FaultyConnector"
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ..connectors import open_connector, register_connector
+from ..connectors.base import Buffer, Connector, ReadRequest
 from ..errors import BackendError, ConfigError, NotFoundError
-from .base import Buffer, Connector, ReadRequest
 
 PREFIX = "faulty+"
 SCHEMES = ("file", "redis", "rediss", "s3")
@@ -93,8 +94,6 @@ class FaultyConnector(Connector):
 
     def __init__(self, url: str, **options: object):
         super().__init__(url)
-        from . import open_connector
-
         inner_url, params = split_url(url)
         self.plan = FaultPlan(params)
         self.inner = open_connector(inner_url, **options)
@@ -113,8 +112,6 @@ class FaultyConnector(Connector):
     @classmethod
     def register(cls, schemes: Iterable[str] = SCHEMES) -> None:
         """Serve ``faulty+<scheme>://`` in this process (tests call it; Ray workers via :func:`register_all`)."""
-        from . import register_connector
-
         for scheme in schemes:
             register_connector(PREFIX + scheme, f"{__name__}:{cls.__name__}")
 

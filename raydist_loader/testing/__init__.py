@@ -1,0 +1,6 @@
+"""Test helpers that ship with the package, kept out of the product's own modules.
+
+Nothing in ``raydist_loader`` outside this package imports it. ``tiny_models``: tiny random checkpoints written by
+transformers itself (needs the ``test`` extra's transformers), for tests, the demo and benchmarks. ``faulty``: the
+``faulty+<scheme>://`` connector wrapper that fails, delays or corrupts chosen reads, for fault-injection tests.
+"""
