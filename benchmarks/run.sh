@@ -17,11 +17,19 @@ import importlib.util, sys
 sys.exit(0 if all(importlib.util.find_spec(m) for m in ("runai_model_streamer", "runai_model_streamer_s3", "matplotlib")) else 1)
 PY
 
-# s3rver (npm) in benchmarks/.node
-if [ ! -x benchmarks/.node/node_modules/.bin/s3rver ]; then
+# s3rver (npm), pinned by benchmarks/node/package-lock.json, into benchmarks/node/node_modules (gitignored).
+# Reinstalled with `npm ci` whenever it is missing, older than the lockfile, or cannot load (a partial copy).
+NODE_DIR=benchmarks/node
+s3rver_ready() {
+  [ -x "$NODE_DIR/node_modules/.bin/s3rver" ] \
+    && [ "$NODE_DIR/node_modules/.package-lock.json" -nt "$NODE_DIR/package-lock.json" ] \
+    && (cd "$NODE_DIR" && node -e 'require("s3rver")') >/dev/null 2>&1
+}
+if ! s3rver_ready; then
   command -v npm >/dev/null || { echo "[run.sh] npm is needed for s3rver: apt-get install -y nodejs npm" >&2; exit 1; }
-  mkdir -p benchmarks/.node
-  npm install --no-audit --no-fund --prefix benchmarks/.node s3rver
+  echo "[run.sh] installing s3rver from $NODE_DIR/package-lock.json (npm ci)"
+  (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  s3rver_ready || { echo "[run.sh] s3rver still cannot load after npm ci in $NODE_DIR" >&2; exit 1; }
 fi
 
 # redis-server (Debian package)

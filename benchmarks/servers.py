@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-S3RVER = HERE / ".node" / "node_modules" / ".bin" / "s3rver"
+S3RVER = HERE / "node" / "node_modules" / ".bin" / "s3rver"
 S3_KEY = "S3RVER"  # s3rver's fixed credentials
 S3_REGION = "us-east-1"
 
@@ -83,7 +83,10 @@ def start_redis() -> Server:
 
 def start_s3rver(bucket: str) -> Server:
     if not S3RVER.exists():
-        raise RuntimeError(f"{S3RVER} is missing: run `bash benchmarks/run.sh` (it runs npm install s3rver)")
+        raise RuntimeError(
+            f"{S3RVER} is missing: run `bash benchmarks/run.sh` (it installs s3rver with `npm ci` from "
+            "benchmarks/node/package-lock.json)"
+        )
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-s3rver-"))
     argv = [
