@@ -7,12 +7,12 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   echo "[run.sh] creating .venv (CPU torch first, then the package with its test extras)"
   python3 -m venv .venv
-  .venv/bin/pip install torch==2.13.0
-  .venv/bin/pip install -e '.[test]'
+  .venv/bin/python -m pip install torch==2.13.0
+  .venv/bin/python -m pip install -e '.[test]'
 fi
 
 # The peers and the chart library (quiet when already installed).
-.venv/bin/python - <<'PY' || .venv/bin/pip install runai-model-streamer runai-model-streamer-s3 matplotlib
+.venv/bin/python - <<'PY' || .venv/bin/python -m pip install runai-model-streamer runai-model-streamer-s3 matplotlib
 import importlib.util, sys
 sys.exit(0 if all(importlib.util.find_spec(m) for m in ("runai_model_streamer", "runai_model_streamer_s3", "matplotlib")) else 1)
 PY
