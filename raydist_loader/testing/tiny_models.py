@@ -71,7 +71,7 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """Config overrides per ``model_type`` for :func:`make_tiny_checkpoint`; the keys are the supported types."""
 
-# Hidden sizes make_big_llama tries, largest first (head_dim 64 throughout).
+# Hidden sizes make_big_llama tries, largest first (head_dim 64, or hidden / 8 below 512: always >= 8 heads).
 _BIG_HIDDEN_SIZES = (4096, 2048, 1024, 512, 256, 128, 64)
 
 # A small but valid WordLevel tokenizer (the ``tokenizers`` library loads it). Non-ASCII entries make sure
@@ -106,6 +106,7 @@ def make_big_llama(dest: str | Path, target_bytes: int, dtype: torch.dtype = tor
 
     The shape is chosen like a real Llama (see :func:`big_llama_config`): the largest hidden size that still
     leaves at least four layers, GQA with up to 8 kv heads, head_dim 64, vocab 32000, untied ``lm_head``.
+    Small targets keep 8 heads (head_dim hidden / 8), so every size publishes at the default max_tp 8.
     Targets below about 10 MB give the smallest shape (about 8 MB in bf16).
     """
     config = big_llama_config(target_bytes, torch.tensor([], dtype=dtype).element_size())
@@ -126,13 +127,14 @@ def big_llama_config(target_bytes: int, element_size: int = 2) -> dict[str, Any]
 def _llama_shape(hidden: int, vocab: int) -> dict[str, int]:
     """Parameter counts of a Llama of this hidden size: ``fixed`` (embeddings, norm) and ``per_layer``."""
     heads, kv_heads, inter = _llama_dims(hidden)
-    attn = 2 * hidden * hidden + 2 * hidden * kv_heads * 64
+    attn = 2 * hidden * hidden + 2 * hidden * kv_heads * (hidden // heads)
     return {"fixed": 2 * vocab * hidden + hidden, "per_layer": attn + 3 * hidden * inter + 2 * hidden}
 
 
 def _llama_dims(hidden: int) -> tuple[int, int, int]:
-    """(heads, kv heads, intermediate size) for ``hidden`` with head_dim 64, like Llama's 8/3 MLP ratio."""
-    heads = max(1, hidden // 64)
+    """(heads, kv heads, intermediate size) for ``hidden``: head_dim 64 but at least 8 heads (so that max_tp 8
+    cuts every size), and Llama's 8/3 MLP ratio."""
+    heads = max(8, hidden // 64)
     return heads, min(heads, 8), 256 * math.ceil(8 * hidden / 3 / 256)
 
 
