@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: a venv in .venv with the CPU torch that lies on disk (pinned FIRST: an
-# unpinned torch makes pip pull a multi-GB CUDA build), the package with its extras, and redis-server from Debian.
+# unpinned torch makes pip pull a multi-GB CUDA build), the package with its extras, and redis-server and npm from
+# Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,9 +12,12 @@ fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
 .venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch, ray, redis, boto3, moto, transformers; print('python deps ok: torch', torch.__version__)"
-if ! command -v redis-server >/dev/null 2>&1; then
+MISSING=""
+command -v redis-server >/dev/null 2>&1 || MISSING="$MISSING redis-server"
+command -v npm >/dev/null 2>&1 || MISSING="$MISSING nodejs npm"  # the benchmark's s3rver (tests/test_benchmark.py)
+if [ -n "$MISSING" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get install -y -qq $MISSING >/dev/null
 fi
 redis-server --version

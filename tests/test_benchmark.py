@@ -1,0 +1,51 @@
+"""The benchmark's one command works on a fresh checkout (issue 12): tracked files only, a tiny size, one backend.
+
+A fresh clone has no ``benchmarks/node/node_modules`` and no cached checkpoint, so ``run.sh`` must install s3rver
+from the tracked lockfile (``npm ci``), generate the model, publish it to s3rver and time every way. The copy shares
+the running interpreter's venv (a symlink) so that only the benchmark's own set-up is exercised, not a Python install.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tracked_copy(dest: Path) -> None:
+    """What ``git clone`` would give, with the working tree's current contents (uncommitted edits included)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src = REPO / name
+        if src.is_file():  # a tracked file deleted in the working tree is left out, as a commit would
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+@pytest.mark.slow
+def test_benchmark_one_command_on_a_fresh_checkout(tmp_path: Path) -> None:
+    if not (REPO / ".git").exists() or sys.prefix == sys.base_prefix:
+        pytest.skip("needs a git checkout and a venv to share with the copy")
+    checkout = tmp_path / "checkout"
+    _tracked_copy(checkout)
+    assert not (checkout / "benchmarks" / "node" / "node_modules").exists()
+    (checkout / ".venv").symlink_to(sys.prefix)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        ["bash", "benchmarks/run.sh", "--gb", "0.02", "--runs", "1", "--backends", "s3", "--out", str(out)],
+        cwd=checkout, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "npm ci" in proc.stdout  # installed from the lockfile, as a new user's first run does
+    result = json.loads((out / "latest.json").read_text())
+    ways = {w["way"]: w for w in result["ways"].values() if w["backend"] == "s3"}
+    assert {"ours tp=1", "ours tp=2", "boto3 8x16MiB ranges", "Run:ai streamer"} <= set(ways)
+    assert all(w["gbps"] > 0 for w in ways.values())
+    assert ways["ours tp=1"]["bytes"] >= 0.9 * result["meta"]["checkpoint_bytes"]  # the whole model moved at tp=1
+    assert (out / "latest.png").stat().st_size > 0
