@@ -37,11 +37,7 @@ def test_benchmark_one_command_on_a_fresh_checkout(tmp_path: Path) -> None:
     assert not (checkout / "benchmarks" / "node" / "node_modules").exists()
     (checkout / ".venv").symlink_to(sys.prefix)
     out = tmp_path / "results"
-    proc = subprocess.run(
-        ["bash", "benchmarks/run.sh", "--gb", "0.02", "--runs", "1", "--backends", "s3", "--out", str(out)],
-        cwd=checkout, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    proc = _run_sh(checkout, "--gb", "0.02", "--runs", "1", "--backends", "s3", "--out", str(out))
     assert "npm ci" in proc.stdout  # installed from the lockfile, as a new user's first run does
     result = json.loads((out / "latest.json").read_text())
     ways = {w["way"]: w for w in result["ways"].values() if w["backend"] == "s3"}
@@ -49,3 +45,18 @@ def test_benchmark_one_command_on_a_fresh_checkout(tmp_path: Path) -> None:
     assert all(w["gbps"] > 0 for w in ways.values())
     assert ways["ours tp=1"]["bytes"] >= 0.9 * result["meta"]["checkpoint_bytes"]  # the whole model moved at tp=1
     assert (out / "latest.png").stat().st_size > 0
+
+    # A partial node_modules (the defect of issue 12: every dist/ folder dropped) is reinstalled, not trusted.
+    dist = checkout / "benchmarks" / "node" / "node_modules" / "path-to-regexp" / "dist"
+    shutil.rmtree(dist)
+    assert "npm ci" in _run_sh(checkout, "--help").stdout  # set-up only: bench.py --help exits at once
+    assert (dist / "index.js").is_file()
+
+
+def _run_sh(checkout: Path, *args: str) -> subprocess.CompletedProcess:
+    """``bash benchmarks/run.sh ARGS`` in ``checkout``; it must succeed."""
+    proc = subprocess.run(
+        ["bash", "benchmarks/run.sh", *args], cwd=checkout, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc
