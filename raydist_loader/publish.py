@@ -17,7 +17,7 @@ import numpy as np
 from . import digest, dtypes, grid
 from . import manifest as mf
 from .connectors import Connector, open_connector
-from .errors import ConfigError, NotFoundError
+from .errors import ConfigError
 from .pool import run_all
 from .repo import DEFAULT_MAX_FILE_BYTES, RepoFiles, SkippedFile, select
 from .rules import ModelDims, RuleSet, TensorRule
@@ -325,12 +325,7 @@ def index(
     started = time.perf_counter()
     mf.check_model_name(model)
     with open_connector(url, **(connector_options or {})) as conn:
-        if not any(True for _ in conn.list(f"{model}/")):
-            raise NotFoundError(
-                f"nothing under {model}/ in {conn.describe()}: index expects the checkpoint's files at "
-                f"<store>/{model}/ (model.safetensors or shards + model.safetensors.index.json)"
-            )
-        repo = select(conn, f"{model}/", f"{conn.describe()} {model}", max_file_bytes=max_file_bytes)
+        repo = select(conn, f"{model}/", f"{conn.describe()}/{model}", max_file_bytes=max_file_bytes)
         config = repo.config
         entries = [e for key in repo.weights for e in _keyed(read_header(conn, key), key)]
         ruleset = RuleSet.for_checkpoint(config, rules)

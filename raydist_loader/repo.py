@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 
 from .connectors import Connector
-from .errors import ConfigError
+from .errors import ConfigError, NotFoundError
 from .manifest import VERSION_RE, is_safe_file_name
 
 INDEX = "model.safetensors.index.json"
@@ -98,6 +98,11 @@ def select(conn: Connector, prefix: str, where: str, *, max_file_bytes: int = DE
     ``max_file_bytes``); the store's own ``manifest.json`` and version folders under the prefix are ignored.
     """
     names, folders = _listing(conn, prefix)
+    if not names and not folders:
+        raise NotFoundError(
+            f"no files at {where}: expected a Hugging Face checkpoint there (config.json with model.safetensors, or "
+            f"{INDEX} and the shards it names)"
+        )
     weights = _weights(conn, prefix, names, where, max_file_bytes)
     if CONFIG not in names:
         raise ConfigError(f"{where} has no config.json: the sharding rules are chosen by its model_type")

@@ -151,7 +151,9 @@ class _Refusals:
 
     def __init__(self, cuts, max_tp: int):
         self._max_tp = max_tp
-        self._kinds = {(c.rule, c.entry.shape): c.entry.name for c in cuts}
+        self._kinds: dict[tuple, str] = {}
+        for c in cuts:
+            self._kinds.setdefault((c.rule, c.entry.shape), c.entry.name)  # named by its first tensor
 
     def why(self, tp: int) -> str | None:
         for (rule, shape), name in self._kinds.items():
