@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dtypes, grid
-from .errors import ConfigError, RaydistError
+from .errors import ConfigError, MissingDependencyError, RaydistError
 from .publish import DEFAULT_MAX_TP, plan_cuts
 from .rules import RuleSet
 from .safetensors_io import Entry
@@ -92,10 +92,16 @@ def meta_entries(config: Mapping[str, Any]) -> list[Entry]:
 
 def _meta_state_dict(config: Mapping[str, Any]) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"--config-only builds the model with transformers >= 5 ({e}): pip install 'raydist-loader[sizing]'"
+        ) from None
 
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:

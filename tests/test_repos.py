@@ -16,7 +16,7 @@ from raydist_loader.cli import main
 from raydist_loader.connectors import open_connector
 from raydist_loader.connectors.file import FileConnector
 from raydist_loader.connectors.s3 import S3Connector
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .shards import assert_shards_match
 

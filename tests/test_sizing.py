@@ -11,7 +11,7 @@ import torch
 
 import raydist_loader as rl
 from raydist_loader.cli import main
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 BF16 = 2
 # config.json of each model as published on the Hugging Face hub (the fields that matter, values verbatim)
