@@ -1,7 +1,7 @@
 """raydist_loader: a Ray-distributed, verified loader for tensor-parallel model weights.
 
 Entry points: ``load_across_cluster``, ``load_shard`` (Ray imported on first use), ``publish``, ``index``,
-``inspect``, ``verify``, ``pull_files``, ``gc``.
+``inspect``, ``inspect_config`` (size a model from its config.json alone), ``verify``, ``pull_files``, ``gc``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .errors import (
 from .files import pull_files
 from .gc import gc
 from .publish import index, publish
+from .sizing import inspect_config
 from .summary import inspect
 from .verify import manifest_sha256, verify
 
@@ -36,6 +37,7 @@ __all__ = [
     "publish",
     "index",
     "inspect",
+    "inspect_config",
     "verify",
     "manifest_sha256",
     "pull_files",

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError, RaydistError, VerificationError
 from .redact import redact_text, redact_url
+from .repo import DEFAULT_MAX_FILE_BYTES
 from .summary import human_bytes
 
 PROG = "raydist-loader"
@@ -125,9 +126,9 @@ class _UsageError(Exception):
         self.parser = parser
 
 
-def _store_args(p: argparse.ArgumentParser, *, url_optional: bool = False) -> None:
+def _store_args(p: argparse.ArgumentParser, *, url_optional: str | None = None) -> None:
     if url_optional:
-        p.add_argument("url", nargs="?", metavar="URL", help="store URL (or give --config)")
+        p.add_argument("url", nargs="?", metavar="URL", help=f"store URL (or give {url_optional})")
     else:
         p.add_argument("url", metavar="URL", help="store URL: file:///dir, a path, s3://bucket/prefix, "
                        "redis://[user@]host:port/db, rediss://...")
@@ -142,6 +143,9 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
                    help="finest tensor-parallel size the store will serve (default 8)")
     p.add_argument("--rules", metavar="FILE", help="sharding rules YAML overriding the model_type preset")
     p.add_argument("--blake3", action="store_true", help="also record blake3 digests (tamper evidence)")
+    p.add_argument("--max-file-bytes", type=_positive_int, default=DEFAULT_MAX_FILE_BYTES, metavar="N",
+                   help="largest config/tokenizer file recorded for pull-files (default 64 MiB); larger ones "
+                        "are skipped and listed")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -160,9 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p)
     _publish_args(p)
 
-    p = sub.add_parser("inspect", help="show what the store holds for a model (and per-rank bytes with --tp)")
-    _store_args(p)
+    p = sub.add_parser("inspect", help="show what the store holds for a model (and per-rank bytes with --tp)",
+                       description="Give URL --model NAME, or --config-only CONFIG.json to size a model that is "
+                                   "not published yet (meta tensors built from its config; needs transformers).")
+    _store_args(p, url_optional="--config-only")
     p.add_argument("--tp", type=_positive_int, metavar="N", help="also show what each of N ranks moves")
+    p.add_argument("--config-only", metavar="CONFIG.json",
+                   help="size the model a Hugging Face config.json describes: per-rank bytes and what is refused")
+    p.add_argument("--max-tp", type=_positive_int, metavar="N", help="with --config-only: the max_tp to publish "
+                   "with (default 8, or --tp when it does not divide 8)")
+    p.add_argument("--rules", metavar="FILE", help="with --config-only: sharding rules YAML over the preset")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     p = sub.add_parser("verify", help="re-read every chunk and file and check the recorded digests")
@@ -179,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("load", help="load a model across a Ray cluster (one actor per TP rank) and verify it",
                        description="Give URL --model NAME --tp N, or --config FILE (flags then override it).")
-    _store_args(p, url_optional=True)
+    _store_args(p, url_optional="--config")
     p.add_argument("--config", metavar="FILE", help="deployment config YAML (see configs/)")
     p.add_argument("--tp", type=_positive_int, metavar="N", help="tensor-parallel size")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -246,7 +257,7 @@ def _cmd_publish(args: argparse.Namespace, out: _Out) -> int:
 
     options = _connector_options(args, out)
     result = publish(args.src_dir, args.url, args.model, max_tp=args.max_tp, rules=args.rules,
-                     digests=_digests(args), connector_options=options)
+                     digests=_digests(args), connector_options=options, max_file_bytes=args.max_file_bytes)
     _print_publish(result, args, out, "published")
     return EXIT_OK
 
@@ -256,7 +267,7 @@ def _cmd_index(args: argparse.Namespace, out: _Out) -> int:
 
     options = _connector_options(args, out)
     result = index(args.url, args.model, max_tp=args.max_tp, rules=args.rules, digests=_digests(args),
-                   connector_options=options)
+                   connector_options=options, max_file_bytes=args.max_file_bytes)
     _print_publish(result, args, out, "indexed")
     return EXIT_OK
 
@@ -272,6 +283,12 @@ def _print_publish(result, args: argparse.Namespace, out: _Out, verb: str) -> No
     out.print(f"{verb} {result.model} version {result.version} ({result.layout}) to {result.url}: "
               f"{result.tensors} tensors, {result.chunks} chunks, {result.objects} objects, "
               f"{human_bytes(result.bytes)} in {result.seconds:.2f} s ({result.gbps:.2f} GB/s)")
+    out.print(f"  files for pull-files: {', '.join(result.files) or '-'}")
+    if result.skipped:
+        out.print(f"  skipped {len(result.skipped)} (not read):")
+    for s in result.skipped:
+        size = "" if s.nbytes is None else f" ({human_bytes(s.nbytes)})"
+        out.print(f"    {s.name}{size}: {s.reason}")
     for warning in result.warnings:
         out.err(f"{PROG}: warning: {warning}")
 
@@ -279,11 +296,25 @@ def _print_publish(result, args: argparse.Namespace, out: _Out, verb: str) -> No
 def _cmd_inspect(args: argparse.Namespace, out: _Out) -> int:
     from .summary import inspect, render
 
-    summary = inspect(args.url, args.model, tp=args.tp, connector_options=_connector_options(args, out))
+    if args.config_only:
+        if args.url or args.model:
+            raise ConfigError("inspect: give URL --model NAME, or --config-only CONFIG.json, not both")
+        from .sizing import inspect_config
+
+        summary = inspect_config(args.config_only, tp=args.tp, max_tp=args.max_tp, rules=args.rules)
+    else:
+        missing = [flag for flag, value in (("URL", args.url), ("--model", args.model)) if not value]
+        if missing or args.max_tp or args.rules:
+            raise ConfigError(f"inspect: missing {', '.join(missing)}" if missing else
+                              "inspect: --max-tp and --rules go with --config-only (a store records its own)")
+        summary = inspect(args.url, args.model, tp=args.tp, connector_options=_connector_options(args, out))
     if args.json:
         out.json(summary)
     else:
         out.print(render(summary))
+    if summary.get("refused"):
+        out.err(f"{PROG}: error: {summary['model']} cannot be served as asked: {summary['refused']}")
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -178,6 +178,8 @@ def _segment_spans(kept: list[grid.Chunk]) -> dict[str, tuple[int, int]]:
 
 
 def _chunk_read(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, index, dest, direct, gap, run) -> ChunkRead:
+    if not c.nbytes:  # a zero-size tensor (any dim 0): nothing to read, nothing to place; its digest is of b""
+        return ChunkRead(index, c.id, 0, c.xxh3, (), None, dest, True, c.blake3)
     pieces, extract = _source_pieces(rec, rule, c, gap, run)
     return ChunkRead(index, c.id, c.nbytes, c.xxh3, pieces, extract, dest, direct, c.blake3)
 

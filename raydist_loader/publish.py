@@ -6,7 +6,6 @@ last, so a half-written model is never taken for a complete one (a reader sees t
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -18,8 +17,9 @@ import numpy as np
 from . import digest, dtypes, grid
 from . import manifest as mf
 from .connectors import Connector, open_connector
-from .errors import ConfigError, NotFoundError
+from .errors import ConfigError
 from .pool import run_all
+from .repo import DEFAULT_MAX_FILE_BYTES, RepoFiles, SkippedFile, select
 from .rules import ModelDims, RuleSet, TensorRule
 from .safetensors_io import Entry, layout, read_header, stream
 
@@ -27,26 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TP = 8
 DEFAULT_PART_BYTES = 1536 << 20
-_WEIGHT_SUFFIX = ".safetensors"
-_SKIP_FILES = {"model.safetensors.index.json"}
-# weights in other formats beside the safetensors (never uploaded as "files")
-_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-
-def _weight_files(src: Path) -> list[Path]:
-    """The checkpoint's safetensors: those its index names when there is one (so a stray
-    ``consolidated.safetensors`` beside HF shards is left out), else every top-level ``*.safetensors``."""
-    index_file = src / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"{index_file} is not a valid safetensors index ({e})") from None
-        missing = [n for n in names if not (src / n).is_file()]
-        if missing:
-            raise ConfigError(f"{index_file} names files that are missing: {missing[:5]}")
-        return [src / n for n in names]
-    return sorted(src.glob(f"*{_WEIGHT_SUFFIX}"))
 
 
 @dataclass
@@ -63,6 +43,8 @@ class PublishResult:
     seconds: float
     objects: int
     warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # recorded for pull_files
+    skipped: list[SkippedFile] = field(default_factory=list)  # repo entries neither weights nor recorded
 
     @property
     def gbps(self) -> float:
@@ -79,7 +61,8 @@ class _Cut:
 
 
 # ------------------------------------------------------------------------------------------ shared pieces
-def _plan_cuts(entries: Sequence[Entry], config: dict, rules: RuleSet, max_tp: int) -> list[_Cut]:
+def plan_cuts(entries: Sequence[Entry], config: dict, rules: RuleSet, max_tp: int) -> list[_Cut]:
+    """Every tensor with its rule and chunks at ``max_tp`` (publish, index and config-only sizing share this)."""
     dims = ModelDims.from_config(config)
     resolved = rules.resolve_all({e.name: e.shape for e in entries}, dims)
     grid.check_max_tp(resolved, {e.name: e.shape for e in entries}, max_tp)
@@ -146,30 +129,14 @@ def _new_manifest(model, version, layout_name, max_tp, algos, rules, config, ten
 
 
 # ------------------------------------------------------------------------------------------ publish
-def _read_checkpoint(src: Path) -> tuple[list[Path], dict, dict[str, bytes]]:
+def _read_checkpoint(src: Path, max_file_bytes: int) -> RepoFiles:
+    """The checkpoint directory's weights (keys relative to ``src``), config and engine files (see repo.py)."""
+    from .connectors.file import FileConnector
+
     if not src.is_dir():
         raise ConfigError(f"checkpoint directory {str(src)!r} does not exist or is not a directory")
-    weights = _weight_files(src)
-    if not weights:
-        raise ConfigError(
-            f"no *.safetensors files in {str(src)!r}: publish takes a Hugging Face checkpoint directory "
-            "(save_pretrained(..., safe_serialization=True) writes one)"
-        )
-    if not (src / "config.json").is_file():
-        raise ConfigError(f"{str(src)!r} has no config.json: the sharding rules are chosen by its model_type")
-    files = {
-        p.name: p.read_bytes()
-        for p in sorted(src.iterdir())
-        if p.is_file()
-        and not p.name.endswith((_WEIGHT_SUFFIX, *_OTHER_WEIGHTS))
-        and p.name not in _SKIP_FILES
-        and not p.name.startswith(".")
-    }
-    try:
-        config = json.loads(files["config.json"])
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{src / 'config.json'} is not valid JSON: {e}") from None
-    return weights, config, files
+    with FileConnector(str(src.resolve())) as local:
+        return select(local, "", str(src), max_file_bytes=max_file_bytes)
 
 
 def _local_entries(weights: list[Path]) -> tuple[list[Entry], dict[str, np.ndarray]]:
@@ -198,18 +165,23 @@ def publish(
     part_bytes: int = DEFAULT_PART_BYTES,
     concurrency: int = 4,
     connector_options: dict | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> PublishResult:
     """Publish the HF checkpoint in ``src_dir`` to store ``url`` as ``model`` (chunked layout, new version).
 
     ``rules`` (YAML path or dict) override the preset chosen by config.json's model_type; ``max_tp`` is the finest
-    tp the store will serve (every divisor that the tensors allow is served too).
+    tp the store will serve (every divisor that the tensors allow is served too). The weights are the files
+    ``model.safetensors.index.json`` names (else ``model.safetensors``); config/tokenizer files up to
+    ``max_file_bytes`` are stored for ``pull_files``; the result lists everything skipped.
     """
     started = time.perf_counter()
     mf.check_model_name(model)
-    weights, config, files = _read_checkpoint(Path(src_dir))
-    entries, raw = _local_entries(weights)
+    src = Path(src_dir)
+    repo = _read_checkpoint(src, max_file_bytes)
+    config, files = repo.config, repo.files
+    entries, raw = _local_entries([src / w for w in repo.weights])
     ruleset = RuleSet.for_checkpoint(config, rules)
-    cuts = _plan_cuts(entries, config, ruleset, max_tp)
+    cuts = plan_cuts(entries, config, ruleset, max_tp)
     version = mf.new_version(f"{model}{ruleset.fingerprint()}{max_tp}")
     prefix = mf.version_prefix(model, version)
     with open_connector(url, **(connector_options or {})) as conn:
@@ -236,6 +208,8 @@ def publish(
         time.perf_counter() - started,
         n_objects,
         warnings,
+        sorted(files),
+        repo.skipped,
     )
 
 
@@ -340,38 +314,27 @@ def index(
     rules: str | Path | dict | None = None,
     digests: Sequence[str] = ("xxh3_128",),
     connector_options: dict | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> PublishResult:
     """Record an in-place manifest for the HF checkpoint stored under ``<url>/<model>/`` (files left untouched).
 
-    Reads every tensor once to hash its chunks; a later load reads byte ranges of the original files.
+    Reads every tensor once to hash its chunks; a later load reads byte ranges of the original files. Files are
+    chosen as by :func:`publish` (weights the index names; engine files up to ``max_file_bytes``; the rest
+    skipped, unread, and listed in the result).
     """
     started = time.perf_counter()
     mf.check_model_name(model)
     with open_connector(url, **(connector_options or {})) as conn:
-        keys = [k for k in conn.list(f"{model}/") if "/" not in k[len(model) + 1 :]]
-        weights = [k for k in keys if k.endswith(_WEIGHT_SUFFIX)]
-        if not weights:
-            raise NotFoundError(
-                f"no *.safetensors under {model}/ in {conn.describe()}: index expects the checkpoint's files at "
-                f"<store>/{model}/ (model.safetensors or shards + model.safetensors.index.json)"
-            )
-        if f"{model}/config.json" not in keys:
-            raise ConfigError(f"no {model}/config.json in {conn.describe()}: the rules are chosen by its model_type")
-        config = json.loads(conn.read(f"{model}/config.json"))
-        entries = [e for key in weights for e in _keyed(read_header(conn, key), key)]
+        repo = select(conn, f"{model}/", f"{conn.describe()}/{model}", max_file_bytes=max_file_bytes)
+        config = repo.config
+        entries = [e for key in repo.weights for e in _keyed(read_header(conn, key), key)]
         ruleset = RuleSet.for_checkpoint(config, rules)
-        cuts = _plan_cuts([e for e, _ in entries], config, ruleset, max_tp)
+        cuts = plan_cuts([e for e, _ in entries], config, ruleset, max_tp)
         sources = dict(entries)
         tensors = {c.entry.name: _index_tensor(conn, c, sources[c.entry], digests) for c in cuts}
-        files = {
-            k[len(model) + 1 :]: conn.read(k)
-            for k in keys
-            if not k.endswith(_WEIGHT_SUFFIX)
-            and not k.endswith("/manifest.json")
-            and k[len(model) + 1 :] not in _SKIP_FILES
-        }
         file_recs = {
-            n: mf.FileRecord(object=f"{model}/{n}", nbytes=len(d), **_digests(d, digests)) for n, d in files.items()
+            n: mf.FileRecord(object=f"{model}/{n}", nbytes=len(d), **_digests(d, digests))
+            for n, d in repo.files.items()
         }
         version = mf.new_version(f"{model}{ruleset.fingerprint()}{[(e.name, e.offset) for e, _ in entries]}")
         manifest = _new_manifest(model, version, "inplace", max_tp, digests, ruleset, config, tensors, file_recs)
@@ -387,6 +350,8 @@ def index(
         manifest.total_bytes,
         time.perf_counter() - started,
         len(manifest.objects()),
+        files=sorted(repo.files),
+        skipped=repo.skipped,
     )
 
 

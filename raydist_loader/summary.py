@@ -65,11 +65,14 @@ def _rank_row(manifest: Manifest, tp: int, rank: int, gap: int) -> dict:
 def render(summary: dict, max_rows: int = 40) -> str:
     """Human-readable text of :func:`inspect`'s summary."""
     s = summary
+    version = f" version {s['version']}" if s.get("version") else ""
     lines = [
-        f"model {s['model']} version {s['version']} ({s['layout']}) in {s['store']}",
+        f"model {s['model']}{version} ({s['layout']}) in {s['store']}",
         f"  {len(s['tensors'])} tensors, {human_bytes(s['bytes'])}, max_tp {s['max_tp']}, serves tp {s['served_tp']}, "
-        f"digests {', '.join(s['digests'])}, rules {s['rules']}",
-        f"  files: {', '.join(s['files']) or '-'}",
+        + (f"digests {', '.join(s['digests'])}, " if s["digests"] else "")
+        + f"rules {s['rules']}"
+        + (f", quantization {s['quantization']}" if s.get("quantization") else ""),
+        *([] if s["layout"] == "config-only" else [f"  files: {', '.join(s['files']) or '-'}"]),
         f"  {'tensor':<56} {'dtype':<9} {'shape':<18} {'style':<9} {'dim':>3} {'chunks':>6}",
     ]
     for t in s["tensors"][:max_rows]:
@@ -86,6 +89,9 @@ def render(summary: dict, max_rows: int = 40) -> str:
                 f"  {'':>8} {r['rank']:>4} {human_bytes(r['bytes']):>12} {human_bytes(r['split_bytes']):>12} "
                 f"{human_bytes(r['replicated_bytes']):>12} {r['reads']:>6}"
             )
+    lines += [f"  note: {n}" for n in s.get("notes", [])]
+    if s.get("refused"):
+        lines.append(f"  refused: {s['refused']}")
     return "\n".join(lines)
 
 

@@ -166,7 +166,9 @@ class ShardLoader:
         """Read the chunks, hash each as it completes, place it. Returns (tensor index, chunk) -> digest."""
         concurrency = max(1, self._concurrency or self.connector.default_concurrency)
         pull = self._pull_staged if self.device.type == "cuda" else self._pull_direct
-        digests = pull(reads, concurrency)
+        empty = torch.empty(0, dtype=torch.uint8)  # zero-size tensors: no bytes to read or place
+        digests = {(r.tensor, r.chunk): self._hash(empty, r) for r in reads if not r.nbytes}
+        digests.update(pull([r for r in reads if r.nbytes], concurrency))
         self._expose()
         if self.verify == "full":
             digests = {(r.tensor, r.chunk): self._hash(self._region(r, self.tensors)) for r in reads}
@@ -185,7 +187,7 @@ class ShardLoader:
         big = [g for g in groups if g[0].read_bytes > limit]
         slots = _Ring(concurrency if staged else 0, limit, pin=False)
         ring = _Ring(min(2, len(big)), max((g[0].read_bytes for g in big), default=0), pin=False)
-        digests = {(x.read.tensor, x.read.chunk): self._hash(x.buffer, x.read) for x in direct if not x.read.nbytes}
+        digests: dict[tuple[int, str], str] = {}
 
         def run(task: _Batch | list[ChunkRead]) -> None:
             if isinstance(task, list):
