@@ -142,17 +142,18 @@ def ours_ray(url: str, tp: int, verify: bool = True, concurrency: int | None = N
     finally:
         loaded.shutdown()
     wait_exit(pids)
-    total = loaded.report["total"]
+    total = loaded.report.total
     ranks = [
-        {k: r[k] for k in ("rank", "bytes", "bytes_read", "staged_bytes", "chunks", "started", "finished", "seconds")}
-        | {"peak_rss": rss[r["rank"]]}
-        for r in loaded.report["ranks"]
+        {k: getattr(r, k) for k in ("rank", "bytes", "bytes_read", "staged_bytes", "chunks", "started", "finished")}
+        | {"seconds": r.seconds}
+        | {"peak_rss": rss[r.rank]}
+        for r in loaded.report.ranks
     ]
     first = min(r["started"] for r in ranks)
     return {
-        "bytes": total["bytes"],
-        "seconds": total["seconds"],
-        "time_to_ready_s": total["time_to_ready_s"],
+        "bytes": total.bytes,
+        "seconds": total.seconds,
+        "time_to_ready_s": total.time_to_ready_s,
         # the report's time_to_ready_s ends when the actors are submitted; their processes boot after that
         "first_read_s": first - t_call,
         "start_skew_s": max(r["started"] for r in ranks) - first,
@@ -165,7 +166,7 @@ def ours_inproc(url: str) -> int:
     from raydist_loader import load_shard
 
     shard = load_shard(MODEL, url, 1, 0, device="cpu")
-    return shard.report["bytes"]
+    return shard.report.bytes
 
 
 def idle_actor_rss() -> int:

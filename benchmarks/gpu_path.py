@@ -59,7 +59,7 @@ def check_correctness(url: str, model: str) -> dict:
         for rank in range(tp):
             cpu = load_shard(model, url, tp, rank, device="cpu").tensors
             gpu = load_shard(model, url, tp, rank, device="cuda", verify="full")
-            assert gpu.report["failures"] == [] and gpu.report["digest"] == gpu.report["expected_digest"]
+            assert gpu.report.failures == [] and gpu.report.digest == gpu.report.expected_digest
             for name, t in cpu.items():
                 g = gpu.tensors[name]
                 assert g.is_cuda and g.dtype == t.dtype and g.shape == t.shape, name
@@ -123,10 +123,10 @@ def main() -> int:
         for name, fn in ways.items():
             seconds, out = _timed(fn)
             if sizes[name] is None:
-                sizes[name] = out.report["bytes"]
+                sizes[name] = out.report.bytes
             if name == "ours_h2d_stage_only":  # steady state: the pull phase alone, without per-load set-up
-                pulls.append(out.report["phases"]["pull_s"])
-                setups.append(seconds - out.report["phases"]["pull_s"])
+                pulls.append(out.report.phases["pull_s"])
+                setups.append(seconds - out.report.phases["pull_s"])
             times[name].append(seconds)
             del out
             torch.cuda.empty_cache()

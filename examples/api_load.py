@@ -33,7 +33,7 @@ def main() -> None:
     print(rl.inspect(args.url, args.model, tp=args.tp, connector_options=options)["ranks"])
     with rl.load_across_cluster(args.model, args.url, tp=args.tp, ray_address=args.ray_address,
                                 connector_options=options) as loaded:
-        total = loaded.report["total"]
+        total = loaded.report.total
         print(f"{total['bytes'] / 1e9:.2f} GB in {total['seconds']:.2f} s ({total['gbps']:.2f} GB/s), "
               f"verified={loaded.report['verified']}, ready after {total['time_to_ready_s']:.1f} s")
         for row in loaded.run(describe_shard, "model.layers.0.self_attn."):

@@ -223,7 +223,7 @@ def load_shards_in_process(url: str, model: str, tp: int) -> tuple[list[dict], l
     for rank in range(tp):
         loader = ShardLoader(url, raw, tp, rank)
         report = loader.load()
-        if report["failures"]:
+        if report.failures:
             raise RuntimeError(f"rank {rank}: digest mismatch {report['failures']}")
         shards.append(loader.tensors)
         metas.append(loader.metadata())

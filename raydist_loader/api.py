@@ -13,22 +13,22 @@ import torch
 
 from .connectors import open_connector
 from .coordinator import Coordinator, LoadOptions
-from .errors import ConfigError, VerificationError
+from .errors import ConfigError
 from .manifest import Manifest, manifest_key, read_manifest_bytes
-from .redact import redact_url
+from .report import LoadReport, RankReport, check_verified
 from .retry import RetryPolicy, coerce_policy
 from .rules import RuleSet
-from .verify import check_manifest_sha256, describe_failures
+from .verify import check_manifest_sha256
 from .worker import ShardLoader, Verify
 
 
 class LoadedModel:
     """A verified load: every rank's shard lives in its actor. Use ``run`` to hand the shards to an engine."""
 
-    def __init__(self, coordinator: Coordinator, report: dict):
+    def __init__(self, coordinator: Coordinator, report: LoadReport):
         self._coordinator = coordinator
         self.report = report
-        self.model, self.tp = report["model"], report["tp"]
+        self.model, self.tp = report.model, report.tp
 
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """``fn(rank, tensors, *args)`` on every rank, next to its shard; results in rank order."""
@@ -60,10 +60,10 @@ class LoadedModel:
         self.shutdown()
 
     def __repr__(self) -> str:
-        total = self.report["total"]
+        total = self.report.total
         return (
-            f"LoadedModel({self.model!r}, tp={self.tp}, {total['bytes'] / 1e9:.2f} GB, "
-            f"{total['gbps']:.2f} GB/s, verified={self.report['verified']})"
+            f"LoadedModel({self.model!r}, tp={self.tp}, {total.bytes / 1e9:.2f} GB, "
+            f"{total.gbps:.2f} GB/s, verified={self.report.verified})"
         )
 
 
@@ -147,30 +147,7 @@ def load_across_cluster(
     except BaseException:
         coordinator.shutdown()
         raise
-    return LoadedModel(coordinator, build_report(manifest, url, tp, reports, ready, bool(verify)))
-
-
-def build_report(manifest: Manifest, url: str, tp: int, reports: list[dict], ready_s: float, verified: bool) -> dict:
-    """Per-rank reports plus the aggregate: GB/s = all shard bytes / (last rank done - first read started)."""
-    started = min(r["started"] for r in reports)
-    finished = max(r["finished"] for r in reports)
-    nbytes = sum(r["bytes"] for r in reports)
-    seconds = max(finished - started, 1e-9)
-    return {
-        "model": manifest.model,
-        "version": manifest.version,
-        "tp": tp,
-        "store": redact_url(url),
-        "ranks": reports,
-        "verified": verified,
-        "total": {
-            "bytes": nbytes,
-            "bytes_read": sum(r["bytes_read"] for r in reports),
-            "seconds": seconds,
-            "gbps": nbytes / seconds / 1e9,
-            "time_to_ready_s": ready_s,
-        },
-    }
+    return LoadedModel(coordinator, LoadReport.gather(reports, ready, bool(verify)))
 
 
 @dataclass
@@ -179,7 +156,7 @@ class Shard:
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, dict]
-    report: dict
+    report: RankReport
 
 
 def load_shard(
@@ -208,14 +185,10 @@ def load_shard(
     )
     try:
         report = loader.load()
-        if verify and report["failures"]:
-            report = loader.repull([(f["tensor"], f["chunk"]) for f in report["failures"]])
-        if verify and (report["failures"] or report["digest"] != report["expected_digest"]):
-            raise VerificationError(
-                f"rank {rank} of model {model!r} failed verification after one re-pull: "
-                + describe_failures(report["failures"]),
-                report["failures"],
-            )
+        if verify and report.failures:
+            report = loader.repull([(f["tensor"], f["chunk"]) for f in report.failures])
+        if verify:
+            check_verified(model, [report])
         return Shard(loader.tensors, loader.metadata(), report)
     finally:
         loader.close()

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
-from .errors import ConfigError, RaydistError, VerificationError
+from .errors import ConfigError, RaydistError, VerificationError, describe_failures
 from .redact import redact_text, redact_url
 from .repo import DEFAULT_MAX_FILE_BYTES
+from .report import LoadReport
 from .summary import human_bytes
 
 PROG = "raydist-loader"
@@ -319,7 +320,7 @@ def _cmd_inspect(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
-    from .verify import describe_failures, verify
+    from .verify import verify
 
     result = verify(args.url, args.model, concurrency=args.concurrency,
                     connector_options=_connector_options(args, out))
@@ -369,9 +370,9 @@ def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
     try:
         report = loaded.report
         if report_path:
-            _write_report(report_path, report, out)
+            _write_report(report_path, report.to_dict(), out)
         if args.json:
-            out.json(report)
+            out.json(report.to_dict())
         else:
             _print_report(report, out)
             if report_path:
@@ -433,7 +434,7 @@ def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | Non
     return kwargs, args.report or report, bool(args.hold or hold)
 
 
-def _write_report(path: str, report: Any, out: _Out) -> None:
+def _write_report(path: str, report: dict, out: _Out) -> None:
     text = out.clean(json.dumps(_jsonable(report), indent=2, default=str))
     try:
         Path(path).expanduser().write_text(text + "\n", encoding="utf-8")
@@ -445,33 +446,29 @@ _COLUMNS = (("rank", ">"), ("host", "<"), ("gpu", "<"), ("device", "<"), ("bytes
             ("seconds", ">"), ("GB/s", ">"), ("digest", "<"))
 
 
-def _report_rows(report: dict) -> list[list[str]]:
+def _report_rows(report: LoadReport) -> list[list[str]]:
     rows = []
-    for r in report.get("ranks", []):
-        gpus = r.get("gpu_ids") or []
-        failures = r.get("failures") or []
-        digest, expected = r.get("digest"), r.get("expected_digest")
-        if failures:
-            state = f"FAILED ({len(failures)})"
-        elif digest and expected:
-            state = "ok" if digest == expected else "MISMATCH"
-        else:
+    for r in report.ranks:
+        if r.failures:
+            state = f"FAILED ({len(r.failures)})"
+        elif not r.verify:
             state = "not checked"
+        else:
+            state = "ok" if r.digest == r.expected_digest else "MISMATCH"
         rows.append([
-            str(r.get("rank", "?")), str(r.get("host", "") or ""), ",".join(str(g) for g in gpus) or "-",
-            str(r.get("device", "") or ""), human_bytes(r.get("bytes") or 0), human_bytes(r.get("bytes_read") or 0),
-            f"{r.get('seconds') or 0:.2f}", f"{r.get('gbps') or 0:.2f}", state,
+            str(r.rank), r.host, ",".join(r.gpu_ids) or "-", r.device, human_bytes(r.bytes),
+            human_bytes(r.bytes_read), f"{r.seconds:.2f}", f"{r.gbps:.2f}", state,
         ])
     return rows
 
 
-def _print_report(report: dict, out: _Out) -> None:
+def _print_report(report: LoadReport, out: _Out) -> None:
     rows = _report_rows(report)
-    total = report.get("total") or {}
-    head = (f"{report.get('model')} version {report.get('version')} tp={report.get('tp')} "
-            f"from {report.get('store')}: " + ("verified" if report.get("verified") else "NOT verified"))
-    foot = (f"total {human_bytes(total.get('bytes') or 0)} in {total.get('seconds') or 0:.2f} s "
-            f"({total.get('gbps') or 0:.2f} GB/s); ready in {total.get('time_to_ready_s') or 0:.2f} s")
+    total = report.total
+    head = (f"{report.model} version {report.version} tp={report.tp} "
+            f"from {report.store}: " + ("verified" if report.verified else "NOT verified"))
+    foot = (f"total {human_bytes(total.bytes)} in {total.seconds:.2f} s "
+            f"({total.gbps:.2f} GB/s); ready in {total.time_to_ready_s:.2f} s")
     if _use_rich():
         from rich.console import Console
         from rich.markup import escape
@@ -496,7 +493,7 @@ def _print_report(report: dict, out: _Out) -> None:
     out.print(foot)
 
 
-def print_report(report: dict) -> None:
+def print_report(report: LoadReport) -> None:
     """Print a load report as the per-rank summary table ``raydist-loader load`` shows (secrets redacted)."""
     _print_report(report, _Out())
 

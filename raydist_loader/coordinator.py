@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PlacementError, RaydistError, VerificationError
+from .errors import PlacementError, RaydistError
 from .manifest import Manifest
 from .plan import expected_digests
 from .redact import redact_text, redact_url
+from .report import RankReport, check_verified
 from .retry import RetryPolicy
-from .verify import describe_failures
 from .worker import ShardLoader
 
 STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
@@ -159,7 +159,7 @@ class Coordinator:
         return has
 
     # ---------------------------------------------------------------- load + verify
-    def load(self) -> list[dict]:
+    def load(self) -> list[RankReport]:
         """Every rank pulls its shard; returns the reports in rank order, verified (one re-pull of bad chunks)."""
         import ray
 
@@ -176,7 +176,7 @@ class Coordinator:
             reports = self._verify(reports, ray)
         return reports
 
-    def _gather(self, refs: list) -> list[dict]:
+    def _gather(self, refs: list) -> list[RankReport]:
         """Wait for every rank; a rank whose actor died is restarted (``max_restarts`` times), any other failure
         raises at once naming the rank. Never returns with a rank missing."""
         import ray
@@ -208,15 +208,13 @@ class Coordinator:
                     raise RaydistError(f"rank {rank} failed: {self._clean(e)}") from None
         reports = ray.get(refs)
         for report in reports:
-            report["restarts"] = restarts[report["rank"]]
+            report.restarts = restarts[report.rank]
         return reports
 
-    def _verify(self, reports: list[dict], ray) -> list[dict]:
-        bad = [r for r in reports if r["digest"] != self.expected[r["rank"]] or r["failures"]]
+    def _verify(self, reports: list[RankReport], ray) -> list[RankReport]:
+        bad = [r for r in reports if r.digest != self.expected[r.rank] or r.failures]
         if bad:  # re-pull the wrong chunks once: a corruption in transit heals, one in the store does not
-            refs = [
-                self.actors[r["rank"]].repull.remote([(f["tensor"], f["chunk"]) for f in r["failures"]]) for r in bad
-            ]
+            refs = [self.actors[r.rank].repull.remote([(f["tensor"], f["chunk"]) for f in r.failures]) for r in bad]
             try:
                 again = ray.get(refs, timeout=self.options.timeout_s)
             except Exception as e:  # noqa: BLE001 - a rank that died or hung while re-pulling fails the load
@@ -224,21 +222,11 @@ class Coordinator:
                     f"re-pulling the chunks that failed verification did not finish: {self._clean(e)}"
                 ) from None
             for r in again:
-                first = reports[r["rank"]]
-                reports[r["rank"]] = {
-                    **r,
-                    "repulled": len(first["failures"]),
-                    "started": first["started"],
-                    "seconds": first["seconds"] + r["seconds"],
-                    "restarts": first.get("restarts", 0),
-                }
-        failures = [f for r in reports for f in r["failures"]]
-        wrong = [r["rank"] for r in reports if r["digest"] != self.expected[r["rank"]]]
-        if failures or wrong:
-            detail = describe_failures(failures) if failures else f"ranks {wrong} have unexpected digests"
-            raise VerificationError(
-                f"model {self.manifest.model!r} failed verification after one re-pull: {detail}", failures
-            )
+                first = reports[r.rank]
+                r.repulled, r.started, r.restarts = len(first.failures), first.started, first.restarts
+                r.seconds += first.seconds
+                reports[r.rank] = r
+        check_verified(self.manifest.model, reports, self.expected)
         return reports
 
     def _progress(self, stop: threading.Event) -> threading.Thread:

@@ -40,11 +40,25 @@ class BackendError(RaydistError, OSError):
 
 
 class VerificationError(RaydistError):
-    """Bytes that landed differ from the digests recorded at publish time."""
+    """Bytes that landed differ from the digests recorded at publish time. ``failures`` holds one record per wrong
+    chunk or file (``rank`` when known, ``tensor`` and ``chunk`` or ``file``, ``expected`` and ``got`` or
+    ``error``); :func:`describe_failures` prints them."""
 
     def __init__(self, message: str, failures: list[dict] | None = None):
         super().__init__(message)
         self.failures = failures or []
+
+
+def describe_failures(failures: list[dict], limit: int = 10) -> str:
+    """One line per failure: rank (when known), tensor and chunk (or file), and why."""
+    lines = []
+    for f in failures[:limit]:
+        where = f"rank {f['rank']}: " if "rank" in f else ""
+        what = f"file {f['file']}" if "file" in f else f"tensor {f['tensor']} chunk {f['chunk']}"
+        why = f["error"] if "error" in f else f"digest {f['got']} != expected {f['expected']}"
+        lines.append(f"{where}{what}: {why}")
+    more = f" (+{len(failures) - limit} more)" if len(failures) > limit else ""
+    return f"{len(failures)} chunk(s) failed verification{more}:\n  " + "\n  ".join(lines)
 
 
 class PlacementError(RaydistError):

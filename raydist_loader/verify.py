@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from . import digest
 from .connectors import open_connector
-from .errors import RaydistError, VerificationError
+from .errors import RaydistError, VerificationError, describe_failures
 from .manifest import Manifest, manifest_key, read_manifest
 from .plan import ChunkRead, make_plan
 from .pool import run_all
@@ -111,15 +111,3 @@ def _check_files(conn, manifest: Manifest) -> list[dict]:
         if got != rec.xxh3:
             out.append({"file": name, "expected": rec.xxh3, "got": got, "objects": [rec.object]})
     return out
-
-
-def describe_failures(failures: list[dict], limit: int = 10) -> str:
-    """One line per failure: rank (when known), tensor and chunk (or file), and why."""
-    lines = []
-    for f in failures[:limit]:
-        where = f"rank {f['rank']}: " if "rank" in f else ""
-        what = f"file {f['file']}" if "file" in f else f"tensor {f['tensor']} chunk {f['chunk']}"
-        why = f["error"] if "error" in f else f"digest {f['got']} != expected {f['expected']}"
-        lines.append(f"{where}{what}: {why}")
-    more = f" (+{len(failures) - limit} more)" if len(failures) > limit else ""
-    return f"{len(failures)} chunk(s) failed verification{more}:\n  " + "\n  ".join(lines)

@@ -25,6 +25,7 @@ from .manifest import Manifest
 from .plan import ChunkRead, Extract, RankPlan, TensorSlot, make_plan
 from .pool import run_all
 from .redact import redact_url
+from .report import RankReport
 from .retry import RetryPolicy, coerce_policy
 from .retry import call as with_retries
 
@@ -103,7 +104,7 @@ class ShardLoader:
             self.plan = make_plan(self.manifest, self.tp, self.rank, coalesce_gap=self.connector.coalesce_gap)
         return self.node()
 
-    def load(self) -> dict:
+    def load(self) -> RankReport:
         """Pull this rank's shard; returns the report (digests included). Never raises on a digest mismatch:
         the report lists the failed chunks so the caller can re-pull them."""
         started = time.time()
@@ -117,7 +118,7 @@ class ShardLoader:
         self._phases = {"plan_s": t1 - t0, "alloc_s": t2 - t1, "pull_s": t3 - t2}
         return self._report(digests, started, t3 - t0)
 
-    def repull(self, chunks: Sequence[tuple[str, str]]) -> dict:
+    def repull(self, chunks: Sequence[tuple[str, str]]) -> RankReport:
         """Read the named (tensor, chunk id) pairs again (after a digest mismatch) and return a fresh report."""
         assert self.plan is not None, "load() first"
         wanted = set(chunks)
@@ -423,7 +424,7 @@ class ShardLoader:
                 else torch.empty(slot.shape, dtype=dtypes.torch_dtype(slot.dtype), device=self.device)
             )
 
-    def _report(self, digests: dict[tuple[int, str], str], started: float, seconds: float) -> dict:
+    def _report(self, digests: dict[tuple[int, str], str], started: float, seconds: float) -> RankReport:
         plan = self.plan
         self._digests = digests
         failures = [
@@ -437,33 +438,31 @@ class ShardLoader:
             for r in plan.reads
             if digests.get((r.tensor, r.chunk)) != r.xxh3
         ]
-        rank_digest = digest.rank_digest(digests.get((r.tensor, r.chunk), "") for r in plan.reads)
         node = self.node()
-        return {
-            "rank": self.rank,
-            "tp": self.tp,
-            "model": plan.model,
-            "version": plan.version,
-            "host": node["host"],
-            "node_id": node["node_id"],
-            "gpu_ids": node["gpu_ids"],
-            "device": str(self.device),
-            "store": redact_url(self._url),
-            "bytes": plan.bytes_kept,
-            "bytes_read": plan.bytes_read,
-            "staged_bytes": sum(r.nbytes for r in plan.reads if not r.direct or r.extract),
-            "chunks": len(plan.reads),
-            "started": started,
-            "finished": started + seconds,
-            "seconds": seconds,
-            "gbps": plan.bytes_kept / seconds / 1e9 if seconds else 0.0,
-            "verify": self.verify,
-            "digest": rank_digest,
-            "expected_digest": plan.expected_digest,
-            "failures": failures,
-            "errors": [],
-            "phases": dict(getattr(self, "_phases", {})),  # plan_s, alloc_s, pull_s of the last load
-        }
+        return RankReport(
+            rank=self.rank,
+            tp=self.tp,
+            model=plan.model,
+            version=plan.version,
+            host=node["host"],
+            node_id=node["node_id"],
+            gpu_ids=node["gpu_ids"],
+            device=str(self.device),
+            store=redact_url(self._url),
+            bytes=plan.bytes_kept,
+            bytes_read=plan.bytes_read,
+            staged_bytes=sum(r.nbytes for r in plan.reads if not r.direct or r.extract),
+            chunks=len(plan.reads),
+            started=started,
+            finished=started + seconds,
+            seconds=seconds,
+            gbps=plan.bytes_kept / seconds / 1e9 if seconds else 0.0,
+            verify=self.verify,
+            digest=digest.rank_digest(digests.get((r.tensor, r.chunk), "") for r in plan.reads),
+            expected_digest=plan.expected_digest,
+            failures=failures,
+            phases=dict(getattr(self, "_phases", {})),  # plan_s, alloc_s, pull_s of the last load
+        )
 
 
 def _requests(read: ChunkRead, buf: torch.Tensor, max_bytes: int):

@@ -13,6 +13,7 @@ import pytest
 
 import raydist_loader
 from raydist_loader.cli import main
+from raydist_loader.report import LoadReport, RankReport
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
 
@@ -254,7 +255,7 @@ def test_help_exits_0(capsys):
 
 # ------------------------------------------------------------------------------------------ load wiring
 class _FakeLoaded:
-    def __init__(self, report: dict):
+    def __init__(self, report: LoadReport):
         self.report = report
         self.shut = False
 
@@ -271,13 +272,11 @@ def _fake_api(monkeypatch: pytest.MonkeyPatch) -> dict:
 
     def load_across_cluster(model, url, **kwargs):
         calls.update(model=model, url=url, **kwargs)
-        ranks = [{"rank": r, "host": "node-a", "node_id": "n1", "gpu_ids": [r], "device": "cpu",
-                  "bytes": 1000, "bytes_read": 1000, "seconds": 0.5, "gbps": 0.002, "digest": "d",
-                  "expected_digest": "d", "failures": []} for r in range(kwargs["tp"])]
-        report = {"model": model, "version": "v1", "tp": kwargs["tp"], "store": url, "ranks": ranks,
-                  "total": {"bytes": 1000 * kwargs["tp"], "seconds": 0.5, "gbps": 0.004,
-                            "time_to_ready_s": 2.0},
-                  "verified": True}
+        ranks = [RankReport(rank=r, tp=kwargs["tp"], model=model, version="v1", host="node-a", node_id="n1",
+                            gpu_ids=[str(r)], device="cpu", store=url, bytes=1000, bytes_read=1000, staged_bytes=0,
+                            chunks=3, started=100.0, finished=100.5, seconds=0.5, gbps=0.002, verify=True,
+                            digest="d", expected_digest="d") for r in range(kwargs["tp"])]
+        report = LoadReport.gather(ranks, ready_s=2.0, verified=True)
         calls["loaded"] = _FakeLoaded(report)
         return calls["loaded"]
 

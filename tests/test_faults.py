@@ -115,7 +115,7 @@ def test_transient_read_faults_are_retried_and_the_load_verifies(redis_server, c
     try:
         report = ld.load()
         assert ld.connector.failures_injected == 3
-        assert not report["failures"] and report["digest"] == report["expected_digest"]
+        assert not report.failures and report.digest == report.expected_digest
         assert_rank_matches(originals[0], ld.tensors, ld.metadata())
     finally:
         ld.close()
@@ -170,7 +170,7 @@ def test_redis_killed_mid_load_gives_a_clear_error_then_loads_after_restart(star
 
     server.start()  # same port, same data (append-only file)
     shard = rl.load_shard("m", base, 2, 0, device="cpu", connector_options={"password": PW})
-    assert shard.report["digest"] == shard.report["expected_digest"] and not shard.report["failures"]
+    assert shard.report.digest == shard.report.expected_digest and not shard.report.failures
     assert_rank_matches(originals[0], shard.tensors, shard.metadata)
 
 
@@ -186,7 +186,7 @@ def test_redis_restarted_during_a_load_is_ridden_out_by_retries(start_redis, ckp
     thread.join(30)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     report = box["value"]
-    assert not report["failures"] and report["digest"] == report["expected_digest"]
+    assert not report.failures and report.digest == report.expected_digest
     assert_rank_matches(originals[0], ld.tensors, ld.metadata())
     ld.close()
 
@@ -278,7 +278,7 @@ def test_s3_5xx_on_some_reads_is_retried_and_verifies(s3_store, ckpts, originals
         via = f"{url}?endpoint_url={proxy.endpoint}"
         shard = rl.load_shard("m", via, 2, 1, device="cpu", concurrency=1)
         assert proxy.faults == 2, f"only {proxy.faults} faults injected over {proxy.ranged} ranged GETs"
-        assert not shard.report["failures"] and shard.report["digest"] == shard.report["expected_digest"]
+        assert not shard.report.failures and shard.report.digest == shard.report.expected_digest
         assert_rank_matches(originals[0], shard.tensors, shard.metadata)
     finally:
         proxy.close()
@@ -293,7 +293,7 @@ def test_s3_burst_of_503s_beyond_boto3_retries_is_ridden_out(s3_store, ckpts, or
         ld = loader(f"{url}?endpoint_url={proxy.endpoint}", raw, 1, 0, concurrency=1,
                     retry={"attempts": 5, "base_delay_s": 0.05, "max_delay_s": 0.2})
         report = ld.load()
-        assert proxy.faults == 4 and not report["failures"]
+        assert proxy.faults == 4 and not report.failures
         assert_rank_matches(originals[0], ld.tensors, ld.metadata())
         ld.close()
     finally:
@@ -340,10 +340,10 @@ def test_every_stored_byte_flip_is_detected_naming_rank_tensor_chunk(backend, tm
             ld = ShardLoader(url, raw, tp, rank, device="cpu")
             try:
                 report = ld.load()
-                assert report["digest"] != report["expected_digest"]
-                assert [(f["rank"], f["tensor"], f["chunk"]) for f in report["failures"]] == [(rank, name, chunk.id)]
+                assert report.digest != report.expected_digest
+                assert [(f["rank"], f["tensor"], f["chunk"]) for f in report.failures] == [(rank, name, chunk.id)]
                 report = ld.repull([(name, chunk.id)])  # the store itself is bad: a re-pull does not heal it
-                assert [(f["tensor"], f["chunk"]) for f in report["failures"]] == [(name, chunk.id)]
+                assert [(f["tensor"], f["chunk"]) for f in report.failures] == [(name, chunk.id)]
             finally:
                 ld.close()
             caught += 1
@@ -367,15 +367,15 @@ def test_corruption_in_transit_is_healed_by_the_re_pull(redis_server, ckpts, ori
     bad = with_query(url, corrupt="_proj", corrupt_times=1, seed=7)
     for rank in range(2):
         shard = rl.load_shard("m", bad, 2, rank, device="cpu")
-        assert not shard.report["failures"] and shard.report["digest"] == shard.report["expected_digest"]
+        assert not shard.report.failures and shard.report.digest == shard.report.expected_digest
         assert_rank_matches(originals[0], shard.tensors, shard.metadata)
     # the worker saw the corruption and re-pulled exactly the corrupted chunks
     ld = ShardLoader(bad, manifest_raw(url), 2, 0, device="cpu")
     first = ld.load()
-    assert first["failures"] and len(first["failures"]) == ld.connector.corruptions_injected
-    assert all("_proj" in f["tensor"] for f in first["failures"])
-    again = ld.repull([(f["tensor"], f["chunk"]) for f in first["failures"]])
-    assert not again["failures"] and again["digest"] == again["expected_digest"]
+    assert first.failures and len(first.failures) == ld.connector.corruptions_injected
+    assert all("_proj" in f["tensor"] for f in first.failures)
+    again = ld.repull([(f["tensor"], f["chunk"]) for f in first.failures])
+    assert not again.failures and again.digest == again.expected_digest
     ld.close()
     # corrupted on the re-pull too: one clear error, never a silently wrong shard
     with pytest.raises(VerificationError, match=r"(?s)rank 1 of model 'm' failed verification after one re-pull.*"
@@ -408,7 +408,7 @@ def test_eight_concurrent_loads_on_one_redis_and_one_s3_store(redis_server, s3_s
     for url in (redis_url, s3_url):
         for model, original in (("a", originals[0]), ("b", originals[1])):
             shards = [results[(url, model, r)] for r in (0, 1)]
-            assert all(s.report["model"] == model and not s.report["failures"] for s in shards)
+            assert all(s.report.model == model and not s.report.failures for s in shards)
             assert_shards_match(original, [(s.tensors, s.metadata) for s in shards])
 
 
@@ -457,11 +457,11 @@ def test_publish_during_loads_never_mixes_versions_and_gc_removes_the_old(redis_
     assert len(versions) == 2
     overlapped = 0
     for tp, rank, t0, t1, shard in done:
-        manifest, original = versions[shard.report["version"]]
-        assert shard.report["digest"] == expected_digests(manifest, tp)[rank]
+        manifest, original = versions[shard.report.version]
+        assert shard.report.digest == expected_digests(manifest, tp)[rank]
         assert_rank_matches(original, shard.tensors, shard.metadata)  # the whole shard is one version
         overlapped += t0 < published["end"] and t1 > published["start"]
-    seen = {shard.report["version"] for *_, shard in done}
+    seen = {shard.report.version for *_, shard in done}
     assert seen == set(versions), "loads saw both versions"
     assert overlapped >= 1, "at least one load was in flight during the publish"
 
@@ -530,7 +530,7 @@ def test_ray_redis_killed_mid_load_then_restarted(ray_faults, start_redis, ckpts
 
     server.start()
     with rl.load_across_cluster("m", base, tp=2, progress=False, connector_options={"password": PW}) as loaded:
-        assert loaded.report["verified"]
+        assert loaded.report.verified
         assert_shards_match(originals[0], [(loaded.state_dict(r), loaded.metadata(r)) for r in range(2)])
 
 
@@ -552,8 +552,8 @@ def test_ray_actor_killed_mid_pull_is_restarted_and_the_load_verifies(ray_faults
     assert not thread.is_alive() and "error" not in box, box.get("error")
     with box["value"] as loaded:
         report = loaded.report
-        assert report["verified"] and [r.get("restarts") for r in report["ranks"]] == [0, 1]
-        assert all(r["digest"] == r["expected_digest"] for r in report["ranks"])
+        assert report.verified and [r.restarts for r in report.ranks] == [0, 1]
+        assert all(r.digest == r.expected_digest for r in report.ranks)
         assert_shards_match(originals[0], [(loaded.state_dict(r), loaded.metadata(r)) for r in range(2)])
 
 
@@ -579,6 +579,6 @@ def test_ray_corruption_in_transit_is_healed_by_the_coordinators_re_pull(ray_fau
     rl.publish(ckpts[0], url, "m", max_tp=2)
     with rl.load_across_cluster("m", with_query(url, corrupt="v_proj", seed=3), tp=2, progress=False) as loaded:
         report = loaded.report
-        assert report["verified"] and all(r.get("repulled", 0) > 0 for r in report["ranks"])
-        assert all(not r["failures"] and r["digest"] == r["expected_digest"] for r in report["ranks"])
+        assert report.verified and all(r.repulled > 0 for r in report.ranks)
+        assert all(not r.failures and r.digest == r.expected_digest for r in report.ranks)
         assert_shards_match(originals[0], [(loaded.state_dict(r), loaded.metadata(r)) for r in range(2)])

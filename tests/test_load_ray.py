@@ -41,9 +41,9 @@ def _load_and_check(url, ckpt, tp, **kw):
 def test_load_verifies_on_every_backend(ray_session, store_url, ckpt, tp):
     rl.publish(ckpt, store_url, "m", max_tp=2)
     report, ran = _load_and_check(store_url, ckpt, tp)
-    assert report["verified"] and [r["rank"] for r in report["ranks"]] == list(range(tp))
-    assert all(r["digest"] == r["expected_digest"] and r["bytes"] == r["bytes_read"] for r in report["ranks"])
-    assert report["total"]["bytes"] == sum(r["bytes"] for r in report["ranks"]) > 0
+    assert report.verified and [r.rank for r in report.ranks] == list(range(tp))
+    assert all(r.digest == r.expected_digest and r.bytes == r.bytes_read for r in report.ranks)
+    assert report.total.bytes == sum(r.bytes for r in report.ranks) > 0
     assert ran == [(r, len(original_tensors(ckpt)), "x") for r in range(tp)]
 
 
@@ -51,11 +51,11 @@ def test_gpu_bundles_when_the_cluster_has_gpus(ray_session, tmp_path, ckpt):
     url = f"file://{tmp_path}/store"
     rl.publish(ckpt, url, "m", max_tp=2)
     report, _ = _load_and_check(url, ckpt, 2, device="auto")
-    gpus = [r["gpu_ids"] for r in report["ranks"]]
+    gpus = [r.gpu_ids for r in report.ranks]
     assert all(len(g) == 1 for g in gpus) and gpus[0] != gpus[1], "one logical GPU per rank"
-    assert all(r["device"] == "cpu" for r in report["ranks"]), "logical GPUs have no CUDA device"
+    assert all(r.device == "cpu" for r in report.ranks), "logical GPUs have no CUDA device"
     report, _ = _load_and_check(url, ckpt, 2, device="cpu")
-    assert all(r["gpu_ids"] == [] for r in report["ranks"])
+    assert all(r.gpu_ids == [] for r in report.ranks)
 
 
 def test_in_place_checkpoint_loads_and_reports_bytes_read_vs_kept(ray_session, tmp_path, ckpt):
@@ -64,7 +64,7 @@ def test_in_place_checkpoint_loads_and_reports_bytes_read_vs_kept(ray_session, t
     shutil.copytree(ckpt, tmp_path / "store" / "m")
     rl.index(f"file://{tmp_path}/store", "m", max_tp=2)
     report, _ = _load_and_check(f"file://{tmp_path}/store", ckpt, 2)
-    assert all(r["bytes_read"] > r["bytes"] for r in report["ranks"])
+    assert all(r.bytes_read > r.bytes for r in report.ranks)
 
 
 def test_corrupted_chunk_raises_naming_rank_tensor_chunk(ray_session, redis_server, ckpt):
@@ -106,7 +106,7 @@ def test_refusals_before_any_actor_starts(ray_session, tmp_path, ckpt):
         rl.load_across_cluster("m", url, tp=2, rules={"default": "replicate", "rules": []}, progress=False)
     pinned = rl.manifest_sha256(url, "m")
     with rl.load_across_cluster("m", url, tp=2, expect_manifest_sha256=pinned, progress=False) as loaded:
-        assert loaded.report["verified"]
+        assert loaded.report.verified
 
 
 def test_tp_forward_through_ray_equals_the_full_model(ray_session, tmp_path):

@@ -36,7 +36,7 @@ def store(tmp_path_factory):
 
 
 def _nodes(report: dict) -> list[str]:
-    return [r["node_id"] for r in report["ranks"]]
+    return [r.node_id for r in report.ranks]
 
 
 def _settle(timeout_s: float = 20.0) -> None:
@@ -60,9 +60,9 @@ def test_placement_strategies(cluster, store, placement, distinct):
     with rl.load_across_cluster("m", store, tp=2, placement=placement, progress=False) as loaded:
         report = loaded.report
     nodes = _nodes(report)
-    assert report["verified"] and len(set(nodes)) == distinct, nodes
+    assert report.verified and len(set(nodes)) == distinct, nodes
     assert nodes == sorted(nodes), "ranks are ordered by node"
-    assert all(len(r["gpu_ids"]) == 1 for r in report["ranks"])
+    assert all(len(r.gpu_ids) == 1 for r in report.ranks)
 
 
 def test_strict_pack_beyond_one_node_times_out_naming_resources(cluster, store):

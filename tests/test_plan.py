@@ -36,7 +36,7 @@ def _load(url: str, model: str, tp: int) -> list[ShardLoader]:
     loaders = [ShardLoader(url, raw, tp, rank, device="cpu") for rank in range(tp)]
     for w in loaders:
         report = w.load()
-        assert report["failures"] == [] and report["digest"] == report["expected_digest"]
+        assert report.failures == [] and report.digest == report.expected_digest
     return loaders
 
 
@@ -101,7 +101,7 @@ def test_inplace_rowwise_reads_are_coalesced_and_reported(llama):
     url, _ = llama
     loaders = _load(url, "inplace", 2)
     report = loaders[0].load()
-    assert report["bytes_read"] > report["bytes"], "dim-1 shards read whole row spans and slice on the actor"
+    assert report.bytes_read > report.bytes, "dim-1 shards read whole row spans and slice on the actor"
     plan = loaders[0].plan
     o_reads = [r for r in plan.reads if plan.tensors[r.tensor].name.endswith("o_proj.weight")]
     assert o_reads and all(len(r.pieces) == 1 and r.extract is not None for r in o_reads)

@@ -59,7 +59,7 @@ def test_acl_user_with_the_right_password_loads_and_verifies(acl_server, ckpts):
     assert_shards_match(original_tensors(ckpts[0]), [(s.tensors, s.metadata) for s in shards])
     inline = f"redis://loader:{PW}@127.0.0.1:{server.port}/0"
     shard = rl.load_shard("m", inline, 2, 1, device="cpu")
-    assert shard.report["store"] == f"redis://loader:***@127.0.0.1:{server.port}/0"
+    assert shard.report.store == f"redis://loader:***@127.0.0.1:{server.port}/0"
     assert PW not in json.dumps(shard.report, default=str)
     assert rl.verify(base, "m", connector_options={"password": PW}).ok
 
@@ -97,7 +97,7 @@ def test_rediss_tls_with_an_acl_user_publish_load_verify(start_redis, tls_files,
     rl.publish(ckpts[1], url, "m", max_tp=2, connector_options=opts)
     shards = _load_both_ranks(url, **opts)
     assert_shards_match(original_tensors(ckpts[1]), [(s.tensors, s.metadata) for s in shards])
-    assert all(s.report["store"].startswith("rediss://loader@127.0.0.1") for s in shards)
+    assert all(s.report.store.startswith("rediss://loader@127.0.0.1") for s in shards)
     assert rl.verify(url, "m", connector_options=opts).ok
 
     # the server's certificate must verify: without the CA file the client refuses
@@ -151,7 +151,7 @@ def test_s3_credentials_come_from_the_environment_or_a_profile(s3_server, ckpts,
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
     monkeypatch.setenv("AWS_PROFILE", "loader")
     shard = rl.load_shard("m", url, 2, 1, device="cpu")  # from a profile
-    assert not shard.report["failures"]
+    assert not shard.report.failures
     assert "profile-secret-77" not in json.dumps(shard.report, default=str)
     with rl.open_connector(url) as conn:
         assert "profile-secret-77" not in repr(conn) and "testing" not in repr(conn)
@@ -311,7 +311,7 @@ def test_a_pinned_manifest_sha256_refuses_a_swapped_or_rewritten_store(tmp_path,
     url = f"file://{tmp_path}/store"
     rl.publish(ckpts[0], url, "m", max_tp=2, digests=("xxh3_128", "blake3"))
     pinned = rl.manifest_sha256(url, "m")
-    assert rl.load_shard("m", url, 2, 0, device="cpu", expect_manifest_sha256=pinned).report["digest"]
+    assert rl.load_shard("m", url, 2, 0, device="cpu", expect_manifest_sha256=pinned).report.digest
 
     # someone with write access re-publishes other weights: digests agree with the new bytes, only the pin catches it
     rl.publish(ckpts[1], url, "m", max_tp=2, digests=("xxh3_128", "blake3"))
@@ -334,7 +334,7 @@ def test_a_pinned_manifest_sha256_refuses_a_swapped_or_rewritten_store(tmp_path,
         chunk["xxh3"], chunk["blake3"] = digest.xxh3(data), digest.blake3_hex(data)
         conn.write(manifest_key("m"), json.dumps(doc).encode())
     pinned_b = __import__("hashlib").sha256(raw).hexdigest()
-    assert rl.load_shard("m", url, 2, 0, device="cpu").report["digest"], "undetectable without a pin"
+    assert rl.load_shard("m", url, 2, 0, device="cpu").report.digest, "undetectable without a pin"
     with pytest.raises(VerificationError, match="not the expected"):
         rl.load_shard("m", url, 2, 0, device="cpu", expect_manifest_sha256=pinned_b)
 
@@ -352,4 +352,4 @@ def test_a_load_checks_blake3_where_the_manifest_records_it(tmp_path, ckpts):
     path.write_text(json.dumps(raw))
     with pytest.raises(VerificationError, match=rf"rank 0: tensor {name} chunk all.0"):
         rl.load_shard("m", url, 2, 0, device="cpu")
-    assert rl.load_shard("m", url, 2, 1, device="cpu").report["failures"] == []
+    assert rl.load_shard("m", url, 2, 1, device="cpu").report.failures == []

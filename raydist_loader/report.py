@@ -1,0 +1,102 @@
+"""Reports (data layer; imports only errors): what each rank did (:class:`RankReport`) and what a whole load did
+(:class:`LoadReport`).
+
+Data flows one way: an actor builds its RankReport, the coordinator gathers them, the API wraps them in a
+LoadReport, the CLI prints or writes it. Both are plain dataclasses (picklable across Ray, typed for callers, the
+model being Ray Train's ``WorkerMetadata``); the JSON report is :meth:`LoadReport.to_dict` (``dataclasses.asdict``),
+so its field names are these field names. Failures stay JSON-shaped records (``rank``, ``tensor``, ``chunk``,
+``expected``, ``got``), the same records ``raydist-loader verify`` reports and :func:`describe_failures` prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import VerificationError, describe_failures
+
+
+@dataclass
+class RankReport:
+    """One rank's load: where it ran, what it moved, how long it took and what its digests were."""
+
+    rank: int
+    tp: int
+    model: str
+    version: str
+    host: str
+    node_id: str | None  # Ray node id; None outside Ray
+    gpu_ids: list[str]
+    device: str
+    store: str  # redacted URL
+    bytes: int  # shard bytes kept
+    bytes_read: int  # bytes read from the store (in-place dim-1 shards read whole row spans)
+    staged_bytes: int  # bytes that went through a staging buffer (column blocks, in-place extracts)
+    chunks: int
+    started: float  # wall clock (time.time()) when the load started
+    finished: float
+    seconds: float  # load time, the one re-pull included
+    gbps: float
+    verify: bool | str
+    digest: str  # over the chunk digests as landed, in plan order
+    expected_digest: str  # the same over the manifest's digests
+    failures: list[dict[str, Any]] = field(default_factory=list)  # chunks still wrong after the re-pull
+    errors: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # plan_s, alloc_s, pull_s (first pull)
+    repulled: int = 0  # chunks re-pulled after a digest mismatch
+    restarts: int = 0  # times the coordinator restarted this rank's actor
+
+    @property
+    def verified(self) -> bool:
+        """Every chunk's digest matched (after the one re-pull)."""
+        return not self.failures and self.digest == self.expected_digest
+
+
+@dataclass
+class LoadTotal:
+    """The aggregate: GB/s = all shard bytes / (last rank done - first read started)."""
+
+    bytes: int
+    bytes_read: int
+    seconds: float
+    gbps: float
+    time_to_ready_s: float  # Ray start, placement, actors up with their plans made
+
+
+@dataclass
+class LoadReport:
+    """A whole load: every rank's report in rank order plus the aggregate."""
+
+    model: str
+    version: str
+    tp: int
+    store: str  # redacted URL
+    ranks: list[RankReport]
+    verified: bool
+    total: LoadTotal
+
+    @classmethod
+    def gather(cls, ranks: Sequence[RankReport], ready_s: float, verified: bool) -> LoadReport:
+        """Aggregate rank reports (in rank order) of one load."""
+        first = ranks[0]
+        started = min(r.started for r in ranks)
+        seconds = max(max(r.finished for r in ranks) - started, 1e-9)
+        nbytes = sum(r.bytes for r in ranks)
+        total = LoadTotal(nbytes, sum(r.bytes_read for r in ranks), seconds, nbytes / seconds / 1e9, ready_s)
+        return cls(first.model, first.version, first.tp, first.store, list(ranks), verified, total)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (``raydist-loader load --report`` / ``--json``)."""
+        return asdict(self)
+
+
+def check_verified(model: str, reports: Sequence[RankReport], expected: Sequence[str] | None = None) -> None:
+    """Raise :class:`VerificationError` unless every rank's chunks matched and its rank digest equals the one
+    expected (``expected[rank]``, computed by the caller from the manifest; else the rank's own expected digest)."""
+    failures = [f for r in reports for f in r.failures]
+    wrong = [r.rank for r in reports if r.digest != (expected[r.rank] if expected else r.expected_digest)]
+    if failures or wrong:
+        detail = describe_failures(failures) if failures else f"ranks {wrong} have unexpected digests"
+        who = f"rank {reports[0].rank} of model" if len(reports) == 1 else "model"
+        raise VerificationError(f"{who} {model!r} failed verification after one re-pull: {detail}", failures)
