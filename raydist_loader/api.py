@@ -185,8 +185,6 @@ def load_shard(
     )
     try:
         report = loader.load()
-        if verify and report.failures:
-            report = loader.repull([(f["tensor"], f["chunk"]) for f in report.failures])
         if verify:
             check_verified(model, [report])
         return Shard(loader.tensors, loader.metadata(), report)

@@ -160,9 +160,8 @@ class Coordinator:
 
     # ---------------------------------------------------------------- load + verify
     def load(self) -> list[RankReport]:
-        """Every rank pulls its shard; returns the reports in rank order, verified (one re-pull of bad chunks)."""
-        import ray
-
+        """Every rank pulls (and re-pulls once what failed) its shard; returns the reports in rank order, each
+        rank's digest checked against the one computed here from the manifest."""
         refs = [a.load.remote() for a in self.actors]
         stop = threading.Event()
         watcher = self._progress(stop) if self.options.progress else None
@@ -172,8 +171,8 @@ class Coordinator:
             stop.set()
             if watcher:
                 watcher.join()
-        if self.options.verify:
-            reports = self._verify(reports, ray)
+        if self.options.verify:  # each actor re-pulled its wrong chunks once; check its digest against ours
+            check_verified(self.manifest.model, reports, self.expected)
         return reports
 
     def _gather(self, refs: list) -> list[RankReport]:
@@ -209,24 +208,6 @@ class Coordinator:
         reports = ray.get(refs)
         for report in reports:
             report.restarts = restarts[report.rank]
-        return reports
-
-    def _verify(self, reports: list[RankReport], ray) -> list[RankReport]:
-        bad = [r for r in reports if r.digest != self.expected[r.rank] or r.failures]
-        if bad:  # re-pull the wrong chunks once: a corruption in transit heals, one in the store does not
-            refs = [self.actors[r.rank].repull.remote([(f["tensor"], f["chunk"]) for f in r.failures]) for r in bad]
-            try:
-                again = ray.get(refs, timeout=self.options.timeout_s)
-            except Exception as e:  # noqa: BLE001 - a rank that died or hung while re-pulling fails the load
-                raise RaydistError(
-                    f"re-pulling the chunks that failed verification did not finish: {self._clean(e)}"
-                ) from None
-            for r in again:
-                first = reports[r.rank]
-                r.repulled, r.started, r.restarts = len(first.failures), first.started, first.restarts
-                r.seconds += first.seconds
-                reports[r.rank] = r
-        check_verified(self.manifest.model, reports, self.expected)
         return reports
 
     def _progress(self, stop: threading.Event) -> threading.Thread:

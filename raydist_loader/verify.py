@@ -49,7 +49,7 @@ def verify(
     url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
 ) -> VerifyResult:
     """Read every chunk and file of ``model`` and compare with the manifest's digests."""
-    from .worker import fetch_chunks, shared  # torch: imported only when bytes are read
+    from .chunks import fetch_chunks, shared  # torch: imported only when bytes are read
 
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:

@@ -20,9 +20,10 @@ from typing import Any, Literal
 import torch
 
 from . import digest, dtypes
+from .chunks import cut, requests_for, shared
 from .connectors import Connector, ReadRequest, open_connector
 from .manifest import Manifest
-from .plan import ChunkRead, Extract, RankPlan, TensorSlot, make_plan
+from .plan import ChunkRead, RankPlan, TensorSlot, make_plan
 from .pool import run_all
 from .redact import redact_url
 from .report import RankReport
@@ -105,27 +106,33 @@ class ShardLoader:
         return self.node()
 
     def load(self) -> RankReport:
-        """Pull this rank's shard; returns the report (digests included). Never raises on a digest mismatch:
-        the report lists the failed chunks so the caller can re-pull them."""
+        """Pull this rank's shard, hash every chunk as it lands and compare it with the manifest's digest, re-pull
+        the wrong chunks once (a corruption in transit heals, one in the store does not) and report. Never raises
+        on a mismatch: the report's ``failures`` name what stayed wrong, and the caller raises
+        (:func:`~raydist_loader.report.check_verified`)."""
         started = time.time()
         t0 = time.perf_counter()
         self.prepare()
         t1 = time.perf_counter()
         self._allocate()
         t2 = time.perf_counter()
-        digests = self._pull(self.plan.reads)
+        self._digests = self._pull(self.plan.reads)
         t3 = time.perf_counter()
         self._phases = {"plan_s": t1 - t0, "alloc_s": t2 - t1, "pull_s": t3 - t2}
-        return self._report(digests, started, t3 - t0)
+        wrong = [r for r in self.plan.reads if self._digests.get((r.tensor, r.chunk)) != r.xxh3]
+        if self.verify and wrong:
+            self._digests.update(self._pull(wrong))
+        return self._report(started, time.perf_counter() - t0, repulled=len(wrong) if self.verify else 0)
 
     def repull(self, chunks: Sequence[tuple[str, str]]) -> RankReport:
-        """Read the named (tensor, chunk id) pairs again (after a digest mismatch) and return a fresh report."""
+        """Read the named (tensor, chunk id) pairs again and return a fresh report (tools and tests; ``load``
+        already re-pulls what failed once)."""
         assert self.plan is not None, "load() first"
         wanted = set(chunks)
         redo = [r for r in self.plan.reads if (self.plan.tensors[r.tensor].name, r.chunk) in wanted]
         t0 = time.perf_counter()
         self._digests.update(self._pull(redo))
-        return self._report(self._digests, time.time(), time.perf_counter() - t0)
+        return self._report(time.time(), time.perf_counter() - t0, repulled=len(redo))
 
     def progress(self) -> tuple[int, int]:
         """(bytes landed, bytes planned) so far."""
@@ -207,14 +214,14 @@ class ShardLoader:
         try:
             for group in batch.staged:
                 views.append(slot[pos : pos + group[0].read_bytes])
-                requests.extend(_requests(group[0], views[-1], conn.max_request_bytes))
+                requests.extend(requests_for(group[0], views[-1], conn.max_request_bytes))
                 pos += group[0].read_bytes
             requests.sort(key=lambda q: (q.key, q.offset))
             self._read(conn, requests)
             out = {}
             for group, view in zip(batch.staged, views, strict=True):
                 for read in group:
-                    chunk = view if read.extract is None else _cut(view, read.extract)
+                    chunk = view if read.extract is None else cut(view, read.extract)
                     out[(read.tensor, read.chunk)] = self._hash(chunk, read)
                     self._place(read, chunk)
         finally:
@@ -280,8 +287,8 @@ class ShardLoader:
         if len(group) > 1 and self._columns(group):
             return self._stage_columns(group, stage, conn)
         if not self._arena_run(group[0]):  # chunks sharing one span: read once, cut each, place each
-            self._read(conn, list(_requests(group[0], stage, conn.max_request_bytes)))
-            chunks = [stage if r.extract is None else _cut(stage, r.extract) for r in group]
+            self._read(conn, list(requests_for(group[0], stage, conn.max_request_bytes)))
+            chunks = [stage if r.extract is None else cut(stage, r.extract) for r in group]
 
             def place() -> None:
                 for r, c in zip(group, chunks, strict=True):
@@ -291,7 +298,7 @@ class ShardLoader:
         start = self._arena_span(group[0])[0]
         views = [stage[a - start : b - start] for a, b in map(self._arena_span, group)]
         self._read(
-            conn, [q for r, v in zip(group, views, strict=True) for q in _requests(r, v, conn.max_request_bytes)]
+            conn, [q for r, v in zip(group, views, strict=True) for q in requests_for(r, v, conn.max_request_bytes)]
         )
         end = self._arena_span(group[-1])[1]
         return [self._hash(v, r) for r, v in zip(group, views, strict=True)], lambda: self._arena[start:end].copy_(
@@ -309,7 +316,7 @@ class ShardLoader:
             views.append(raw[pos : pos + r.nbytes])
             pos += r.nbytes
         self._read(
-            conn, [q for r, v in zip(group, views, strict=True) for q in _requests(r, v, conn.max_request_bytes)]
+            conn, [q for r, v in zip(group, views, strict=True) for q in requests_for(r, v, conn.max_request_bytes)]
         )
         digests = [self._hash(v, r) for r, v in zip(group, views, strict=True)]
         for r, v in zip(group, views, strict=True):
@@ -424,9 +431,8 @@ class ShardLoader:
                 else torch.empty(slot.shape, dtype=dtypes.torch_dtype(slot.dtype), device=self.device)
             )
 
-    def _report(self, digests: dict[tuple[int, str], str], started: float, seconds: float) -> RankReport:
-        plan = self.plan
-        self._digests = digests
+    def _report(self, started: float, seconds: float, repulled: int) -> RankReport:
+        plan, digests = self.plan, self._digests
         failures = [
             {
                 "rank": self.rank,
@@ -462,17 +468,8 @@ class ShardLoader:
             expected_digest=plan.expected_digest,
             failures=failures,
             phases=dict(getattr(self, "_phases", {})),  # plan_s, alloc_s, pull_s of the last load
+            repulled=repulled,
         )
-
-
-def _requests(read: ChunkRead, buf: torch.Tensor, max_bytes: int):
-    """The chunk's pieces as requests of at most ``max_bytes``, landing back to back in ``buf`` (CPU uint8)."""
-    view, pos = buf.numpy(), 0
-    for piece in read.pieces:
-        for off in range(0, piece.nbytes, max_bytes):
-            n = min(max_bytes, piece.nbytes - off)
-            yield ReadRequest(piece.key, piece.offset + off, memoryview(view[pos : pos + n]))
-            pos += n
 
 
 @dataclass
@@ -490,7 +487,7 @@ def _batches(landings: list[_Landing], staged: list[list[ChunkRead]], max_bytes:
     threads, and chunks back to back in one object (a rank's slot file) become one request."""
     units: list[tuple[tuple[str, int], int, object]] = []
     for landing in landings:
-        for req in _requests(landing.read, landing.buffer, max_bytes):
+        for req in requests_for(landing.read, landing.buffer, max_bytes):
             landing.pending += 1
             units.append(((req.key, req.offset), len(req.buf), (landing, req)))
     units += [((g[0].pieces[0].key, g[0].pieces[0].offset), g[0].read_bytes, g) for g in staged if g[0].pieces]
@@ -537,24 +534,3 @@ def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def shared(reads: Sequence[ChunkRead]) -> list[list[ChunkRead]]:
-    """Chunks grouped by the span they are read from (in place, a rank's strided run shares one), in order."""
-    groups: dict[tuple, list[ChunkRead]] = {}
-    for read in reads:
-        groups.setdefault(read.pieces, []).append(read)
-    return list(groups.values())
-
-
-def fetch_chunks(conn: Connector, group: Sequence[ChunkRead]) -> list[torch.Tensor]:
-    """Read a group's span once into a fresh buffer; each chunk's row-major bytes (verify and tools)."""
-    buf = torch.empty(group[0].read_bytes, dtype=torch.uint8)
-    conn.readinto_many(list(_requests(group[0], buf, conn.max_request_bytes)))
-    return [buf if r.extract is None else _cut(buf, r.extract) for r in group]
-
-
-def _cut(span: torch.Tensor, e: Extract) -> torch.Tensor:
-    """The chunk's contiguous bytes out of a coalesced span of strided rows."""
-    # as_strided's offset counts from the start of the storage, not of this view
-    return span.as_strided((e.rows, e.length), (e.stride, 1), span.storage_offset() + e.skip).contiguous().view(-1)
