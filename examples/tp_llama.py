@@ -221,10 +221,10 @@ def load_shards_in_process(url: str, model: str, tp: int) -> tuple[list[dict], l
         raw = conn.read(manifest_key(model))
     shards, metas = [], []
     for rank in range(tp):
-        loader = ShardLoader(url, raw, tp, rank)
+        loader = ShardLoader(url, raw, tp, rank, device="cpu")
         report = loader.load()
         if report.failures:
-            raise RuntimeError(f"rank {rank}: digest mismatch {report['failures']}")
+            raise RuntimeError(f"rank {rank}: digest mismatch {report.failures}")
         shards.append(loader.tensors)
         metas.append(loader.metadata())
         loader.close()

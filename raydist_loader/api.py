@@ -12,14 +12,15 @@ from typing import Any
 import torch
 
 from .connectors import open_connector
-from .coordinator import Coordinator, LoadOptions
+from .coordinator import Coordinator
 from .errors import ConfigError
 from .manifest import Manifest, manifest_key, read_manifest_bytes
+from .options import DEFAULTS, Device, Placement, Verify, load_options
 from .report import LoadReport, RankReport, check_verified
-from .retry import RetryPolicy, coerce_policy
+from .retry import RetryPolicy
 from .rules import RuleSet
 from .verify import check_manifest_sha256
-from .worker import ShardLoader, Verify
+from .worker import ShardLoader
 
 
 class LoadedModel:
@@ -94,52 +95,64 @@ def load_across_cluster(
     url: str,
     tp: int = 8,
     *,
-    device: str = "auto",
-    placement: str = "pack",
-    concurrency: int | None = None,
-    verify: Verify = True,
+    device: Device = DEFAULTS.device,
+    placement: Placement = DEFAULTS.placement,
+    concurrency: int | None = DEFAULTS.concurrency,
+    verify: Verify = DEFAULTS.verify,
     rules: str | Path | dict | None = None,
     ray_address: str | None = None,
-    timeout_s: float = 600.0,
-    placement_timeout_s: float = 60.0,
+    timeout_s: float = DEFAULTS.timeout_s,
+    placement_timeout_s: float = DEFAULTS.placement_timeout_s,
+    actor_start_timeout_s: float = DEFAULTS.actor_start_timeout_s,
     expect_manifest_sha256: str | None = None,
     connector_options: dict | None = None,
-    num_cpus_per_actor: float = 0.25,
+    num_cpus_per_actor: float = DEFAULTS.num_cpus_per_actor,
     progress: bool | None = None,
     hold: bool = False,
-    retry: RetryPolicy | dict | None = None,
-    max_restarts: int = 1,
+    retries: RetryPolicy | dict | None = None,
+    max_restarts: int = DEFAULTS.max_restarts,
 ) -> LoadedModel:
     """Load ``model`` from store ``url`` across ``tp`` Ray actors (one per GPU), verified before it returns.
 
     Each actor pulls only its TP shard; a digest mismatch re-pulls those chunks once and then raises
     :class:`VerificationError` naming rank, tensor and chunk, so a LoadedModel is never returned unverified
     (unless ``verify=False``). ``device="auto"`` uses GPU bundles when the cluster has ``tp`` GPUs. Transient
-    backend errors are retried per ``retry`` (a RetryPolicy or dict: attempts, base_delay_s, max_delay_s,
-    deadline_s); an actor that dies mid-load is restarted in its bundle up to ``max_restarts`` times.
+    backend errors are retried per ``retries`` (a RetryPolicy or dict: attempts, base_delay_s, max_delay_s,
+    deadline_s; None: the defaults); an actor that dies mid-load is restarted in its bundle up to ``max_restarts``
+    times. Every option, its default and its bounds: :class:`~raydist_loader.options.LoadOptions`.
     """
     from .cluster import connect
 
     t0 = time.perf_counter()
+    options = load_options(
+        dict(
+            device=device,
+            placement=placement,
+            concurrency=concurrency,
+            verify=verify,
+            num_cpus_per_actor=num_cpus_per_actor,
+            timeout_s=timeout_s,
+            placement_timeout_s=placement_timeout_s,
+            actor_start_timeout_s=actor_start_timeout_s,
+            max_restarts=max_restarts,
+            retries=retries,
+        )
+    )
     manifest, raw = open_manifest(
         url, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules, connector_options=connector_options
     )
     manifest.check_tp(tp)
     connect(ray_address)
-    options = LoadOptions(
-        device=device,
-        placement=placement,
-        concurrency=concurrency,
-        verify=verify,
-        num_cpus_per_actor=num_cpus_per_actor,
-        timeout_s=timeout_s,
-        placement_timeout_s=placement_timeout_s,
+    coordinator = Coordinator(
+        manifest,
+        raw,
+        url,
+        tp,
+        options,
+        connector_options,
         progress=sys.stderr.isatty() if progress is None else progress,
         name_prefix=f"raydist:{model}" if hold else None,
-        max_restarts=max_restarts,
-        retry=coerce_policy(retry),
     )
-    coordinator = Coordinator(manifest, raw, url, tp, options, connector_options)
     try:
         coordinator.start()
         ready = time.perf_counter() - t0
@@ -165,23 +178,26 @@ def load_shard(
     tp: int,
     rank: int,
     *,
-    device: str = "auto",
-    concurrency: int | None = None,
-    verify: Verify = True,
+    device: str = DEFAULTS.device,
+    concurrency: int | None = DEFAULTS.concurrency,
+    verify: Verify = DEFAULTS.verify,
     expect_manifest_sha256: str | None = None,
     connector_options: dict | None = None,
-    retry: RetryPolicy | dict | None = None,
+    retries: RetryPolicy | dict | None = None,
 ) -> Shard:
     """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
 
     Verifies its own digests, re-pulls wrong chunks once, and raises VerificationError if they stay wrong.
+    ``device``: auto, cpu, cuda or a torch device string such as ``cuda:1``; the other options as in
+    :class:`~raydist_loader.options.LoadOptions`.
     """
+    options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
     _, raw = open_manifest(
         url, model, expect_manifest_sha256=expect_manifest_sha256, connector_options=connector_options
     )
     loader = ShardLoader(
-        url, raw, tp, rank, device=device, concurrency=concurrency, verify=verify, connector_options=connector_options,
-        retry=retry,
+        url, raw, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
+        connector_options=connector_options, retries=options.retries.policy(),
     )
     try:
         report = loader.load()

@@ -19,10 +19,16 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, get_args, get_origin
 from urllib.parse import unquote, urlsplit
 
+import annotated_types
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from .config import LoadSection
 from .errors import ConfigError, RaydistError, VerificationError, describe_failures
+from .options import DEFAULTS, LoadOptions, RetriesOptions
 from .redact import redact_text, redact_url
 from .repo import DEFAULT_MAX_FILE_BYTES
 from .report import LoadReport
@@ -110,7 +116,6 @@ def _number(kind: type, low: float, strict: bool, what: str):
 
 
 _positive_int = _number(int, 1, False, "an integer >= 1")
-_positive_float = _number(float, 0, True, "a number of seconds > 0")
 _nonneg_float = _number(float, 0, False, "a number >= 0")
 
 
@@ -148,6 +153,74 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
                    help="largest config/tokenizer file recorded for pull-files (default 64 MiB); larger ones "
                         "are skipped and listed")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _option_args(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~raydist_loader.options.LoadOptions` field (``max_restarts`` -> ``--max-restarts``),
+    with its choices, bounds and help from there. Every flag defaults to None: unset flags leave the config file's
+    value (or the option's default) alone."""
+    for name, field in LoadOptions.model_fields.items():
+        default = getattr(DEFAULTS, name)
+        help_text = f"{field.description} (default: {_shown(default)})"
+        if name == "verify":
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--verify", dest="verify", action="store_const", const=True, default=None,
+                               help="check every chunk's digest as it lands (default)")
+            group.add_argument("--no-verify", dest="verify", action="store_const", const=False)
+            group.add_argument("--verify-full", dest="verify", action="store_const", const="full",
+                               help="also re-hash the final device tensors")
+            continue
+        flags = [f"--{name.replace('_', '-')}", *_ALIASES.get(name, ())]
+        if get_origin(field.annotation) is Literal:
+            p.add_argument(*flags, dest=name, choices=get_args(field.annotation), help=help_text)
+        elif name == "retries":
+            p.add_argument(*flags, dest=name, type=_retries, metavar="N|K=V,...",
+                           help=f"{help_text}; N alone sets attempts")
+        else:
+            metavar = "S" if name.endswith("_s") else "N"
+            p.add_argument(*flags, dest=name, type=_bounded(field), metavar=metavar, help=help_text)
+
+
+_ALIASES = {"timeout_s": ("--timeout",)}  # the flag's earlier name
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, BaseModel):
+        return ",".join(f"{k}={v:g}" for k, v in default.model_dump().items())
+    return "the backend's" if default is None else str(default)
+
+
+def _bounded(field: FieldInfo):
+    """An argparse type for a numeric option: its type and its ge/gt bound, from the option's definition."""
+    kind = int if int in (field.annotation, *get_args(field.annotation)) else float
+    low, strict = 0, False
+    for rule in field.metadata:
+        if isinstance(rule, annotated_types.Ge):
+            low, strict = rule.ge, False
+        elif isinstance(rule, annotated_types.Gt):
+            low, strict = rule.gt, True
+    what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+    return _number(kind, low, strict, what)
+
+
+def _retries(text: str) -> dict:
+    """``--retries 3`` (attempts) or ``--retries attempts=3,deadline_s=60``; checked by RetriesOptions."""
+    if "=" not in text:
+        return {"attempts": _positive_int(text)}
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in RetriesOptions.model_fields:
+            raise argparse.ArgumentTypeError(
+                f"unknown retries key {key!r}; known: {', '.join(RetriesOptions.model_fields)}"
+            )
+        kind = int if key == "attempts" else float
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"retries {key}: expected a number, got {value!r}") from None
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,23 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p, url_optional="--config")
     p.add_argument("--config", metavar="FILE", help="deployment config YAML (see configs/)")
     p.add_argument("--tp", type=_positive_int, metavar="N", help="tensor-parallel size")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--placement", choices=("pack", "spread", "strict_pack", "strict_spread"))
-    p.add_argument("--concurrency", type=_positive_int, metavar="N", help="requests in flight per actor")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--verify", dest="verify", action="store_const", const=True, default=None,
-                       help="check every chunk's digest as it lands (default)")
-    group.add_argument("--no-verify", dest="verify", action="store_const", const=False)
-    group.add_argument("--verify-full", dest="verify", action="store_const", const="full",
-                       help="also re-hash the final device tensors")
+    _option_args(p)
     p.add_argument("--rules", metavar="FILE", help="check the store's recorded rules against this rules YAML")
     p.add_argument("--expect-manifest-sha256", metavar="HEX", help="refuse a manifest with another sha256")
     p.add_argument("--report", metavar="FILE", help="write the load report as JSON")
     p.add_argument("--hold", action="store_true", default=None,
                    help="keep the actors alive as named actors until Ctrl-C")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join ('local' starts a private one)")
-    p.add_argument("--num-cpus-per-actor", type=_nonneg_float, metavar="C")
-    p.add_argument("--timeout", type=_positive_float, metavar="S", help="load timeout in seconds")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -390,7 +453,8 @@ def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | None, bool]:
-    """Merge --config and flags -> keyword arguments for load_across_cluster (validated before Ray starts)."""
+    """Merge --config and flags -> keyword arguments for load_across_cluster, validated (as the YAML ``load:``
+    section) before Ray starts. Flags override the file; what neither sets keeps the option's one default."""
     if args.config:
         if args.url:
             raise ConfigError(
@@ -401,14 +465,8 @@ def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | Non
 
         cfg = load_config(args.config)
         model, url = args.model or cfg.model, cfg.store.url
-        ld = cfg.load
+        settings = cfg.load.model_dump(exclude_unset=True)
         base_options = resolve_secret(cfg.store)
-        settings = {
-            "tp": ld.tp, "device": ld.device, "placement": ld.placement, "concurrency": ld.concurrency,
-            "verify": ld.verify, "rules": ld.rules, "ray_address": ld.ray_address, "timeout_s": ld.timeout_s,
-            "expect_manifest_sha256": ld.expect_manifest_sha256, "num_cpus_per_actor": ld.num_cpus_per_actor,
-            "retry": ld.retries.policy(),
-        }
         report, hold = cfg.report, cfg.hold
     else:
         missing = [flag for flag, value in (("URL", args.url), ("--model", args.model), ("--tp", args.tp))
@@ -418,20 +476,29 @@ def _load_settings(args: argparse.Namespace, out: _Out) -> tuple[dict, str | Non
                 f"load: missing {', '.join(missing)}: give URL --model NAME --tp N, or --config FILE "
                 "(see configs/*.yaml)"
             )
-        model, url, base_options, report, hold = args.model, args.url, {}, None, False
-        settings = {"tp": args.tp, "device": "auto", "placement": "pack", "concurrency": None, "verify": True,
-                    "rules": None, "ray_address": None, "timeout_s": 600.0, "expect_manifest_sha256": None,
-                    "num_cpus_per_actor": 0.25, "retry": None}
-    overrides = {
-        "tp": args.tp, "device": args.device, "placement": args.placement, "concurrency": args.concurrency,
-        "verify": args.verify, "rules": args.rules, "ray_address": args.ray_address,
-        "timeout_s": args.timeout,
-        "expect_manifest_sha256": args.expect_manifest_sha256, "num_cpus_per_actor": args.num_cpus_per_actor,
-    }
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+        model, url, base_options, report, hold, settings = args.model, args.url, {}, None, False, {}
+    flags = (*LoadSection.model_fields,)
+    settings.update({k: getattr(args, k) for k in flags if getattr(args, k, None) is not None})
+    section = _validated_section(settings)
     options = _connector_options(args, out, base_options)
-    kwargs = {"model": model, "url": url, **settings, "connector_options": options, "progress": args.progress}
+    kwargs = {
+        "model": model, "url": url, "tp": section.tp, "rules": section.rules, "ray_address": section.ray_address,
+        "expect_manifest_sha256": section.expect_manifest_sha256, **section.options().model_dump(),
+        "connector_options": options, "progress": args.progress,
+    }
     return kwargs, args.report or report, bool(args.hold or hold)
+
+
+def _validated_section(settings: dict) -> LoadSection:
+    """The merged ``load`` settings checked as the YAML section is (one error naming the key)."""
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+
+    try:
+        return LoadSection.model_validate(settings)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error("load", e)) from None
 
 
 def _write_report(path: str, report: dict, out: _Out) -> None:

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -30,9 +30,11 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .options import LoadOptions, RetriesOptions
 from .redact import redact_url
 
-__all__ = ["StoreConfig", "RetriesSection", "LoadSection", "LoadConfig", "load_config", "resolve_secret"]
+__all__ = ["StoreConfig", "RetriesSection", "LoadSection", "LoadConfig", "load_config", "resolve_secret",
+           "format_validation_error"]
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -98,43 +100,17 @@ class StoreConfig(_Model):
         return self
 
 
-class RetriesSection(_Model):
-    """``load.retries``: how transient backend errors (resets, timeouts, Redis LOADING/BUSY, S3 5xx/SlowDown) are
-    retried: exponential backoff with full jitter, at most ``attempts`` tries and ``deadline_s`` seconds per request
-    batch. Permanent errors (auth, missing key, bad manifest) are never retried. Defaults as in RetryPolicy."""
-
-    attempts: int = Field(default=5, strict=True, ge=1)
-    base_delay_s: float = Field(default=0.1, ge=0)
-    max_delay_s: float = Field(default=2.0, ge=0)
-    deadline_s: float = Field(default=30.0, gt=0)
-
-    def policy(self):  # -> raydist_loader.retry.RetryPolicy
-        from .retry import RetryPolicy
-
-        return RetryPolicy(**self.model_dump())
+RetriesSection = RetriesOptions  # ``load.retries``
 
 
-class LoadSection(_Model):
-    """How to load: tensor-parallel size, device, placement and verification."""
+class LoadSection(LoadOptions):
+    """``load:``: every knob of :class:`~raydist_loader.options.LoadOptions` (same names, defaults and checks),
+    plus the tensor-parallel size and what this deployment pins."""
 
     tp: int = Field(strict=True, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
-    concurrency: int | None = Field(default=None, strict=True, ge=1)
-    verify: Union[bool, Literal["full"]] = True  # noqa: UP007 (validated by _verify below)
     rules: str | None = None
-    timeout_s: float = Field(default=600.0, gt=0)
     expect_manifest_sha256: str | None = None
     ray_address: str | None = None
-    num_cpus_per_actor: float = Field(default=0.25, ge=0)
-    retries: RetriesSection = Field(default_factory=RetriesSection)
-
-    @field_validator("verify", mode="before")
-    @classmethod
-    def _verify(cls, value: Any) -> Any:
-        if isinstance(value, bool) or value == "full":
-            return value
-        raise ValueError("expected true, false or \"full\"")
 
     @field_validator("expect_manifest_sha256")
     @classmethod
@@ -142,6 +118,10 @@ class LoadSection(_Model):
         if value is not None and not _SHA256.match(value):
             raise ValueError("expected 64 hex digits (`raydist-loader inspect` / manifest_sha256() print it)")
         return value.lower() if value else value
+
+    def options(self) -> LoadOptions:
+        """The load options alone (without tp and the pins)."""
+        return LoadOptions.model_validate(self.model_dump(include=set(LoadOptions.model_fields)))
 
 
 class LoadConfig(_Model):
@@ -249,6 +229,11 @@ def _parse(text: str, where: str) -> tuple[Any, yaml.Node | None]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {e}") from None
     return doc, root
+
+
+def format_validation_error(where: str, exc: ValidationError) -> str:
+    """A pydantic error as our one-line message(s) with dotted paths (no YAML lines: the values came from code)."""
+    return _format(where, None, exc)
 
 
 def _format(where: str, root: yaml.Node | None, exc: ValidationError) -> str:

@@ -9,33 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import PlacementError, RaydistError
 from .manifest import Manifest
+from .options import PLACEMENTS, LoadOptions
 from .plan import expected_digests
 from .redact import redact_text, redact_url
 from .report import RankReport, check_verified
-from .retry import RetryPolicy
 from .worker import ShardLoader
-
-STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
-
-
-@dataclass
-class LoadOptions:
-    device: str = "auto"  # auto | cpu | cuda
-    placement: str = "pack"
-    concurrency: int | None = None
-    verify: bool | str = True
-    num_cpus_per_actor: float = 0.25
-    timeout_s: float = 600.0
-    placement_timeout_s: float = 60.0
-    progress: bool = False
-    name_prefix: str | None = None  # named actors (for --hold)
-    max_restarts: int = 1  # per rank: an actor that dies mid-load is recreated in its bundle this many times
-    retry: RetryPolicy | None = None  # transient backend errors, retried inside each actor
 
 
 class Coordinator:
@@ -49,10 +31,13 @@ class Coordinator:
         tp: int,
         options: LoadOptions,
         connector_options: dict | None = None,
+        *,
+        progress: bool = False,
+        name_prefix: str | None = None,
     ):
-        if options.placement not in STRATEGIES:
-            raise RaydistError(f"placement {options.placement!r} is not one of {sorted(STRATEGIES)}")
+        """``name_prefix`` names the actors ``<prefix>:<rank>`` (held loads); ``progress`` shows a progress bar."""
         self.manifest, self.tp, self.options = manifest, tp, options
+        self._show_progress, self._name_prefix = progress, name_prefix
         self._raw, self._url, self._connector_options = manifest_raw, url, connector_options or {}
         self.expected = expected_digests(manifest, tp)  # before any byte moves
         self.pg = None
@@ -69,13 +54,13 @@ class Coordinator:
         self.gpu = self._wants_gpu(ray.cluster_resources())
         cpu = self.options.num_cpus_per_actor
         bundle = {"GPU": 1, "CPU": cpu} if self.gpu else {"CPU": cpu}
-        self.pg = placement_group([dict(bundle) for _ in range(self.tp)], strategy=STRATEGIES[self.options.placement])
+        self.pg = placement_group([dict(bundle) for _ in range(self.tp)], strategy=PLACEMENTS[self.options.placement])
         ready, _ = ray.wait([self.pg.ready()], timeout=self.options.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             self.pg = None
             raise PlacementError(
-                f"could not place {self.tp} bundles of {bundle} with strategy {STRATEGIES[self.options.placement]} "
+                f"could not place {self.tp} bundles of {bundle} with strategy {PLACEMENTS[self.options.placement]} "
                 f"within {self.options.placement_timeout_s:.0f}s; cluster has {_fmt(ray.cluster_resources())}, "
                 f"available now {_fmt(ray.available_resources())}. Lower tp, use device='cpu', another placement "
                 "strategy, or add nodes"
@@ -91,11 +76,12 @@ class Coordinator:
         reading together (a late rank would stretch the load) and start-up stays out of the load's timing."""
         import ray
 
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.options.placement_timeout_s)
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.options.actor_start_timeout_s)
         if pending:
             raise PlacementError(
                 f"ranks {[refs.index(p) for p in pending]} did not start within "
-                f"{self.options.placement_timeout_s:.0f}s (importing torch and opening the store)"
+                f"{self.options.actor_start_timeout_s:g}s (importing torch and opening the store); raise "
+                "actor_start_timeout_s (--actor-start-timeout-s) on cold nodes"
             )
         for rank, ref in enumerate(refs):
             try:
@@ -116,8 +102,8 @@ class Coordinator:
                 self.pg, placement_group_bundle_index=self._bundles[rank]
             ),
         )
-        if self.options.name_prefix:
-            opts["name"] = f"{self.options.name_prefix}:{rank}"
+        if self._name_prefix:
+            opts["name"] = f"{self._name_prefix}:{rank}"
         return (
             ray.remote(ShardLoader)
             .options(**opts)
@@ -130,7 +116,7 @@ class Coordinator:
                 concurrency=self.options.concurrency,
                 verify=self.options.verify,
                 connector_options=self._connector_options,
-                retry=self.options.retry,
+                retries=self.options.retries.policy(),
             )
         )
 
@@ -164,7 +150,7 @@ class Coordinator:
         rank's digest checked against the one computed here from the manifest."""
         refs = [a.load.remote() for a in self.actors]
         stop = threading.Event()
-        watcher = self._progress(stop) if self.options.progress else None
+        watcher = self._progress(stop) if self._show_progress else None
         try:
             reports = self._gather(refs)
         finally:

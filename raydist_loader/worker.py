@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -23,6 +23,7 @@ from . import digest, dtypes
 from .chunks import cut, requests_for, shared
 from .connectors import Connector, ReadRequest, open_connector
 from .manifest import Manifest
+from .options import DEFAULTS, Verify
 from .plan import ChunkRead, RankPlan, TensorSlot, make_plan
 from .pool import run_all
 from .redact import redact_url
@@ -30,7 +31,6 @@ from .report import RankReport
 from .retry import RetryPolicy, coerce_policy
 from .retry import call as with_retries
 
-Verify = bool | Literal["full"]
 _ALIGN = 256  # every tensor starts 256-byte aligned in the arena
 
 
@@ -53,12 +53,13 @@ class ShardLoader:
         tp: int,
         rank: int,
         *,
-        device: str = "cpu",
-        concurrency: int | None = None,
-        verify: Verify = True,
+        device: str = DEFAULTS.device,
+        concurrency: int | None = DEFAULTS.concurrency,
+        verify: Verify = DEFAULTS.verify,
         connector_options: dict | None = None,
-        retry: RetryPolicy | dict | None = None,
+        retries: RetryPolicy | dict | None = None,
     ):
+        """``retries``: a RetryPolicy or its fields as a dict; None: the default policy."""
         self._url = url
         self._options = connector_options or {}
         self.manifest = Manifest.from_json(manifest_json)
@@ -66,7 +67,7 @@ class ShardLoader:
         self.device = _resolve_device(device)
         self.verify = verify
         self._concurrency = concurrency
-        self.retry_policy = coerce_policy(retry)
+        self.retry_policy = coerce_policy(retries)
         self._connector: Connector | None = None
         self.plan: RankPlan | None = None
         self._flat: list[torch.Tensor] = []

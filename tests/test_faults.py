@@ -111,7 +111,7 @@ def test_transient_read_faults_are_retried_and_the_load_verifies(redis_server, c
     rl.publish(ckpts[0], url, "m", max_tp=2)
     raw = manifest_raw(url)
     bad = with_query(url, fail=3, fail_error=kind, request_bytes=8192)
-    ld = loader(bad, raw, 2, 1, retry={"attempts": 5, "base_delay_s": 0.01, "max_delay_s": 0.05})
+    ld = loader(bad, raw, 2, 1, retries={"attempts": 5, "base_delay_s": 0.01, "max_delay_s": 0.05})
     try:
         report = ld.load()
         assert ld.connector.failures_injected == 3
@@ -126,7 +126,7 @@ def test_permanent_read_faults_fail_at_once(redis_server, ckpts, kind):
     url = fresh_redis(redis_server)
     rl.publish(ckpts[0], url, "m", max_tp=2)
     raw = manifest_raw(url)
-    ld = loader(with_query(url, fail=100, fail_error=kind, request_bytes=8192), raw, 2, 0, retry={"attempts": 5})
+    ld = loader(with_query(url, fail=100, fail_error=kind, request_bytes=8192), raw, 2, 0, retries={"attempts": 5})
     t0 = time.monotonic()
     try:
         with pytest.raises(RaydistError, match="authentication failed" if kind == "auth" else "does not exist"):
@@ -177,7 +177,7 @@ def test_redis_killed_mid_load_gives_a_clear_error_then_loads_after_restart(star
 def test_redis_restarted_during_a_load_is_ridden_out_by_retries(start_redis, ckpts, originals):
     server = start_redis(*PERSIST, *ACL)
     base, raw, slow = _outage_loader(server, ckpts[0], delay_ms=100, request_bytes=8192)
-    ld = loader(slow, raw, 2, 1, retry={"attempts": 30, "base_delay_s": 0.1, "max_delay_s": 0.5, "deadline_s": 20})
+    ld = loader(slow, raw, 2, 1, retries={"attempts": 30, "base_delay_s": 0.1, "max_delay_s": 0.5, "deadline_s": 20})
     thread, box = run_in_thread(ld.load)
     wait_until(lambda: 0 < ld.progress()[0], 20, "the first bytes to land")
     server.stop()
@@ -291,7 +291,7 @@ def test_s3_burst_of_503s_beyond_boto3_retries_is_ridden_out(s3_store, ckpts, or
     try:
         raw = manifest_raw(url)
         ld = loader(f"{url}?endpoint_url={proxy.endpoint}", raw, 1, 0, concurrency=1,
-                    retry={"attempts": 5, "base_delay_s": 0.05, "max_delay_s": 0.2})
+                    retries={"attempts": 5, "base_delay_s": 0.05, "max_delay_s": 0.2})
         report = ld.load()
         assert proxy.faults == 4 and not report.failures
         assert_rank_matches(originals[0], ld.tensors, ld.metadata())

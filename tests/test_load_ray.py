@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -93,6 +95,13 @@ def test_unmet_placement_times_out_with_resources(ray_session, tmp_path, ckpt):
     with pytest.raises(PlacementError, match=r"STRICT_SPREAD.*cluster has \{CPU: 2, GPU: 4\}"):
         rl.load_across_cluster("m", url, tp=2, placement="strict_spread", placement_timeout_s=3, progress=False)
     assert ray.available_resources().get("CPU") == 2, "the timed-out placement group was removed"
+    # placed, but the actors (importing torch) cannot be up within their own start-up timeout
+    with pytest.raises(PlacementError, match=r"did not start within 0.01s.*--actor-start-timeout-s"):
+        rl.load_across_cluster("m", url, tp=2, actor_start_timeout_s=0.01, progress=False)
+    deadline = time.monotonic() + 10  # the resource view lags the removal a little
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU") == 2, "the actors and their placement group were removed"
 
 
 def test_refusals_before_any_actor_starts(ray_session, tmp_path, ckpt):
@@ -102,6 +111,8 @@ def test_refusals_before_any_actor_starts(ray_session, tmp_path, ckpt):
         rl.load_across_cluster("m", url, tp=4, progress=False)
     with pytest.raises(VerificationError, match="not the expected"):
         rl.load_across_cluster("m", url, tp=2, expect_manifest_sha256="0" * 64, progress=False)
+    with pytest.raises(ConfigError, match=r"placement: got 'spreaded'; expected 'pack', 'spread'"):
+        rl.load_across_cluster("m", url, tp=2, placement="spreaded", progress=False)
     with pytest.raises(ConfigError, match="re-publish"):
         rl.load_across_cluster("m", url, tp=2, rules={"default": "replicate", "rules": []}, progress=False)
     pinned = rl.manifest_sha256(url, "m")

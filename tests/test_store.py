@@ -247,7 +247,7 @@ def test_missing_or_truncated_chunk_object_is_one_clear_error(store_url, checkpo
             conn.write(part.object, conn.read(part.object)[: part.offset + part.nbytes - 7])
     pattern = "does not exist" if damage == "missing" else "truncated object"
     with pytest.raises(rl.RaydistError, match=pattern) as info:
-        rl.load_shard("m", store_url, 2, 0, device="cpu", retry={"attempts": 1})
+        rl.load_shard("m", store_url, 2, 0, device="cpu", retries={"attempts": 1})
     assert part.object.split("/")[-1] in str(info.value)
     failures = rl.verify(store_url, "m").failures
     assert ("model.layers.1.mlp.up_proj.weight", "all.0") in [(f.get("tensor"), f.get("chunk")) for f in failures]
