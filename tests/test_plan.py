@@ -14,6 +14,7 @@ from raydist_loader.grid import padded_vocab
 from raydist_loader.manifest import Manifest
 from raydist_loader.plan import make_plan
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
+from raydist_loader.transfer_gpu import GpuTransfer
 from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, original_tensors
@@ -135,9 +136,10 @@ def test_gpu_copy_groups_never_cover_bytes_outside_them(llama, tp):
     groups must hold all of a tensor's blocks, and a re-pull of some chunks must not drag others along."""
     url, _ = llama
     raw = open_connector(url).read("chunked/manifest.json")
-    w = ShardLoader(url, raw, tp, 0, device="cpu")
-    w.prepare()
-    w._allocate()
+    loader = ShardLoader(url, raw, tp, 0, device="cpu")
+    loader.prepare()
+    # the GPU path's grouping, on a CPU arena (grouping never touches CUDA)
+    w = GpuTransfer(loader.plan, torch.device("cpu"), loader.connector, loader.retry_policy, 0, loader._hash)
     groups = w._groups(w.plan.reads, target=64 << 10)
     assert sorted((r.tensor, r.chunk) for g in groups for r in g) == sorted((r.tensor, r.chunk) for r in w.plan.reads)
     for g in groups:

@@ -1,0 +1,198 @@
+"""Transfer machinery, shared part (below the worker; imports plan, chunks, connectors, retry; never the worker):
+one rank's arena on the final device and the pieces both copy paths use.
+
+The arena is one allocation per rank with a flat uint8 view per tensor (256-byte aligned): reads (CPU) or H2D
+copies (GPU) land in place, and chunks of consecutive tensors are adjacent, so the GPU path moves them with one copy.
+:class:`~raydist_loader.transfer_cpu.CpuTransfer` and :class:`~raydist_loader.transfer_gpu.GpuTransfer` fill it; the
+worker (:class:`~raydist_loader.worker.ShardLoader`) picks one per device and hands in how to hash a chunk, so the
+bytes are hashed as they land (overlapping further reads) while verification stays the worker's.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from math import prod
+
+import torch
+
+from . import dtypes
+from .chunks import cut, requests_for
+from .connectors import Connector, ReadRequest
+from .plan import ChunkRead, RankPlan, TensorSlot
+from .retry import RetryPolicy
+from .retry import call as with_retries
+
+_ALIGN = 256  # every tensor starts 256-byte aligned in the arena
+
+#: (tensor index, chunk id) -> digest of the bytes that landed
+Digests = dict[tuple[int, str], str]
+HashChunk = Callable[..., str]  # (chunk bytes, its ChunkRead or None) -> digest
+
+
+class Transfer:
+    """One rank's arena and the copy path that fills it; subclasses implement :meth:`_pull` per device."""
+
+    def __init__(
+        self,
+        plan: RankPlan,
+        device: torch.device,
+        connector: Connector,
+        retry_policy: RetryPolicy,
+        rank: int,
+        hash_chunk: HashChunk,
+    ):
+        self.plan, self.device, self.connector, self.retry_policy, self.rank = (
+            plan, device, connector, retry_policy, rank
+        )
+        self._hash = hash_chunk
+        self._lock = threading.Lock()
+        self._done = 0  # bytes landed (progress)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._allocate()
+
+    @property
+    def done(self) -> int:
+        """Bytes landed so far."""
+        return self._done
+
+    def pull(self, reads: Sequence[ChunkRead], concurrency: int) -> Digests:
+        """Read the chunks, hash each as it completes, place it; then view the arena as the rank's tensors."""
+        empty = torch.empty(0, dtype=torch.uint8)  # zero-size tensors: no bytes to read or place
+        digests = {(r.tensor, r.chunk): self._hash(empty, r) for r in reads if not r.nbytes}
+        digests.update(self._pull([r for r in reads if r.nbytes], concurrency))
+        self._expose()
+        return digests
+
+    def region(self, read: ChunkRead, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The chunk's place in the final tensors (``verify="full"`` re-hashes it there)."""
+        return self._region(read, tensors)
+
+    def _pull(self, reads: Sequence[ChunkRead], concurrency: int) -> Digests:
+        raise NotImplementedError
+
+    def _allocate(self) -> None:
+        """One arena on the final device, a flat uint8 view per slot: reads (CPU) or H2D copies (GPU) land in place,
+        and chunks of consecutive tensors are adjacent, so the GPU path moves them with one copy."""
+        self._offsets, size = [], 0
+        for slot in self.plan.tensors:
+            self._offsets.append(size)
+            size += -(-slot.nbytes // _ALIGN) * _ALIGN
+        self._arena = torch.empty(size, dtype=torch.uint8, device=self.device)  # one allocation per rank
+        self._flat = [self._arena[o : o + s.nbytes] for o, s in zip(self._offsets, self.plan.tensors, strict=True)]
+
+    def _stage(self, group: list[ChunkRead], stage: torch.Tensor, conn: Connector):
+        """Read a group into ``stage`` (pinned) and hash it; returns the digests and the H2D copy to issue."""
+        if len(group) > 1 and self._columns(group):
+            return self._stage_columns(group, stage, conn)
+        if not self._arena_run(group[0]):  # chunks sharing one span: read once, cut each, place each
+            self._read(conn, list(requests_for(group[0], stage, conn.max_request_bytes)))
+            chunks = [stage if r.extract is None else cut(stage, r.extract) for r in group]
+
+            def place() -> None:
+                for r, c in zip(group, chunks, strict=True):
+                    self._place(r, c)
+
+            return [self._hash(c, r) for r, c in zip(group, chunks, strict=True)], place
+        start = self._arena_span(group[0])[0]
+        views = [stage[a - start : b - start] for a, b in map(self._arena_span, group)]
+        self._read(
+            conn, [q for r, v in zip(group, views, strict=True) for q in requests_for(r, v, conn.max_request_bytes)]
+        )
+        end = self._arena_span(group[-1])[1]
+        return [self._hash(v, r) for r, v in zip(group, views, strict=True)], lambda: self._arena[start:end].copy_(
+            stage, non_blocking=True
+        )
+
+    def _stage_columns(self, group: list[ChunkRead], stage: torch.Tensor, conn: Connector):
+        """All column blocks of one tensor: read back to back into the first half of ``stage``, hashed there,
+        assembled row-major in the second half (a host copy), then ONE H2D copy of the whole tensor."""
+        index = group[0].tensor
+        n = self.plan.tensors[index].nbytes
+        raw, assembled = stage[:n], stage[n : 2 * n]
+        views, pos = [], 0
+        for r in group:
+            views.append(raw[pos : pos + r.nbytes])
+            pos += r.nbytes
+        self._read(
+            conn, [q for r, v in zip(group, views, strict=True) for q in requests_for(r, v, conn.max_request_bytes)]
+        )
+        digests = [self._hash(v, r) for r, v in zip(group, views, strict=True)]
+        for r, v in zip(group, views, strict=True):
+            block = self._region(r, flat=assembled)
+            block.copy_(v.view(block.shape))
+        start = self._offsets[index]
+        return digests, lambda: self._arena[start : start + n].copy_(assembled, non_blocking=True)
+
+    def _arena_run(self, read: ChunkRead) -> bool:
+        return read.direct and read.extract is None
+
+    def _arena_span(self, read: ChunkRead) -> tuple[int, int]:
+        """[start, end) of a contiguous chunk in the rank's arena."""
+        start = self._offsets[read.tensor] + read.dest * _inner_bytes(self.plan.tensors[read.tensor])
+        return start, start + read.nbytes
+
+    def _columns(self, group: list[ChunkRead], *, whole: bool = True) -> bool:
+        """A group of column blocks (row-parallel chunks at tp < max_tp) of one tensor, all of them if ``whole``."""
+        first = group[0]
+        same = all(not r.direct and r.extract is None and r.tensor == first.tensor for r in group)
+        return same and (not whole or sum(r.nbytes for r in group) == self.plan.tensors[first.tensor].nbytes)
+
+    def _read(self, conn: Connector, requests: list[ReadRequest]) -> None:
+        """One batch of reads, with transient backend errors retried under the load's policy."""
+        what = f"rank {self.rank}: reading {len(requests)} range(s) from {conn.describe()}"
+        with_retries(lambda: conn.readinto_many(requests), self.retry_policy, what=what)
+
+    def _region(
+        self, read: ChunkRead, tensors: dict[str, torch.Tensor] | None = None, *, flat: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The chunk's place in the rank tensor (its arena bytes, ``tensors``' final tensor, or a ``flat`` uint8
+        buffer laid out like it): a flat slice when contiguous, else an [outer, cols] block."""
+        slot = self.plan.tensors[read.tensor]
+        if flat is None:
+            flat = self._flat[read.tensor] if tensors is None else tensors[slot.name].reshape(-1).view(torch.uint8)
+        start = read.dest * _inner_bytes(slot)
+        if read.direct:
+            return flat[start : start + read.nbytes]
+        outer = prod(slot.shape[: slot.dim])
+        return flat.view(outer, -1)[:, start : start + read.nbytes // outer]
+
+    def _place(self, read: ChunkRead, chunk: torch.Tensor) -> None:
+        region = self._region(read)
+        region.copy_(chunk.view(region.shape), non_blocking=chunk.is_pinned())
+
+    def _expose(self) -> None:
+        """The flat buffers viewed as the tensors the engine gets (no copy)."""
+        for slot, flat in zip(self.plan.tensors, self._flat, strict=True):
+            shape_ok = slot.nbytes and flat.numel() == slot.nbytes
+            self.tensors[slot.name] = (
+                flat.view(dtypes.torch_dtype(slot.dtype)).view(slot.shape)
+                if shape_ok
+                else torch.empty(slot.shape, dtype=dtypes.torch_dtype(slot.dtype), device=self.device)
+            )
+
+
+class Ring:
+    """A bounded pool of staging buffers (pinned for GPU copies); a buffer comes back with the CUDA event of its
+    last copy, if any. Staging memory is at most ``slots x size``, whatever the shard's size."""
+
+    def __init__(self, slots: int, size: int, *, pin: bool = True):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(slots):
+            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
+
+    def acquire(self) -> torch.Tensor:
+        buf, event = self._free.get()
+        if event is not None:
+            event.synchronize()  # the previous H2D copy out of this buffer has finished
+        return buf
+
+    def release(self, buf: torch.Tensor, event) -> None:
+        self._free.put((buf, event))
+
+
+def _inner_bytes(slot: TensorSlot) -> int:
+    if slot.dim is None:
+        return 0
+    return prod(slot.shape[slot.dim + 1 :]) * dtypes.itemsize(slot.dtype)

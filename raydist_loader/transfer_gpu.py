@@ -1,0 +1,101 @@
+"""GPU copy path (below the worker; extends transfer.py): pinned staging ring, one non-blocking H2D copy per run.
+
+Runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded ring, hashed
+there, and sent with ONE non-blocking H2D copy on the thread's stream; a buffer is reused only after its copy's
+event completed. Staging memory is at most (concurrency + 1) buffers whatever the shard's size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from .plan import ChunkRead
+from .pool import run_all
+from .transfer import Ring, Transfer
+
+
+class GpuTransfer(Transfer):
+    """Fills a CUDA arena."""
+
+    def _pull(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
+        """GPU: runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded
+        ring, hashed there, and sent with ONE non-blocking H2D copy on the thread's stream; a buffer is reused only
+        after its copy's event completed. Other chunks (column blocks, in-place extracts) go one at a time."""
+        conn = self.connector
+        groups = self._groups(reads)
+        ring = Ring(concurrency + 1, max((self._group_bytes(g) for g in groups), default=0))
+        local = threading.local()
+
+        def one(group: list[ChunkRead]) -> list[str]:
+            if not hasattr(local, "stream"):
+                local.stream = torch.cuda.Stream(self.device)
+            buf = ring.acquire()
+            event = None
+            try:
+                digests, copy = self._stage(group, buf[: self._group_bytes(group)], conn)
+                with torch.cuda.stream(local.stream):
+                    copy()
+                    event = torch.cuda.Event()
+                    event.record(local.stream)
+            finally:
+                ring.release(buf, event)
+            with self._lock:
+                self._done += sum(r.nbytes for r in group)
+            return digests
+
+        results = run_all(one, groups, concurrency, f"rank{self.rank}")
+        torch.cuda.synchronize(self.device)
+        return {
+            (r.tensor, r.chunk): d for g, ds in zip(groups, results, strict=True) for r, d in zip(g, ds, strict=True)
+        }
+
+    def _groups(self, reads: Sequence[ChunkRead], target: int = 32 << 20) -> list[list[ChunkRead]]:
+        """Runs of arena-contiguous chunks up to ``target`` bytes. Two chunks join only when the second starts
+        where the first ends, or when the first ends its tensor and the second starts the next one (the gap is
+        alignment padding): one H2D copy of the run must never cover bytes of a chunk outside it."""
+        groups: list[list[ChunkRead]] = []
+        run: list[ChunkRead] = []
+        reads = list(reads)
+        for read in reads:
+            if not self._arena_run(read):
+                groups += [run] if run else []
+                run = []
+                last = groups[-1] if groups and not self._arena_run(groups[-1][0]) else None
+                if last and (last[0].pieces == read.pieces or self._columns(last + [read], whole=False)):
+                    last.append(read)  # shares the previous chunk's span, or is the next column block
+                else:
+                    groups.append([read])
+                continue
+            too_big = run and self._arena_span(read)[1] - self._arena_span(run[0])[0] > target
+            if run and (too_big or not self._adjacent(run[-1], read)):
+                groups.append(run)
+                run = []
+            run.append(read)
+        groups += [run] if run else []
+        # column blocks go as one assembled tensor only when the group holds all of them (not in a re-pull)
+        return [
+            g
+            for grp in groups
+            for g in (
+                [grp]
+                if len(grp) == 1 or not self._columns(grp, whole=False) or self._columns(grp)
+                else [[r] for r in grp]
+            )
+        ]
+
+    def _adjacent(self, prev: ChunkRead, read: ChunkRead) -> bool:
+        end, start = self._arena_span(prev)[1], self._arena_span(read)[0]
+        if start == end:
+            return True
+        ends_tensor = end == self._offsets[prev.tensor] + self.plan.tensors[prev.tensor].nbytes
+        return ends_tensor and read.tensor == prev.tensor + 1 and start == self._offsets[read.tensor]
+
+    def _group_bytes(self, group: list[ChunkRead]) -> int:
+        if len(group) > 1 and self._columns(group):
+            return 2 * self.plan.tensors[group[0].tensor].nbytes
+        if not self._arena_run(group[0]):
+            return group[0].read_bytes
+        return self._arena_span(group[-1])[1] - self._arena_span(group[0])[0]
