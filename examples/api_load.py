@@ -34,8 +34,8 @@ def main() -> None:
     with rl.load_across_cluster(args.model, args.url, tp=args.tp, ray_address=args.ray_address,
                                 connector_options=options) as loaded:
         total = loaded.report.total
-        print(f"{total['bytes'] / 1e9:.2f} GB in {total['seconds']:.2f} s ({total['gbps']:.2f} GB/s), "
-              f"verified={loaded.report['verified']}, ready after {total['time_to_ready_s']:.1f} s")
+        print(f"{total.bytes / 1e9:.2f} GB in {total.seconds:.2f} s ({total.gbps:.2f} GB/s), "
+              f"verified={loaded.report.verified}, ready after {total.time_to_ready_s:.1f} s")
         for row in loaded.run(describe_shard, "model.layers.0.self_attn."):
             print(row)
 

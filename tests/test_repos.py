@@ -213,5 +213,5 @@ def test_zero_size_tensors_publish_index_and_load(zero_checkpoint, request, tmp_
     for tp in (1, 4):
         shards = [rl.load_shard("z", url, tp, rank, device="cpu", verify="full") for rank in range(tp)]
         assert_shards_match(state, [(s.tensors, s.metadata) for s in shards])
-        assert all(s.report["digest"] == s.report["expected_digest"] for s in shards)
+        assert all(s.report.digest == s.report.expected_digest for s in shards)
     assert [tuple(shards[3].tensors[n].shape) for n in ZERO] == [(0, 64), (32, 0), (64, 0), (0, 32), (0,), (3, 0, 2)]
