@@ -52,6 +52,15 @@ def _segment_chunks(seg: Segment, offset: int, max_tp: int) -> list[Chunk]:
     return [Chunk(seg.name, i, offset + i * step, offset + (i + 1) * step) for i in range(count)]
 
 
+def _in_blocks(rule: TensorRule, cut: list[Chunk]) -> list[Chunk]:
+    """A block scale's chunks: its weight's chunks (on whole blocks) divided by the block; the last one rounds up,
+    as the scale of a weight whose size is not a whole number of blocks does."""
+    size = rule.block_scale
+    if size == 1:
+        return cut
+    return [Chunk(c.seg, c.index, c.start // size, -(-c.end // size)) for c in cut]
+
+
 def chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int) -> list[Chunk]:
     """Every chunk of a tensor at publish granularity ``max_tp``, in segment order."""
     if rule.style == "replicate":
@@ -61,7 +70,7 @@ def chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int) -> list[Chunk]
         per = padded_vocab(vocab) // max_tp
         spans = [(min(vocab, i * per), min(vocab, (i + 1) * per)) for i in range(max_tp)]
         return [Chunk("all", i, a, b) for i, (a, b) in enumerate(spans) if b > a]
-    return [c for seg, off in _segment_offsets(rule) for c in _segment_chunks(seg, off, max_tp)]
+    return _in_blocks(rule, [c for seg, off in _segment_offsets(rule) for c in _segment_chunks(seg, off, max_tp)])
 
 
 def refusal(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int) -> str | None:
@@ -76,12 +85,19 @@ def refusal(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int) -> s
     for seg in rule.segments:
         units = seg.size // seg.unit
         what = {"q": "q heads", "kv": "kv heads", "none": f"dim {rule.dim} units"}[seg.heads]
+        replicated_head = seg.heads == "kv" and _per_head_kv(seg, max_tp) and tp > units
         if seg.heads == "kv" and _per_head_kv(seg, max_tp):
             ok = units % tp == 0 if tp <= units else tp % units == 0
         else:
             ok = gcd(max_tp, units) % tp == 0
         if not ok:
             return f"segment {seg.name!r} has {units} {what}, which cannot be split across tp={tp}"
+        rows = seg.unit if replicated_head else seg.size // tp
+        if tp > 1 and rows % seg.block:
+            return (
+                f"segment {seg.name!r} would be cut into {rows} rows of dim {rule.dim} per rank at tp={tp}, "
+                f"which splits its {seg.block}-row quantization blocks"
+            )
     return None
 
 
@@ -103,7 +119,7 @@ def rank_chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int, 
         else:
             per = units // tp
             out.extend(seg_chunks[rank * per : (rank + 1) * per])
-    return out
+    return _in_blocks(rule, out)
 
 
 def kv_replicas(rule: TensorRule, max_tp: int, tp: int) -> int:
@@ -146,12 +162,16 @@ def check_max_tp(rules: dict[str, TensorRule], shapes: dict[str, tuple[int, ...]
         raise ShardingError(f"max_tp must be >= 1, got {max_tp}")
     bad = {n: why for n, r in rules.items() if (why := refusal(r, shapes[n], max_tp, max_tp))}
     if bad:
-        ok = [t for t in range(max_tp, 0, -1) if all(not refusal(r, shapes[n], t, t) for n, r in rules.items())]
-        listing = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:5])
+        kinds = {(r, shapes[n]) for n, r in rules.items()}  # one check per distinct cut, not per tensor
+        ok = [t for t in range(max_tp, 0, -1) if all(not refusal(r, shape, t, t) for r, shape in kinds)]
+        # a block scale is refused with its weight, for the same reason: name the weights
+        shown = [(n, why) for n, why in bad.items() if rules[n].block_scale == 1] or list(bad.items())
+        listing = "; ".join(f"{n}: {why}" for n, why in shown[:5])
         raise ShardingError(
             f"cannot publish with max_tp={max_tp}: {listing}"
-            + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+            + (f" (+{len(shown) - 5} more)" if len(shown) > 5 else "")
             + f"; the largest max_tp this model can be cut into is {ok[0]}: pass --max-tp {ok[0]}"
+            + f" (max_tp values up to {max_tp} that work: {sorted(ok)})"
         )
 
 

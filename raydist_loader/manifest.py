@@ -142,7 +142,7 @@ class Manifest(_Strict):
             raise ManifestError(f"{at}.rule: {e}") from None
         if rule.dim is not None and not 0 <= rule.dim < len(t.shape):
             raise ManifestError(f"{at}.rule.dim: {rule.dim} is outside a tensor of shape {t.shape}")
-        if rule.style in ("colwise", "rowwise") and sum(seg.size for seg in rule.segments) != t.shape[rule.dim]:
+        if rule.style in ("colwise", "rowwise") and rule.extent != t.shape[rule.dim]:
             raise ManifestError(f"{at}.rule.segments: sizes do not add up to dim {rule.dim} of shape {t.shape}")
         expected = grid.chunks(rule, tuple(t.shape), self.max_tp)
         got = [(c.id, c.start, c.end) for c in t.chunks]

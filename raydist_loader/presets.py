@@ -64,6 +64,16 @@ _MIXTRAL_EXPERTS = (
     _suffix(r"experts\.\d+\.w[13]\.weight", "colwise"),
     _suffix(r"experts\.\d+\.w2\.weight", "rowwise"),
 )
+_MLA = (  # DeepSeek multi-head latent attention, as vLLM's DeepseekV2Attention / MLA wrapper shards it
+    _suffix(r"(q_a_proj|kv_a_proj_with_mqa)\.weight", "replicate"),  # low-rank projections: ReplicatedLinear
+    _suffix(r"(q_b_proj|kv_b_proj)\.weight", "colwise", "q"),  # per q head (MLA head sizes from the config)
+)
+_DEEPSEEK_MOE = (
+    _suffix(r"mlp\.gate\.(weight|e_score_correction_bias)", "replicate"),  # router and its bias (V3)
+    _suffix(r"eh_proj\.weight", "replicate"),  # multi-token-prediction layer (nn.Linear in vLLM)
+    _suffix(r"shared_head\.head\.weight", "vocab"),  # its lm head (ParallelLMHead); enorm/hnorm: the norm rule
+)
+_DEEPSEEK = _MLA + _DEEPSEEK_MOE + _LLAMA  # q_proj (no q_lora_rank) and o_proj; experts/shared_experts: _MLP
 _GPT2 = (  # Conv1D weights are stored [in, out]: transposed
     _suffix(r"wte\.weight", "vocab"),
     _suffix(r"wpe\.weight", "replicate"),
@@ -77,6 +87,8 @@ _GPT2 = (  # Conv1D weights are stored [in, out]: transposed
 )
 
 PRESETS: dict[str, tuple[RuleSpec, ...]] = {
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,  # FP8 blocks as shipped: weight_scale_inv follows its weight (rules.py)
     "gemma": _LLAMA,  # head_dim from config; tied embeddings (no lm_head.weight written)
     "gpt2": _GPT2,
     "llama": _LLAMA,

@@ -12,8 +12,10 @@ what an engine expects.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -36,7 +38,9 @@ HEADS: tuple[str, ...] = get_args(Heads)
 DEFAULTS: tuple[str, ...] = get_args(Default)
 
 _SEGMENT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # chunk names are "<tensor>::<segment>.<index>"
-_SCALE_NAME = re.compile(r"^(?P<module>.+)\.(?P<kind>\w*_scale(_inv|_2)?)$")
+# quantisation tensors that follow their module's weight: weight_scale_inv (FP8 blocks), weight_scale / input_scale
+# (compressed-tensors, per channel or per tensor), k_scale / v_scale, weight_zero_point
+_SCALE_NAME = re.compile(r"^(?P<module>.+)\.(?P<kind>\w*_(scale(_inv|_2)?|zero_point))$")
 _MAX_LISTED = 20
 
 
@@ -46,7 +50,13 @@ _MAX_LISTED = 20
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The config.json numbers that decide where heads start and end."""
+    """The config.json numbers that decide where heads start and end, and the FP8 block size.
+
+    ``mla_head_dims`` are the other sizes a q-head-structured dim may have in multi-head latent attention
+    (DeepSeek: q_b_proj holds heads of qk_nope+qk_rope rows, kv_b_proj of qk_nope+v, o_proj's input of v).
+    ``quant_block`` is ``[B0, B1]`` of block-quantized weights (``quantization_config.weight_block_size``, or a
+    compressed-tensors ``block_structure``): their scales hold one value per B0 x B1 block of the weight.
+    """
 
     model_type: str
     hidden: int
@@ -54,6 +64,8 @@ class ModelDims:
     kv_heads: int
     head_dim: int
     vocab: int | None
+    mla_head_dims: tuple[int, ...] = ()
+    quant_block: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelDims:
@@ -72,7 +84,43 @@ class ModelDims:
                 f"config: num_attention_heads ({n_heads}) is not a multiple of "
                 f"num_key_value_heads ({kv_heads})"
             )
-        return cls(str(config.get("model_type", "")), hidden, n_heads, kv_heads, head_dim, vocab)
+        return cls(
+            str(config.get("model_type", "")), hidden, n_heads, kv_heads, head_dim, vocab, _mla_head_dims(config),
+            quant_block(config),
+        )
+
+
+def _mla_head_dims(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """Multi-head latent attention's head sizes (config has ``kv_lora_rank``), else ()."""
+    if config.get("kv_lora_rank") is None:
+        return ()
+    nope, rope, v = (_config_int(config, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    return tuple(dict.fromkeys((nope + rope, nope + v, v)))
+
+
+def quant_block(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``[B0, B1]`` of a block-quantized checkpoint (FP8 ``weight_block_size``, or the ``block_structure`` of a
+    compressed-tensors group with ``strategy: block``), None when its weights are not block-quantized."""
+    quant = config.get("quantization_config") or {}
+    if not isinstance(quant, Mapping):
+        raise ConfigError(f"config: quantization_config must be a mapping, got {quant!r}")
+    where, block = "quantization_config.weight_block_size", quant.get("weight_block_size")
+    groups = quant.get("config_groups") if isinstance(quant.get("config_groups"), Mapping) else {}
+    for name, group in groups.items():
+        weights = group.get("weights") if isinstance(group, Mapping) else None
+        if block is None and isinstance(weights, Mapping) and weights.get("strategy") == "block":
+            where, block = f"quantization_config.config_groups.{name}.weights.block_structure", weights.get(
+                "block_structure"
+            )
+    if block is None:
+        return None
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_positive_int(b) for b in block)):
+        raise ConfigError(f"config: {where} must be two positive integers [rows, cols], got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _config_int(config: Mapping[str, Any], *keys: str, default: int | None = None) -> int:
@@ -95,12 +143,17 @@ def _config_int(config: Mapping[str, Any], *keys: str, default: int | None = Non
 
 @dataclass(frozen=True)
 class Segment:
-    """One contiguous part of a split dim (a fused tensor has several) and how it may be cut."""
+    """One contiguous part of a split dim (a fused tensor has several) and how it may be cut.
+
+    ``block`` > 1 marks a block-quantized weight: a rank's cut must fall on whole quantization blocks of that many
+    rows (columns) along the split dim, as vLLM requires (``validate_fp8_block_shape``).
+    """
 
     name: str
     size: int
     heads: Heads
     unit: int
+    block: int = 1
 
     @property
     def units(self) -> int:
@@ -108,31 +161,46 @@ class Segment:
         return self.size // self.unit
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return {"name": self.name, "size": self.size, "heads": self.heads, "unit": self.unit}
+        """JSON-able form (``block`` only when the segment is block-quantized)."""
+        out = {"name": self.name, "size": self.size, "heads": self.heads, "unit": self.unit}
+        return out | ({"block": self.block} if self.block != 1 else {})
 
 
 @dataclass(frozen=True)
 class TensorRule:
-    """How one tensor is cut: style, split dim of this tensor, and its segments in order along that dim."""
+    """How one tensor is cut: style, split dim of this tensor, and its segments in order along that dim.
+
+    ``block_scale`` > 1 marks the scale of a block-quantized weight (``weight_scale_inv``): its segments are its
+    weight's, and index ``i`` of its split dim stands for the weight's rows ``[i * block_scale, (i + 1) *
+    block_scale)``, so the grid cuts it exactly where it cuts the weight, divided by the block.
+    """
 
     style: Style
     dim: int | None
     segments: tuple[Segment, ...]
+    block_scale: int = 1
+
+    @property
+    def extent(self) -> int:
+        """The size of the split dim the segments describe (a block scale's is its weight's, in blocks)."""
+        return -(-sum(s.size for s in self.segments) // self.block_scale)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, as recorded in the manifest."""
-        return {"style": self.style, "dim": self.dim, "segments": [s.to_dict() for s in self.segments]}
+        out = {"style": self.style, "dim": self.dim, "segments": [s.to_dict() for s in self.segments]}
+        return out | ({"block_scale": self.block_scale} if self.block_scale != 1 else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TensorRule:
         """Inverse of :meth:`to_dict`; a garbled dict raises :class:`ManifestError` naming the field."""
         try:
             segments = tuple(
-                Segment(str(s["name"]), int(s["size"]), s["heads"], int(s["unit"])) for s in d["segments"]
+                Segment(str(s["name"]), int(s["size"]), s["heads"], int(s["unit"]), int(s.get("block", 1)))
+                for s in d["segments"]
             )
-            rule = cls(d["style"], None if d["dim"] is None else int(d["dim"]), segments)
-        except (KeyError, TypeError, ValueError) as exc:
+            dim = None if d["dim"] is None else int(d["dim"])
+            rule = cls(d["style"], dim, segments, int(d.get("block_scale", 1)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"tensor rule {dict(d)!r}: missing or bad field ({exc})") from exc
         _check_tensor_rule(rule)
         return rule
@@ -149,8 +217,10 @@ def _check_tensor_rule(rule: TensorRule) -> None:
             f"tensor rule {rule.to_dict()}: a split style needs a dim and segments, replicate neither"
         )
     for seg in rule.segments:
-        if seg.heads not in HEADS or seg.size < 0 or seg.unit <= 0 or seg.size % seg.unit:
+        if seg.heads not in HEADS or seg.size < 0 or seg.unit <= 0 or seg.size % seg.unit or seg.block < 1:
             raise ManifestError(f"tensor rule {rule.to_dict()}: bad segment {seg.to_dict()}")
+    if rule.block_scale < 1 or (rule.block_scale > 1 and rule.style not in ("colwise", "rowwise")):
+        raise ManifestError(f"tensor rule {rule.to_dict()}: block_scale needs a colwise/rowwise rule")
 
 
 _REPLICATE = TensorRule("replicate", None, ())
@@ -261,8 +331,13 @@ def _split_dim(rule: Rule, ndim: int) -> int | None:
     return out_dim if rule.style == "colwise" else in_dim
 
 
-def _apply(rule: Rule, name: str, shape: tuple[int, ...], dims: ModelDims) -> TensorRule:
-    """Turn a matching rule into the TensorRule of this tensor, checking sizes against the model dims."""
+def _apply(
+    rule: Rule, name: str, shape: tuple[int, ...], dims: ModelDims, block: tuple[int, int] | None = None
+) -> TensorRule:
+    """Turn a matching rule into the TensorRule of this tensor, checking sizes against the model dims.
+
+    ``block`` is the quantization block of a block-quantized weight: its segments then carry the block along the
+    split dim, so that the grid cuts it (and its scale) on whole blocks only."""
     if rule.style == "replicate":
         return _REPLICATE
     if not shape:
@@ -271,20 +346,26 @@ def _apply(rule: Rule, name: str, shape: tuple[int, ...], dims: ModelDims) -> Te
             "give it a replicate rule"
         )
     if rule.style == "vocab":
+        if block:
+            raise ShardingError(
+                f"{name} {list(shape)}: a block-quantized vocab tensor cannot be cut the way vLLM pads the vocab "
+                "(vLLM never quantizes embeddings or lm_head); give it a replicate rule"
+            )
         return TensorRule("vocab", 0, (Segment("all", shape[0], "none", 1),))
     dim = _split_dim(rule, len(shape))
     if dim is None:
         return _REPLICATE
     segments = _segments(rule, shape[dim], dims)
     _check_sizes(rule, name, shape, dim, segments, dims)
+    if block:
+        segments = _blocked(name, shape, dim, segments, block)
     return TensorRule(rule.style, dim, segments)
 
 
 def _segments(rule: Rule, size: int, dims: ModelDims) -> tuple[Segment, ...]:
     """The segments of a split dim of ``size``: one ``all``, q,k,v with GQA sizes, or equal named parts."""
     if not rule.segments:
-        unit = dims.head_dim if rule.heads != "none" else 1
-        return (Segment("all", size, rule.heads, unit),)
+        return (Segment("all", size, rule.heads, _head_unit(rule.heads, size, dims)),)
     if rule.segments == QKV:
         q, kv = dims.n_heads * dims.head_dim, dims.kv_heads * dims.head_dim
         return (
@@ -294,6 +375,37 @@ def _segments(rule: Rule, size: int, dims: ModelDims) -> tuple[Segment, ...]:
         )
     part = size // len(rule.segments)
     return tuple(Segment(s, part, "none", 1) for s in rule.segments)
+
+
+def _head_unit(heads: Heads, size: int, dims: ModelDims) -> int:
+    """Rows per head of a head-structured dim: head_dim, or an MLA head size when the dim holds that many heads."""
+    if heads == "none":
+        return 1
+    if heads == "q" and size % dims.n_heads == 0 and size // dims.n_heads in dims.mla_head_dims:
+        return size // dims.n_heads
+    return dims.head_dim
+
+
+def _blocked(
+    name: str, shape: tuple[int, ...], dim: int, segments: tuple[Segment, ...], block: tuple[int, int]
+) -> tuple[Segment, ...]:
+    """The segments of a block-quantized weight (block ``[B0, B1]`` over its last two dims) with the block along
+    ``dim``; fused segments must start on whole blocks, or the scale could not be cut per segment."""
+    size = block[0] if dim == len(shape) - 2 else block[1]
+    starts = list(itertools.accumulate(s.size for s in segments))[:-1]
+    if any(start % size for start in starts):
+        layout = " + ".join(f"{s.name}={s.size}" for s in segments)
+        raise ShardingError(
+            f"{name} {list(shape)}: fused segments {layout} do not start on whole {size}-row quantization blocks, "
+            "so its block scale cannot be cut per segment (vLLM refuses such a merged layer too)"
+        )
+    return tuple(dataclasses.replace(s, block=size) for s in segments)
+
+
+def block_scale_shape(weight_shape: Sequence[int], block: tuple[int, int]) -> tuple[int, ...]:
+    """The scale of a block-quantized weight: one value per ``B0 x B1`` block of its last two dims."""
+    *lead, rows, cols = weight_shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
 
 
 def _check_sizes(
@@ -309,10 +421,10 @@ def _check_sizes(
         )
     for seg in segments:
         expected = {"q": dims.n_heads, "kv": dims.kv_heads}.get(seg.heads)
-        if expected is not None and seg.size != expected * dims.head_dim:
+        if expected is not None and seg.size != expected * seg.unit:
             raise ShardingError(
                 f"{where}: segment {seg.name} should hold {seg.heads} heads x head_dim = "
-                f"{expected}x{dims.head_dim} = {expected * dims.head_dim}, got {seg.size}; "
+                f"{expected}x{seg.unit} = {expected * seg.unit}, got {seg.size}; "
                 f"{_dims_text(dims)}"
             )
 
@@ -322,6 +434,45 @@ def _dims_text(dims: ModelDims) -> str:
     return (
         f"model: heads={dims.n_heads}, kv_heads={dims.kv_heads}, head_dim={dims.head_dim}, "
         f"hidden={dims.hidden}"
+    )
+
+
+def _block_scaled(shapes: Mapping[str, tuple[int, ...]], dims: ModelDims) -> set[str]:
+    """The weights that have a block scale (``weight_scale_inv``, or compressed-tensors' 2-D ``weight_scale``) of
+    the shape ``dims.quant_block`` gives them: these are cut on whole blocks, and their scales with them."""
+    if dims.quant_block is None:
+        return set()
+    out = set()
+    for name, shape in shapes.items():
+        match = _SCALE_NAME.match(name)
+        if match is None or match.group("kind") not in ("weight_scale_inv", "weight_scale"):
+            continue
+        weight = shapes.get(f"{match.group('module')}.weight")
+        if weight is not None and len(weight) >= 2 and shape == block_scale_shape(weight, dims.quant_block):
+            out.add(f"{match.group('module')}.weight")
+    return out
+
+
+def _scale_error(
+    name: str, shape: tuple[int, ...], weight: str, weight_shape: tuple[int, ...] | None,
+    block: tuple[int, int] | None,
+) -> str:
+    """Why a scale cannot follow its weight, with the shapes that would."""
+    if weight_shape is None:
+        expected = f"its weight {weight} is not in the checkpoint"
+    elif block is None:
+        expected = (
+            f"{weight} is {list(weight_shape)}; a block scale needs quantization_config.weight_block_size in "
+            "config.json"
+        )
+    else:
+        expected = (
+            f"{weight} is {list(weight_shape)}, so its block scale (block {list(block)}) would be "
+            f"{list(block_scale_shape(weight_shape, block))}"
+        )
+    return (
+        f"{name} {list(shape)}: not a per-tensor, per-channel ([out] or [out, 1]) or block quantisation scale of "
+        f"its weight ({expected}); add an explicit rule for it (e.g. style: replicate)"
     )
 
 
@@ -391,19 +542,27 @@ class RuleSet:
         """The first rule matching ``name``, or None."""
         return next((rule for rule in self.rules if rule.matches(name)), None)
 
-    def resolve(self, name: str, shape: Sequence[int], dims: ModelDims) -> TensorRule:
-        """How to cut tensor ``name`` of ``shape``; unmatched raises unless ``default: replicate``."""
-        resolved = self._resolve(name, tuple(shape), dims)
+    def resolve(
+        self, name: str, shape: Sequence[int], dims: ModelDims, shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> TensorRule:
+        """How to cut tensor ``name`` of ``shape``; unmatched raises unless ``default: replicate``.
+
+        ``shapes`` (the checkpoint's other tensors) is needed to tell a block-quantized weight or its block scale.
+        """
+        all_shapes = {n: tuple(s) for n, s in (shapes or {}).items()} | {name: tuple(shape)}
+        resolved = self._resolve(name, tuple(shape), dims, all_shapes, _block_scaled(all_shapes, dims))
         if resolved is None:
             raise self._unmatched_error([name])
         return resolved
 
     def resolve_all(self, shapes: Mapping[str, Sequence[int]], dims: ModelDims) -> dict[str, TensorRule]:
         """Resolve every tensor; all unmatched tensors are reported together in one ShardingError."""
+        shapes = {n: tuple(s) for n, s in shapes.items()}
+        blocked = _block_scaled(shapes, dims)
         resolved: dict[str, TensorRule] = {}
         unmatched: list[str] = []
         for name, shape in shapes.items():
-            rule = self._resolve(name, tuple(shape), dims)
+            rule = self._resolve(name, shape, dims, shapes, blocked)
             if rule is None:
                 unmatched.append(name)
             else:
@@ -412,36 +571,46 @@ class RuleSet:
             raise self._unmatched_error(unmatched)
         return resolved
 
-    def _resolve(self, name: str, shape: tuple[int, ...], dims: ModelDims) -> TensorRule | None:
+    def _resolve(
+        self, name: str, shape: tuple[int, ...], dims: ModelDims, shapes: Mapping[str, tuple[int, ...]],
+        blocked: set[str],
+    ) -> TensorRule | None:
         """Rule lookup: explicit rule, else a quantisation scale following its weight, else the default."""
         rule = self.match(name)
         if rule is not None:
-            return _apply(rule, name, shape, dims)
+            return _apply(rule, name, shape, dims, dims.quant_block if name in blocked else None)
         scale = _SCALE_NAME.match(name)
         if scale is not None:
-            resolved = self._resolve_scale(name, scale.group("module"), shape, dims)
+            resolved = self._resolve_scale(name, scale.group("module"), shape, dims, shapes, blocked)
             if resolved is not None:
                 return resolved
         return _REPLICATE if self.default == "replicate" else None
 
     def _resolve_scale(
-        self, name: str, module: str, shape: tuple[int, ...], dims: ModelDims
+        self, name: str, module: str, shape: tuple[int, ...], dims: ModelDims, shapes: Mapping[str, tuple[int, ...]],
+        blocked: set[str],
     ) -> TensorRule | None:
-        """A quantisation scale: a scalar replicates; a per-output-channel one ([out] or [out, 1]) is cut like
-        its weight's bias would be (colwise -> dim 0 with the same segments, rowwise -> replicate)."""
+        """A quantisation scale follows its weight: a scalar replicates; a block scale (``[ceil(out/B0),
+        ceil(in/B1)]``) is cut where its weight is, in whole blocks; a per-output-channel one ([out] or [out, 1])
+        is cut like its weight's bias would be (colwise -> dim 0 with the same segments, rowwise -> replicate:
+        a row-parallel rank keeps every output channel)."""
         if math.prod(shape) <= 1:
             return _REPLICATE
-        weight_rule = self.match(f"{module}.weight")
+        weight_name = f"{module}.weight"
+        weight_rule = self.match(weight_name)
         if weight_rule is None:
             return None
-        if len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):
-            return _apply(
-                weight_rule, name, shape[:1], dims
-            )  # 1-D: dim 0 for colwise/vocab, rowwise replicates
-        raise ShardingError(
-            f"{name} {list(shape)}: a block-wise quantisation scale is not supported by the "
-            f"rule for {module}.weight; add an explicit rule for it (e.g. style: replicate)"
-        )
+        weight_shape = shapes.get(weight_name)
+        if weight_name in blocked and dims.quant_block and shape == block_scale_shape(weight_shape, dims.quant_block):
+            weight = _apply(weight_rule, weight_name, weight_shape, dims, dims.quant_block)
+            if weight.dim is None:
+                return _REPLICATE
+            return TensorRule(weight.style, weight.dim, weight.segments, weight.segments[0].block)
+        out_dim = None if weight_shape is None else len(weight_shape) - (1 if weight_rule.transposed else 2)
+        per_channel = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+        if per_channel and (out_dim is None or out_dim < 0 or shape[0] == weight_shape[out_dim]):
+            return _apply(weight_rule, name, shape[:1], dims)  # 1-D: dim 0 for colwise/vocab, rowwise replicates
+        raise ShardingError(_scale_error(name, shape, weight_name, weight_shape, dims.quant_block))
 
     def _unmatched_error(self, names: list[str]) -> ShardingError:
         """The error for tensors no rule matches: lists them and says how to fix it."""

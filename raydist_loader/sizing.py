@@ -135,13 +135,7 @@ def _fp8_blocks(entries: list[Entry], config: Mapping[str, Any]) -> list[Entry]:
     skip = [m for m in quant.get("modules_to_not_convert") or [] if m]
     out = []
     for e in entries:
-        quantized = (
-            len(e.shape) == 2
-            and e.name.endswith(".weight")
-            and e.dtype != "float32"
-            and not _NOT_QUANTIZED.search(e.name)
-            and not any(m in e.name for m in skip)
-        )
+        quantized = fp8_quantized(e.name, e.shape) and e.dtype != "float32" and not any(m in e.name for m in skip)
         if not quantized:
             out.append(e)
             continue
@@ -149,6 +143,11 @@ def _fp8_blocks(entries: list[Entry], config: Mapping[str, Any]) -> list[Entry]:
         scale = tuple(-(-size // b) for size, b in zip(e.shape, block, strict=True))
         out.append(Entry(f"{e.name}_scale_inv", "float32", scale, 0, 0))
     return out
+
+
+def fp8_quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether FP8 checkpoints quantize this tensor: 2-D linear weights, except embeddings, lm_head and routers."""
+    return len(shape) == 2 and name.endswith(".weight") and not _NOT_QUANTIZED.search(name)
 
 
 # ------------------------------------------------------------------------------------------ per rank

@@ -45,7 +45,27 @@ _MOE_EXPERTS = [
     ("layers.0.mlp.experts.3.down_proj.weight", "rowwise", 1, [("all", 32, "none")]),
     ("layers.0.mlp.gate.weight", "replicate", None, []),
 ]
+_DEEPSEEK_EXPECT = [  # MLA: 8 heads of q 16+8 rows, k_nope+v 16+16, v 16; latent projections replicated
+    ("layers.0.self_attn.kv_a_proj_with_mqa.weight", "replicate", None, []),
+    ("layers.0.self_attn.kv_b_proj.weight", "colwise", 0, [("all", 256, "q")]),
+    ("layers.0.self_attn.o_proj.weight", "rowwise", 1, [("all", 128, "q")]),
+    ("layers.0.self_attn.kv_a_layernorm.weight", "replicate", None, []),
+    ("layers.0.mlp.gate_proj.weight", "colwise", 0, [("all", 128, "none")]),  # first_k_dense_replace: dense
+    ("layers.1.mlp.experts.3.up_proj.weight", "colwise", 0, [("all", 64, "none")]),
+    ("layers.1.mlp.experts.3.down_proj.weight", "rowwise", 1, [("all", 64, "none")]),
+    ("layers.1.mlp.shared_experts.gate_proj.weight", "colwise", 0, [("all", 64, "none")]),
+    ("layers.1.mlp.shared_experts.down_proj.weight", "rowwise", 1, [("all", 64, "none")]),
+    ("layers.1.mlp.gate.weight", "replicate", None, []),
+]
 EXPECT: dict[str, list] = {
+    "deepseek_v2": _DEEPSEEK_EXPECT + [("layers.0.self_attn.q_proj.weight", "colwise", 0, [("all", 192, "q")])],
+    "deepseek_v3": _DEEPSEEK_EXPECT
+    + [
+        ("layers.0.self_attn.q_a_proj.weight", "replicate", None, []),
+        ("layers.0.self_attn.q_a_layernorm.weight", "replicate", None, []),
+        ("layers.0.self_attn.q_b_proj.weight", "colwise", 0, [("all", 192, "q")]),
+        ("layers.1.mlp.gate.e_score_correction_bias", "replicate", None, []),
+    ],
     "llama": _LLAMA_EXPECT,
     "mistral": _LLAMA_EXPECT,
     "qwen2": _LLAMA_EXPECT
@@ -256,9 +276,69 @@ def test_quantisation_scales_follow_their_weight(name: str, shape: tuple[int, ..
     assert _described(rules.resolve(name, shape, _llama_dims())) == expected
 
 
-def test_block_scales_are_refused() -> None:
-    with pytest.raises(ShardingError, match="block-wise quantisation scale"):
-        RuleSet.preset("llama").resolve("a.q_proj.weight_scale_inv", (4, 2), _llama_dims())
+def _fp8_dims(block: list[int] | None = (16, 16), **config: object) -> ModelDims:
+    """The tiny llama's dims, FP8 block-quantized with ``block`` (as quantization_config.weight_block_size)."""
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block) if block else None}
+    return ModelDims.from_config({**TINY_DEFAULTS["llama"], "model_type": "llama", "quantization_config": quant,
+                                  **config})
+
+
+@pytest.mark.parametrize(
+    ("weight", "shape", "scale_shape", "style", "dim", "block"),
+    [
+        ("a.q_proj.weight", (64, 64), (4, 4), "colwise", 0, 16),
+        ("a.o_proj.weight", (64, 64), (4, 4), "rowwise", 1, 16),
+        ("a.down_proj.weight", (64, 200), (4, 13), "rowwise", 1, 16),  # 200 = 12.5 blocks: the scale rounds up
+    ],
+)
+def test_block_scales_follow_their_weight_in_blocks(weight, shape, scale_shape, style, dim, block) -> None:
+    """A block-quantized weight's segments carry the block; its weight_scale_inv has the same segments (in the
+    weight's rows) and block_scale = the block along the split dim, so the grid cuts both in the same place."""
+    shapes = {weight: shape, f"{weight}_scale_inv": scale_shape}
+    resolved = RuleSet.preset("llama").resolve_all(shapes, _fp8_dims())
+    w, s = resolved[weight], resolved[f"{weight}_scale_inv"]
+    assert (w.style, w.dim, w.block_scale) == (style, dim, 1) and w.segments[0].block == block
+    assert (s.style, s.dim, s.segments, s.block_scale) == (style, dim, w.segments, block)
+    assert s.extent == scale_shape[dim] and TensorRule.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_block_scale_of_a_replicated_weight_replicates() -> None:
+    shapes = {"a.kv_a_proj_with_mqa.weight": (40, 64), "a.kv_a_proj_with_mqa.weight_scale_inv": (3, 4)}
+    dims = _fp8_dims(**{**TINY_DEFAULTS["deepseek_v3"], "model_type": "deepseek_v3"})
+    resolved = RuleSet.preset("deepseek_v3").resolve_all(shapes, dims)
+    assert {r.style for r in resolved.values()} == {"replicate"}
+
+
+@pytest.mark.parametrize(
+    ("block", "scale_shape", "message"),
+    [
+        (None, (4, 4), r"a block scale needs quantization_config\.weight_block_size"),
+        ((16, 16), (4, 2), r"\[4, 2\]: not a per-tensor.*block \[16, 16\]\) would be \[4, 4\]"),
+        ((16, 16), (5, 1), r"\[5, 1\]: not a per-tensor, per-channel"),  # [out, 1]-shaped but not out rows
+    ],
+)
+def test_scales_that_fit_no_layout_are_refused_naming_the_shapes(block, scale_shape, message) -> None:
+    shapes = {"a.q_proj.weight": (64, 64), "a.q_proj.weight_scale_inv": scale_shape}
+    with pytest.raises(ShardingError, match=message):
+        RuleSet.preset("llama").resolve_all(shapes, _fp8_dims(block))
+
+
+def test_block_quantized_vocab_and_misaligned_fused_segments_are_refused() -> None:
+    with pytest.raises(ShardingError, match=r"lm_head\.weight \[250, 64\]: a block-quantized vocab tensor"):
+        RuleSet.preset("llama").resolve_all({"lm_head.weight": (250, 64), "lm_head.weight_scale_inv": (16, 4)},
+                                            _fp8_dims())
+    fused = {"a.qkv_proj.weight": (96, 64), "a.qkv_proj.weight_scale_inv": (3, 2)}  # q=64 k=16 v=16, block 32
+    with pytest.raises(ShardingError, match=r"q=64 \+ k=16 \+ v=16 do not start on whole 32-row quantization"):
+        RuleSet.preset("phi3").resolve_all(fused, _fp8_dims((32, 32)))
+
+
+def test_compressed_tensors_block_structure_is_read() -> None:
+    group = {"weights": {"strategy": "block", "block_structure": [32, 64]}, "targets": ["Linear"]}
+    config = {**TINY_DEFAULTS["llama"], "quantization_config": {"quant_method": "compressed-tensors",
+                                                                "config_groups": {"group_0": group}}}
+    assert ModelDims.from_config(config).quant_block == (32, 64)
+    with pytest.raises(ConfigError, match=r"weight_block_size must be two positive integers"):
+        _fp8_dims((16, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -91,7 +91,17 @@ def test_mixtral_8x7b_at_tp8():
     assert _ranks(summary) == [expected] * 8
 
 
-def test_deepseek_v3_fp8_is_sized_and_its_refusal_said():
+def _fp8(rows: int, cols: int, split_rows: int = 1, split_cols: int = 1, block: int = 128) -> int:
+    """Bytes one rank keeps of an FP8 [rows, cols] weight cut split_rows x split_cols ways, with its float32
+    weight_scale_inv: one value per block of the rank's slice (a partial last block counts whole)."""
+    r, c = rows // split_rows, cols // split_cols
+    return r * c + -(-r // block) * -(-c // block) * 4
+
+
+def test_deepseek_v3_fp8_is_sized_per_rank():
+    """DeepSeek-V3 (MLA, 256 experts, FP8 128x128 blocks) at tp=8, checked against its config by hand: q_b/kv_b
+    cut by heads, o_proj and down projections on dim 1, latent projections and routers replicated, every
+    weight_scale_inv cut with its weight in whole blocks."""
     summary = rl.inspect_config(DEEPSEEK_V3, tp=8)
     tensors = {t["name"]: t for t in summary["tensors"]}
     assert summary["quantization"] == "fp8 blocks [128, 128]"
@@ -101,21 +111,51 @@ def test_deepseek_v3_fp8_is_sized_and_its_refusal_said():
     assert not tensors["model.layers.3.mlp.gate.weight"]["dtype"].startswith("float8")  # routers stay unquantized
     assert 671e9 < summary["bytes"] < 700e9  # 671B parameters, nearly all at one byte
     assert "multi-token-prediction" in summary["notes"][0]
-    assert "no sharding preset for model_type 'deepseek_v3'" in summary["refused"]
+    assert summary["served_tp"] == [1, 2, 4, 8] and "refused" not in summary
+    tp, h, layers, dense, moe_layers, experts = 8, 7168, 61, 3, 58, 256 + 1  # + 1 shared expert
+    split = (
+        layers * (_fp8(128 * 192, 1536, tp) + _fp8(128 * 256, 512, tp) + _fp8(h, 128 * 128, 1, tp))  # q_b kv_b o
+        + dense * (2 * _fp8(18432, h, tp) + _fp8(h, 18432, 1, tp))
+        + moe_layers * experts * (2 * _fp8(2048, h, tp) + _fp8(h, 2048, 1, tp))
+        + 2 * 129280 // tp * h * BF16  # embed_tokens, lm_head
+    )
+    replicated = (
+        layers * (_fp8(1536, h) + _fp8(576, h) + (1536 + 512 + 2 * h) * BF16)  # q_a, kv_a_with_mqa, 4 norms
+        + moe_layers * (256 * h + 256) * 4  # router (transformers builds it in float32) + e_score_correction_bias
+        + h * BF16
+    )
+    assert _ranks(summary) == [{"split_bytes": split, "replicated_bytes": replicated}] * tp
+    assert summary["ranks"][0]["bytes"] == 85_352_991_776  # 85.35 GB per GPU
+
+
+def test_deepseek_v3_fp8_tp_that_splits_a_block_is_refused_naming_tensor_and_working_tps():
+    """At tp=32 the dense MLP's 18432 rows give 576 per rank = 4.5 blocks of 128: refused, as vLLM refuses it."""
+    summary = rl.inspect_config({**DEEPSEEK_V3, "num_hidden_layers": 4, "num_nextn_predict_layers": 0}, tp=32)
     assert "ranks" not in summary
+    assert summary["refused"].startswith(
+        "cannot publish with max_tp=32: model.layers.0.mlp.down_proj.weight: segment 'all' would be cut into 576 rows "
+        "of dim 1 per rank at tp=32, which splits its 128-row quantization blocks; "
+    )
+    assert summary["refused"].endswith("pass --max-tp 16 (max_tp values up to 32 that work: [1, 2, 4, 8, 16])")
 
 
-def test_fp8_block_scales_are_refused_naming_the_tensor(tmp_path, capsys):
-    """Qwen3-8B-FP8's layout (block-quantized linear layers) on rules that cannot cut block scales yet."""
+def test_fp8_block_scales_of_qwen3_fp8_are_cut_with_their_weights(tmp_path, capsys):
+    """Qwen3-FP8's layout (block-quantized linear layers, bf16 embeddings and norms) at tp=8, per rank by hand."""
     config = {**LLAMA3_70B, "model_type": "qwen3", "num_hidden_layers": 2, "head_dim": 128,
               "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    assert main(["inspect", "--config-only", str(path), "--tp", "8"]) == 2
-    captured = capsys.readouterr()
-    assert "refused: model.layers.0.self_attn.q_proj.weight_scale_inv [64, 64]: a block-wise quantisation" in (
-        captured.out)
-    assert captured.err.startswith("raydist-loader: error: LlamaForCausalLM cannot be served as asked: ")
+    assert main(["inspect", "--config-only", str(path), "--tp", "8", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    h, tp, layers = 8192, 8, 2
+    split = layers * (
+        _fp8(8192, h, tp) + 2 * _fp8(1024, h, tp) + _fp8(h, 8192, 1, tp)  # q, k and v (one kv head each), o
+        + 2 * _fp8(28672, h, tp) + _fp8(h, 28672, 1, tp)
+    ) + 2 * 128256 // tp * h * BF16
+    replicated = layers * (2 * h + 2 * 128) * BF16 + h * BF16  # layernorms, q_norm/k_norm, final norm
+    assert _ranks(summary) == [{"split_bytes": split, "replicated_bytes": replicated}] * tp
+    scale = next(t for t in summary["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight_scale_inv")
+    assert (scale["shape"], scale["style"], scale["chunks"]) == ([8, 64], "colwise", 8)  # one 128-row block per head
 
 
 def test_cli_config_only_prints_per_rank_bytes_and_refuses_a_tp(tmp_path, capsys):

@@ -18,6 +18,10 @@ Names transformers 5.24 writes (``model.safetensors``, one file):
   [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]; ``save_pretrained`` converts back to these names).
 * qwen2_moe/qwen3_moe: ``mlp.experts.E.{gate,up,down}_proj.weight``, router ``mlp.gate.weight``; qwen2_moe
   also ``mlp.shared_expert.{gate,up,down}_proj.weight`` and ``mlp.shared_expert_gate.weight`` ([1, hidden]).
+* deepseek_v2/deepseek_v3: ``self_attn.{q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj}.weight`` (v2-lite:
+  ``q_proj`` instead of q_a/q_b), ``self_attn.{q_a,kv_a}_layernorm.weight``; dense ``mlp.{gate,up,down}_proj`` in
+  the first layer, then ``mlp.experts.E.*_proj``, ``mlp.shared_experts.*_proj``, ``mlp.gate.weight`` (v3 also
+  ``mlp.gate.e_score_correction_bias``).
 """
 
 from __future__ import annotations
@@ -46,8 +50,26 @@ _COMMON: dict[str, Any] = {
     "eos_token_id": 2,
 }
 _MOE_EXPERTS: dict[str, Any] = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+# DeepSeek: MLA (8 heads of qk 16+8, v 16; latent ranks 32), one dense layer then MoE (4 routed + 1 shared expert)
+_DEEPSEEK: dict[str, Any] = {
+    **_COMMON,
+    "num_key_value_heads": 8,  # MLA: k and v have a head per q head
+    "first_k_dense_replace": 1,
+    "moe_intermediate_size": 64,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+}
 
 TINY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {**_DEEPSEEK, "q_lora_rank": None},  # DeepSeek-V2-Lite: a plain q_proj
+    "deepseek_v3": {**_DEEPSEEK, "q_lora_rank": 32},  # q_a_proj -> q_b_proj; router bias e_score_correction_bias
     "llama": _COMMON,
     "mistral": _COMMON,
     "qwen2": _COMMON,
