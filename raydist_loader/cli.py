@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src_dir", metavar="SRC_DIR", help="checkpoint directory (config.json + *.safetensors)")
     _store_args(p)
     _publish_args(p)
+    p.add_argument("--allow-eviction", action="store_true",
+                   help="publish to a Redis that may evict keys (maxmemory-policy other than noeviction)")
 
     p = sub.add_parser("index", help="record a manifest for a checkpoint already at <URL>/<model>/")
     _store_args(p)
@@ -321,7 +323,8 @@ def _cmd_publish(args: argparse.Namespace, out: _Out) -> int:
 
     options = _connector_options(args, out)
     result = publish(args.src_dir, args.url, args.model, max_tp=args.max_tp, rules=args.rules,
-                     digests=_digests(args), connector_options=options, max_file_bytes=args.max_file_bytes)
+                     digests=_digests(args), connector_options=options, max_file_bytes=args.max_file_bytes,
+                     allow_eviction=args.allow_eviction)
     _print_publish(result, args, out, "published")
     return EXIT_OK
 
@@ -592,9 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except _UsageError as e:
-        e.parser.print_usage(sys.stderr)
-        out.err(f"{e.parser.prog}: error: {e}")
+    except _UsageError as e:  # one line, as every other user error; --help shows the usage
+        out.err(f"{e.parser.prog}: error: {e} (see `{e.parser.prog} --help`)")
         return EXIT_ERROR
     except SystemExit as e:  # --help / --version
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_ERROR

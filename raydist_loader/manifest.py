@@ -82,7 +82,7 @@ class Manifest(_Strict):
     model: str
     version: str
     layout: Literal["chunked", "inplace"]
-    created: float
+    created: float  # when this manifest became current (written just before the swap)
     max_tp: int = Field(ge=1)
     digests: list[str] = Field(default_factory=lambda: ["xxh3_128"])
     rules: dict
@@ -90,6 +90,8 @@ class Manifest(_Strict):
     config: dict
     tensors: dict[str, TensorRecord]
     files: dict[str, FileRecord] = Field(default_factory=dict)
+    #: earlier versions -> when each stopped being current (the swap that replaced it); ``gc`` counts from it
+    retired: dict[str, float] | None = None
 
     # ---------------------------------------------------------------- (de)serialise
     def to_json(self) -> bytes:
@@ -124,6 +126,9 @@ class Manifest(_Strict):
             raise ManifestError(f"{where}: field version: {self.version!r} is not a raydist-loader version id")
         if self.max_tp > _MAX_TP:
             raise ManifestError(f"{where}: field max_tp: {self.max_tp} is above {_MAX_TP}")
+        bad = [v for v in self.retired or () if not VERSION_RE.match(v)]
+        if bad:
+            raise ManifestError(f"{where}: field retired: {bad[0]!r} is not a raydist-loader version id")
         for name, t in self.tensors.items():
             self._check_tensor(name, t, f"{where}: tensors[{name!r}]")
         for name, f in self.files.items():
@@ -173,6 +178,21 @@ class Manifest(_Strict):
         parts = key.split("/")
         if not key.startswith(prefix) or any(p in ("", ".", "..") for p in parts):
             raise ManifestError(f"{at}: object {key!r} is outside {prefix}")
+
+    def renamed(self, model: str) -> Manifest:
+        """This manifest as the one of ``model``: a model directory copied to another name with the backend's own
+        tools (``cp -r``, ``aws s3 sync``, Redis ``COPY``) keeps its manifest, whose objects then resolve under the
+        name that was asked for, never under the original's."""
+        old = f"{self.model}/"
+        data = self.model_dump(exclude_none=True)
+        objects = list(data["files"].values())
+        for t in data["tensors"].values():
+            objects += [t["source"]] if "source" in t else [p for c in t["chunks"] for p in c["parts"]]
+        for record in objects:
+            record["object"] = model + "/" + record["object"][len(old) :]
+        manifest = Manifest.model_validate({**data, "model": model})
+        manifest.check()
+        return manifest
 
     def served_tps(self) -> list[int]:
         """Every tp this store can be loaded at."""
@@ -252,12 +272,20 @@ def read_manifest(connector, model: str) -> Manifest:
 
 
 def read_manifest_bytes(connector, model: str) -> tuple[Manifest, bytes]:
-    """The validated manifest and the exact bytes it was parsed from (to pin with a sha256, or hand to actors)."""
+    """The validated manifest and the exact bytes it was parsed from (to pin with a sha256, or hand to actors).
+
+    A manifest that names another model (the model was copied to this name) is re-rooted under ``model`` and
+    its bytes re-serialised: the load, and a sha256 pinned for this name, cover the manifest as read here.
+    """
     key = manifest_key(model)
     if connector.stat(key) is None:
         raise NotFoundError(_missing_message(connector, model))
     raw = connector.read(key)
-    return Manifest.from_json(raw, where=f"{connector.describe()} {key}"), raw
+    manifest = Manifest.from_json(raw, where=f"{connector.describe()} {key}")
+    if manifest.model != model:
+        manifest = manifest.renamed(model)
+        raw = manifest.to_json()
+    return manifest, raw
 
 
 def _missing_message(connector, model: str) -> str:

@@ -17,7 +17,8 @@ import numpy as np
 from . import digest, dtypes, grid
 from . import manifest as mf
 from .connectors import Connector, open_connector
-from .errors import ConfigError
+from .errors import BackendError, ConfigError, ManifestError, NotFoundError, RaydistError
+from .ledger import WriteLedger
 from .pool import run_all
 from .repo import DEFAULT_MAX_FILE_BYTES, RepoFiles, SkippedFile, select
 from .rules import ModelDims, RuleSet, TensorRule
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TP = 8
 DEFAULT_PART_BYTES = 1536 << 20
+# retired versions a manifest remembers for gc (older ones fall back to the current version's swap time)
+_MAX_RETIRED = 256
 
 
 @dataclass
@@ -94,19 +97,55 @@ def _record(cut: _Cut, chunk_info: dict[str, dict], source: mf.Source | None = N
     )
 
 
-def _file_records(connector: Connector, files: dict[str, bytes], prefix: str, algos) -> dict[str, mf.FileRecord]:
-    out = {}
+def _file_records(out: WriteLedger, files: dict[str, bytes], prefix: str, algos) -> dict[str, mf.FileRecord]:
+    records = {}
     for name, data in files.items():
         key = f"{prefix}{name}"
-        if connector.stat(key) != len(data):
-            connector.write(key, data)
-        out[name] = mf.FileRecord(object=key, nbytes=len(data), **_digests(data, algos))
-    return out
+        out.write(key, data)
+        records[name] = mf.FileRecord(object=key, nbytes=len(data), **_digests(data, algos))
+    return records
 
 
-def _finish(connector: Connector, manifest: mf.Manifest) -> None:
-    """Write the manifest last: the atomic switch that makes the new version visible."""
-    connector.write(mf.manifest_key(manifest.model), manifest.to_json())
+def _current(conn: Connector, model: str) -> mf.Manifest | None:
+    """The model's current manifest, or None when there is none or it cannot be read as one."""
+    try:
+        return mf.read_manifest(conn, model)
+    except (NotFoundError, ManifestError):
+        return None
+
+
+def _finish(conn: Connector, manifest: mf.Manifest) -> mf.Manifest:
+    """Write the manifest last: the atomic switch that makes the new version visible. It records when the version
+    it replaces stopped being current (``retired``), which is when ``gc``'s grace period for that version starts."""
+    previous = _current(conn, manifest.model)
+    now = time.time()
+    retired = dict(previous.retired or {}) if previous else {}
+    if previous and previous.version != manifest.version:
+        retired[previous.version] = now
+    retired = dict(sorted(retired.items(), key=lambda item: item[1])[-_MAX_RETIRED:])
+    manifest = manifest.model_copy(update={"created": now, "retired": retired or None})
+    conn.write(mf.manifest_key(manifest.model), manifest.to_json())
+    return manifest
+
+
+def _failed(conn: Connector, model: str, version: str, out: WriteLedger, error: BaseException) -> BackendError:
+    """One line for a publish that failed: the store, the cause, what was removed and what stays current."""
+    where = conn.describe()
+    try:
+        current = _current(conn, model)
+        stays = f"version {current.version} stays current" if current else f"no version of {model!r} is current"
+    except RaydistError:
+        current, stays = None, "the previous manifest, if any, stays current"
+    if current is not None and current.version == version:  # the swap landed though its write reported an error
+        return BackendError(
+            f"publish of {model!r} to {where} reported an error after the manifest swap ({error}), but the store "
+            f"names the new version {version}: run `raydist-loader verify` to check it"
+        )
+    removed = out.remove()
+    return BackendError(
+        f"publish of {model!r} to {where} failed: {error}; removed {removed} of the {len(out.sizes)} object(s) it "
+        f"wrote under {mf.version_prefix(model, version)}; {stays}"
+    )
 
 
 def _new_manifest(model, version, layout_name, max_tp, algos, rules, config, tensors, files) -> mf.Manifest:
@@ -166,13 +205,17 @@ def publish(
     concurrency: int = 4,
     connector_options: dict | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    allow_eviction: bool = False,
 ) -> PublishResult:
     """Publish the HF checkpoint in ``src_dir`` to store ``url`` as ``model`` (chunked layout, new version).
 
     ``rules`` (YAML path or dict) override the preset chosen by config.json's model_type; ``max_tp`` is the finest
     tp the store will serve (every divisor that the tensors allow is served too). The weights are the files
     ``model.safetensors.index.json`` names (else ``model.safetensors``); config/tokenizer files up to
-    ``max_file_bytes`` are stored for ``pull_files``; the result lists everything skipped.
+    ``max_file_bytes`` are stored for ``pull_files``; the result lists everything skipped. Before the manifest swap
+    every object written is confirmed to be there with its size; any failure removes what was written and raises
+    one :class:`BackendError` (the previous version stays current). A store that may evict objects (Redis with a
+    ``maxmemory-policy`` other than ``noeviction``) is refused unless ``allow_eviction``.
     """
     started = time.perf_counter()
     mf.check_model_name(model)
@@ -185,13 +228,21 @@ def publish(
     version = mf.new_version(f"{model}{ruleset.fingerprint()}{max_tp}")
     prefix = mf.version_prefix(model, version)
     with open_connector(url, **(connector_options or {})) as conn:
-        warnings = _eviction_warning(conn)
+        warnings = _eviction_check(conn, allow_eviction)
         writer = _write_files if conn.packs_files else _write_objects
-        info = writer(conn, cuts, raw, prefix, max_tp, digests, part_bytes, concurrency)
-        tensors = {c.entry.name: _record(c, info[c.entry.name]) for c in cuts}
-        file_recs = _file_records(conn, files, f"{prefix}files/", digests)
-        manifest = _new_manifest(model, version, "chunked", max_tp, digests, ruleset, config, tensors, file_recs)
-        _finish(conn, manifest)
+        out = WriteLedger(conn)
+        try:
+            info = writer(out, cuts, raw, prefix, max_tp, digests, part_bytes, concurrency)
+            tensors = {c.entry.name: _record(c, info[c.entry.name]) for c in cuts}
+            file_recs = _file_records(out, files, f"{prefix}files/", digests)
+            manifest = _new_manifest(model, version, "chunked", max_tp, digests, ruleset, config, tensors, file_recs)
+            out.confirm()
+            manifest = _finish(conn, manifest)
+        except (RaydistError, OSError) as e:
+            raise _failed(conn, model, version, out, e) from None
+        except BaseException:  # Ctrl-C or a bug: still leave nothing behind
+            out.remove()
+            raise
         nbytes = manifest.total_bytes
         n_objects = len(manifest.objects())
         where = conn.describe()
@@ -213,9 +264,15 @@ def publish(
     )
 
 
-def _eviction_warning(conn: Connector) -> list[str]:
+def _eviction_check(conn: Connector, allow: bool) -> list[str]:
+    """Refuse a store that may evict what publish writes (its warning, when ``allow``)."""
     check = getattr(conn, "check_eviction_policy", None)
     message = check() if check else None
+    if message and not allow:
+        raise ConfigError(
+            f"{message}; or pass --allow-eviction (allow_eviction=True) to publish anyway (publish then fails "
+            "cleanly if objects are evicted before its manifest swap, but later evictions break loads)"
+        )
     return [message] if message else []
 
 
@@ -248,7 +305,7 @@ def _chunk_name(cut: _Cut, c: grid.Chunk) -> str:
     return f"{cut.entry.name}::{c.id}"
 
 
-def _write_files(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
+def _write_files(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
     """file/S3: chunks packed into safetensors files; returns tensor -> chunk id -> record fields."""
     info: dict[str, dict[str, dict]] = {c.entry.name: {} for c in cuts}
 
@@ -278,16 +335,16 @@ def _write_files(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency
                 }
                 yield memoryview(data)
 
-        conn.write(key, stream(head, blocks()))
+        out.write(key, stream(head, blocks()))
 
     run_all(lambda item: write_one(*item), _groups(cuts, max_tp, part_bytes).items(), concurrency, "publish")
     return info
 
 
-def _write_objects(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
+def _write_objects(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
     """Redis-like stores: one object per chunk (split into parts above the backend's value limit)."""
     info: dict[str, dict[str, dict]] = {c.entry.name: {} for c in cuts}
-    limit = conn.max_object_bytes or part_bytes
+    limit = out.conn.max_object_bytes or part_bytes
 
     def write_one(cut: _Cut) -> None:
         for c, data in _cut_bytes(cut, raw[cut.entry.name]):
@@ -297,7 +354,7 @@ def _write_objects(conn, cuts, raw, prefix, max_tp, algos, part_bytes, concurren
             parts = []
             for k, (a, b) in enumerate(spans):
                 part_key = key if len(spans) == 1 else f"{key}#{k}"
-                conn.write(part_key, view[a:b])
+                out.write(part_key, view[a:b])
                 parts.append(mf.Part(object=part_key, offset=0, nbytes=b - a))
             info[cut.entry.name][c.id] = {"nbytes": data.nbytes, **_digests(data, algos), "parts": parts}
 
@@ -338,7 +395,7 @@ def index(
         }
         version = mf.new_version(f"{model}{ruleset.fingerprint()}{[(e.name, e.offset) for e, _ in entries]}")
         manifest = _new_manifest(model, version, "inplace", max_tp, digests, ruleset, config, tensors, file_recs)
-        _finish(conn, manifest)
+        manifest = _finish(conn, manifest)
         where = conn.describe()
     return PublishResult(
         model,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from . import digest
 from .connectors import open_connector
 from .errors import RaydistError, VerificationError, describe_failures
-from .manifest import Manifest, manifest_key, read_manifest
+from .manifest import Manifest, read_manifest, read_manifest_bytes
 from .plan import ChunkRead, make_plan
 from .pool import run_all
 
@@ -32,9 +32,10 @@ class VerifyResult:
 
 
 def manifest_sha256(url: str, model: str, connector_options: dict | None = None) -> str:
-    """sha256 of the stored manifest bytes: pin it with ``expect_manifest_sha256=`` to detect a swapped store."""
+    """sha256 of the manifest bytes a load of ``model`` uses (the stored bytes, re-rooted for a copied model): pin it
+    with ``expect_manifest_sha256=`` to detect a swapped store."""
     with open_connector(url, **(connector_options or {})) as conn:
-        return hashlib.sha256(conn.read(manifest_key(model))).hexdigest()
+        return hashlib.sha256(read_manifest_bytes(conn, model)[1]).hexdigest()
 
 
 def check_manifest_sha256(raw: bytes, expected: str | None, where: str) -> None:

@@ -6,6 +6,7 @@ registry are tested below the contract suite.
 
 from __future__ import annotations
 
+import http.server
 import importlib
 import random
 import socket
@@ -121,6 +122,16 @@ def test_stat_exists_delete_and_delete_prefix(conn: Connector) -> None:
     assert list(conn.list("")) == ["m2/a"]
     with pytest.raises(ValueError):
         conn.delete_prefix("")
+
+
+def test_stat_many_and_modified(conn: Connector) -> None:
+    """The one-pass size check publish runs before its swap, and the write times gc dates versions by."""
+    before = time.time()
+    conn.write("m/v1/a", b"abc")
+    conn.write("m/v1/empty", b"")
+    assert conn.stat_many(["m/v1/a", "m/v1/none", "m/v1/empty"]) == [3, None, 0]
+    written, missing = conn.modified(["m/v1/a", "m/v1/none"])
+    assert missing is None and before - 1 <= written <= time.time() + 1
 
 
 def test_list_with_prefix(conn: Connector) -> None:
@@ -498,3 +509,45 @@ def test_s3_unreachable_endpoint_is_transient(s3_server) -> None:
         with pytest.raises(BackendError) as info:
             conn.stat("k")
     assert info.value.transient and f"127.0.0.1:{port}" in str(info.value)
+
+
+class _IgnoresRange(http.server.BaseHTTPRequestHandler):
+    """An "S3" that answers every GET with 200 and the whole object, whatever Range asks for."""
+
+    protocol_version = "HTTP/1.1"
+    body = pattern(4096, seed=5)
+    closed = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def finish(self) -> None:
+        super().finish()
+        type(self).closed.set()  # the client closed the connection
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_s3_ranged_read_answered_with_the_whole_object_is_an_error(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _IgnoresRange)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _IgnoresRange.closed.clear()
+    try:
+        buf = bytearray(100)
+        with open_connector(f"s3://bucket/x?endpoint_url=http://127.0.0.1:{server.server_port}") as conn:
+            with pytest.raises(BackendError) as info:
+                conn.readinto("m/v1/part.safetensors", 1000, memoryview(buf))
+            # checked while the connector (and its connection pool) is still open
+            assert _IgnoresRange.closed.wait(5), "the response was closed, not left holding its connection"
+        message = str(info.value)
+        assert "'m/v1/part.safetensors'" in message and "bytes 1000-1099" in message and "HTTP 200" in message
+        assert buf == bytearray(100), "none of the wrong bytes landed"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import BackendError, NotFoundError
+from ..errors import BackendError, ConfigError, NotFoundError
 from ..redact import redact_url
 
 Buffer = bytes | bytearray | memoryview
@@ -97,6 +97,16 @@ class Connector(abc.ABC):
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 
+    def stat_many(self, keys: Sequence[str]) -> list[int | None]:
+        """``stat`` of many keys in one cheap pass (publish confirms what it wrote); backends that can pipeline
+        override it."""
+        return [self.stat(key) for key in keys]
+
+    def modified(self, keys: Sequence[str]) -> list[float | None]:
+        """When each key was last written (seconds since the epoch, the store's clock), or None where the key is
+        missing or the backend cannot tell. ``gc`` never deletes what it cannot date; this default dates nothing."""
+        return [None] * len(keys)
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many."""
         if not prefix:
@@ -145,6 +155,15 @@ def check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"invalid object key {key!r}: keys are relative '/'-separated names without '..'")
     return key
+
+
+def refuse_options(scheme: str, options: dict) -> None:
+    """A backend that takes no connector options names the ones it was given (``--password-env`` is Redis')."""
+    if options:
+        raise ConfigError(
+            f"the {scheme} store takes no connector options, got {sorted(options)}: a password "
+            "(--password-env, password_env:) applies to redis:// stores only"
+        )
 
 
 def short_read(key: str, offset: int, want: int, got: int, where: str) -> BackendError:

@@ -9,8 +9,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..errors import BackendError, NotFoundError
-from .base import Buffer, Connector, check_key, short_read
+from ..errors import BackendError, ConfigError, NotFoundError
+from .base import Buffer, Connector, check_key, refuse_options, short_read
 
 _IOV_MAX = 1024  # Linux limit on buffers per preadv
 _UMASK = os.umask(0o022)
@@ -22,7 +22,11 @@ def url_to_path(url: str) -> Path:
     if url.startswith("file://"):
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"file URL {url!r} names host {parts.netloc!r}; use file:///absolute/path")
+            raise ConfigError(
+                f"file URL {url!r} has no absolute path (it reads {parts.netloc!r} as a host name): use "
+                f"file:///absolute/path (three slashes), or give the directory as a plain path "
+                f"({parts.netloc}{parts.path})"
+            )
         return Path(unquote(parts.path))
     return Path(url).expanduser().resolve()
 
@@ -36,8 +40,9 @@ class FileConnector(Connector):
     default_concurrency = 4
     max_request_bytes = 32 << 20
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, **options: object):
         super().__init__(url)
+        refuse_options("file://", options)
         self.root = url_to_path(url)
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -120,9 +125,28 @@ class FileConnector(Connector):
         except OSError as e:
             raise BackendError(f"cannot stat {key!r} in {self.describe()}: {e}") from None
 
+    def modified(self, keys: Sequence[str]) -> list[float | None]:
+        out: list[float | None] = []
+        for key in keys:
+            try:
+                out.append(self._path(key).stat().st_mtime)
+            except (FileNotFoundError, NotADirectoryError):
+                out.append(None)
+        return out
+
     def delete(self, key: str) -> None:
+        """Remove the file, and the directories under the root that this leaves empty (a removed version leaves
+        no empty directory behind)."""
         self._forget(key)
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or already gone): stop climbing
+                break
 
     def _forget(self, key: str) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -297,13 +298,32 @@ class RedisConnector(Connector):
         yield from sorted(found)
 
     def stat(self, key: str) -> int | None:
-        check_key(key)
-        with self._errors(f"checking {key!r}"):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.exists(key)
-            pipe.strlen(key)
-            exists, size = pipe.execute()
-        return int(size) if exists else None
+        return self.stat_many([key])[0]
+
+    def stat_many(self, keys: Sequence[str]) -> list[int | None]:
+        """EXISTS + STRLEN of every key, pipelined (STRLEN alone cannot tell a missing key from an empty one)."""
+        replies = self._pipelined(keys, lambda pipe, key: (pipe.exists(key), pipe.strlen(key)))
+        return [int(size) if exists else None for exists, size in zip(replies[::2], replies[1::2], strict=True)]
+
+    def modified(self, keys: Sequence[str]) -> list[float | None]:
+        """Now minus ``OBJECT IDLETIME`` (seconds since the key was last touched, read or write: never earlier than
+        its last write). A server with an LFU policy does not track idle time: None (undated)."""
+        now = time.time()
+        replies = self._pipelined(keys, lambda pipe, key: pipe.object("idletime", key), raise_on_error=False)
+        return [now - int(idle) if isinstance(idle, int) else None for idle in replies]
+
+    def _pipelined(self, keys: Sequence[str], queue, *, raise_on_error: bool = True) -> list:
+        """Replies of ``queue(pipe, key)`` for every key, 1000 keys per round trip."""
+        replies: list = []
+        for start in range(0, len(keys), 1000):
+            batch = [check_key(k) for k in keys[start : start + 1000]]
+            more = f" and {len(batch) - 1} more keys" if len(batch) > 1 else ""
+            with self._errors(f"checking {batch[0]!r}{more}"):
+                pipe = self._client.pipeline(transaction=False)
+                for key in batch:
+                    queue(pipe, key)
+                replies += pipe.execute(raise_on_error=raise_on_error)
+        return replies
 
     def delete(self, key: str) -> None:
         check_key(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +23,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from ..errors import BackendError, ConfigError, NotFoundError, RaydistError
-from .base import Buffer, Connector, check_key, short_read
+from ..pool import run_all
+from .base import Buffer, Connector, check_key, refuse_options, short_read
 
 #: Size of each multipart-upload part (S3 wants >= 5 MiB for all parts but the last).
 PART_BYTES = 8 << 20
@@ -35,6 +37,7 @@ _THROTTLE_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError"}
 )
 _TRANSPORT_ERRORS = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(?:\d+|\*)")
 
 
 def _config(concurrency: int) -> Config:
@@ -104,8 +107,9 @@ class S3Connector(Connector):
     default_concurrency = 8
     max_request_bytes = 16 << 20
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, **connector_options: object):
         super().__init__(url)
+        refuse_options("s3://", connector_options)
         self.bucket, prefix, options = _parse_url(url)
         self._root = f"{prefix}/" if prefix else ""
         endpoint = options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -140,6 +144,7 @@ class S3Connector(Connector):
                 if _code(e) != "InvalidRange":  # the range starts past the end of the object
                     raise
                 raise short_read(key, offset, want, 0, self.describe()) from None
+            self._check_range(resp, key, offset, want)
             got = 0
             for buf in bufs:
                 n = self._drain_into(resp["Body"], buf)
@@ -148,6 +153,24 @@ class S3Connector(Connector):
                     break
         if got < want:
             raise short_read(key, offset, want, got, self.describe())
+
+    def _check_range(self, resp: dict, key: str, offset: int, want: int) -> None:
+        """A ranged GET must answer 206 with the range asked for; a server that ignores Range answers 200 with the
+        whole object, which would land at the wrong offset. Anything else closes the body and is an error."""
+        status = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        got = _CONTENT_RANGE.fullmatch(str(resp.get("ContentRange") or "").strip())
+        start, end = (int(got[1]), int(got[2])) if got else (-1, -1)
+        last = offset + want - 1
+        if status == 206 and start == offset and end == last:
+            return
+        resp["Body"].close()  # a response to another request than ours is never read (nor its connection reused)
+        if status == 206 and start == offset and offset <= end < last:  # the object ends inside the range
+            raise short_read(key, offset, want, end - offset + 1, self.describe())
+        raise BackendError(
+            f"S3 at {self.describe()} answered a ranged read of {key!r} (bytes {offset}-{last}) with "
+            f"HTTP {status} and Content-Range {resp.get('ContentRange')!r}, not 206 with that range: the server "
+            "does not honour Range requests; use an S3-compatible server that does"
+        )
 
     @staticmethod
     def _drain_into(body: Any, buf: memoryview) -> int:
@@ -218,14 +241,28 @@ class S3Connector(Connector):
         yield from sorted(keys)
 
     def stat(self, key: str) -> int | None:
+        head = self._head(key)
+        return None if head is None else int(head["ContentLength"])
+
+    def stat_many(self, keys: Sequence[str]) -> list[int | None]:
+        return [int(head["ContentLength"]) if head else None for head in self._heads(keys)]
+
+    def modified(self, keys: Sequence[str]) -> list[float | None]:
+        """Last-Modified has whole seconds: the write may have ended up to a second later (never date it early)."""
+        return [head["LastModified"].timestamp() + 1.0 if head else None for head in self._heads(keys)]
+
+    def _heads(self, keys: Sequence[str]) -> list[dict | None]:
+        """HEAD each key, a few in flight (one round trip each); None for a missing key."""
+        return run_all(self._head, keys, self.default_concurrency, "s3-head")
+
+    def _head(self, key: str) -> dict | None:
         with self._errors(f"checking {key!r}", key):
             try:
-                head = self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
+                return self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
             except ClientError as e:
                 if _code(e) in _MISSING_CODES:
                     return None
                 raise
-        return int(head["ContentLength"])
 
     def delete(self, key: str) -> None:
         with self._errors(f"deleting {key!r}", key):

@@ -16,6 +16,7 @@ instance. Parameters (all optional; the others go to the wrapped URL untouched):
     request_bytes=B   the largest single request (more, smaller read calls: finer-grained faults)
     concurrency=C     requests in flight per loader when the caller does not choose
     manifest=1        let faults hit ``<model>/manifest.json`` reads too (off by default: the driver reads it)
+    full_after=W      the store fills up after W writes: every later write raises ``OSError`` ENOSPC
 
 Example: ``faulty+redis://127.0.0.1:6379/0?fail=2&fail_error=loading&delay_ms=20``.
 
@@ -32,6 +33,8 @@ every process through entry points (``pyproject.toml``)::
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import threading
 import time
@@ -45,7 +48,9 @@ from ..errors import BackendError, ConfigError, NotFoundError
 PREFIX = "faulty+"
 SCHEMES = ("file", "redis", "rediss", "s3")
 ERROR_KINDS = ("reset", "timeout", "refused", "loading", "slowdown", "auth", "missing")
-_INT_PARAMS = ("fail", "fail_after", "corrupt_times", "seed", "request_bytes", "concurrency", "manifest")
+_INT_PARAMS = (
+    "fail", "fail_after", "corrupt_times", "seed", "request_bytes", "concurrency", "manifest", "full_after"
+)
 _STR_PARAMS = ("fail_error", "fail_key", "corrupt")
 _FLOAT_PARAMS = ("delay_ms",)
 _PARAMS = frozenset(_INT_PARAMS + _STR_PARAMS + _FLOAT_PARAMS)
@@ -79,6 +84,7 @@ class FaultPlan:
         self.corrupt_times, self.seed = ints["corrupt_times"] or 1, ints["seed"]
         self.request_bytes, self.concurrency = ints["request_bytes"], ints["concurrency"]
         self.manifest = bool(ints["manifest"])
+        self.full_after = ints["full_after"] if "full_after" in params else None
         self.delay_s = delay_ms / 1000.0
         self.fail_error = params.get("fail_error", "reset")
         if self.fail_error not in ERROR_KINDS:
@@ -108,6 +114,7 @@ class FaultyConnector(Connector):
         self.failures_injected = 0
         self.corruptions_injected = 0
         self._corrupted: dict[str, int] = {}
+        self._writes = 0
 
     @classmethod
     def register(cls, schemes: Iterable[str] = SCHEMES) -> None:
@@ -180,6 +187,11 @@ class FaultyConnector(Connector):
 
     # ----------------------------------------------------------------- everything else is the inner backend's
     def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
+        with self._lock:
+            self._writes += 1
+            full = self.plan.full_after is not None and self._writes > self.plan.full_after
+        if full:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected while writing {key!r})")
         self.inner.write(key, data)
 
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -187,6 +199,12 @@ class FaultyConnector(Connector):
 
     def stat(self, key: str) -> int | None:
         return self.inner.stat(key)
+
+    def stat_many(self, keys: Sequence[str]) -> list[int | None]:
+        return self.inner.stat_many(keys)
+
+    def modified(self, keys: Sequence[str]) -> list[float | None]:
+        return self.inner.modified(keys)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
