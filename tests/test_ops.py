@@ -17,9 +17,10 @@ import torch
 import raydist_loader as rl
 from raydist_loader import connectors
 from raydist_loader.cli import main
-from raydist_loader.connectors import faulty, open_connector
+from raydist_loader.connectors import open_connector
 from raydist_loader.errors import BackendError
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing import faulty
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
 
 SECRET = "s3cr3t-Value-42"
@@ -136,7 +137,7 @@ def test_copied_model_loads_under_its_new_name(store_url, llama):
     assert rl.verify(store_url, "team/copy").ok
     for rank in range(2):
         shard = rl.load_shard("team/copy", store_url, 2, rank, device="cpu")
-        assert shard.report["model"] == "team/copy"
+        assert shard.report.model == "team/copy"
         assert shard.tensors.keys() == want[rank].keys()
         assert all(torch.equal(shard.tensors[n], want[rank][n]) for n in want[rank])
     pinned = rl.manifest_sha256(store_url, "team/copy")
@@ -207,10 +208,10 @@ _BAD = [
       for v in _VERBS],
     (["publish", "{ckpt}", "file://relative/path", "--model", "m"], 2, "three slashes"),
     (["publish", "{root}/garbled", "{root}/out", "--model", "m"], 2, "config.json is not valid JSON"),
-    (["publish", "{root}/list", "{root}/out", "--model", "m"], 2, "not an object"),
+    (["publish", "{root}/list", "{root}/out", "--model", "m"], 2, "is not a JSON object"),
     (["publish", "{root}/no-type", "{root}/out", "--model", "m"], 2, "missing model_type"),
     (["index", "{root}/stores/garbled", "--model", "m"], 2, "config.json is not valid JSON"),
-    (["index", "{root}/stores/list", "--model", "m"], 2, "not an object"),
+    (["index", "{root}/stores/list", "--model", "m"], 2, "is not a JSON object"),
     (["load", "{root}/empty", "--model", "m", "--tp", "2", "--device", "gpu"], 2, "invalid choice: 'gpu'"),
     (["load", "{root}/empty", "--model", "m", "--tp", "0"], 2, "--tp: expected an integer >= 1"),
     (["load", "{root}/empty", "--model", "m", "--tp", "-2"], 2, "--tp: expected an integer >= 1"),
@@ -220,8 +221,8 @@ _BAD = [
     *[([v, "s3://no-such-bucket/x", "--model", "m", *(["--tp", "2"] if v == "load" else [])], 2,
        "bucket 'no-such-bucket' does not exist") for v in _VERBS],
     (["publish", "{ckpt}", "s3://no-such-bucket/x", "--model", "m"], 2, "bucket 'no-such-bucket' does not exist"),
-    (["publish", "{root}/empty", "{root}/out", "--model", "m"], 2, "no *.safetensors files"),
-    (["index", "{root}/empty", "--model", "m"], 2, "no *.safetensors under m/"),
+    (["publish", "{root}/empty", "{root}/out", "--model", "m"], 2, "no files at"),
+    (["index", "{root}/empty", "--model", "m"], 2, "no files at"),
     *[([v, "{root}/empty", "--model", "m", *(["--tp", "2"] if v == "load" else [])], 2, "model 'm' not found")
       for v in ("inspect", "verify", "gc", "load")],
     (["inspect", "{root}/empty", "--model", "m", "--password-env", "RL_SECRET"], 2, "takes no connector options"),
