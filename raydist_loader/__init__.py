@@ -1,7 +1,8 @@
 """raydist_loader: a Ray-distributed, verified loader for tensor-parallel model weights.
 
 Entry points: ``load_across_cluster``, ``load_shard`` (Ray imported on first use), ``publish``, ``index``,
-``inspect``, ``inspect_config`` (size a model from its config.json alone), ``verify``, ``pull_files``, ``gc``.
+``inspect``, ``inspect_config`` (size a model from its config.json alone), ``verify``, ``pull_files``, ``gc``,
+``release`` (end a held load's actors from any driver).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .errors import (
 )
 from .files import pull_files
 from .gc import gc
+from .held import release
 from .publish import index, publish
 from .sizing import inspect_config
 from .summary import inspect
@@ -42,6 +44,7 @@ __all__ = [
     "manifest_sha256",
     "pull_files",
     "gc",
+    "release",
     "open_connector",
     "register_connector",
     "RaydistError",

@@ -14,6 +14,8 @@ import torch
 from .connectors import open_connector
 from .coordinator import Coordinator
 from .errors import ConfigError
+from .held import NAMESPACE
+from .interrupt import InterruptGuard
 from .manifest import Manifest, manifest_key, read_manifest_bytes
 from .options import DEFAULTS, Device, Placement, Verify, load_options
 from .report import LoadReport, RankReport, check_verified
@@ -43,13 +45,31 @@ class LoadedModel:
         """Per tensor: global shape, split dim, segment ranges, kv replicas, padded vocab."""
         return self._coordinator.call(rank, "metadata")
 
-    def hold(self) -> None:
-        """Keep the actors alive (named ``raydist:<model>:<rank>``) until interrupted."""
+    @property
+    def names(self) -> list[str]:
+        """The actors' names in Ray namespace :attr:`namespace` when loaded with ``hold=True`` (rank order), else
+        []: another driver gets one with ``ray.get_actor(name, namespace="raydist")``."""
+        return self._coordinator.names()
+
+    namespace = NAMESPACE
+
+    @property
+    def ray_address(self) -> str:
+        """The cluster's address (GCS), for another driver's ``ray.init(address=...)``."""
+        import ray
+
+        return ray.get_runtime_context().gcs_address
+
+    def hold(self, poll_s: float = 1.0) -> bool:
+        """Block while the actors serve other drivers: until Ctrl-C (returns False) or until they are released from
+        elsewhere (``raydist-loader release``; returns True). The actors are owned by this process either way: they
+        end when it ends. Call :meth:`shutdown` afterwards (the context manager does)."""
         try:
-            while True:
-                time.sleep(3600)
+            while self._coordinator.alive():
+                time.sleep(poll_s)
         except KeyboardInterrupt:
-            pass
+            return False
+        return True
 
     def shutdown(self) -> None:
         self._coordinator.shutdown()
@@ -142,25 +162,28 @@ def load_across_cluster(
         url, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules, connector_options=connector_options
     )
     manifest.check_tp(tp)
-    connect(ray_address)
-    coordinator = Coordinator(
-        manifest,
-        raw,
-        url,
-        tp,
-        options,
-        connector_options,
-        progress=sys.stderr.isatty() if progress is None else progress,
-        name_prefix=f"raydist:{model}" if hold else None,
-    )
-    try:
-        coordinator.start()
-        ready = time.perf_counter() - t0
-        reports = coordinator.load()
-    except BaseException:
-        coordinator.shutdown()
-        raise
-    return LoadedModel(coordinator, LoadReport.gather(reports, ready, bool(verify)))
+    with InterruptGuard() as interrupts:  # Ctrl-C stops the load at any point, and nothing is left running
+        connect(ray_address)
+        coordinator = Coordinator(
+            manifest,
+            raw,
+            url,
+            tp,
+            options,
+            connector_options,
+            progress=sys.stderr.isatty() if progress is None else progress,
+            hold=hold,
+        )
+        try:
+            coordinator.start()
+            ready = time.perf_counter() - t0
+            reports = coordinator.load()
+            interrupts.check()
+            return LoadedModel(coordinator, LoadReport.gather(reports, ready, bool(verify)))
+        except BaseException:
+            with interrupts.shielded():
+                coordinator.shutdown()
+            raise
 
 
 @dataclass

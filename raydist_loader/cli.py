@@ -1,4 +1,4 @@
-"""``raydist-loader``: publish | index | inspect | verify | gc | load.
+"""``raydist-loader``: publish | index | inspect | verify | gc | load | release.
 
 Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line
 on stderr, no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything
@@ -274,11 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-manifest-sha256", metavar="HEX", help="refuse a manifest with another sha256")
     p.add_argument("--report", metavar="FILE", help="write the load report as JSON")
     p.add_argument("--hold", action="store_true", default=None,
-                   help="keep the actors alive as named actors until Ctrl-C")
+                   help="keep the actors alive as named actors (raydist:<model>:<rank>, Ray namespace raydist) for "
+                        "other drivers until Ctrl-C or `raydist-loader release`")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join ('local' starts a private one)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    p = sub.add_parser("release", help="end a held load (load --hold) from any driver: kill its actors and remove "
+                       "its placement group")
+    p.add_argument("--model", required=True, metavar="NAME", help="the held model")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="the cluster (default: RAY_ADDRESS, else the cluster running on this node)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -444,14 +452,36 @@ def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
             if report_path:
                 out.print(f"report written to {report_path}")
         if hold:
-            out.err(f"{PROG}: holding the actors as named actors; press Ctrl-C to release them")
+            _print_held(loaded, out)
             try:
-                loaded.hold()  # returns on Ctrl-C
+                elsewhere = loaded.hold()  # returns on Ctrl-C, or when another driver released the actors
             except KeyboardInterrupt:
-                pass
-            out.err(f"{PROG}: released")
+                elsewhere = False
+            out.err(f"{PROG}: released" + (" (by another driver)" if elsewhere else ""))
     finally:
         loaded.shutdown()
+    return EXIT_OK
+
+
+def _print_held(loaded: Any, out: _Out) -> None:
+    """Where the held actors are and how another driver reaches and releases them (stderr: stdout may be JSON)."""
+    names, ns, address = loaded.names, loaded.namespace, loaded.ray_address
+    out.err(f"{PROG}: holding {', '.join(names)} in Ray namespace {ns!r} on cluster {address}")
+    out.err(f"{PROG}: another driver: ray.init(address={address!r}); "
+            f"ray.get_actor({names[0]!r}, namespace={ns!r}).run.remote(fn) or .state_dict.remote()")
+    out.err(f"{PROG}: release: Ctrl-C here, or raydist-loader release --model {loaded.model} --ray-address {address}")
+
+
+def _cmd_release(args: argparse.Namespace, out: _Out) -> int:
+    from .held import NAMESPACE, group_name, release
+
+    names = release(args.model, ray_address=args.ray_address)
+    group = group_name(args.model)
+    if args.json:
+        out.json({"model": args.model, "namespace": NAMESPACE, "actors": names, "placement_group": group})
+    else:
+        out.print(f"released {args.model}: actors {', '.join(names) or '-'} (Ray namespace {NAMESPACE!r}) and "
+                  f"placement group {group!r}")
     return EXIT_OK
 
 
@@ -579,7 +609,7 @@ def _use_rich() -> bool:
 
 
 _COMMANDS = {"publish": _cmd_publish, "index": _cmd_index, "inspect": _cmd_inspect, "verify": _cmd_verify,
-             "gc": _cmd_gc, "load": _cmd_load}
+             "gc": _cmd_gc, "load": _cmd_load, "release": _cmd_release}
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import held
 from .errors import PlacementError, RaydistError
 from .manifest import Manifest
 from .options import PLACEMENTS, LoadOptions
@@ -33,11 +34,12 @@ class Coordinator:
         connector_options: dict | None = None,
         *,
         progress: bool = False,
-        name_prefix: str | None = None,
+        hold: bool = False,
     ):
-        """``name_prefix`` names the actors ``<prefix>:<rank>`` (held loads); ``progress`` shows a progress bar."""
+        """``hold`` names the actors ``raydist:<model>:<rank>`` in Ray namespace ``raydist`` and the placement group
+        ``raydist:<model>`` (see :mod:`~raydist_loader.held`); ``progress`` shows a progress bar."""
         self.manifest, self.tp, self.options = manifest, tp, options
-        self._show_progress, self._name_prefix = progress, name_prefix
+        self._show_progress, self.hold = progress, hold
         self._raw, self._url, self._connector_options = manifest_raw, url, connector_options or {}
         self.expected = expected_digests(manifest, tp)  # before any byte moves
         self.pg = None
@@ -51,10 +53,16 @@ class Coordinator:
         import ray
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
+        if self.hold:
+            held.check_not_held(self.manifest.model)
         self.gpu = self._wants_gpu(ray.cluster_resources())
         cpu = self.options.num_cpus_per_actor
         bundle = {"GPU": 1, "CPU": cpu} if self.gpu else {"CPU": cpu}
-        self.pg = placement_group([dict(bundle) for _ in range(self.tp)], strategy=PLACEMENTS[self.options.placement])
+        self.pg = placement_group(
+            [dict(bundle) for _ in range(self.tp)],
+            strategy=PLACEMENTS[self.options.placement],
+            name=held.group_name(self.manifest.model) if self.hold else "",
+        )
         ready, _ = ray.wait([self.pg.ready()], timeout=self.options.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
@@ -68,7 +76,12 @@ class Coordinator:
         nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         order = sorted(range(self.tp), key=lambda b: (nodes[b], b))  # ranks ordered by (node, bundle/GPU)
         self._bundles = order
-        self.actors = [self._spawn(rank) for rank in range(self.tp)]
+        for rank in range(self.tp):  # one by one: an interrupt in between leaves every started actor to shutdown()
+            try:
+                self.actors.append(self._spawn(rank))
+            except ValueError:  # a held name taken meanwhile: another driver holds the model
+                held.check_not_held(self.manifest.model)
+                raise
         self._ready([a.prepare.remote() for a in self.actors])
 
     def _ready(self, refs: list) -> None:
@@ -102,8 +115,8 @@ class Coordinator:
                 self.pg, placement_group_bundle_index=self._bundles[rank]
             ),
         )
-        if self._name_prefix:
-            opts["name"] = f"{self._name_prefix}:{rank}"
+        if self.hold:
+            opts.update(name=held.actor_name(self.manifest.model, rank), namespace=held.NAMESPACE)
         return (
             ray.remote(ShardLoader)
             .options(**opts)
@@ -225,6 +238,23 @@ class Coordinator:
         import ray
 
         return ray.get(getattr(self.actors[rank], method).remote(*args))
+
+    def alive(self, timeout_s: float = 10.0) -> bool:
+        """Whether every actor still answers (a held load's actors can be released by another driver)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            ray.get([a.progress.remote() for a in self.actors], timeout=timeout_s)
+        except RayActorError:
+            return False
+        except GetTimeoutError:  # busy serving an engine's calls: alive
+            pass
+        return bool(self.actors)
+
+    def names(self) -> list[str]:
+        """The actors' names when held (``raydist:<model>:<rank>``, namespace ``raydist``), else []."""
+        return [held.actor_name(self.manifest.model, r) for r in range(self.tp)] if self.hold else []
 
     def shutdown(self) -> None:
         import ray

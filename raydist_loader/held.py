@@ -1,0 +1,94 @@
+"""Held loads (Ray side, driver): how held actors are named, found and released.
+
+A held load's actors live in the fixed Ray namespace :data:`NAMESPACE` under ``raydist:<model>:<rank>`` whatever
+the holding driver's own namespace, so any driver or engine on the cluster finds them with
+``ray.get_actor(name, namespace="raydist")``; their placement group is named ``raydist:<model>``. They are
+ordinary (not detached) actors owned by the holding driver: they end with it (Ctrl-C, exit, even SIGKILL) or when
+:func:`release` (``raydist-loader release``) kills them from any driver.
+"""
+
+from __future__ import annotations
+
+from .errors import RaydistError
+
+#: the Ray namespace of every held actor
+NAMESPACE = "raydist"
+
+
+def actor_name(model: str, rank: int) -> str:
+    """``raydist:<model>:<rank>``: the name of a held load's actor."""
+    return f"raydist:{model}:{rank}"
+
+
+def group_name(model: str) -> str:
+    """``raydist:<model>``: the name of a held load's placement group."""
+    return f"raydist:{model}"
+
+
+def held_names(model: str | None = None) -> list[str]:
+    """Live held actors of ``model`` (every model when None), in rank order per model."""
+    import ray
+
+    found = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry["namespace"] != NAMESPACE or not name.startswith("raydist:"):
+            continue
+        owner, _, rank = name[len("raydist:") :].rpartition(":")
+        if rank.isdigit() and (model is None or owner == model):
+            found.append((owner, int(rank), name))
+    return [name for *_, name in sorted(found)]
+
+
+def check_not_held(model: str) -> None:
+    """One error naming the live actors when ``model`` is held already (a name can be held only once)."""
+    names = held_names(model)
+    if names:
+        raise RaydistError(already_held(model, names))
+
+
+def already_held(model: str, names: list[str]) -> str:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    return (
+        f"model {model!r} is already held by live actors {', '.join(names)} in Ray namespace {NAMESPACE!r}: use "
+        f"them (ray.get_actor(name, namespace={NAMESPACE!r})) or release them first with "
+        f"`raydist-loader release --model {model} --ray-address {address}` (Python: raydist_loader.release({model!r}))"
+    )
+
+
+def release(model: str, *, ray_address: str | None = None) -> list[str]:
+    """Kill ``model``'s held actors and remove its placement group, from any driver; returns the actors' names.
+
+    Joins the cluster as :func:`~raydist_loader.api.load_across_cluster` does, but never starts one. Raises
+    :class:`RaydistError` naming the models that are held when ``model`` is not.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    from .cluster import connect
+    from .coordinator import _wait_removed
+
+    connect(ray_address, start_local=False)
+    names = held_names(model)
+    groups = [
+        pg_id for pg_id, pg in placement_group_table().items()
+        if pg.get("name") == group_name(model) and pg.get("state") != "REMOVED"
+    ]
+    if not names and not groups:
+        others = sorted({n.rsplit(":", 1)[0][len("raydist:") :] for n in held_names()})
+        raise RaydistError(
+            f"nothing holds model {model!r} in Ray namespace {NAMESPACE!r} on this cluster"
+            + (f"; held models: {', '.join(others)}" if others else "; no model is held")
+        )
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # ended meanwhile (its holder let it go)
+            pass
+    for pg_id in groups:
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
+        remove_placement_group(group)
+        _wait_removed(group)  # its resources are free when this returns
+    return names
