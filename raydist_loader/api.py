@@ -211,8 +211,10 @@ def load_shard(
     """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
 
     Verifies its own digests, re-pulls wrong chunks once, and raises VerificationError if they stay wrong.
-    ``device``: auto, cpu, cuda or a torch device string such as ``cuda:1``; the other options as in
-    :class:`~raydist_loader.options.LoadOptions`.
+    ``device``: ``cuda`` is this process's current GPU (``torch.cuda.current_device()``, which an engine's TP worker
+    has set), ``cuda:N`` that GPU, ``auto`` the current GPU when there is one, else ``cpu``; the other options as in
+    :class:`~raydist_loader.options.LoadOptions`. ``verify=True`` checks the bytes as read from the store (hashed on
+    the host before the copy to the GPU); ``verify="full"`` also re-hashes the tensors where they ended up.
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
     _, raw = open_manifest(

@@ -24,6 +24,10 @@ class GpuTransfer(Transfer):
         """GPU: runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded
         ring, hashed there, and sent with ONE non-blocking H2D copy on the thread's stream; a buffer is reused only
         after its copy's event completed. Other chunks (column blocks, in-place extracts) go one at a time."""
+        with torch.cuda.device(self.device):  # pinned buffers, the final synchronize: on the target device
+            return self._pull_on_device(reads, concurrency)
+
+    def _pull_on_device(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
         conn = self.connector
         groups = self._groups(reads)
         ring = Ring(concurrency + 1, max((self._group_bytes(g) for g in groups), default=0))
@@ -31,6 +35,9 @@ class GpuTransfer(Transfer):
 
         def one(group: list[ChunkRead]) -> list[str]:
             if not hasattr(local, "stream"):
+                # each copy thread's current device is the target before its stream, events and copies exist:
+                # a thread starts on device 0, whatever the engine's process set in its own main thread
+                torch.cuda.set_device(self.device)
                 local.stream = torch.cuda.Stream(self.device)
             buf = ring.acquire()
             event = None

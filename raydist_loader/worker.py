@@ -20,6 +20,7 @@ import torch
 
 from . import digest
 from .connectors import Connector, open_connector
+from .errors import ConfigError
 from .manifest import Manifest
 from .options import DEFAULTS, Verify
 from .plan import ChunkRead, RankPlan, make_plan
@@ -216,7 +217,29 @@ class ShardLoader:
 
 
 def _resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when this process sees a GPU, else cpu (logical Ray GPUs in tests have none)."""
+    """The device tensors land on, with an explicit CUDA index.
+
+    ``auto``: CUDA when this process sees a GPU, else cpu (logical Ray GPUs in tests have none). ``cuda`` (and
+    ``auto`` on a GPU): the process's current device, ``torch.cuda.current_device()``: an engine's TP worker has set
+    it (``torch.cuda.set_device(local_rank)``), and Ray makes a GPU actor's one GPU device 0. ``cuda:N`` as given.
+    The copy threads set this index before they create streams, events and pinned buffers (transfer_gpu.py).
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: got {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}, but this process sees no CUDA device; use device='cpu' or 'auto'")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device!r}, but this process sees {torch.cuda.device_count()} CUDA device(s) (0 to "
+            f"{torch.cuda.device_count() - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+    return torch.device("cuda", index)
