@@ -492,7 +492,7 @@ def _actor(ray, name: str, not_id=None, timeout: float = 30.0):
 
     def ready():
         try:
-            handle = ray.get_actor(name)
+            handle = ray.get_actor(name, namespace="raydist")  # held actors live there
         except ValueError:
             return False
         if not_id is not None and handle._actor_id == not_id:
