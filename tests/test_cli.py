@@ -227,6 +227,7 @@ def test_gc_dry_run_keeps_the_current_version(store: Path, capsys):
         (["load", "--config", "no/such.yaml"], "does not exist"),
         (["load", "/tmp/x", "--model", MODEL, "--tp", "2", "--device", "gpu"], "invalid choice: 'gpu'"),
         (["load", "/tmp/x", "--model", MODEL, "--tp", "2", "--verify", "--no-verify"], "not allowed with"),
+        (["release"], "the following arguments are required: --model"),
     ],
 )
 def test_usage_errors_exit_2_before_any_work(capsys, argv, expected):
@@ -255,8 +256,12 @@ def test_help_exits_0(capsys):
 
 # ------------------------------------------------------------------------------------------ load wiring
 class _FakeLoaded:
+    namespace, ray_address = "raydist", "10.0.0.1:6379"
+
     def __init__(self, report: LoadReport):
         self.report = report
+        self.model = report.model
+        self.names = [f"raydist:{report.model}:{r.rank}" for r in report.ranks]
         self.shut = False
 
     def shutdown(self) -> None:
@@ -318,3 +323,5 @@ def test_load_without_config_and_hold(capsys, monkeypatch: pytest.MonkeyPatch):
         "auto", "pack", True, {})
     assert json.loads(out)["verified"] is True
     assert calls["hold"] is True and "Ctrl-C" in err and "released" in err and calls["loaded"].shut
+    assert f"holding raydist:{MODEL}:0 in Ray namespace 'raydist' on cluster 10.0.0.1:6379" in err
+    assert f"raydist-loader release --model {MODEL} --ray-address 10.0.0.1:6379" in err
