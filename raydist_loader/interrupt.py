@@ -38,6 +38,7 @@ class InterruptGuard:
         self._shield = False
         self._previous: Any = None
         self._stop = threading.Event()
+        self._sending = threading.Lock()  # no re-delivery once the guard has let go of SIGINT
         self._watchdog: threading.Thread | None = None
 
     def __enter__(self) -> InterruptGuard:
@@ -51,10 +52,13 @@ class InterruptGuard:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         pending = self._pending
-        self._stop.set()  # the interrupt (if any) has reached this frame
+        self._shield = True  # first: from here on the handler only records, so nothing below can be cut short
+        with self._sending:
+            self._stop.set()  # the interrupt (if any) has reached this frame
         if self._active:
             signal.signal(signal.SIGINT, self._previous)
             self._active = False
+        self._shield = False
         if pending and exc_type is None:
             raise KeyboardInterrupt  # requested, and every delivery was dropped on the way
 
@@ -67,8 +71,9 @@ class InterruptGuard:
     @contextmanager
     def shielded(self) -> Iterator[None]:
         """Clean-up that must finish: the pending interrupt counts as received, and a new SIGINT is only recorded."""
-        self._stop.set()
-        self._shield = True
+        self._shield = True  # first, so that a re-delivery landing now cannot skip the clean-up
+        with self._sending:
+            self._stop.set()
         try:
             yield
         finally:
@@ -93,9 +98,10 @@ class InterruptGuard:
     def _redeliver(self) -> None:
         main = threading.main_thread().ident
         while not self._stop.wait(self.redeliver_s):
-            if main is None or self._shield:
-                return
-            signal.pthread_kill(main, signal.SIGINT)
+            with self._sending:
+                if main is None or self._shield or self._stop.is_set():
+                    return
+                signal.pthread_kill(main, signal.SIGINT)
 
 
 def _forking(frame: FrameType | None) -> bool:
