@@ -126,6 +126,7 @@ class _Driver:
     proc: subprocess.Popen
     out: list[str] = field(default_factory=list)
     err: list[str] = field(default_factory=list)
+    err_at: list[float] = field(default_factory=list)  # when each stderr line came (time.monotonic)
 
     def __post_init__(self) -> None:
         self._readers = [threading.Thread(target=self._read, args=(s, to), daemon=True)
@@ -133,9 +134,10 @@ class _Driver:
         for t in self._readers:
             t.start()
 
-    @staticmethod
-    def _read(stream, into: list[str]) -> None:
+    def _read(self, stream, into: list[str]) -> None:
         for line in stream:
+            if into is self.err:
+                self.err_at.append(time.monotonic())
             into.append(line.rstrip("\n"))
 
     def wait_for(self, text: str, timeout: float) -> None:
@@ -195,12 +197,12 @@ def _mid_pull(rank: int = 0) -> bool:
     return 0 < got < total
 
 
-def _interrupt(driver: _Driver) -> tuple[int, float]:
-    """SIGINT the driver; its exit code and seconds from the signal to its exit."""
+def _interrupt(driver: _Driver) -> tuple[int, float, float]:
+    """SIGINT the driver; its exit code, and seconds from the signal to its last stderr line and to its exit."""
     t0 = time.monotonic()
     driver.proc.send_signal(signal.SIGINT)
     code = driver.finish(timeout=60)
-    return code, time.monotonic() - t0
+    return code, (driver.err_at or [t0])[-1] - t0, time.monotonic() - t0
 
 
 # ------------------------------------------------------------------------------------------ held actors
@@ -261,13 +263,13 @@ def test_held_actors_are_reached_by_name_from_another_driver_and_released(cluste
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
-def _assert_interrupted(driver: _Driver) -> float:
-    code, seconds = _interrupt(driver)
+def _assert_interrupted(driver: _Driver) -> str:
+    code, line_s, seconds = _interrupt(driver)
     assert code == 130, (driver.out, driver.err)
     assert driver.err == ["raydist-loader: interrupted"] and driver.out == [], (driver.out, driver.err)
     assert seconds < 20, f"the load went on for {seconds:.1f}s after Ctrl-C"  # uninterrupted it takes minutes
     _wait_until(_nothing_left, 15, "no actor and no placement group left")
-    return seconds
+    return f"Ctrl-C -> line {line_s:.2f}s, exit {seconds:.2f}s"
 
 
 def test_ctrl_c_during_start_up_and_mid_pull_stops_the_load(cluster, store):
@@ -275,11 +277,11 @@ def test_ctrl_c_during_start_up_and_mid_pull_stops_the_load(cluster, store):
     # start-up: the placement group exists, the actors are starting (importing torch, opening the store)
     driver = _load(cluster, slow)
     _wait_until(lambda: _live_groups() or driver.proc.poll() is not None, 120, "the placement group", step=0.02)
-    print(f"ctrl-c -> exit {_assert_interrupted(driver):.2f}s")
+    print(_assert_interrupted(driver))
     # mid-pull (a held load, so that the test can ask a rank how far it is; it is not holding yet)
     driver = _load(cluster, slow, "--hold")
     _wait_until(lambda: _mid_pull() or driver.proc.poll() is not None, 120, "rank 0 to be mid-pull", step=0.05)
-    print(f"ctrl-c -> exit {_assert_interrupted(driver):.2f}s")
+    print(_assert_interrupted(driver))
 
 
 SESSION = textwrap.dedent('''
