@@ -457,7 +457,8 @@ def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
                 elsewhere = loaded.hold()  # returns on Ctrl-C, or when another driver released the actors
             except KeyboardInterrupt:
                 elsewhere = False
-            out.err(f"{PROG}: released" + (" (by another driver)" if elsewhere else ""))
+            why = " (the actors were ended elsewhere: `release`, or a failure)" if elsewhere else ""
+            out.err(f"{PROG}: released{why}")
     finally:
         loaded.shutdown()
     return EXIT_OK
