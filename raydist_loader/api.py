@@ -18,6 +18,7 @@ from .held import NAMESPACE
 from .interrupt import InterruptGuard
 from .manifest import Manifest, manifest_key, read_manifest_bytes
 from .options import DEFAULTS, Device, Placement, Verify, load_options
+from .plan import Layout
 from .report import LoadReport, RankReport, check_verified
 from .retry import RetryPolicy
 from .rules import RuleSet
@@ -207,6 +208,8 @@ def load_shard(
     expect_manifest_sha256: str | None = None,
     connector_options: dict | None = None,
     retries: RetryPolicy | dict | None = None,
+    only: Callable[[str], bool] | None = None,
+    layout: Layout = "rank",
 ) -> Shard:
     """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
 
@@ -215,6 +218,9 @@ def load_shard(
     has set), ``cuda:N`` that GPU, ``auto`` the current GPU when there is one, else ``cpu``; the other options as in
     :class:`~raydist_loader.options.LoadOptions`. ``verify=True`` checks the bytes as read from the store (hashed on
     the host before the copy to the GPU); ``verify="full"`` also re-hashes the tensors where they ended up.
+    ``only(name)`` keeps a subset of the tensors (a pipeline stage's); ``layout="global"`` lands each tensor's bytes
+    in its region of a full-size tensor (engine weight loaders that narrow by rank; see
+    :data:`~raydist_loader.plan.Layout`).
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
     _, raw = open_manifest(
@@ -222,7 +228,7 @@ def load_shard(
     )
     loader = ShardLoader(
         url, raw, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
-        connector_options=connector_options, retries=options.retries.policy(),
+        connector_options=connector_options, retries=options.retries.policy(), only=only, layout=layout,
     )
     try:
         report = loader.load()

@@ -1,4 +1,4 @@
-"""``raydist-loader``: publish | index | inspect | verify | gc | load | release.
+"""``raydist-loader``: publish | index | inspect | verify | gc | load | release | pull-files.
 
 Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line
 on stderr, no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything
@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TextIO, get_args, get_origin
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import annotated_types
 from pydantic import BaseModel
@@ -29,7 +29,7 @@ from pydantic.fields import FieldInfo
 from .config import LoadSection
 from .errors import ConfigError, RaydistError, VerificationError, describe_failures
 from .options import DEFAULTS, LoadOptions, RetriesOptions
-from .redact import redact_text, redact_url
+from .redact import redact_text, redact_url, url_password
 from .repo import DEFAULT_MAX_FILE_BYTES
 from .report import LoadReport
 from .summary import human_bytes
@@ -264,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = sub.add_parser("pull-files", help="write the model's config/tokenizer files (never weights) into DIR, "
+                       "e.g. the directory an engine is started on")
+    _store_args(p)
+    p.add_argument("dest", metavar="DIR", help="directory to write into (created; files are replaced atomically)")
+    p.add_argument("--json", action="store_true", help="print the written paths as JSON")
+
     p = sub.add_parser("load", help="load a model across a Ray cluster (one actor per TP rank) and verify it",
                        description="Give URL --model NAME --tp N, or --config FILE (flags then override it).")
     _store_args(p, url_optional="--config")
@@ -298,7 +304,7 @@ def _connector_options(args: argparse.Namespace, out: _Out, base: dict | None = 
         out.add_secret(str(options["password"]))
     url = getattr(args, "url", None)
     if url:
-        inline = _inline_password(url)
+        inline = url_password(url)
         if inline:
             out.add_secret(inline)
             out.err(f"{PROG}: warning: {redact_url(url)} carries an inline password, which shell history, "
@@ -314,15 +320,6 @@ def _connector_options(args: argparse.Namespace, out: _Out, base: dict | None = 
         out.add_secret(value)
         options["password"] = value
     return options
-
-
-def _inline_password(url: str) -> str | None:
-    if "://" not in url:
-        return None
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -430,6 +427,18 @@ def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
         out.print(f"  {verb}: {prefix}")
     for prefix in kept:
         out.print(f"  kept: {prefix}")
+    return EXIT_OK
+
+
+def _cmd_pull_files(args: argparse.Namespace, out: _Out) -> int:
+    from .files import pull_files
+
+    written = pull_files(args.url, args.model, args.dest, connector_options=_connector_options(args, out))
+    if args.json:
+        out.json([str(p) for p in written])
+    else:
+        out.print(f"wrote {len(written)} file(s) of {args.model} to {Path(args.dest).resolve()}: "
+                  + ", ".join(p.name for p in written))
     return EXIT_OK
 
 
@@ -610,7 +619,7 @@ def _use_rich() -> bool:
 
 
 _COMMANDS = {"publish": _cmd_publish, "index": _cmd_index, "inspect": _cmd_inspect, "verify": _cmd_verify,
-             "gc": _cmd_gc, "load": _cmd_load, "release": _cmd_release}
+             "gc": _cmd_gc, "load": _cmd_load, "release": _cmd_release, "pull-files": _cmd_pull_files}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -620,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):  # know inline URL passwords before anything can echo them
         if "://" in arg:
-            out.add_secret(_inline_password(arg))
+            out.add_secret(url_password(arg))
         if arg == "--password-env" and i + 1 < len(argv):
             out.add_secret(os.environ.get(argv[i + 1]))
     parser = build_parser()

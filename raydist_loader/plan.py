@@ -7,12 +7,20 @@ chunk on a later dim is a set of strided row pieces that are coalesced into one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
+from typing import Literal
 
 from . import digest, dtypes, grid
 from .manifest import ChunkRecord, Manifest, TensorRecord
 from .rules import TensorRule
+
+Layout = Literal["rank", "global"]
+"""Where a rank's bytes land: ``rank``, the shard contract's rank-shaped tensors; ``global``, full-size tensors
+(``global_shape``) of which the rank fills only its own region, as engines whose weight loaders narrow a full
+tensor by the TP rank (vLLM, SGLang) want them: no copy between the read and the engine, and on CPU the pages
+outside the region are never touched, so never committed."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class TensorSlot:
 
     name: str
     dtype: str
-    shape: tuple[int, ...]  # this rank's shape
+    shape: tuple[int, ...]  # this rank's shape (the global shape in the ``global`` layout)
     global_shape: tuple[int, ...]
     dim: int | None  # split dim, None when replicated
     style: str
@@ -105,14 +113,29 @@ class RankPlan:
         return sum(sum(p.nbytes for p in pieces) for pieces in dict.fromkeys(r.pieces for r in self.reads))
 
 
-def make_plan(manifest: Manifest, tp: int, rank: int, *, coalesce_gap: int = 1 << 20) -> RankPlan:
-    """The plan of rank ``rank`` of ``tp``; refuses a tp the store does not serve, listing those it does."""
+def make_plan(
+    manifest: Manifest,
+    tp: int,
+    rank: int,
+    *,
+    coalesce_gap: int = 1 << 20,
+    only: Callable[[str], bool] | None = None,
+    layout: Layout = "rank",
+) -> RankPlan:
+    """The plan of rank ``rank`` of ``tp``; refuses a tp the store does not serve, listing those it does.
+
+    ``only(name)`` keeps a subset of the tensors (a pipeline stage's layers); the expected digest covers exactly
+    the reads planned. ``layout`` says where the bytes land (see :data:`Layout`); the reads are the same."""
     manifest.check_tp(tp)
     if not 0 <= rank < tp:
         raise ValueError(f"rank {rank} is outside tp={tp} (ranks 0..{tp - 1})")
+    if layout not in ("rank", "global"):
+        raise ValueError(f"layout must be 'rank' or 'global', got {layout!r}")
     slots, reads = [], []
     for name, rec in manifest.tensors.items():
-        slot, tensor_reads = _plan_tensor(manifest, name, rec, tp, rank, len(slots), coalesce_gap)
+        if only is not None and not only(name):
+            continue
+        slot, tensor_reads = _plan_tensor(manifest, name, rec, tp, rank, len(slots), coalesce_gap, layout)
         slots.append(slot)
         reads.extend(tensor_reads)
     return RankPlan(
@@ -131,14 +154,17 @@ def expected_digests(manifest: Manifest, tp: int) -> list[str]:
     return [make_plan(manifest, tp, r).expected_digest for r in range(tp)]
 
 
-def _plan_tensor(manifest, name, rec: TensorRecord, tp, rank, index, gap) -> tuple[TensorSlot, list[ChunkRead]]:
+def _plan_tensor(
+    manifest, name, rec: TensorRecord, tp, rank, index, gap, layout: Layout = "rank"
+) -> tuple[TensorSlot, list[ChunkRead]]:
     rule = rec.tensor_rule()
     shape = tuple(rec.shape)
     kept = grid.rank_chunks(rule, shape, manifest.max_tp, tp, rank)
     by_id = {c.id: c for c in rec.chunks}
     dim = rule.dim
     local = sum(c.end - c.start for c in kept) if dim is not None else None
-    rank_shape = shape if dim is None else tuple(local if d == dim else s for d, s in enumerate(shape))
+    full = layout == "global" or dim is None
+    rank_shape = shape if full else tuple(local if d == dim else s for d, s in enumerate(shape))
     slot = TensorSlot(
         name,
         rec.dtype,
@@ -153,7 +179,8 @@ def _plan_tensor(manifest, name, rec: TensorRecord, tp, rank, index, gap) -> tup
     reads, pos = [], 0
     direct = dim is None or prod(rank_shape[:dim]) == 1
     for c, run in zip(kept, _runs(kept), strict=True):
-        reads.append(_chunk_read(rec, rule, by_id[c.id], index, pos, direct, gap, run))
+        dest = c.start if layout == "global" and dim is not None else pos  # global: the chunk's own place
+        reads.append(_chunk_read(rec, rule, by_id[c.id], index, dest, direct, gap, run))
         pos += c.end - c.start
     return slot, reads
 

@@ -30,6 +30,16 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def url_password(url: str) -> str | None:
+    """The password inline in ``url`` (``scheme://user:pw@host``), or None."""
+    if "://" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
 def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Redact URL passwords inside free text, and any of the given secret strings."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)

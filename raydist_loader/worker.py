@@ -23,7 +23,7 @@ from .connectors import Connector, open_connector
 from .errors import ConfigError
 from .manifest import Manifest
 from .options import DEFAULTS, Verify
-from .plan import ChunkRead, RankPlan, make_plan
+from .plan import ChunkRead, Layout, RankPlan, make_plan
 from .redact import redact_url
 from .report import RankReport
 from .retry import RetryPolicy, coerce_policy
@@ -47,9 +47,13 @@ class ShardLoader:
         verify: Verify = DEFAULTS.verify,
         connector_options: dict | None = None,
         retries: RetryPolicy | dict | None = None,
+        only: Callable[[str], bool] | None = None,
+        layout: Layout = "rank",
     ):
-        """``retries``: a RetryPolicy or its fields as a dict; None: the default policy."""
+        """``retries``: a RetryPolicy or its fields as a dict; None: the default policy. ``only`` and ``layout``:
+        which tensors, landing where (see :func:`~raydist_loader.plan.make_plan`)."""
         self._url = url
+        self._select = {"only": only, "layout": layout}
         self._options = connector_options or {}
         self.manifest = Manifest.from_json(manifest_json)
         self.tp, self.rank = tp, rank
@@ -94,7 +98,9 @@ class ShardLoader:
         """Open the connector and make the plan ahead of the load (the coordinator calls it on every actor
         before any starts reading, so ranks start together); returns where this rank runs."""
         if self.plan is None:
-            self.plan = make_plan(self.manifest, self.tp, self.rank, coalesce_gap=self.connector.coalesce_gap)
+            self.plan = make_plan(
+                self.manifest, self.tp, self.rank, coalesce_gap=self.connector.coalesce_gap, **self._select
+            )
         return self.node()
 
     def load(self) -> RankReport:

@@ -1,0 +1,139 @@
+"""The engine hand-off, engine-neutral: one TP rank's verified shard, as the full-size tensors engines want.
+
+Serving engines (vLLM, SGLang) load weights through per-layer weight loaders that take the *full* checkpoint tensor
+and narrow it by the worker's TP rank themselves (vLLM's v2 parameters ignore ``is_sharded_weight``; its vocab and
+MoE loaders never look at it). So each rank pulls only its shard, but lands it in the ``global`` layout
+(:data:`raydist_loader.plan.Layout`): every tensor is a full-size host tensor whose rank region (split dim,
+segments, kv replica) holds the verified bytes, read there directly with no copy in between. On CPU the pages
+outside the region are never touched, so never committed: a rank's memory is its shard. The engine's loaders then
+copy each region into its parameter on the worker's device, one tensor at a time, so a GPU never holds a second
+copy of the weights.
+
+The options an engine passes (vLLM's ``model_loader_extra_config``) are parsed here too, so every engine accepts
+the same keys with the same errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import ConfigError
+from ..redact import redact_url, url_password
+from ..retry import RetryPolicy, coerce_policy
+
+OPTIONS: dict[str, str] = {
+    "url": "store URL (redis://host:port/db, rediss://..., s3://bucket/prefix, file:///dir or a path); required",
+    "model": "model name inside the store; required",
+    "verify": "true (default), false, or \"full\" (also re-hash the landed tensors)",
+    "concurrency": "requests in flight per rank (integer >= 1; default: the backend's)",
+    "expect_manifest_sha256": "refuse a manifest whose sha256 differs (hex)",
+    "password_env": "name of the environment variable that holds the store's password",
+    "retries": "retry policy for transient store errors: {attempts, base_delay_s, max_delay_s, deadline_s}",
+}
+"""Every option key an engine may pass, and what it means (unknown keys are refused with this list)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The validated options of an engine load format. Secrets are named by environment variable only."""
+
+    url: str
+    model: str
+    verify: bool | str = True
+    concurrency: int | None = None
+    expect_manifest_sha256: str | None = None
+    password_env: str | None = None
+    retries: RetryPolicy | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any] | None, where: str) -> EngineOptions:
+        """Validate ``raw`` (``where`` names it in errors, e.g. ``model_loader_extra_config``)."""
+        example = f'{where} = {{"url": "redis://host:6379/0", "model": "NAME"}}'
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping such as {example}, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(OPTIONS))
+        if unknown:
+            known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+            raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {known}")
+        missing = [k for k in ("url", "model") if not raw.get(k)]
+        if missing:
+            raise ConfigError(f"{where} lacks {', '.join(missing)}: give at least {example}")
+        for key in ("url", "model", "expect_manifest_sha256", "password_env"):
+            if raw.get(key) is not None and not isinstance(raw[key], str):
+                raise ConfigError(f"{where}.{key} must be a string, got {type(raw[key]).__name__}")
+        if url_password(raw["url"]):
+            raise ConfigError(
+                f"{where}.url {redact_url(raw['url'])} carries an inline password, which engine logs and `ps` can "
+                'show: put it in an environment variable and name that variable with "password_env"'
+            )
+        verify = raw.get("verify", True)
+        if not (isinstance(verify, bool) or verify == "full"):
+            raise ConfigError(f'{where}.verify must be true, false or "full", got {verify!r}')
+        concurrency = raw.get("concurrency")
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                        or concurrency < 1):
+            raise ConfigError(f"{where}.concurrency must be an integer >= 1, got {concurrency!r}")
+        retries = raw.get("retries")
+        if retries is not None and not isinstance(retries, Mapping):
+            raise ConfigError(
+                f"{where}.retries must be a mapping with keys {[f.name for f in fields(RetryPolicy)]}, got {retries!r}"
+            )
+        return cls(
+            url=raw["url"],
+            model=raw["model"],
+            verify=verify,
+            concurrency=concurrency,
+            expect_manifest_sha256=raw.get("expect_manifest_sha256"),
+            password_env=raw.get("password_env"),
+            retries=None if retries is None else coerce_policy(retries),
+        )
+
+    def connector_options(self) -> dict[str, Any]:
+        """The connector's options: the password read from ``password_env`` in this (worker) process."""
+        if not self.password_env:
+            return {}
+        value = os.environ.get(self.password_env)
+        if not value:
+            state = "is not set" if value is None else "is set but empty"
+            raise ConfigError(
+                f"password_env: environment variable {self.password_env} {state} in this process "
+                "(engines pass their environment to their workers: set it where the engine is started)"
+            )
+        return {"password": value}
+
+    def __repr__(self) -> str:
+        return f"EngineOptions(url={redact_url(self.url)!r}, model={self.model!r}, verify={self.verify!r})"
+
+
+def pull_rank(options: EngineOptions, tp: int, rank: int, *, only: Callable[[str], bool] | None = None):
+    """Pull and verify rank ``rank`` of ``tp`` in the ``global`` layout (host memory); raises before the engine
+    sees any weight if a digest stays wrong after one re-pull. ``only`` keeps a pipeline stage's tensors.
+    Returns the :class:`~raydist_loader.api.Shard`."""
+    from ..api import load_shard
+
+    return load_shard(
+        options.model,
+        options.url,
+        tp,
+        rank,
+        device="cpu",
+        concurrency=options.concurrency,
+        verify=options.verify,
+        expect_manifest_sha256=options.expect_manifest_sha256,
+        connector_options=options.connector_options(),
+        retry=options.retries,
+        only=only,
+        layout="global",
+    )
+
+
+def missing_names(expected: set[str], delivered: set[str], what: str, limit: int = 20) -> str | None:
+    """A message listing the parameters an engine expected but did not get (None when nothing is missing)."""
+    missing = sorted(expected - delivered)
+    if not missing:
+        return None
+    shown = ", ".join(missing[:limit]) + (f" and {len(missing) - limit} more" if len(missing) > limit else "")
+    return f"{len(missing)} parameter(s) of {what} were not loaded from the store: {shown}"

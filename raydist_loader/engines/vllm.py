@@ -1,0 +1,121 @@
+"""vLLM load format ``raydist``: every TP worker pulls and verifies only its own shard before vLLM sees a weight.
+
+Registered through the ``vllm.general_plugins`` entry point (see :func:`register`), so it needs no fork and no patch:
+
+    vllm serve DIR --load-format raydist \\
+        --model-loader-extra-config '{"url": "redis://host:6379/0", "model": "NAME"}' --tensor-parallel-size 2
+
+``DIR`` holds the model's config and tokenizer files (``raydist-loader pull-files URL --model NAME DIR``). Options
+are the keys of :data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world
+size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns; the shard lands in
+host memory as full-size tensors (see :mod:`.handoff`) and vLLM's own weight loaders narrow and copy each one into
+its parameter on the worker's device. Afterwards every parameter of the model must have been loaded, else the
+load fails with their names. The rank's load report is left on the model as ``model.raydist_report``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.models.utils import is_pp_missing_parameter
+
+from ..api import open_manifest
+from ..errors import ShardingError
+from .handoff import EngineOptions, missing_names, pull_rank
+
+LOAD_FORMAT = "raydist"
+OPTIONS_NAME = "model_loader_extra_config"
+logger = init_logger("vllm.raydist_loader")  # under "vllm", so vLLM's log configuration shows it
+_registered = False
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register load format ``raydist``. vLLM calls plugins in every
+    process, possibly more than once; registering again would only log an "overwritten" warning, so it is done
+    once per process."""
+    global _registered
+    if not _registered:
+        register_model_loader(LOAD_FORMAT)(RaydistModelLoader)
+        _registered = True
+
+
+class RaydistModelLoader(BaseModelLoader):
+    """Loads weights from a raydist_loader store: this worker's TP shard only, verified before it is used."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        self.options = EngineOptions.parse(load_config.model_loader_extra_config, OPTIONS_NAME)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Nothing is downloaded ahead (the weights stream into the workers); check that the store answers and
+        holds a valid manifest for the model, so a wrong URL or name fails early."""
+        open_manifest(
+            self.options.url,
+            self.options.model,
+            expect_manifest_sha256=self.options.expect_manifest_sha256,
+            connector_options=self.options.connector_options(),
+        )
+
+    def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
+        t0 = time.perf_counter()
+        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        pp = get_pp_group()
+        only = _stage_filter(model) if pp.world_size > 1 else None
+        shard = pull_rank(self.options, tp, rank, only=only)
+        if not shard.tensors:
+            raise ShardingError(
+                f"model {self.options.model!r} has no tensor for pipeline stage {pp.rank_in_group} of "
+                f"{pp.world_size}: the store's tensor names do not match this vLLM model's modules"
+            )
+        t1 = time.perf_counter()
+        loaded = model.load_weights(shard.tensors.items())
+        t2 = time.perf_counter()
+        report = shard.report
+        del shard  # the full-size host tensors: vLLM has copied what it needs into the parameters
+        _check_all_loaded(model, loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
+        model.raydist_report = report
+        logger.info(_describe(report, pp, t1 - t0, t2 - t1))
+
+
+def _stage_filter(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Keep a checkpoint tensor unless the module it belongs to lives on another pipeline stage (vLLM puts a
+    PPMissingLayer there). A name the model maps (``hf_to_vllm_mapper``) is checked as mapped. A tensor kept by
+    mistake is only bytes that vLLM skips; one dropped by mistake would be caught by the completeness check."""
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+
+    def keep(name: str) -> bool:
+        mapped = mapper.map_name(name) if mapper is not None else name
+        return not is_pp_missing_parameter(mapped or name, model)
+
+    return keep
+
+
+def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_config: ModelConfig, what: str) -> None:
+    """Every parameter of the (stage's) model must have been loaded: the check vLLM's default loader makes for
+    unquantized models, without its exemptions. Quantized models may legitimately lack some (scales)."""
+    if loaded is None or model_config.quantization is not None:
+        if loaded is None:
+            logger.warning("%s does not report which weights it loaded; completeness not checked", type(model).__name__)
+        return
+    message = missing_names({name for name, _ in model.named_parameters()}, set(loaded), what)
+    if message:
+        raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
+
+
+def _describe(report: dict, pp, pull_s: float, copy_s: float) -> str:
+    """One log line per rank (the only place this module reads the load report)."""
+    stage = f", pp stage {pp.rank_in_group}/{pp.world_size}" if pp.world_size > 1 else ""
+    verified = "verified" if report["verify"] else "NOT verified (verify=false)"
+    return (
+        f"raydist: rank {report['rank']}/{report['tp']}{stage}: {report['model']} version {report['version']} "
+        f"from {report['store']}: {report['chunks']} chunks, {report['bytes'] / 1e6:.1f} MB in {pull_s:.2f} s "
+        f"({report['bytes'] / max(pull_s, 1e-9) / 1e9:.2f} GB/s), {verified}; into the model in {copy_s:.2f} s"
+    )
