@@ -138,11 +138,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     bad_extra = {**llama["stores"]["file"], "revision": "main"}
     incomplete = _publish_without(tmp, llama, DROPPED)
     runs = [
-        {**_raydist_run("llama-tp2-redis", llama, "redis", 2),
-         "digests_failing": [
-             {"label": "unknown-key", "load_format": "raydist", "extra": bad_extra},
-             {"label": "missing-tensors", "load_format": "raydist", "extra": incomplete},
-         ]},
+        _raydist_run("llama-tp2-redis", llama, "redis", 2),
         {"name": "llama-tp2-safetensors", "env": TP2, "prompts": PROMPTS,
          "llm": {"model": llama["ckpt"], "load_format": "safetensors", "tensor_parallel_size": 2, **ENGINE}},
         _raydist_run("phi3-tp2-file-inplace", models["phi3"], "file", 2),
@@ -154,7 +150,11 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
          "llm": {"model": llama["cfg"], "load_format": "raydist", "tensor_parallel_size": 2, **ENGINE,
                  "model_loader_extra_config": {"url": corrupt, "model": "llama"}}, "prompts": PROMPTS},
         # in-process (no engine or worker processes to spawn): last, as it leaves this process' state behind
-        {**_raydist_run("llama-tp1-file", llama, "file", 1), "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}},
+        {**_raydist_run("llama-tp1-file", llama, "file", 1), "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+         "digests_failing": [  # one worker: a failing call leaves no other worker's reply behind
+             {"label": "unknown-key", "load_format": "raydist", "extra": bad_extra},
+             {"label": "missing-tensors", "load_format": "raydist", "extra": incomplete},
+         ]},
     ]
     spec, out, log = tmp / "spec.json", tmp / "out.json", tmp / "engines.log"
     spec.write_text(json.dumps({"runs": runs}))
@@ -232,7 +232,7 @@ def test_a_flipped_byte_stops_vllm_naming_rank_tensor_and_chunk(vllm):
 
 @pytest.mark.slow
 def test_option_and_completeness_errors_inside_vllm(vllm):
-    errors = _ok(vllm, "llama-tp2-redis")["digests_failing"]
+    errors = _ok(vllm, "llama-tp1-file")["digests_failing"]
     assert "unknown key(s) ['revision'] in model_loader_extra_config; known keys: url:" in errors["unknown-key"]
     missing = errors["missing-tensors"]
     assert "1 parameter(s) of 'llama-incomplete' (rank " in missing and f"from the store: {DROPPED};" in missing

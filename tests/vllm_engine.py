@@ -11,8 +11,9 @@ is taken BEFORE vLLM's kernel post-processing (which, on CPU, packs the linear w
 ``compute_weight_checksums`` of a running engine would not see them); ``digests_failing``: the same, expected to
 fail (the error text is recorded); ``reloads``: ``{"label", "model"}``: vLLM's ``reload_weights`` with its
 safetensors loader from that checkpoint directory, then the prompts again; ``reports``: collect every worker's
-``model.raydist_report``; ``timed_reloads``: N times, time ``load_weights`` into the engine's model in every
-worker (benchmarks). A run whose engine fails to start records the error instead (the log has the root cause).
+``model.raydist_report``; ``timed`` (entries as ``digests``) and ``rounds``: that many rounds, in alternating order,
+of a fresh load per entry, timing ``load_weights`` (benchmarks). A run whose engine fails to start records the
+error instead (the log has the root cause).
 OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "load_s", "error"}}``.
 vLLM spawns processes, so the body is guarded by ``if __name__ == "__main__"``.
 """
@@ -27,9 +28,11 @@ import time
 import traceback
 
 
-def fresh_digests(worker, load_format: str, extra: dict, model_dir: str | None, tag: str) -> dict[str, str]:
-    """(in a worker) Build another instance of the served model, load it with ``load_format``, hash every
-    parameter as loaded (before post-processing). Keys as vLLM's weight checksums: ``dp0:pp{p}:pcp0:tp{t}:name``."""
+def fresh_load(worker, load_format: str, extra: dict, model_dir: str | None, tag: str, hashes: bool) -> dict:
+    """(in a worker) Build another instance of the served model and load it with ``load_format`` (``model_dir``:
+    the directory the safetensors/Run:ai loaders read). Returns the seconds ``load_weights`` took and, with
+    ``hashes``, a sha256 of every parameter as loaded (before post-processing), keyed as vLLM's weight checksums:
+    ``dp0:pp{p}:pcp0:tp{t}:<param>``."""
     import copy
 
     import torch
@@ -49,9 +52,12 @@ def fresh_digests(worker, load_format: str, extra: dict, model_dir: str | None, 
         with set_current_vllm_config(worker.vllm_config), set_default_torch_dtype(config.dtype):
             with torch.device("cpu"):
                 model = loader.create_model(vllm_config=worker.vllm_config, model_config=config, prefix=tag)
+            t0 = time.perf_counter()
             loader.load_weights(model, config)
+            seconds = time.perf_counter() - t0
         prefix = worker._weight_checksum_prefix()
-        return {prefix + name: digest for name, digest in compute_tensor_digests(model).items()}
+        digests = {prefix + n: d for n, d in compute_tensor_digests(model).items()} if hashes else None
+        return {"seconds": seconds, "digests": digests}
     finally:
         for key in set(context) - before:  # the copy's attention layers registered themselves under ``tag``
             del context[key]
@@ -73,16 +79,6 @@ def reload_safetensors(worker, model_dir: str) -> None:
     worker.model_runner.reload_weights(weights_iterator=weights)
 
 
-def timed_load(worker) -> float:
-    """(in a worker) Seconds ``load_weights`` takes with the engine's own load format into its model."""
-    from vllm.model_executor.model_loader import get_model_loader
-
-    loader = get_model_loader(worker.vllm_config.load_config)
-    t0 = time.perf_counter()
-    loader.load_weights(worker.model_runner.get_model(), worker.model_config)
-    return time.perf_counter() - t0
-
-
 def raydist_report(worker) -> dict | None:
     return getattr(worker.model_runner.get_model(), "raydist_report", None)
 
@@ -102,12 +98,14 @@ def generate(llm, prompts: list[list[int]]) -> list[dict]:
     ]
 
 
+def fresh_loads(llm, tag: str, d: dict, hashes: bool) -> list[dict]:
+    """``fresh_load`` in every worker; one result per worker."""
+    args = (d["load_format"], d.get("extra", {}), d.get("model"), tag, hashes)
+    return llm.collective_rpc(fresh_load, args=args)
+
+
 def all_digests(llm, i: int, d: dict) -> dict[str, str]:
-    merged: dict[str, str] = {}
-    args = (d["load_format"], d.get("extra", {}), d.get("model"), f"check{i}")
-    for part in llm.collective_rpc(fresh_digests, args=args):
-        merged.update(part)
-    return merged
+    return {k: v for part in fresh_loads(llm, f"check{i}", d, True) for k, v in part["digests"].items()}
 
 
 def exercise(llm, spec: dict, result: dict) -> None:
@@ -116,26 +114,29 @@ def exercise(llm, spec: dict, result: dict) -> None:
         result["outputs"] = generate(llm, spec["prompts"])
     for i, d in enumerate(spec.get("digests", [])):
         result["digests"][d["label"]] = all_digests(llm, i, d)
+    if spec.get("reports"):
+        result["reports"] = llm.collective_rpc(raydist_report)
+    for r in spec.get("reloads", []):
+        llm.collective_rpc(reload_safetensors, args=(r["model"],))
+        result["reloads"][r["label"]] = generate(llm, spec["prompts"])
+    for n in range(spec.get("rounds", 0)):  # interleaved; the slowest worker's time (the TP group waits for it)
+        for i, d in enumerate(spec["timed"][:: 1 if n % 2 == 0 else -1]):
+            seconds = max(r["seconds"] for r in fresh_loads(llm, f"timed{n}x{i}", d, False))
+            result["load_s"].setdefault(d["label"], []).append(seconds)
+    # last: with several workers, a failed collective_rpc can leave the other workers' replies queued
     for i, d in enumerate(spec.get("digests_failing", [])):
         try:
             all_digests(llm, 100 + i, d)
             result["digests_failing"][d["label"]] = None
         except Exception as e:  # noqa: BLE001 - expected: the test reads the message
             result["digests_failing"][d["label"]] = str(e)
-    if spec.get("reports"):
-        result["reports"] = llm.collective_rpc(raydist_report)
-    for r in spec.get("reloads", []):
-        llm.collective_rpc(reload_safetensors, args=(r["model"],))
-        result["reloads"][r["label"]] = generate(llm, spec["prompts"])
-    for _ in range(spec.get("timed_reloads", 0)):
-        result["load_s"].append(max(llm.collective_rpc(timed_load)))
 
 
 def run(spec: dict) -> dict:
     from vllm import LLM
 
     result: dict = {"outputs": None, "reloads": {}, "digests": {}, "digests_failing": {}, "reports": None,
-                    "load_s": [], "error": None}
+                    "load_s": {}, "error": None}
     os.environ.update(spec.get("env", {}))
     try:
         llm = LLM(**spec["llm"])

@@ -1,0 +1,143 @@
+"""vLLM rows of the benchmark (issue 9): weight-load seconds inside vLLM's own workers, raydist vs vLLM's loaders.
+
+    .venv/bin/python -m benchmarks.vllm_load [--mb 400] [--rounds 5]      (after `bash scripts/setup.sh`)
+
+A fp32 Llama of about ``--mb`` MB (transformers-written, cached in benchmarks/.data) is published to a file store and
+to a redis-server on loopback. Then one vLLM engine per TP size (1, 2) is started with ``load_format="raydist"``, and
+in it, round after round (order reversed every other round), every worker builds a fresh copy of the model and vLLM's
+``load_weights`` is timed for each way: ``raydist`` from the file store and from Redis (pull + verify + hand-off),
+vLLM's own ``safetensors`` loader on the checkpoint directory (page cache warm after the first round), and
+``runai_streamer`` on the same directory when ``runai-model-streamer`` is installed in .venv-vllm. A TP group is
+loaded when its slowest worker is, so a sample is the max over workers; the table gives medians and the ratio to
+``safetensors`` at the same TP. Results: benchmarks/results/vllm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .servers import start_redis
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DATA = HERE / ".data"
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+MODEL = "bench-vllm-llama"
+ENGINE = {"enforce_eager": True, "dtype": "float32", "skip_tokenizer_init": True, "max_model_len": 128,
+          "max_num_seqs": 4}
+
+
+def log(msg: str) -> None:
+    print(f"[vllm-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def checkpoint(mb: int) -> Path:
+    from raydist_loader.tiny_models import make_big_llama
+
+    dest = DATA / f"vllm-llama-{mb}mb-fp32"
+    if not (dest / "config.json").exists():
+        log(f"generating a {mb} MB fp32 Llama in {dest} (cached)")
+        tmp = DATA / f".tmp-{dest.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_big_llama(tmp, mb * 1_000_000, dtype=torch.float32)
+        tmp.rename(dest)
+    return dest
+
+
+def has_runai() -> bool:
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('runai_model_streamer') else 1)"
+    return subprocess.run([str(VLLM_PY), "-c", probe], check=False).returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=int, default=400, help="checkpoint size in MB (default 400)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per way; medians are reported")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "vllm.json")
+    args = ap.parse_args(argv)
+    if not VLLM_PY.exists():
+        raise SystemExit(f"{VLLM_PY} is missing: run `bash scripts/setup.sh` (it creates .venv-vllm)")
+    import raydist_loader as rl
+
+    ckpt = checkpoint(args.mb)
+    nbytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    redis = start_redis()
+    scratch = Path(tempfile.mkdtemp(prefix="vllm-bench-", dir=DATA))
+    try:
+        stores = {"file": f"file://{scratch}/store", "redis": f"redis://127.0.0.1:{redis.port}/0"}
+        for url in stores.values():
+            rl.publish(ckpt, url, MODEL, max_tp=2)
+        cfg = scratch / "cfg"
+        rl.pull_files(stores["file"], MODEL, cfg)
+        ways = [{"label": f"raydist {kind}", "load_format": "raydist", "extra": {"url": url, "model": MODEL}}
+                for kind, url in stores.items()]
+        ways.append({"label": "safetensors", "load_format": "safetensors", "model": str(ckpt)})
+        if has_runai():
+            ways.append({"label": "runai_streamer", "load_format": "runai_streamer", "model": str(ckpt)})
+        else:
+            log("runai-model-streamer is not installed in .venv-vllm: no runai_streamer row "
+                "(.venv-vllm/bin/pip install runai-model-streamer)")
+        runs = [
+            {"name": f"tp{tp}", "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1" if tp == 2 else "0"},
+             "llm": {"model": str(cfg), "load_format": "raydist", "tensor_parallel_size": tp, **ENGINE,
+                     "model_loader_extra_config": ways[0]["extra"]},
+             "timed": ways, "rounds": args.rounds}
+            for tp in (1, 2)
+        ]
+        spec, out, engine_log = scratch / "spec.json", scratch / "out.json", scratch / "engines.log"
+        spec.write_text(json.dumps({"runs": runs}))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1"}
+        log(f"checkpoint {ckpt.name}: {nbytes / 1e6:.0f} MB; starting vLLM at tp=1 and tp=2 ({args.rounds} rounds)")
+        with open(engine_log, "wb") as f:
+            subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_engine.py"), str(spec), str(out)],
+                           stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
+        results = json.loads(out.read_text()) if out.exists() else {}
+        failed = {n: r["error"] for n, r in results.items() if r["error"]}
+        if len(results) < len(runs) or failed:
+            raise SystemExit(f"vLLM runs failed: {failed or 'no results'}\n{engine_log.read_text()[-4000:]}")
+        table = summarise(results, nbytes)
+        print(render(table))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        machine = {"cpus": os.cpu_count(), "note": "shared 2-core VM: other jobs ran at the same time"}
+        args.out.write_text(json.dumps({"checkpoint_bytes": nbytes, "rounds": args.rounds, "machine": machine,
+                                        "rows": table, "samples": {n: r["load_s"] for n, r in results.items()}},
+                                       indent=2) + "\n")
+        log(f"wrote {args.out}")
+    finally:
+        redis.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def summarise(results: dict, nbytes: int) -> list[dict]:
+    rows = []
+    for name, result in results.items():
+        reference = statistics.median(result["load_s"]["safetensors"])
+        for label, samples in result["load_s"].items():
+            median = statistics.median(samples)
+            rows.append({"tp": int(name.removeprefix("tp")), "way": label, "median_s": median,
+                         "min_s": min(samples), "max_s": max(samples), "gbps": nbytes / median / 1e9,
+                         "speedup_vs_safetensors": reference / median})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = [f"{'tp':>2}  {'way':<16} {'median s':>9} {'range s':>13} {'GB/s':>6} {'x safetensors':>13}"]
+    for r in rows:
+        lines.append(f"{r['tp']:>2}  {r['way']:<16} {r['median_s']:>9.3f} {r['min_s']:>6.3f}-{r['max_s']:<6.3f} "
+                     f"{r['gbps']:>6.2f} {r['speedup_vs_safetensors']:>12.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
