@@ -4,8 +4,9 @@ Every engine here is started with ``load_format="raydist"`` on a directory that 
 ``pull_files`` wrote (no weights), so the plugin entry point, the options and the TP/PP ranks are vLLM's own. The
 references are vLLM's own safetensors loader on the same checkpoint at the same TP, in the same engine:
 - greedy tokens and top-5 logprobs equal those after vLLM reloads the weights with its safetensors loader
-  (``reload_weights``); reloading another checkpoint first shows the reload really replaces the weights; one
-  engine started with ``load_format="safetensors"`` anchors the reload reference to a plain start;
+  (``reload_weights``, which redoes the kernel post-processing); reloading another checkpoint first shows the
+  reload really replaces the weights. For MoE (whose CPU post-processing vLLM's reload does not redo exactly) the
+  reference is an engine started with ``load_format="safetensors"``;
 - every parameter of every rank (and pipeline stage) is hashed as loaded, before vLLM's kernel post-processing,
   for raydist from a file store, from Redis, and for vLLM's safetensors loader: the dicts are equal.
 An engine start costs ~40 s here, so all engines run in one script (tests/vllm_engine.py) at module start, and
@@ -102,7 +103,8 @@ def _publish_without(tmp: Path, m: dict, dropped: str) -> dict:
     return {"url": url, "model": "llama-incomplete"}
 
 
-def _raydist_run(name: str, m: dict, store: str, tp: int, pp: int = 1, *, generate: bool = True) -> dict:
+def _raydist_run(name: str, m: dict, store: str, tp: int, pp: int = 1, *, generate: bool = True,
+                 reloads: bool = True) -> dict:
     """An engine started with load_format="raydist" from ``store``: tokens, reload references, digests."""
     run = {
         "name": name,
@@ -118,6 +120,7 @@ def _raydist_run(name: str, m: dict, store: str, tp: int, pp: int = 1, *, genera
     }
     if generate:  # vLLM CPU 0.32 cannot generate with pp > 1 (scheduler KeyError): PP is checked by digests
         run["prompts"] = PROMPTS
+    if generate and reloads:
         run["reloads"] = [{"label": "other", "model": m["other"]}, {"label": "safetensors", "model": m["ckpt"]}]
     return run
 
@@ -139,11 +142,14 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     incomplete = _publish_without(tmp, llama, DROPPED)
     runs = [
         _raydist_run("llama-tp2-redis", llama, "redis", 2),
-        {"name": "llama-tp2-safetensors", "env": TP2, "prompts": PROMPTS,
-         "llm": {"model": llama["ckpt"], "load_format": "safetensors", "tensor_parallel_size": 2, **ENGINE}},
         _raydist_run("phi3-tp2-file-inplace", models["phi3"], "file", 2),
         _raydist_run("gemma-tp2-redis", models["gemma"], "redis", 2),
-        _raydist_run("mixtral-tp2-file", models["mixtral"], "file", 2),
+        # vLLM's in-place reload does not redo FusedMoE's CPU post-processing exactly: for MoE the reference is an
+        # engine started with load_format="safetensors" (the plain way, one more engine start)
+        _raydist_run("mixtral-tp2-file", models["mixtral"], "file", 2, reloads=False),
+        {"name": "mixtral-tp2-safetensors", "env": TP2, "prompts": PROMPTS,
+         "llm": {"model": models["mixtral"]["ckpt"], "load_format": "safetensors", "tensor_parallel_size": 2,
+                 **ENGINE}},
         _raydist_run("gpt2-tp2-redis", models["gpt2"], "redis", 2),
         _raydist_run("llama-pp2-file", llama, "file", 1, 2, generate=False),
         {"name": "llama-tp2-corrupt", "env": TP2,
@@ -151,6 +157,8 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
                  "model_loader_extra_config": {"url": corrupt, "model": "llama"}}, "prompts": PROMPTS},
         # in-process (no engine or worker processes to spawn): last, as it leaves this process' state behind
         {**_raydist_run("llama-tp1-file", llama, "file", 1), "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+         "reloads": [{"label": "other", "model": llama["other"]}, {"label": "raydist", "model": None},
+                     {"label": "safetensors", "model": llama["ckpt"]}],
          "digests_failing": [  # one worker: a failing call leaves no other worker's reply behind
              {"label": "unknown-key", "load_format": "raydist", "extra": bad_extra},
              {"label": "missing-tensors", "load_format": "raydist", "extra": incomplete},
@@ -170,8 +178,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
 
 CORRUPT_TENSOR, CORRUPT_CHUNK = "model.layers.1.mlp.down_proj.weight", "all.3"  # rowwise: rank 1 of tp=2 reads it
 DROPPED = "model.layers.1.post_attention_layernorm.weight"
-STARTED = ["llama-tp2-redis", "phi3-tp2-file-inplace", "gemma-tp2-redis", "mixtral-tp2-file", "gpt2-tp2-redis",
-           "llama-tp1-file"]
+DENSE = ["llama-tp2-redis", "phi3-tp2-file-inplace", "gemma-tp2-redis", "gpt2-tp2-redis", "llama-tp1-file"]
 
 
 def _ok(vllm: dict, name: str) -> dict:
@@ -180,23 +187,36 @@ def _ok(vllm: dict, name: str) -> dict:
     return result
 
 
+def _generated(result: dict) -> list[dict]:
+    outputs = result["outputs"]
+    assert outputs and all(len(o["tokens"]) == 8 and len(o["logprobs"]) == 8 for o in outputs)
+    return outputs
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", STARTED)
+@pytest.mark.parametrize("name", DENSE)
 def test_tokens_and_logprobs_equal_vllm_safetensors(vllm, name):
     result = _ok(vllm, name)
-    raydist = result["outputs"]
-    assert raydist and all(len(o["tokens"]) == 8 and len(o["logprobs"]) == 8 for o in raydist)
+    raydist = _generated(result)
     assert result["reloads"]["other"] != raydist, "reloading another checkpoint must change the outputs"
     assert result["reloads"]["safetensors"] == raydist  # exact: tokens and every top-5 logprob
 
 
 @pytest.mark.slow
-def test_reload_reference_equals_an_engine_started_with_safetensors(vllm):
-    assert _ok(vllm, "llama-tp2-safetensors")["outputs"] == _ok(vllm, "llama-tp2-redis")["outputs"]
+def test_vllm_reload_weights_pulls_the_store_again(vllm):
+    """vLLM's in-place reload (RL weight updates) on a raydist engine re-pulls, verified, from the store."""
+    result = _ok(vllm, "llama-tp1-file")
+    assert result["reloads"]["other"] != result["outputs"]
+    assert result["reloads"]["raydist"] == result["outputs"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [*STARTED, "llama-pp2-file"])
+def test_moe_tokens_and_logprobs_equal_an_engine_started_with_safetensors(vllm):
+    assert _generated(_ok(vllm, "mixtral-tp2-file")) == _generated(_ok(vllm, "mixtral-tp2-safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*DENSE, "mixtral-tp2-file", "llama-pp2-file"])
 def test_every_parameter_equals_vllm_safetensors_from_file_and_redis(vllm, name):
     digests = _ok(vllm, name)["digests"]
     reference = digests["safetensors"]

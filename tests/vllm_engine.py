@@ -10,7 +10,8 @@ with that load format (``model``: the directory the safetensors loader reads), a
 is taken BEFORE vLLM's kernel post-processing (which, on CPU, packs the linear weights and drops the originals, so
 ``compute_weight_checksums`` of a running engine would not see them); ``digests_failing``: the same, expected to
 fail (the error text is recorded); ``reloads``: ``{"label", "model"}``: vLLM's ``reload_weights`` with its
-safetensors loader from that checkpoint directory, then the prompts again; ``reports``: collect every worker's
+safetensors loader from that checkpoint directory (without ``model``: with the engine's own load format), then the
+prompts again; ``reports``: collect every worker's
 ``model.raydist_report``; ``timed`` (entries as ``digests``) and ``rounds``: that many rounds, in alternating order,
 of a fresh load per entry, timing ``load_weights`` (benchmarks). A run whose engine fails to start records the
 error instead (the log has the root cause).
@@ -76,7 +77,7 @@ def reload_safetensors(worker, model_dir: str) -> None:
     weights = DefaultModelLoader(LoadConfig(load_format="safetensors")).get_all_weights(
         config, worker.model_runner.get_model()
     )
-    worker.model_runner.reload_weights(weights_iterator=weights)
+    worker.reload_weights(weights_iterator=weights)
 
 
 def raydist_report(worker) -> dict | None:
@@ -117,7 +118,10 @@ def exercise(llm, spec: dict, result: dict) -> None:
     if spec.get("reports"):
         result["reports"] = llm.collective_rpc(raydist_report)
     for r in spec.get("reloads", []):
-        llm.collective_rpc(reload_safetensors, args=(r["model"],))
+        if r.get("model"):
+            llm.collective_rpc(reload_safetensors, args=(r["model"],))
+        else:  # the engine's own load format (raydist: its get_all_weights)
+            llm.collective_rpc("reload_weights")
         result["reloads"][r["label"]] = generate(llm, spec["prompts"])
     for n in range(spec.get("rounds", 0)):  # interleaved; the slowest worker's time (the TP group waits for it)
         for i, d in enumerate(spec["timed"][:: 1 if n % 2 == 0 else -1]):

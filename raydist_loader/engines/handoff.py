@@ -56,8 +56,7 @@ class EngineOptions:
             raise ConfigError(f"{where} must be a mapping such as {example}, got {type(raw).__name__}")
         unknown = sorted(set(raw) - set(OPTIONS))
         if unknown:
-            known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
-            raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {known}")
+            raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {', '.join(OPTIONS)}")
         missing = [k for k in ("url", "model") if not raw.get(k)]
         if missing:
             raise ConfigError(f"{where} lacks {', '.join(missing)}: give at least {example}")

@@ -10,13 +10,14 @@ are the keys of :data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: 
 size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns; the shard lands in
 host memory as full-size tensors (see :mod:`.handoff`) and vLLM's own weight loaders narrow and copy each one into
 its parameter on the worker's device. Afterwards every parameter of the model must have been loaded, else the
-load fails with their names. The rank's load report is left on the model as ``model.raydist_report``.
+load fails with their names. The rank's load report is left on the model as ``model.raydist_report``. vLLM's
+in-place ``reload_weights`` (RL weight updates) pulls the store's current version the same way.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from vllm.config import ModelConfig
@@ -27,7 +28,7 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.models.utils import is_pp_missing_parameter
 
-from ..api import open_manifest
+from ..api import Shard, open_manifest
 from ..errors import ShardingError
 from .handoff import EngineOptions, missing_names, pull_rank
 
@@ -66,23 +67,34 @@ class RaydistModelLoader(BaseModelLoader):
 
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        pp = get_pp_group()
-        only = _stage_filter(model) if pp.world_size > 1 else None
-        shard = pull_rank(self.options, tp, rank, only=only)
-        if not shard.tensors:
-            raise ShardingError(
-                f"model {self.options.model!r} has no tensor for pipeline stage {pp.rank_in_group} of "
-                f"{pp.world_size}: the store's tensor names do not match this vLLM model's modules"
-            )
+        shard = self._pull(model)
         t1 = time.perf_counter()
         loaded = model.load_weights(shard.tensors.items())
         t2 = time.perf_counter()
         report = shard.report
         del shard  # the full-size host tensors: vLLM has copied what it needs into the parameters
+        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         _check_all_loaded(model, loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
         model.raydist_report = report
-        logger.info(_describe(report, pp, t1 - t0, t2 - t1))
+        logger.info(_describe(report, get_pp_group(), t1 - t0, t2 - t1))
+
+    def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the store's current
+        version of this worker's shard, verified, as full-size tensors."""
+        shard = self._pull(model)
+        model.raydist_report = shard.report
+        yield from shard.tensors.items()
+
+    def _pull(self, model: torch.nn.Module) -> Shard:
+        """This worker's shard (this pipeline stage's tensors only), verified, in the global layout."""
+        tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
+        shard = pull_rank(self.options, tp, rank, only=_stage_filter(model) if pp.world_size > 1 else None)
+        if not shard.tensors:
+            raise ShardingError(
+                f"model {self.options.model!r} has no tensor for pipeline stage {pp.rank_in_group} of "
+                f"{pp.world_size}: the store's tensor names do not match this vLLM model's modules"
+            )
+        return shard
 
 
 def _stage_filter(model: torch.nn.Module) -> Callable[[str], bool]:
