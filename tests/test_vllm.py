@@ -253,7 +253,9 @@ def test_a_flipped_byte_stops_vllm_naming_rank_tensor_and_chunk(vllm):
 @pytest.mark.slow
 def test_option_and_completeness_errors_inside_vllm(vllm):
     errors = _ok(vllm, "llama-tp1-file")["digests_failing"]
-    assert "unknown key(s) ['revision'] in model_loader_extra_config; known keys: url:" in errors["unknown-key"]
+    assert "unknown key(s) ['revision'] in model_loader_extra_config; known keys: url, model, verify, " in (
+        errors["unknown-key"]
+    )
     missing = errors["missing-tensors"]
     assert "1 parameter(s) of 'llama-incomplete' (rank " in missing and f"from the store: {DROPPED};" in missing
 
