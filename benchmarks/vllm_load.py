@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 
 
 def checkpoint(mb: int) -> Path:
-    from raydist_loader.tiny_models import make_big_llama
+    from raydist_loader.testing.tiny_models import make_big_llama
 
     dest = DATA / f"vllm-llama-{mb}mb-fp32"
     if not (dest / "config.json").exists():

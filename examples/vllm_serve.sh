@@ -20,7 +20,7 @@ trap 'kill "${SERVER:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "
 
 # 1. A checkpoint and a store (any store URL works the same: redis://host:6379/0, s3://bucket/prefix).
 "$VENV/bin/python" -c "
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 make_tiny_checkpoint('llama', '$WORK/ckpt', hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=256)  # head_dim 32: vLLM's CPU attention needs >= 32
 "

@@ -17,7 +17,7 @@ import raydist_loader as rl
 from raydist_loader.api import load_shard
 from raydist_loader.engines.handoff import OPTIONS, EngineOptions, missing_names, pull_rank
 from raydist_loader.errors import ConfigError
-from raydist_loader.tiny_models import make_tiny_checkpoint
+from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 MAX_TP = 4
 # fused qkv/gate_up (phi3), MQA with tied embeddings (gemma), Conv1D [in, out] (gpt2), MoE experts (mixtral),
@@ -50,8 +50,8 @@ def test_global_layout_puts_each_rank_shard_in_its_region(stores, model_type, la
     for rank in range(tp):
         ranked = load_shard(model_type, url, tp, rank, device="cpu")
         glob = load_shard(model_type, url, tp, rank, device="cpu", layout="global")
-        assert glob.report["digest"] == ranked.report["digest"] == glob.report["expected_digest"]
-        assert glob.report["bytes"] == ranked.report["bytes"]  # same reads: only where they land differs
+        assert glob.report.digest == ranked.report.digest == glob.report.expected_digest
+        assert glob.report.bytes == ranked.report.bytes  # same reads: only where they land differs
         assert set(glob.tensors) == set(full)
         for name, tensor in glob.tensors.items():
             meta = glob.metadata[name]
@@ -72,16 +72,17 @@ def test_only_keeps_a_subset_and_verifies_it(stores):
     shard = load_shard("llama", url, 2, 1, device="cpu", only=first.__contains__, layout="global")
     whole = load_shard("llama", url, 2, 1, device="cpu")
     assert set(shard.tensors) == first
-    assert shard.report["digest"] == shard.report["expected_digest"] != whole.report["digest"]
-    assert 0 < shard.report["bytes"] < whole.report["bytes"]
+    assert shard.report.digest == shard.report.expected_digest != whole.report.digest
+    assert 0 < shard.report.bytes < whole.report.bytes
 
 
 def test_pull_rank_reads_the_password_from_the_named_variable(stores, monkeypatch):
     url, full = stores[("gpt2", "chunked")]
     options = EngineOptions.parse({"url": url, "model": "gpt2", "verify": "full", "concurrency": 2,
                                    "retries": {"attempts": 2}}, "extra")
+    assert options.load.retries.attempts == 2 and options.load.concurrency == 2
     shard = pull_rank(options, 2, 0)
-    assert set(shard.tensors) == set(full) and shard.report["verify"] == "full"
+    assert set(shard.tensors) == set(full) and shard.report.verify == "full"
     monkeypatch.setenv("RAYDIST_TEST_PW", "s3cret")
     assert EngineOptions.parse({"url": url, "model": "m", "password_env": "RAYDIST_TEST_PW"}, "x")\
         .connector_options() == {"password": "s3cret"}
@@ -91,13 +92,14 @@ def test_pull_rank_reads_the_password_from_the_named_variable(stores, monkeypatc
     ("raw", "message"),
     [
         ({"url": "redis://h:1/0", "model": "m", "revision": "x"},
-         "unknown key(s) ['revision'] in extra; known keys: url, model, verify, concurrency, "),
+         "unknown key(s) ['revision'] in extra; known keys: url, model, verify, concurrency, retries, "),
         ({"url": "redis://h:1/0"}, "extra lacks model: give at least extra = {\"url\""),
         ("redis://h:1/0", "extra must be a mapping such as"),
-        ({"url": "redis://h:1/0", "model": "m", "verify": "yes"}, 'extra.verify must be true, false or "full"'),
-        ({"url": "redis://h:1/0", "model": "m", "concurrency": 0}, "extra.concurrency must be an integer >= 1"),
-        ({"url": "redis://h:1/0", "model": "m", "retries": 3}, "extra.retries must be a mapping with keys"),
-        ({"url": "redis://h:1/0", "model": "m", "retries": {"tries": 3}}, "unknown retry option(s) ['tries']"),
+        # verify, concurrency and retries are validated as the load options of every other entry point
+        ({"url": "redis://h:1/0", "model": "m", "verify": "yes"}, "extra: verify: got 'yes'; expected true, false"),
+        ({"url": "redis://h:1/0", "model": "m", "concurrency": 0}, "extra: concurrency: got 0 (int); expected a va"),
+        ({"url": "redis://h:1/0", "model": "m", "retries": 3}, "extra: retries: got 3 (int); expected a valid dic"),
+        ({"url": "redis://h:1/0", "model": "m", "retries": {"tries": 3}}, "extra: retries.tries: unknown key"),
         ({"url": "redis://h:1/0", "model": 7}, "extra.model must be a string, got int"),
     ],
 )

@@ -81,7 +81,11 @@ def reload_safetensors(worker, model_dir: str) -> None:
 
 
 def raydist_report(worker) -> dict | None:
-    return getattr(worker.model_runner.get_model(), "raydist_report", None)
+    """(in a worker) The rank's load report the raydist loader left on the model, as a dict."""
+    import dataclasses
+
+    report = getattr(worker.model_runner.get_model(), "raydist_report", None)
+    return dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report
 
 
 def generate(llm, prompts: list[list[int]]) -> list[dict]:

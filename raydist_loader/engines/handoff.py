@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
-from ..retry import RetryPolicy, coerce_policy
 
+_LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
 OPTIONS: dict[str, str] = {
     "url": "store URL (redis://host:port/db, rediss://..., s3://bucket/prefix, file:///dir or a path); required",
     "model": "model name inside the store; required",
-    "verify": "true (default), false, or \"full\" (also re-hash the landed tensors)",
-    "concurrency": "requests in flight per rank (integer >= 1; default: the backend's)",
+    **{key: LoadOptions.model_fields[key].description or "" for key in _LOAD_KEYS},
     "expect_manifest_sha256": "refuse a manifest whose sha256 differs (hex)",
     "password_env": "name of the environment variable that holds the store's password",
-    "retries": "retry policy for transient store errors: {attempts, base_delay_s, max_delay_s, deadline_s}",
 }
 """Every option key an engine may pass, and what it means (unknown keys are refused with this list)."""
 
@@ -42,11 +41,9 @@ class EngineOptions:
 
     url: str
     model: str
-    verify: bool | str = True
-    concurrency: int | None = None
+    load: LoadOptions  # verify, concurrency, retries (the rest of LoadOptions is Ray's and unused here)
     expect_manifest_sha256: str | None = None
     password_env: str | None = None
-    retries: RetryPolicy | None = None
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None, where: str) -> EngineOptions:
@@ -68,26 +65,12 @@ class EngineOptions:
                 f"{where}.url {redact_url(raw['url'])} carries an inline password, which engine logs and `ps` can "
                 'show: put it in an environment variable and name that variable with "password_env"'
             )
-        verify = raw.get("verify", True)
-        if not (isinstance(verify, bool) or verify == "full"):
-            raise ConfigError(f'{where}.verify must be true, false or "full", got {verify!r}')
-        concurrency = raw.get("concurrency")
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
-                                        or concurrency < 1):
-            raise ConfigError(f"{where}.concurrency must be an integer >= 1, got {concurrency!r}")
-        retries = raw.get("retries")
-        if retries is not None and not isinstance(retries, Mapping):
-            raise ConfigError(
-                f"{where}.retries must be a mapping with keys {[f.name for f in fields(RetryPolicy)]}, got {retries!r}"
-            )
         return cls(
             url=raw["url"],
             model=raw["model"],
-            verify=verify,
-            concurrency=concurrency,
+            load=load_options({k: raw[k] for k in _LOAD_KEYS if k in raw}, where),
             expect_manifest_sha256=raw.get("expect_manifest_sha256"),
             password_env=raw.get("password_env"),
-            retries=None if retries is None else coerce_policy(retries),
         )
 
     def connector_options(self) -> dict[str, Any]:
@@ -104,7 +87,7 @@ class EngineOptions:
         return {"password": value}
 
     def __repr__(self) -> str:
-        return f"EngineOptions(url={redact_url(self.url)!r}, model={self.model!r}, verify={self.verify!r})"
+        return f"EngineOptions(url={redact_url(self.url)!r}, model={self.model!r}, verify={self.load.verify!r})"
 
 
 def pull_rank(options: EngineOptions, tp: int, rank: int, *, only: Callable[[str], bool] | None = None):
@@ -119,11 +102,11 @@ def pull_rank(options: EngineOptions, tp: int, rank: int, *, only: Callable[[str
         tp,
         rank,
         device="cpu",
-        concurrency=options.concurrency,
-        verify=options.verify,
+        concurrency=options.load.concurrency,
+        verify=options.load.verify,
         expect_manifest_sha256=options.expect_manifest_sha256,
         connector_options=options.connector_options(),
-        retry=options.retries,
+        retries=options.load.retries.policy(),
         only=only,
         layout="global",
     )

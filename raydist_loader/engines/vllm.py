@@ -30,6 +30,7 @@ from vllm.model_executor.models.utils import is_pp_missing_parameter
 
 from ..api import Shard, open_manifest
 from ..errors import ShardingError
+from ..report import RankReport
 from .handoff import EngineOptions, missing_names, pull_rank
 
 LOAD_FORMAT = "raydist"
@@ -122,12 +123,12 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
 
 
-def _describe(report: dict, pp, pull_s: float, copy_s: float) -> str:
-    """One log line per rank (the only place this module reads the load report)."""
+def _describe(report: RankReport, pp, pull_s: float, copy_s: float) -> str:
+    """One log line per rank."""
     stage = f", pp stage {pp.rank_in_group}/{pp.world_size}" if pp.world_size > 1 else ""
-    verified = "verified" if report["verify"] else "NOT verified (verify=false)"
+    verified = "verified" if report.verify else "NOT verified (verify=false)"
     return (
-        f"raydist: rank {report['rank']}/{report['tp']}{stage}: {report['model']} version {report['version']} "
-        f"from {report['store']}: {report['chunks']} chunks, {report['bytes'] / 1e6:.1f} MB in {pull_s:.2f} s "
-        f"({report['bytes'] / max(pull_s, 1e-9) / 1e9:.2f} GB/s), {verified}; into the model in {copy_s:.2f} s"
+        f"raydist: rank {report.rank}/{report.tp}{stage}: {report.model} version {report.version} "
+        f"from {report.store}: {report.chunks} chunks, {report.bytes / 1e6:.1f} MB in {pull_s:.2f} s "
+        f"({report.bytes / max(pull_s, 1e-9) / 1e9:.2f} GB/s), {verified}; into the model in {copy_s:.2f} s"
     )
