@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = {n: r["error"] for n, r in results.items() if r["error"]}
         if len(results) < len(runs) or failed:
             raise SystemExit(f"vLLM runs failed: {failed or 'no results'}\n{engine_log.read_text()[-4000:]}")
-        table = summarise(results, nbytes)
+        table = summarise(results, nbytes, split(engine_log.read_text(errors="replace"), stores))
         print(render(table))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         machine = {"cpus": os.cpu_count(), "note": "shared 2-core VM: other jobs ran at the same time"}
@@ -119,23 +120,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summarise(results: dict, nbytes: int) -> list[dict]:
+_RAYDIST_LINE = re.compile(
+    r"raydist: rank \d+/(\d+): .* from (\S+): .* in ([\d.]+) s \(.*; into the model in ([\d.]+) s"
+)
+
+
+def split(log: str, stores: dict[str, str]) -> dict[tuple[int, str], tuple[float, float]]:
+    """(tp, "raydist <store>") -> median seconds of the pull (read + verify) and of vLLM's copy into the
+    parameters, per rank, from the loader's own log lines."""
+    kind = {url: k for k, url in stores.items()}
+    seen: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for tp, store, pull, copy in _RAYDIST_LINE.findall(log):
+        seen.setdefault((int(tp), f"raydist {kind.get(store, store)}"), []).append((float(pull), float(copy)))
+    return {k: (statistics.median(p for p, _ in v), statistics.median(c for _, c in v)) for k, v in seen.items()}
+
+
+def summarise(results: dict, nbytes: int, parts: dict) -> list[dict]:
     rows = []
     for name, result in results.items():
+        tp = int(name.removeprefix("tp"))
         reference = statistics.median(result["load_s"]["safetensors"])
         for label, samples in result["load_s"].items():
             median = statistics.median(samples)
-            rows.append({"tp": int(name.removeprefix("tp")), "way": label, "median_s": median,
-                         "min_s": min(samples), "max_s": max(samples), "gbps": nbytes / median / 1e9,
-                         "speedup_vs_safetensors": reference / median})
+            pull, copy = parts.get((tp, label), (None, None))
+            rows.append({"tp": tp, "way": label, "median_s": median, "min_s": min(samples), "max_s": max(samples),
+                         "gbps": nbytes / median / 1e9, "speedup_vs_safetensors": reference / median,
+                         "pull_s": pull, "into_model_s": copy})
     return rows
 
 
 def render(rows: list[dict]) -> str:
-    lines = [f"{'tp':>2}  {'way':<16} {'median s':>9} {'range s':>13} {'GB/s':>6} {'x safetensors':>13}"]
+    lines = [f"{'tp':>2}  {'way':<16} {'median s':>9} {'range s':>13} {'GB/s':>6} {'x safetensors':>13}"
+             f"  {'raydist pull s + into model s (per rank)':<40}"]
     for r in rows:
+        part = f"{r['pull_s']:.3f} + {r['into_model_s']:.3f}" if r["pull_s"] is not None else ""
         lines.append(f"{r['tp']:>2}  {r['way']:<16} {r['median_s']:>9.3f} {r['min_s']:>6.3f}-{r['max_s']:<6.3f} "
-                     f"{r['gbps']:>6.2f} {r['speedup_vs_safetensors']:>12.2f}x")
+                     f"{r['gbps']:>6.2f} {r['speedup_vs_safetensors']:>12.2f}x  {part}")
     return "\n".join(lines)
 
 
