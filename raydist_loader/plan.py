@@ -20,7 +20,8 @@ Layout = Literal["rank", "global"]
 """Where a rank's bytes land: ``rank``, the shard contract's rank-shaped tensors; ``global``, full-size tensors
 (``global_shape``) of which the rank fills only its own region, as engines whose weight loaders narrow a full
 tensor by the TP rank (vLLM, SGLang) want them: no copy between the read and the engine, and on CPU the pages
-outside the region are never touched, so never committed."""
+outside the region are never touched, so never committed (on a GPU the whole full-size arena would be allocated:
+engines land host tensors and let their weight loaders copy each region to the device)."""
 
 
 @dataclass(frozen=True)

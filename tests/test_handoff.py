@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import raydist_loader as rl
 from raydist_loader.api import load_shard
 from raydist_loader.engines.handoff import OPTIONS, EngineOptions, missing_names, pull_rank
-from raydist_loader.errors import ConfigError
+from raydist_loader.errors import ConfigError, ShardingError
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 MAX_TP = 4
@@ -74,6 +74,13 @@ def test_only_keeps_a_subset_and_verifies_it(stores):
     assert set(shard.tensors) == first
     assert shard.report.digest == shard.report.expected_digest != whole.report.digest
     assert 0 < shard.report.bytes < whole.report.bytes
+
+
+def test_an_unserved_tp_is_refused_listing_the_served_ones(stores):
+    url, _ = stores[("llama", "chunked")]
+    with pytest.raises(ShardingError) as e:
+        pull_rank(EngineOptions.parse({"url": url, "model": "llama"}, "extra"), 3, 0)
+    assert "tp=3" in str(e.value) and "1, 2, 4" in str(e.value)
 
 
 def test_pull_rank_reads_the_password_from_the_named_variable(stores, monkeypatch):
