@@ -47,11 +47,15 @@ MODELS: dict[str, dict] = {
 ENGINE = {"enforce_eager": True, "dtype": "float32", "skip_tokenizer_init": True, "max_model_len": 128,
           "max_num_seqs": 4}
 TP2 = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # two workers on two cores, one NUMA node
+CORRUPT_TENSOR, CORRUPT_CHUNK = "model.layers.1.mlp.down_proj.weight", "all.3"  # rowwise: rank 1 of tp=2 reads it
+DROPPED = "model.layers.1.post_attention_layernorm.weight"
+DENSE = ["llama-tp2-redis", "phi3-tp2-file-inplace", "gemma-tp2-redis", "gpt2-tp2-redis", "llama-tp1-file"]
 
 
 def _publish(tmp: Path, redis_url: str) -> dict[str, dict]:
-    """Each model twice (seed 0 and an "other" seed 1 checkpoint); seed 0 published to a file store (phi3 in place:
-    indexed, not copied) and to Redis. Returns per model: ckpt, other, cfg (pull_files' directory), stores."""
+    """Each model twice (its own seed, and an "other" checkpoint of seed + 100); the first published to a file
+    store (phi3 in place: indexed, not copied) and to Redis. Returns per model: ckpt, other, cfg (pull_files'
+    directory), stores."""
     file_url = f"file://{tmp}/store"
     out = {}
     for seed, (model_type, overrides) in enumerate(MODELS.items()):
@@ -174,11 +178,6 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"tests/vllm_engine.py exited {proc.returncode}; end of its log:\n{text[-6000:]}", pytrace=False)
     return {"results": json.loads(out.read_text()), "log": text, "models": models}
-
-
-CORRUPT_TENSOR, CORRUPT_CHUNK = "model.layers.1.mlp.down_proj.weight", "all.3"  # rowwise: rank 1 of tp=2 reads it
-DROPPED = "model.layers.1.post_attention_layernorm.weight"
-DENSE = ["llama-tp2-redis", "phi3-tp2-file-inplace", "gemma-tp2-redis", "gpt2-tp2-redis", "llama-tp1-file"]
 
 
 def _ok(vllm: dict, name: str) -> dict:
