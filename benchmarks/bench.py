@@ -101,7 +101,7 @@ def redis_chunk_sizes(port: int, url: str) -> dict[str, int]:
     from raydist_loader.api import open_manifest
 
     manifest, _ = open_manifest(url, MODEL)
-    objects = sorted({p.object for t in manifest.tensors.values() for c in t.chunks for p in c.parts})
+    objects = sorted(key for key in manifest.all_objects() if key not in {f.object for f in manifest.files.values()})
     client = redis.Redis(host="127.0.0.1", port=port)
     pipe = client.pipeline(transaction=False)
     for key in objects:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .bulk import bulk
 from .connectors import open_connector
 from .coordinator import Coordinator
 from .errors import ConfigError
@@ -196,6 +197,7 @@ class Shard:
     report: RankReport
 
 
+@bulk
 def load_shard(
     model: str,
     url: str,
@@ -223,11 +225,11 @@ def load_shard(
     :data:`~raydist_loader.plan.Layout`).
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
-    _, raw = open_manifest(
+    manifest, _ = open_manifest(  # parsed and checked once; the loader plans this rank from it
         url, model, expect_manifest_sha256=expect_manifest_sha256, connector_options=connector_options
     )
     loader = ShardLoader(
-        url, raw, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
+        url, manifest, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
         connector_options=connector_options, retries=options.retries.policy(), only=only, layout=layout,
     )
     try:

@@ -9,26 +9,36 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .connectors import Connector, ReadRequest
 from .plan import ChunkRead, Extract
 
 
-def requests_for(read: ChunkRead, buf: torch.Tensor, max_bytes: int) -> Iterator[ReadRequest]:
-    """The chunk's pieces as requests of at most ``max_bytes``, landing back to back in ``buf`` (CPU uint8)."""
-    view, pos = buf.numpy(), 0
+def requests_for(read: ChunkRead, buf: torch.Tensor, max_bytes: int, start: int = 0) -> Iterator[ReadRequest]:
+    """The chunk's pieces (their bytes back to back) from byte ``start`` on, as requests of at most ``max_bytes``
+    filling ``buf`` (CPU uint8): the whole read, or one part of it when it is read in parts."""
+    view, pos, end = buf.numpy(), 0, start + buf.numel()
     for piece in read.pieces:
-        for off in range(0, piece.nbytes, max_bytes):
-            n = min(max_bytes, piece.nbytes - off)
-            yield ReadRequest(piece.key, piece.offset + off, memoryview(view[pos : pos + n]))
-            pos += n
+        a, b = max(start, pos), min(end, pos + piece.nbytes)  # the part of this piece that is wanted
+        for off in range(a, b, max_bytes):
+            n = min(max_bytes, b - off)
+            yield ReadRequest(piece.key, piece.offset + off - pos, memoryview(view[off - start : off - start + n]))
+        pos += piece.nbytes
+        if pos >= end:
+            return
 
 
-def cut(span: torch.Tensor, e: Extract) -> torch.Tensor:
-    """The chunk's contiguous bytes out of a coalesced span of strided rows."""
+def cut(span: torch.Tensor, e: Extract, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk's contiguous bytes out of a coalesced span of strided rows (into the front of ``out`` if given)."""
     # as_strided's offset counts from the start of the storage, not of this view
-    return span.as_strided((e.rows, e.length), (e.stride, 1), span.storage_offset() + e.skip).contiguous().view(-1)
+    rows = span.as_strided((e.rows, e.length), (e.stride, 1), span.storage_offset() + e.skip)
+    if out is None:
+        return rows.contiguous().view(-1)
+    dest = out[: e.rows * e.length]
+    np.copyto(dest.numpy().reshape(e.rows, e.length), rows.numpy())  # host copy without torch's thread pool
+    return dest
 
 
 def shared(reads: Sequence[ChunkRead]) -> list[list[ChunkRead]]:

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from . import held
+from .bulk import paused_gc
+from .connectors import open_connector
 from .errors import PlacementError, RaydistError
 from .manifest import Manifest
 from .options import PLACEMENTS, LoadOptions
-from .plan import expected_digests
+from .plan import make_plans
 from .redact import redact_text, redact_url
 from .report import RankReport, check_verified
 from .worker import ShardLoader
@@ -41,7 +43,12 @@ class Coordinator:
         self.manifest, self.tp, self.options = manifest, tp, options
         self._show_progress, self.hold = progress, hold
         self._raw, self._url, self._connector_options = manifest_raw, url, connector_options or {}
-        self.expected = expected_digests(manifest, tp)  # before any byte moves
+        # every rank planned once, here, before any byte moves: each actor gets its own plan (it neither parses
+        # the manifest nor plans), and its digest is checked against the one expected here
+        with open_connector(url, **self._connector_options) as conn:
+            gap = conn.coalesce_gap  # the actors' connectors are the same class, opened from the same URL
+        self.plans = make_plans(manifest, tp, coalesce_gap=gap)
+        self.expected = [plan.expected_digest for plan in self.plans]
         self.pg = None
         self.actors: list[Any] = []
         self.gpu = False
@@ -76,12 +83,13 @@ class Coordinator:
         nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         order = sorted(range(self.tp), key=lambda b: (nodes[b], b))  # ranks ordered by (node, bundle/GPU)
         self._bundles = order
-        for rank in range(self.tp):  # one by one: an interrupt in between leaves every started actor to shutdown()
-            try:
-                self.actors.append(self._spawn(rank))
-            except ValueError:  # a held name taken meanwhile: another driver holds the model
-                held.check_not_held(self.manifest.model)
-                raise
+        with paused_gc():  # each spawn pickles a plan of ~1 record per chunk
+            for rank in range(self.tp):  # one by one: an interrupt in between leaves every started actor to shutdown()
+                try:
+                    self.actors.append(self._spawn(rank))
+                except ValueError:  # a held name taken meanwhile: another driver holds the model
+                    held.check_not_held(self.manifest.model)
+                    raise
         self._ready([a.prepare.remote() for a in self.actors])
 
     def _ready(self, refs: list) -> None:
@@ -122,7 +130,7 @@ class Coordinator:
             .options(**opts)
             .remote(
                 self._url,
-                self._raw,
+                self.plans[rank],
                 self.tp,
                 rank,
                 device="auto" if self.gpu else "cpu",

@@ -37,7 +37,7 @@ def gc(
     with open_connector(url, **(connector_options or {})) as conn:
         manifest = read_manifest(conn, model)
         current = manifest.version
-        in_use = {key.split("/")[len(model.split("/"))] for key in manifest.objects()}
+        in_use = {key.split("/")[len(model.split("/"))] for key in manifest.all_objects()}
         versions: dict[str, list[str]] = {}
         for key in conn.list(f"{model}/"):
             head = key[len(model) + 1 :].split("/", 1)[0]

@@ -1,12 +1,15 @@
 """The chunk grid: how each tensor is cut at publish time, and which chunks each rank of a tp keeps.
 
 Pure arithmetic over a :class:`~raydist_loader.rules.TensorRule` and a shape; publish, index, plan and inspect all
-derive their cuts from here, so every rank's bytes follow one rule (see DESIGN.md, "The chunk grid").
+derive their cuts from here, so every rank's bytes follow one rule (see DESIGN.md, "The chunk grid"). A model has
+few distinct (rule, shape) pairs however many tensors it has (an MoE's ~20k tensors have about ten), so the grid
+functions are cached on them and return tuples.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import gcd, prod
 
 from .errors import ShardingError
@@ -61,18 +64,21 @@ def _in_blocks(rule: TensorRule, cut: list[Chunk]) -> list[Chunk]:
     return [Chunk(c.seg, c.index, c.start // size, -(-c.end // size)) for c in cut]
 
 
-def chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int) -> list[Chunk]:
+@lru_cache(maxsize=4096)
+def chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int) -> tuple[Chunk, ...]:
     """Every chunk of a tensor at publish granularity ``max_tp``, in segment order."""
     if rule.style == "replicate":
-        return [Chunk("all", 0, 0, shape[0] if shape else 1)]
+        return (Chunk("all", 0, 0, shape[0] if shape else 1),)
     if rule.style == "vocab":
         vocab = shape[rule.dim]
         per = padded_vocab(vocab) // max_tp
         spans = [(min(vocab, i * per), min(vocab, (i + 1) * per)) for i in range(max_tp)]
-        return [Chunk("all", i, a, b) for i, (a, b) in enumerate(spans) if b > a]
-    return _in_blocks(rule, [c for seg, off in _segment_offsets(rule) for c in _segment_chunks(seg, off, max_tp)])
+        return tuple(Chunk("all", i, a, b) for i, (a, b) in enumerate(spans) if b > a)
+    cut = [c for seg, off in _segment_offsets(rule) for c in _segment_chunks(seg, off, max_tp)]
+    return tuple(_in_blocks(rule, cut))
 
 
+@lru_cache(maxsize=4096)
 def refusal(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int) -> str | None:
     """Why this tensor cannot be served at ``tp`` (None when it can)."""
     if tp < 1 or max_tp % tp:
@@ -101,7 +107,8 @@ def refusal(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int) -> s
     return None
 
 
-def rank_chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int, rank: int) -> list[Chunk]:
+@lru_cache(maxsize=16384)
+def rank_chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int, rank: int) -> tuple[Chunk, ...]:
     """The chunks rank ``rank`` of ``tp`` keeps, in the order they are concatenated on the split dim."""
     if rule.style == "replicate":
         return chunks(rule, shape, max_tp)
@@ -109,7 +116,7 @@ def rank_chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int, 
         vocab = shape[rule.dim]
         per = padded_vocab(vocab) // tp
         lo, hi = min(vocab, rank * per), min(vocab, (rank + 1) * per)
-        return [c for c in chunks(rule, shape, max_tp) if lo <= c.start and c.end <= hi]
+        return tuple(c for c in chunks(rule, shape, max_tp) if lo <= c.start and c.end <= hi)
     out: list[Chunk] = []
     for seg, off in _segment_offsets(rule):
         seg_chunks = _segment_chunks(seg, off, max_tp)
@@ -119,7 +126,7 @@ def rank_chunks(rule: TensorRule, shape: tuple[int, ...], max_tp: int, tp: int, 
         else:
             per = units // tp
             out.extend(seg_chunks[rank * per : (rank + 1) * per])
-    return _in_blocks(rule, out)
+    return tuple(_in_blocks(rule, out))
 
 
 def kv_replicas(rule: TensorRule, max_tp: int, tp: int) -> int:
@@ -139,7 +146,9 @@ def chunk_shape(shape: tuple[int, ...], dim: int | None, chunk: Chunk) -> tuple[
 
 def chunk_nbytes(shape: tuple[int, ...], dim: int | None, start: int, end: int, itemsize: int) -> int:
     """Bytes of the chunk ``[start, end)`` on ``dim`` (the whole tensor when replicated)."""
-    return prod(chunk_shape(shape, dim, Chunk("", 0, start, end))) * itemsize
+    if dim is None:
+        return prod(shape) * itemsize
+    return prod(shape[:dim]) * (end - start) * prod(shape[dim + 1 :]) * itemsize
 
 
 def strides(shape: tuple[int, ...], dim: int, itemsize: int) -> tuple[int, int]:
@@ -147,8 +156,10 @@ def strides(shape: tuple[int, ...], dim: int, itemsize: int) -> tuple[int, int]:
     return prod(shape[:dim]), prod(shape[dim + 1 :]) * itemsize
 
 
+@lru_cache(maxsize=4096)
 def lowest_slot(rule: TensorRule, shape: tuple[int, ...], max_tp: int) -> dict[str, int]:
-    """chunk id -> the lowest rank at ``max_tp`` that keeps it (the file a chunk is packed into)."""
+    """chunk id -> the lowest rank at ``max_tp`` that keeps it (the file a chunk is packed into; shared: read
+    it, never change it)."""
     owner: dict[str, int] = {}
     for rank in range(max_tp):
         for c in rank_chunks(rule, shape, max_tp, max_tp, rank):

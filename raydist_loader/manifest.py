@@ -10,64 +10,73 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from math import prod
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from . import dtypes, grid
+from .bulk import bulk
 from .errors import ManifestError, NotFoundError, ShardingError
 from .rules import TensorRule
 
-FORMAT = "raydist-loader/1"
+FORMAT = "raydist-loader/2"
+#: formats an older raydist-loader wrote, and how to move on from them
+_OLD_FORMATS = {"raydist-loader/1": "it was written by an older raydist-loader"}
 _MAX_TP = 1024
 VERSION_RE = re.compile(r"^v\d{17}-[0-9a-f]{8}$")  # vYYYYmmddHHMMSSmmm-<8 hex>: sorts by time
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+_HEX = {32: re.compile(r"(?:[0-9a-f]{32},)*"), 64: re.compile(r"(?:[0-9a-f]{64},)*")}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Part(_Strict):
+class Part(NamedTuple):
     """``nbytes`` bytes of ``object`` at ``offset``; a chunk's parts concatenate to its bytes."""
 
     object: str
-    offset: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
+    offset: int
+    nbytes: int
 
 
-class ChunkRecord(_Strict):
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One chunk as the manifest describes it (derived on demand from the compact record and the grid)."""
+
     id: str
     seg: str
-    start: int = Field(ge=0)
-    end: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
-    xxh3: str = Field(pattern=r"^[0-9a-f]{32}$")
-    blake3: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    parts: list[Part] = Field(default_factory=list)  # chunked layout; empty for in-place (derived from source)
-
-
-class Source(_Strict):
-    """In-place layout: the whole tensor's row-major bytes start at ``offset`` of ``object``."""
-
-    object: str
-    offset: int = Field(ge=0)
+    start: int
+    end: int
+    nbytes: int
+    xxh3: str
+    blake3: str | None
+    parts: tuple[Part, ...]  # chunked layout; empty in place (the bytes are ranges of the tensor's source)
 
 
 class TensorRecord(_Strict):
+    """One tensor, compactly: its chunks are those of the grid of (rule, shape, max_tp), in grid order, so only
+    their digests and where their bytes are need recording.
+
+    ``at`` (chunked layout, chunks packed into objects): ``[object, offset]`` per chunk, flattened, ``object``
+    an index into :attr:`Manifest.objects`; without ``at`` each chunk is its own object
+    ``<model>/<version>/<tensor>::<chunk id>`` (``#0``, ``#1``... parts of ``key_part_bytes`` when larger).
+    ``source`` (in place): ``[object, offset]`` where the tensor's row-major bytes start.
+    """
+
     dtype: str
     shape: list[int]
-    rule: dict
-    chunks: list[ChunkRecord]
-    source: Source | None = None
+    rule: int = Field(ge=0)  # index into Manifest.tensor_rules
+    xxh3: list[str]  # one per chunk, in grid order
+    blake3: list[str] | None = None
+    at: list[int] | None = None
+    source: list[int] | None = None
 
     @property
     def nbytes(self) -> int:
         return prod(self.shape) * dtypes.itemsize(self.dtype)
-
-    def tensor_rule(self) -> TensorRule:
-        return TensorRule.from_dict(self.rule)
 
 
 class FileRecord(_Strict):
@@ -78,7 +87,11 @@ class FileRecord(_Strict):
 
 
 class Manifest(_Strict):
-    format: Literal["raydist-loader/1"]
+    """A model in a store. Every tensor refers to a shared table of cutting rules and objects, and its chunks are
+    the grid's (:func:`raydist_loader.grid.chunks`), so the manifest grows by little more than a digest per chunk.
+    Parsed and checked once (:meth:`from_json`); the per-tensor grid work is cached per distinct (rule, shape)."""
+
+    format: Literal["raydist-loader/2"]
     model: str
     version: str
     layout: Literal["chunked", "inplace"]
@@ -88,40 +101,80 @@ class Manifest(_Strict):
     rules: dict
     rules_fingerprint: str
     config: dict
+    tensor_rules: list[dict]  # distinct TensorRule dicts; a tensor's ``rule`` indexes this
+    objects: list[str] = Field(default_factory=list)  # packed chunk objects (chunked) or checkpoint files (in place)
+    key_part_bytes: int | None = Field(default=None, ge=1)  # chunks stored one per object: largest part
     tensors: dict[str, TensorRecord]
     files: dict[str, FileRecord] = Field(default_factory=dict)
     #: earlier versions -> when each stopped being current (the swap that replaced it); ``gc`` counts from it
     retired: dict[str, float] | None = None
 
+    _rules: list[TensorRule] = PrivateAttr(default_factory=list)
+    _grids: dict = PrivateAttr(default_factory=dict)
+
     # ---------------------------------------------------------------- (de)serialise
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(exclude_none=True), separators=(",", ":"), sort_keys=False).encode()
+        return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
+    @bulk
     def from_json(cls, data: bytes | str, *, where: str = "manifest") -> Manifest:
         """Parse and validate; any problem is a ManifestError naming the field."""
         try:
-            raw = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{where} is not valid JSON ({e}); re-publish or re-index the model") from None
-        if isinstance(raw, dict) and raw.get("format") not in (None, FORMAT):
-            raise ManifestError(
-                f"{where}: format {raw.get('format')!r} is not supported; this raydist-loader reads {FORMAT!r}"
-            )
-        try:
-            manifest = cls.model_validate(raw)
+            manifest = cls.model_validate_json(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            path = _dotted(err["loc"])
-            raise ManifestError(f"{where}: field {path}: {err['msg']} (got {_short(err.get('input'))})") from None
+            raise _explain(e, data, where) from None
         manifest.check(where)
         return manifest
 
+    # ---------------------------------------------------------------- access
+    def rule(self, name: str) -> TensorRule:
+        """The cutting rule of tensor ``name``."""
+        return self.rule_of(self.tensors[name])
+
+    def rule_of(self, t: TensorRecord) -> TensorRule:
+        if not self._rules:
+            self._parse_rules("manifest")
+        return self._rules[t.rule]
+
+    def grid_of(self, t: TensorRecord) -> tuple[grid.Chunk, ...]:
+        """The tensor's chunks at this store's max_tp (the grid; cached per rule and shape)."""
+        return grid.chunks(self.rule_of(t), tuple(t.shape), self.max_tp)
+
+    def parts(self, name: str, t: TensorRecord, index: int, chunk: grid.Chunk, nbytes: int) -> tuple[Part, ...]:
+        """Where chunk ``index`` (``chunk``, of ``nbytes``) of tensor ``name`` is stored; empty in place."""
+        if t.at is not None:
+            return (Part(self.objects[t.at[2 * index]], t.at[2 * index + 1], nbytes),)
+        if t.source is not None:
+            return ()
+        key = f"{self.model}/{self.version}/{name}::{chunk.id}"
+        size = self.key_part_bytes or nbytes
+        if nbytes <= size:
+            return (Part(key, 0, nbytes),)
+        return tuple(Part(f"{key}#{k}", 0, min(size, nbytes - a)) for k, a in enumerate(range(0, nbytes, size)))
+
+    def chunks(self, name: str) -> list[ChunkRecord]:
+        """Every chunk of tensor ``name`` with its digests and parts (tools and tests; plans use the grid)."""
+        t = self.tensors[name]
+        rule, shape, size = self.rule_of(t), tuple(t.shape), dtypes.itemsize(t.dtype)
+        out = []
+        for i, c in enumerate(self.grid_of(t)):
+            nbytes = grid.chunk_nbytes(shape, rule.dim, c.start, c.end, size)
+            b3 = t.blake3[i] if t.blake3 else None
+            parts = self.parts(name, t, i, c, nbytes)
+            out.append(ChunkRecord(c.id, c.seg, c.start, c.end, nbytes, t.xxh3[i], b3, parts))
+        return out
+
+    def source_of(self, t: TensorRecord) -> tuple[str, int] | None:
+        """In place: (object, offset) of the tensor's row-major bytes."""
+        return None if t.source is None else (self.objects[t.source[0]], t.source[1])
+
     # ---------------------------------------------------------------- consistency
     def check(self, where: str = "manifest") -> None:
-        """Cross-field checks: dtypes known, rules fit the shapes, chunks cover each tensor exactly, nbytes agree
-        with shape x dtype, and every object named lies inside this model's version (a manifest can never make a
-        reader touch another model's keys or a path outside the store)."""
+        """Cross-field checks: dtypes known, rules fit the shapes, one digest (and one place) per chunk of each
+        tensor's grid, and every object named lies inside this model's version (a manifest can never make a
+        reader touch another model's keys or a path outside the store). Grid work is done once per distinct
+        (rule, shape), object names once each, digests in one pass: ~20k tensors check in well under a second."""
         if not VERSION_RE.match(self.version):
             raise ManifestError(f"{where}: field version: {self.version!r} is not a raydist-loader version id")
         if self.max_tp > _MAX_TP:
@@ -129,49 +182,83 @@ class Manifest(_Strict):
         bad = [v for v in self.retired or () if not VERSION_RE.match(v)]
         if bad:
             raise ManifestError(f"{where}: field retired: {bad[0]!r} is not a raydist-loader version id")
+        self._parse_rules(where)
+        own = self.layout == "chunked"
+        for i, key in enumerate(self.objects):
+            self._check_object(key, f"{where}: objects[{i}]", own_version=own)
         for name, t in self.tensors.items():
             self._check_tensor(name, t, f"{where}: tensors[{name!r}]")
+        for algo, width in (("xxh3", 32), ("blake3", 64)):
+            digests = [d for t in self.tensors.values() for d in (getattr(t, algo) or ())]
+            if not _HEX[width].fullmatch(",".join(digests) + ("," if digests else "")):
+                bad = next(
+                    (n, i) for n, t in self.tensors.items() for i, d in enumerate(getattr(t, algo) or ())
+                    if not _HEX[width].fullmatch(d + ",")
+                )
+                raise ManifestError(f"{where}: tensors[{bad[0]!r}].{algo}[{bad[1]}]: not {width} hex digits")
         for name, f in self.files.items():
             if not is_safe_file_name(name):
                 raise ManifestError(f"{where}: files[{name!r}]: not a plain relative file name")
-            self._check_object(f.object, f"{where}: files[{name!r}].object", own_version=self.layout == "chunked")
+            self._check_object(f.object, f"{where}: files[{name!r}].object", own_version=own)
+
+    def _parse_rules(self, where: str) -> None:
+        rules = []
+        for i, d in enumerate(self.tensor_rules):
+            try:
+                rules.append(TensorRule.from_dict(d))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ManifestError(f"{where}: tensor_rules[{i}]: {e}") from None
+        self._rules[:] = rules
 
     def _check_tensor(self, name: str, t: TensorRecord, at: str) -> None:
         if not dtypes.known(t.dtype):
             raise ManifestError(f"{at}.dtype: unknown dtype {t.dtype!r}")
-        if any(s < 0 for s in t.shape):
-            raise ManifestError(f"{at}.shape: negative size in {t.shape}")
-        try:
-            rule = t.tensor_rule()
-        except (KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"{at}.rule: {e}") from None
-        if rule.dim is not None and not 0 <= rule.dim < len(t.shape):
-            raise ManifestError(f"{at}.rule.dim: {rule.dim} is outside a tensor of shape {t.shape}")
-        if rule.style in ("colwise", "rowwise") and rule.extent != t.shape[rule.dim]:
-            raise ManifestError(f"{at}.rule.segments: sizes do not add up to dim {rule.dim} of shape {t.shape}")
-        expected = grid.chunks(rule, tuple(t.shape), self.max_tp)
-        got = [(c.id, c.start, c.end) for c in t.chunks]
-        if got != [(c.id, c.start, c.end) for c in expected]:
-            raise ManifestError(f"{at}.chunks: chunk grid {got[:4]}... does not match its rule and shape")
-        if (t.source is None) != (self.layout == "chunked"):
+        if t.rule >= len(self._rules):
+            raise ManifestError(f"{at}.rule: {t.rule} is not an index of tensor_rules ({len(self._rules)} rules)")
+        n = self._grid_size(t, at)
+        if len(t.xxh3) != n:
+            raise ManifestError(f"{at}.xxh3: {len(t.xxh3)} digests for a chunk grid of {n} chunks")
+        if t.blake3 is not None and len(t.blake3) != n:
+            raise ManifestError(f"{at}.blake3: {len(t.blake3)} digests for a chunk grid of {n} chunks")
+        if self.layout == "inplace":
+            if t.source is None or t.at is not None:
+                raise ManifestError(f"{at}.source: an in-place manifest reads each tensor from its source")
+            self._check_places(t.source, 1, at + ".source")
+        elif t.source is not None:
+            raise ManifestError(f"{at}.source: a chunked manifest has no sources")
+        elif t.at is not None:
+            self._check_places(t.at, n, at + ".at")
+        elif self.key_part_bytes is None:
+            raise ManifestError(f"{at}.at: missing (a manifest without key_part_bytes packs every chunk)")
+        else:  # each chunk is the object <model>/<version>/<name>::<chunk id>: it must stay inside the version
+            self._check_object(f"{self.model}/{self.version}/{name}::", at, own_version=True)
+
+    def _grid_size(self, t: TensorRecord, at: str) -> int:
+        """How many chunks the tensor's grid has; checks (once per rule and shape) that the rule fits the shape."""
+        key = (t.rule, tuple(t.shape))
+        n = self._grids.get(key)
+        if n is None:
+            rule, shape = self._rules[t.rule], key[1]
+            if any(s < 0 for s in shape):
+                raise ManifestError(f"{at}.shape: negative size in {list(shape)}")
+            if rule.dim is not None and not 0 <= rule.dim < len(shape):
+                raise ManifestError(f"{at}.rule: split dim {rule.dim} is outside a tensor of shape {list(shape)}")
+            if rule.style in ("colwise", "rowwise") and rule.extent != shape[rule.dim]:
+                raise ManifestError(f"{at}.rule: segment sizes do not add up to dim {rule.dim} of shape {list(shape)}")
+            if rule.style == "vocab" and len(rule.segments) != 1:
+                raise ManifestError(f"{at}.rule: a vocab rule has one segment")
+            n = self._grids[key] = len(grid.chunks(rule, shape, self.max_tp))
+        return n
+
+    def _check_places(self, places: list[int], n: int, at: str) -> None:
+        """``[object, offset]`` pairs, flattened: ``n`` of them, objects in the table, offsets not negative."""
+        if len(places) != 2 * n:
+            raise ManifestError(f"{at}: {len(places) // 2} [object, offset] pairs for {n} chunk(s)")
+        objects, offsets = places[0::2], places[1::2]
+        if n and (min(objects) < 0 or max(objects) >= len(self.objects) or min(offsets) < 0):
             raise ManifestError(
-                f"{at}.source: a {self.layout} manifest {'needs' if t.source is None else 'has no'} sources"
+                f"{at}: an object index outside objects[0..{len(self.objects) - 1}] or a negative offset"
             )
-        if t.source is not None:
-            self._check_object(t.source.object, f"{at}.source.object", own_version=False)
-        for i, c in enumerate(t.chunks):
-            want = grid.chunk_nbytes(tuple(t.shape), rule.dim, c.start, c.end, dtypes.itemsize(t.dtype))
-            if c.nbytes != want:
-                raise ManifestError(
-                    f"{at}.chunks[{i}].nbytes: {c.nbytes} disagrees with shape {t.shape} and dtype "
-                    f"{t.dtype} (expected {want})"
-                )
-            if self.layout == "chunked" and sum(p.nbytes for p in c.parts) != c.nbytes:
-                raise ManifestError(f"{at}.chunks[{i}].parts: parts add up to a size other than nbytes")
-            if self.layout == "inplace" and c.parts:
-                raise ManifestError(f"{at}.chunks[{i}].parts: an in-place manifest reads from sources, not parts")
-            for p in c.parts:
-                self._check_object(p.object, f"{at}.chunks[{i}].parts", own_version=True)
 
     def _check_object(self, key: str, at: str, *, own_version: bool) -> None:
         prefix = version_prefix(self.model, self.version) if own_version else f"{self.model}/"
@@ -182,13 +269,12 @@ class Manifest(_Strict):
     def renamed(self, model: str) -> Manifest:
         """This manifest as the one of ``model``: a model directory copied to another name with the backend's own
         tools (``cp -r``, ``aws s3 sync``, Redis ``COPY``) keeps its manifest, whose objects then resolve under the
-        name that was asked for, never under the original's."""
+        name that was asked for, never under the original's (chunks stored one per object are named after the
+        model already)."""
         old = f"{self.model}/"
         data = self.model_dump(exclude_none=True)
-        objects = list(data["files"].values())
-        for t in data["tensors"].values():
-            objects += [t["source"]] if "source" in t else [p for c in t["chunks"] for p in c["parts"]]
-        for record in objects:
+        data["objects"] = [model + "/" + key[len(old) :] for key in data["objects"]]
+        for record in data["files"].values():
             record["object"] = model + "/" + record["object"][len(old) :]
         manifest = Manifest.model_validate({**data, "model": model})
         manifest.check()
@@ -196,36 +282,64 @@ class Manifest(_Strict):
 
     def served_tps(self) -> list[int]:
         """Every tp this store can be loaded at."""
-        return [
-            tp
-            for tp in range(1, self.max_tp + 1)
-            if all(
-                grid.refusal(t.tensor_rule(), tuple(t.shape), self.max_tp, tp) is None for t in self.tensors.values()
-            )
-        ]
+        return [tp for tp in range(1, self.max_tp + 1) if self._refusal(tp) is None]
 
     def check_tp(self, tp: int) -> None:
         """Refuse a tp the grid does not serve, listing the ones it does and how to re-publish."""
+        why = self._refusal(tp)
+        if why:
+            raise ShardingError(
+                f"model {self.model!r} cannot be loaded at tp={tp}: {why[0]}: {why[1]}. This store serves tp in "
+                f"{self.served_tps()}; to serve other sizes re-publish with a different --max-tp"
+            )
+
+    def _refusal(self, tp: int) -> tuple[str, str] | None:
+        """(first tensor, why) when ``tp`` cannot be served; one grid question per distinct (rule, shape)."""
+        seen: set[tuple] = set()
         for name, t in self.tensors.items():
-            why = grid.refusal(t.tensor_rule(), tuple(t.shape), self.max_tp, tp)
+            key = (t.rule, tuple(t.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            why = grid.refusal(self.rule_of(t), key[1], self.max_tp, tp)
             if why:
-                raise ShardingError(
-                    f"model {self.model!r} cannot be loaded at tp={tp}: {name}: {why}. This store serves tp in "
-                    f"{self.served_tps()}; to serve other sizes re-publish with a different --max-tp"
-                )
+                return name, why
+        return None
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def objects(self) -> set[str]:
+    def all_objects(self) -> set[str]:
         """Every object this manifest reads (data and files)."""
-        keys = {f.object for f in self.files.values()}
-        for t in self.tensors.values():
-            if t.source:
-                keys.add(t.source.object)
-            keys.update(p.object for c in t.chunks for p in c.parts)
+        keys = {f.object for f in self.files.values()} | set(self.objects)
+        for name, t in self.tensors.items():
+            if t.at is None and t.source is None:
+                keys.update(p.object for c in self.chunks(name) for p in c.parts)
         return keys
+
+
+def _explain(e: ValidationError, data: bytes | str, where: str) -> ManifestError:
+    """One clear error for a manifest that failed validation: not JSON, another format, or the bad field."""
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return ManifestError(f"{where} is not valid JSON ({err['msg']}); re-publish or re-index the model")
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        return ManifestError(f"{where} is not valid JSON ({bad}); re-publish or re-index the model")
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt in _OLD_FORMATS:
+        return ManifestError(
+            f"{where}: format {fmt!r} is no longer read ({_OLD_FORMATS[fmt]}); this raydist-loader reads {FORMAT!r}: "
+            "re-publish the model (`raydist-loader publish`) or re-index it (`raydist-loader index`)"
+        )
+    if fmt is not None and fmt != FORMAT:
+        return ManifestError(
+            f"{where}: format {fmt!r} is not supported; this raydist-loader reads {FORMAT!r} (a newer "
+            "raydist-loader may have written it: upgrade)"
+        )
+    return ManifestError(f"{where}: field {_dotted(err['loc'])}: {err['msg']} (got {_short(err.get('input'))})")
 
 
 # --------------------------------------------------------------------- store layout (names)

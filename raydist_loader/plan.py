@@ -7,13 +7,14 @@ chunk on a later dim is a set of strided row pieces that are coalesced into one 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from math import prod
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from . import digest, dtypes, grid
-from .manifest import ChunkRecord, Manifest, TensorRecord
+from .bulk import bulk
+from .manifest import Manifest, TensorRecord
 from .rules import TensorRule
 
 Layout = Literal["rank", "global"]
@@ -24,8 +25,7 @@ outside the region are never touched, so never committed (on a GPU the whole ful
 engines land host tensors and let their weight loaders copy each region to the device)."""
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """``nbytes`` of object ``key`` at ``offset``."""
 
     key: str
@@ -33,8 +33,7 @@ class Piece:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class Extract:
+class Extract(NamedTuple):
     """The chunk is ``rows`` blocks of ``length`` bytes, ``stride`` apart, ``skip`` bytes into the span read."""
 
     rows: int
@@ -43,7 +42,7 @@ class Extract:
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRead:
     """One chunk: the pieces to read (back to back into one buffer), how to cut it out, where it lands."""
 
@@ -62,7 +61,7 @@ class ChunkRead:
         return sum(p.nbytes for p in self.pieces)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorSlot:
     """A tensor as this rank holds it, with the metadata an engine needs to place it."""
 
@@ -113,7 +112,38 @@ class RankPlan:
         """Bytes requested from the store; chunks that share one span (in place, strided) count it once."""
         return sum(sum(p.nbytes for p in pieces) for pieces in dict.fromkeys(r.pieces for r in self.reads))
 
+    @bulk
+    def __reduce__(self):
+        """Pickled as rows of plain values: Ray ships a plan of ~20k reads to its actor in a few tens of ms
+        (cloudpickle takes ~0.5 s object by object)."""
+        slots = tuple(tuple(getattr(s, f) for f in _SLOT_FIELDS) for s in self.tensors)
+        reads = tuple(
+            (r.tensor, r.chunk, r.nbytes, r.xxh3, tuple(map(tuple, r.pieces)), r.extract and tuple(r.extract),
+             r.dest, r.direct, r.blake3)
+            for r in self.reads
+        )
+        head = (self.model, self.version, self.tp, self.rank)
+        return _unpickle_plan, (head, slots, reads, self.expected_digest)
 
+
+
+_SLOT_FIELDS = tuple(f.name for f in fields(TensorSlot))
+
+
+@bulk
+def _unpickle_plan(head: tuple, slots: tuple, reads: tuple, expected: str) -> RankPlan:
+    return RankPlan(
+        *head,
+        tuple(TensorSlot(*s) for s in slots),
+        tuple(
+            ChunkRead(t, c, n, x, tuple(Piece(*p) for p in pieces), e and Extract(*e), d, direct, b3)
+            for t, c, n, x, pieces, e, d, direct, b3 in reads
+        ),
+        expected,
+    )
+
+
+@bulk
 def make_plan(
     manifest: Manifest,
     tp: int,
@@ -127,66 +157,163 @@ def make_plan(
 
     ``only(name)`` keeps a subset of the tensors (a pipeline stage's layers); the expected digest covers exactly
     the reads planned. ``layout`` says where the bytes land (see :data:`Layout`); the reads are the same."""
-    manifest.check_tp(tp)
     if not 0 <= rank < tp:
+        manifest.check_tp(tp)
         raise ValueError(f"rank {rank} is outside tp={tp} (ranks 0..{tp - 1})")
+    return make_plans(manifest, tp, coalesce_gap=coalesce_gap, only=only, layout=layout, ranks=[rank])[0]
+
+
+@bulk
+def make_plans(
+    manifest: Manifest,
+    tp: int,
+    *,
+    coalesce_gap: int = 1 << 20,
+    only: Callable[[str], bool] | None = None,
+    layout: Layout = "rank",
+    ranks: Sequence[int] | None = None,
+) -> list[RankPlan]:
+    """Every rank's plan (or those of ``ranks``), made once: the driver hands each actor its own, so actors neither
+    parse the manifest nor plan. Options as in :func:`make_plan`."""
+    manifest.check_tp(tp)
     if layout not in ("rank", "global"):
         raise ValueError(f"layout must be 'rank' or 'global', got {layout!r}")
-    slots, reads = [], []
-    for name, rec in manifest.tensors.items():
-        if only is not None and not only(name):
-            continue
-        slot, tensor_reads = _plan_tensor(manifest, name, rec, tp, rank, len(slots), coalesce_gap, layout)
-        slots.append(slot)
-        reads.extend(tensor_reads)
-    return RankPlan(
-        manifest.model,
-        manifest.version,
-        tp,
-        rank,
-        tuple(slots),
-        tuple(reads),
-        digest.rank_digest(r.xxh3 for r in reads),
-    )
+    planner = _Planner(manifest, tp, coalesce_gap, layout)
+    names = [n for n in manifest.tensors if only is None or only(n)]
+    return [planner.plan(rank, names) for rank in (range(tp) if ranks is None else ranks)]
 
 
 def expected_digests(manifest: Manifest, tp: int) -> list[str]:
-    """Every rank's expected digest, computed at the driver before a load starts."""
-    return [make_plan(manifest, tp, r).expected_digest for r in range(tp)]
+    """Every rank's expected digest, computed at the driver before a load starts (digests only, no reads)."""
+    manifest.check_tp(tp)
+    planner = _Planner(manifest, tp, 1 << 20)
+    return [
+        digest.rank_digest(
+            t.xxh3[k.index] for t in manifest.tensors.values() for k in planner.geometry(t, rank).kept
+        )
+        for rank in range(tp)
+    ]
 
 
-def _plan_tensor(
-    manifest, name, rec: TensorRecord, tp, rank, index, gap, layout: Layout = "rank"
-) -> tuple[TensorSlot, list[ChunkRead]]:
-    rule = rec.tensor_rule()
-    shape = tuple(rec.shape)
-    kept = grid.rank_chunks(rule, shape, manifest.max_tp, tp, rank)
-    by_id = {c.id: c for c in rec.chunks}
-    dim = rule.dim
-    local = sum(c.end - c.start for c in kept) if dim is not None else None
-    full = layout == "global" or dim is None
-    rank_shape = shape if full else tuple(local if d == dim else s for d, s in enumerate(shape))
-    slot = TensorSlot(
-        name,
-        rec.dtype,
-        rank_shape,
-        shape,
-        dim,
-        rule.style,
-        _segment_spans(kept),
-        grid.kv_replicas(rule, manifest.max_tp, tp),
-        grid.padded_vocab(shape[dim]) if rule.style == "vocab" else None,
-    )
-    reads, pos = [], 0
-    direct = dim is None or prod(rank_shape[:dim]) == 1
-    for c, run in zip(kept, _runs(kept), strict=True):
-        dest = c.start if layout == "global" and dim is not None else pos  # global: the chunk's own place
-        reads.append(_chunk_read(rec, rule, by_id[c.id], index, dest, direct, gap, run))
-        pos += c.end - c.start
-    return slot, reads
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """One chunk a rank keeps: its index in the tensor's grid (and digest list), id, bytes and place."""
+
+    index: int
+    chunk: grid.Chunk
+    nbytes: int
+    dest: int  # start on the rank tensor's split dim (the global tensor's in the ``global`` layout)
+    run: tuple[int, int]  # [lo, hi) of the run of back-to-back kept chunks it belongs to
 
 
-def _runs(kept: list[grid.Chunk]) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class _Geometry:
+    """What a rank does with every tensor of one (rule, shape, dtype): the same for ~all experts of an MoE."""
+
+    rule: TensorRule
+    shape: tuple[int, ...]  # global
+    rank_shape: tuple[int, ...]
+    segments: dict[str, tuple[int, int]]
+    kv_replicas: int
+    padded_vocab: int | None
+    direct: bool
+    kept: tuple[_Kept, ...]
+
+
+class _Planner:
+    """Plans the ranks of one tp over one manifest; grid work is cached per (rule, shape, dtype, rank), so a rank
+    of a 20k-tensor MoE costs one small record per chunk it keeps."""
+
+    def __init__(self, manifest: Manifest, tp: int, gap: int, layout: Layout = "rank"):
+        self.m, self.tp, self.gap, self.layout = manifest, tp, gap, layout
+        self._objects = manifest.objects
+        self._geometries: dict[tuple, _Geometry] = {}
+        self._cuts: dict[tuple, tuple[tuple[Piece, ...], Extract | None]] = {}
+
+    def plan(self, rank: int, names: Sequence[str]) -> RankPlan:
+        slots, reads = [], []
+        for name in names:
+            rec = self.m.tensors[name]
+            geo = self.geometry(rec, rank)
+            index = len(slots)
+            slots.append(
+                TensorSlot(
+                    name, rec.dtype, geo.rank_shape, geo.shape, geo.rule.dim, geo.rule.style, geo.segments,
+                    geo.kv_replicas, geo.padded_vocab,
+                )
+            )
+            for k in geo.kept:
+                reads.append(self._read(name, rec, geo, k, index))
+        m = self.m
+        return RankPlan(
+            m.model, m.version, self.tp, rank, tuple(slots), tuple(reads), digest.rank_digest(r.xxh3 for r in reads)
+        )
+
+    def geometry(self, rec: TensorRecord, rank: int) -> _Geometry:
+        key = (rec.rule, tuple(rec.shape), rec.dtype, rank)
+        geo = self._geometries.get(key)
+        if geo is None:
+            geo = self._geometries[key] = self._make_geometry(rec, rank)
+        return geo
+
+    def _make_geometry(self, rec: TensorRecord, rank: int) -> _Geometry:
+        rule, shape, max_tp = self.m.rule_of(rec), tuple(rec.shape), self.m.max_tp
+        kept = grid.rank_chunks(rule, shape, max_tp, self.tp, rank)
+        position = {c.id: i for i, c in enumerate(grid.chunks(rule, shape, max_tp))}
+        dim, size = rule.dim, dtypes.itemsize(rec.dtype)
+        local = sum(c.end - c.start for c in kept) if dim is not None else None
+        full = self.layout == "global" or dim is None
+        rank_shape = shape if full else tuple(local if d == dim else s for d, s in enumerate(shape))
+        out, pos = [], 0
+        for c, run in zip(kept, _runs(kept), strict=True):
+            dest = c.start if self.layout == "global" and dim is not None else pos  # global: the chunk's own place
+            out.append(_Kept(position[c.id], c, grid.chunk_nbytes(shape, dim, c.start, c.end, size), dest, run))
+            pos += c.end - c.start
+        return _Geometry(
+            rule,
+            shape,
+            rank_shape,
+            _segment_spans(kept),
+            grid.kv_replicas(rule, max_tp, self.tp),
+            grid.padded_vocab(shape[dim]) if rule.style == "vocab" else None,
+            dim is None or prod(rank_shape[:dim]) == 1,
+            tuple(out),
+        )
+
+    def _read(self, name: str, rec: TensorRecord, geo: _Geometry, k: _Kept, index: int) -> ChunkRead:
+        b3 = rec.blake3[k.index] if rec.blake3 else None
+        if not k.nbytes:  # a zero-size tensor (any dim 0): nothing to read, nothing to place; its digest is of b""
+            return ChunkRead(index, k.chunk.id, 0, rec.xxh3[k.index], (), None, k.dest, True, b3)
+        source = self.m.source_of(rec)
+        if rec.at is not None:  # packed (the usual chunked layout): one piece
+            pieces, extract = (Piece(self._objects[rec.at[2 * k.index]], rec.at[2 * k.index + 1], k.nbytes),), None
+        elif source is None:  # a chunk in its own object(s)
+            pieces = tuple(Piece(*p) for p in self.m.parts(name, rec, k.index, k.chunk, k.nbytes))
+            extract = None
+        else:
+            pieces, extract = self._source_pieces(rec, geo, k, *source)
+        return ChunkRead(index, k.chunk.id, k.nbytes, rec.xxh3[k.index], pieces, extract, k.dest, geo.direct, b3)
+
+    def _source_pieces(self, rec: TensorRecord, geo: _Geometry, k: _Kept, key: str, base: int):
+        """In place, the chunk's bytes are ranges of the original tensor. A chunk on a later dim is ``outer``
+        strided rows; when the gaps between the rows of the rank's run of chunks are small, every chunk of the
+        run names the SAME span (first row's start to last row's end) with its own cut, so the worker reads the
+        span once and cuts each chunk out of it."""
+        c, dim = k.chunk, geo.rule.dim
+        if dim is None:
+            return (Piece(key, base, k.nbytes),), None
+        outer, inner = grid.strides(geo.shape, dim, dtypes.itemsize(rec.dtype))
+        stride, skip, length = geo.shape[dim] * inner, c.start * inner, (c.end - c.start) * inner
+        if outer == 1 or length == stride:
+            return (Piece(key, base + skip, k.nbytes),), None
+        lo, hi = k.run[0] * inner, k.run[1] * inner
+        if stride - (hi - lo) <= self.gap:  # one span for the run, from its first row's start to its last row's end
+            span = (outer - 1) * stride + (hi - lo)
+            return (Piece(key, base + lo, span),), Extract(outer, stride, skip - lo, length)
+        return tuple(Piece(key, base + o * stride + skip, length) for o in range(outer)), None
+
+
+def _runs(kept: Sequence[grid.Chunk]) -> list[tuple[int, int]]:
     """For each kept chunk, the [lo, hi) of the run of back-to-back kept chunks it belongs to."""
     runs: list[list[grid.Chunk]] = []
     for c in kept:
@@ -197,38 +324,9 @@ def _runs(kept: list[grid.Chunk]) -> list[tuple[int, int]]:
     return [(run[0].start, run[-1].end) for run in runs for _ in run]
 
 
-def _segment_spans(kept: list[grid.Chunk]) -> dict[str, tuple[int, int]]:
+def _segment_spans(kept: Sequence[grid.Chunk]) -> dict[str, tuple[int, int]]:
     spans: dict[str, tuple[int, int]] = {}
     for c in kept:
         a, b = spans.get(c.seg, (c.start, c.end))
         spans[c.seg] = (min(a, c.start), max(b, c.end))
     return spans
-
-
-def _chunk_read(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, index, dest, direct, gap, run) -> ChunkRead:
-    if not c.nbytes:  # a zero-size tensor (any dim 0): nothing to read, nothing to place; its digest is of b""
-        return ChunkRead(index, c.id, 0, c.xxh3, (), None, dest, True, c.blake3)
-    pieces, extract = _source_pieces(rec, rule, c, gap, run)
-    return ChunkRead(index, c.id, c.nbytes, c.xxh3, pieces, extract, dest, direct, c.blake3)
-
-
-def _source_pieces(rec: TensorRecord, rule: TensorRule, c: ChunkRecord, gap: int, run: tuple[int, int]):
-    """Where the chunk's bytes are: its parts (chunked layout), or ranges of the original tensor (in place).
-
-    In place, a chunk on a later dim is ``outer`` strided rows. When the gaps between the rows of the rank's run
-    of chunks are small, every chunk of the run names the SAME span (first row's start to last row's end) with
-    its own cut, so the worker reads the span once and cuts each chunk out of it."""
-    if rec.source is None:
-        return tuple(Piece(p.object, p.offset, p.nbytes) for p in c.parts), None
-    key, base = rec.source.object, rec.source.offset
-    if rule.dim is None:
-        return (Piece(key, base, c.nbytes),), None
-    outer, inner = grid.strides(tuple(rec.shape), rule.dim, dtypes.itemsize(rec.dtype))
-    stride, skip, length = rec.shape[rule.dim] * inner, c.start * inner, (c.end - c.start) * inner
-    if outer == 1 or length == stride:
-        return (Piece(key, base + skip, c.nbytes),), None
-    lo, hi = run[0] * inner, run[1] * inner
-    if stride - (hi - lo) <= gap:  # one span for the run, from its first row's start to its last row's end
-        span = (outer - 1) * stride + (hi - lo)
-        return (Piece(key, base + lo, span),), Extract(outer, stride, skip - lo, length)
-    return tuple(Piece(key, base + o * stride + skip, length) for o in range(outer)), None

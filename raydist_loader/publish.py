@@ -16,6 +16,7 @@ import numpy as np
 
 from . import digest, dtypes, grid
 from . import manifest as mf
+from .bulk import bulk
 from .connectors import Connector, open_connector
 from .errors import BackendError, ConfigError, ManifestError, NotFoundError, RaydistError
 from .ledger import WriteLedger
@@ -56,11 +57,31 @@ class PublishResult:
 
 @dataclass
 class _Cut:
-    """One tensor as it will be stored: its source entry, its rule and its chunks."""
+    """One tensor as it will be stored: its source entry, its rule and its chunks; then, as publish or index
+    hashes the chunks, their digests (and, packed, where each landed), by grid index."""
 
     entry: Entry
     rule: TensorRule
-    chunks: list[grid.Chunk]
+    chunks: tuple[grid.Chunk, ...]
+    xxh3: list[str] = field(default_factory=list)
+    blake3: list[str] = field(default_factory=list)
+    at: list[int] = field(default_factory=list)  # packed: [object, offset] per chunk, flattened
+
+    def start(self, algos: Sequence[str], packed: bool = False) -> None:
+        """Make room for every chunk's digests (and place) before the chunks are hashed, in any order."""
+        n = len(self.chunks)
+        self.xxh3 = [""] * n
+        self.blake3 = [""] * n if "blake3" in algos else []
+        self.at = [0] * (2 * n) if packed else []
+
+    def hashed(self, i: int, data, algos: Sequence[str], place: tuple[int, int] | None = None) -> None:
+        """Record chunk ``i``'s digests of its bytes ``data`` (and its place: object index, offset)."""
+        d = _digests(data, algos)
+        self.xxh3[i] = d["xxh3"]
+        if self.blake3:
+            self.blake3[i] = d["blake3"]
+        if place is not None:
+            self.at[2 * i : 2 * i + 2] = place
 
 
 # ------------------------------------------------------------------------------------------ shared pieces
@@ -86,15 +107,22 @@ def _cut_bytes(cut: _Cut, raw: np.ndarray) -> Iterator[tuple[grid.Chunk, np.ndar
         yield c, grid.chunk_bytes(raw, cut.entry.shape, cut.rule.dim, size, c)
 
 
-def _record(cut: _Cut, chunk_info: dict[str, dict], source: mf.Source | None = None) -> mf.TensorRecord:
-    e = cut.entry
-    return mf.TensorRecord(
-        dtype=e.dtype,
-        shape=list(e.shape),
-        rule=cut.rule.to_dict(),
-        source=source,
-        chunks=[mf.ChunkRecord(id=c.id, seg=c.seg, start=c.start, end=c.end, **chunk_info[c.id]) for c in cut.chunks],
-    )
+def _tensors(cuts: Sequence[_Cut], sources: dict[str, list[int]] | None = None) -> tuple[list[dict], dict[str, dict]]:
+    """The manifest's rule table and tensor records (plain dicts, validated once with the whole manifest)."""
+    table: dict[TensorRule, int] = {}
+    tensors = {}
+    for cut in cuts:
+        e = cut.entry
+        record = {"dtype": e.dtype, "shape": list(e.shape), "rule": table.setdefault(cut.rule, len(table))}
+        record["xxh3"] = cut.xxh3
+        if cut.blake3:
+            record["blake3"] = cut.blake3
+        if cut.at:
+            record["at"] = cut.at
+        if sources is not None:
+            record["source"] = sources[e.name]
+        tensors[e.name] = record
+    return [r.to_dict() for r in table], tensors
 
 
 def _file_records(out: WriteLedger, files: dict[str, bytes], prefix: str, algos) -> dict[str, mf.FileRecord]:
@@ -148,21 +176,30 @@ def _failed(conn: Connector, model: str, version: str, out: WriteLedger, error: 
     )
 
 
-def _new_manifest(model, version, layout_name, max_tp, algos, rules, config, tensors, files) -> mf.Manifest:
-    m = mf.Manifest(
-        format=mf.FORMAT,
-        model=model,
-        version=version,
-        layout=layout_name,
-        created=time.time(),
-        max_tp=max_tp,
-        digests=["xxh3_128", *(["blake3"] if "blake3" in algos else [])],
-        rules=rules.to_dict(),
-        rules_fingerprint=rules.fingerprint(),
-        config=config,
-        tensors=tensors,
-        files=files,
-    )
+def _new_manifest(
+    model, version, layout_name, max_tp, algos, rules, config, cuts, files, *, objects, sources=None,
+    key_part_bytes=None,
+) -> mf.Manifest:
+    """The manifest of what was written, validated and checked as a reader will."""
+    tensor_rules, tensors = _tensors(cuts, sources)
+    doc = {
+        "format": mf.FORMAT,
+        "model": model,
+        "version": version,
+        "layout": layout_name,
+        "created": time.time(),
+        "max_tp": max_tp,
+        "digests": ["xxh3_128", *(["blake3"] if "blake3" in algos else [])],
+        "rules": rules.to_dict(),
+        "rules_fingerprint": rules.fingerprint(),
+        "config": config,
+        "tensor_rules": tensor_rules,
+        "objects": objects,
+        "key_part_bytes": key_part_bytes,
+        "tensors": tensors,
+        "files": files,
+    }
+    m = mf.Manifest.model_validate(doc)
     m.check()
     return m
 
@@ -193,6 +230,7 @@ def _local_entries(weights: list[Path]) -> tuple[list[Entry], dict[str, np.ndarr
     return entries, raw
 
 
+@bulk
 def publish(
     src_dir: str | Path,
     url: str,
@@ -229,13 +267,18 @@ def publish(
     prefix = mf.version_prefix(model, version)
     with open_connector(url, **(connector_options or {})) as conn:
         warnings = _eviction_check(conn, allow_eviction)
-        writer = _write_files if conn.packs_files else _write_objects
         out = WriteLedger(conn)
         try:
-            info = writer(out, cuts, raw, prefix, max_tp, digests, part_bytes, concurrency)
-            tensors = {c.entry.name: _record(c, info[c.entry.name]) for c in cuts}
+            objects, key_part_bytes = [], None
+            if conn.packs_files:
+                objects = _write_files(out, cuts, raw, prefix, max_tp, digests, part_bytes, concurrency)
+            else:
+                key_part_bytes = _write_objects(out, cuts, raw, prefix, digests, part_bytes, concurrency)
             file_recs = _file_records(out, files, f"{prefix}files/", digests)
-            manifest = _new_manifest(model, version, "chunked", max_tp, digests, ruleset, config, tensors, file_recs)
+            manifest = _new_manifest(
+                model, version, "chunked", max_tp, digests, ruleset, config, cuts, file_recs, objects=objects,
+                key_part_bytes=key_part_bytes,
+            )
             out.confirm()
             manifest = _finish(conn, manifest)
         except (RaydistError, OSError) as e:
@@ -244,7 +287,7 @@ def publish(
             out.remove()
             raise
         nbytes = manifest.total_bytes
-        n_objects = len(manifest.objects())
+        n_objects = len(manifest.all_objects())
         where = conn.describe()
     for w in warnings:
         log.warning(w)
@@ -276,23 +319,26 @@ def _eviction_check(conn: Connector, allow: bool) -> list[str]:
     return [message] if message else []
 
 
-def _groups(cuts: list[_Cut], max_tp: int, part_bytes: int) -> dict[str, list[tuple[_Cut, grid.Chunk]]]:
-    """File name -> the chunks it holds, in tensor order: chunks of the lowest rank slot that reads them,
-    replicated tensors in their own files, each group cut into parts of about ``part_bytes``."""
-    slots: dict[str, list[tuple[_Cut, grid.Chunk]]] = {}
+def _groups(cuts: list[_Cut], max_tp: int, part_bytes: int) -> dict[str, list[tuple[_Cut, int]]]:
+    """File name -> the chunks it holds (tensor, grid index), in tensor order: chunks of the lowest rank slot that
+    reads them, replicated tensors in their own files, each group cut into parts of about ``part_bytes``."""
+    slots: dict[str, list[tuple[_Cut, int]]] = {}
+    names = [f"rank{r:03d}-of-{max_tp:03d}" for r in range(max_tp)]
     for cut in cuts:
-        owner = grid.lowest_slot(cut.rule, cut.entry.shape, max_tp) if cut.rule.style != "replicate" else {}
-        for c in cut.chunks:
-            slot = "replicated" if cut.rule.style == "replicate" else f"rank{owner[c.id]:03d}-of-{max_tp:03d}"
-            slots.setdefault(slot, []).append((cut, c))
-    files: dict[str, list[tuple[_Cut, grid.Chunk]]] = {}
+        if cut.rule.style == "replicate":
+            slots.setdefault("replicated", []).extend((cut, i) for i in range(len(cut.chunks)))
+            continue
+        owner = grid.lowest_slot(cut.rule, cut.entry.shape, max_tp)
+        for i, c in enumerate(cut.chunks):
+            slots.setdefault(names[owner[c.id]], []).append((cut, i))
+    files: dict[str, list[tuple[_Cut, int]]] = {}
     for slot, members in slots.items():
         part, size = 0, 0
-        for cut, c in members:
-            nbytes = _chunk_nbytes(cut, c)
+        for cut, i in members:
+            nbytes = _chunk_nbytes(cut, cut.chunks[i])
             if size and size + nbytes > part_bytes:
                 part, size = part + 1, 0
-            files.setdefault(f"{slot}-part{part:03d}.safetensors", []).append((cut, c))
+            files.setdefault(f"{slot}-part{part:03d}.safetensors", []).append((cut, i))
             size += nbytes
     return files
 
@@ -305,64 +351,62 @@ def _chunk_name(cut: _Cut, c: grid.Chunk) -> str:
     return f"{cut.entry.name}::{c.id}"
 
 
-def _write_files(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
-    """file/S3: chunks packed into safetensors files; returns tensor -> chunk id -> record fields."""
-    info: dict[str, dict[str, dict]] = {c.entry.name: {} for c in cuts}
+def _write_files(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> list[str]:
+    """file/S3: chunks packed into safetensors files; records each chunk's digests and place in its cut and
+    returns the object table (the files' keys)."""
+    for cut in cuts:
+        cut.start(algos, packed=True)
+    groups = _groups(cuts, max_tp, part_bytes)
+    keys = [f"{prefix}{fname}" for fname in groups]
 
-    def write_one(fname: str, members: list[tuple[_Cut, grid.Chunk]]) -> None:
-        key = f"{prefix}{fname}"
+    def write_one(obj: int, members: list[tuple[_Cut, int]]) -> None:
+        key = keys[obj]
         items = [
             (
-                _chunk_name(cut, c),
+                _chunk_name(cut, cut.chunks[i]),
                 cut.entry.dtype,
-                grid.chunk_shape(cut.entry.shape, cut.rule.dim, c),
-                _chunk_nbytes(cut, c),
+                grid.chunk_shape(cut.entry.shape, cut.rule.dim, cut.chunks[i]),
+                _chunk_nbytes(cut, cut.chunks[i]),
             )
-            for cut, c in members
+            for cut, i in members
         ]
-        head, offsets = layout(items, {"format": "raydist-loader/1 chunks"})
+        head, offsets = layout(items, {"format": "raydist-loader chunks"})
 
         def blocks():
-            for cut, c in members:
+            for (cut, i), item in zip(members, items, strict=True):
                 data = grid.chunk_bytes(
-                    raw[cut.entry.name], cut.entry.shape, cut.rule.dim, dtypes.itemsize(cut.entry.dtype), c
+                    raw[cut.entry.name], cut.entry.shape, cut.rule.dim, dtypes.itemsize(cut.entry.dtype), cut.chunks[i]
                 )
-                name = _chunk_name(cut, c)
-                info[cut.entry.name][c.id] = {
-                    "nbytes": data.nbytes,
-                    **_digests(data, algos),
-                    "parts": [mf.Part(object=key, offset=offsets[name], nbytes=data.nbytes)],
-                }
+                cut.hashed(i, data, algos, (obj, offsets[item[0]]))
                 yield memoryview(data)
 
         out.write(key, stream(head, blocks()))
 
-    run_all(lambda item: write_one(*item), _groups(cuts, max_tp, part_bytes).items(), concurrency, "publish")
-    return info
+    run_all(lambda item: write_one(*item), enumerate(groups.values()), concurrency, "publish")
+    return keys
 
 
-def _write_objects(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> dict[str, dict[str, dict]]:
-    """Redis-like stores: one object per chunk (split into parts above the backend's value limit)."""
-    info: dict[str, dict[str, dict]] = {c.entry.name: {} for c in cuts}
+def _write_objects(out, cuts, raw, prefix, algos, part_bytes, concurrency) -> int:
+    """Redis-like stores: one object per chunk, ``<tensor>::<chunk id>`` (split into parts ``#0``, ``#1``...
+    above the backend's value limit); records each chunk's digests in its cut and returns the part size."""
     limit = out.conn.max_object_bytes or part_bytes
 
     def write_one(cut: _Cut) -> None:
-        for c, data in _cut_bytes(cut, raw[cut.entry.name]):
+        cut.start(algos)
+        for i, (c, data) in enumerate(_cut_bytes(cut, raw[cut.entry.name])):
             key = f"{prefix}{_chunk_name(cut, c)}"
             view = memoryview(data)
-            spans = [(i, min(i + limit, data.nbytes)) for i in range(0, data.nbytes, limit)] or [(0, 0)]
-            parts = []
+            spans = [(a, min(a + limit, data.nbytes)) for a in range(0, data.nbytes, limit)] or [(0, 0)]
             for k, (a, b) in enumerate(spans):
-                part_key = key if len(spans) == 1 else f"{key}#{k}"
-                out.write(part_key, view[a:b])
-                parts.append(mf.Part(object=part_key, offset=0, nbytes=b - a))
-            info[cut.entry.name][c.id] = {"nbytes": data.nbytes, **_digests(data, algos), "parts": parts}
+                out.write(key if len(spans) == 1 else f"{key}#{k}", view[a:b])
+            cut.hashed(i, data, algos)
 
     run_all(write_one, cuts, concurrency, "publish")
-    return info
+    return limit
 
 
 # ------------------------------------------------------------------------------------------ index
+@bulk
 def index(
     url: str,
     model: str,
@@ -387,14 +431,21 @@ def index(
         entries = [e for key in repo.weights for e in _keyed(read_header(conn, key), key)]
         ruleset = RuleSet.for_checkpoint(config, rules)
         cuts = plan_cuts([e for e, _ in entries], config, ruleset, max_tp)
-        sources = dict(entries)
-        tensors = {c.entry.name: _index_tensor(conn, c, sources[c.entry], digests) for c in cuts}
+        keys = dict(entries)
+        objects = sorted(set(keys.values()))
+        position = {key: i for i, key in enumerate(objects)}
+        sources = {c.entry.name: [position[keys[c.entry]], c.entry.offset] for c in cuts}
+        for c in cuts:
+            _index_tensor(conn, c, keys[c.entry], digests)
         file_recs = {
             n: mf.FileRecord(object=f"{model}/{n}", nbytes=len(d), **_digests(d, digests))
             for n, d in repo.files.items()
         }
         version = mf.new_version(f"{model}{ruleset.fingerprint()}{[(e.name, e.offset) for e, _ in entries]}")
-        manifest = _new_manifest(model, version, "inplace", max_tp, digests, ruleset, config, tensors, file_recs)
+        manifest = _new_manifest(
+            model, version, "inplace", max_tp, digests, ruleset, config, cuts, file_recs, objects=objects,
+            sources=sources,
+        )
         manifest = _finish(conn, manifest)
         where = conn.describe()
     return PublishResult(
@@ -406,7 +457,7 @@ def index(
         sum(len(c.chunks) for c in cuts),
         manifest.total_bytes,
         time.perf_counter() - started,
-        len(manifest.objects()),
+        len(manifest.all_objects()),
         files=sorted(repo.files),
         skipped=repo.skipped,
     )
@@ -416,9 +467,11 @@ def _keyed(entries: list[Entry], key: str) -> list[tuple[Entry, str]]:
     return [(e, key) for e in entries]
 
 
-def _index_tensor(conn: Connector, cut: _Cut, key: str, algos) -> mf.TensorRecord:
+def _index_tensor(conn: Connector, cut: _Cut, key: str, algos) -> None:
+    """Read one tensor of the checkpoint and record its chunks' digests in ``cut``."""
     buf = np.empty(cut.entry.nbytes, dtype=np.uint8)
     if cut.entry.nbytes:
         conn.readinto(key, cut.entry.offset, memoryview(buf))
-    info = {c.id: {"nbytes": data.nbytes, **_digests(data, algos)} for c, data in _cut_bytes(cut, buf)}
-    return _record(cut, info, mf.Source(object=key, offset=cut.entry.offset))
+    cut.start(algos)
+    for i, (_, data) in enumerate(_cut_bytes(cut, buf)):
+        cut.hashed(i, data, algos)

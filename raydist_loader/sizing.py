@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dtypes, grid
+from .bulk import bulk
 from .errors import ConfigError, MissingDependencyError, RaydistError
 from .publish import DEFAULT_MAX_TP, plan_cuts
 from .rules import RuleSet
@@ -27,6 +28,7 @@ from .safetensors_io import Entry
 _NOT_QUANTIZED = re.compile(r"(^|\.)(embed_tokens|lm_head|gate|shared_expert_gate)\.weight$")
 
 
+@bulk
 def inspect_config(
     config: str | Path | Mapping[str, Any],
     *,

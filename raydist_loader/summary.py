@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .bulk import bulk
 from .connectors import open_connector
 from .manifest import Manifest, read_manifest
-from .plan import make_plan
+from .plan import RankPlan, make_plans
 
 
+@bulk
 def inspect(url: str, model: str, *, tp: int | None = None, connector_options: dict | None = None) -> dict:
     """A JSON-able summary: version, layout, tensors (dtype, shape, style, chunks) and, with ``tp``, per-rank bytes."""
     with open_connector(url, **(connector_options or {})) as conn:
@@ -16,6 +18,7 @@ def inspect(url: str, model: str, *, tp: int | None = None, connector_options: d
     return summarize(manifest, where, tp, gap)
 
 
+@bulk
 def summarize(manifest: Manifest, where: str, tp: int | None = None, coalesce_gap: int = 1 << 20) -> dict:
     out = {
         "store": where,
@@ -32,9 +35,9 @@ def summarize(manifest: Manifest, where: str, tp: int | None = None, coalesce_ga
                 "name": n,
                 "dtype": t.dtype,
                 "shape": t.shape,
-                "style": t.tensor_rule().style,
-                "dim": t.tensor_rule().dim,
-                "chunks": len(t.chunks),
+                "style": manifest.rule_of(t).style,
+                "dim": manifest.rule_of(t).dim,
+                "chunks": len(manifest.grid_of(t)),
                 "bytes": t.nbytes,
             }
             for n, t in manifest.tensors.items()
@@ -43,16 +46,15 @@ def summarize(manifest: Manifest, where: str, tp: int | None = None, coalesce_ga
     }
     if tp is not None:
         out["tp"] = tp
-        out["ranks"] = [_rank_row(manifest, tp, r, coalesce_gap) for r in range(tp)]
+        out["ranks"] = [_rank_row(plan) for plan in make_plans(manifest, tp, coalesce_gap=coalesce_gap)]
     return out
 
 
-def _rank_row(manifest: Manifest, tp: int, rank: int, gap: int) -> dict:
-    plan = make_plan(manifest, tp, rank, coalesce_gap=gap)
+def _rank_row(plan: RankPlan) -> dict:
     split = sum(s.nbytes for s in plan.tensors if s.dim is not None)
     replicated = sum(s.nbytes for s in plan.tensors if s.dim is None)
     return {
-        "rank": rank,
+        "rank": plan.rank,
         "bytes": plan.bytes_kept,
         "bytes_read": plan.bytes_read,
         "split_bytes": split,

@@ -2,7 +2,8 @@
 
 Contiguous chunks are read straight into the tensors; column blocks and in-place extracts ride in the same batches
 into a staging slot, then are cut, hashed and copied into place. Batches follow object and offset order, so
-back-to-back ranges are one request.
+back-to-back ranges are one request. Staged reads larger than a slot go through a ring of two buffers, in parts of
+at most :data:`~raydist_loader.transfer.PART_BYTES`: staging stays bounded whatever the largest tensor.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ class CpuTransfer(Transfer):
         copied into place. Batches follow object and offset order, so back-to-back ranges are one request.
         Staged chunks larger than a slot go alone through a ring of their own."""
         conn = self.connector
-        limit = conn.max_request_bytes
+        limit = min(conn.max_request_bytes, self.part_bytes)
         direct = [_Landing(r, self._region(r), 0) for r in reads if self._arena_run(r)]
         groups = shared([r for r in reads if not self._arena_run(r)])
         staged = [g for g in groups if g[0].read_bytes <= limit]
         big = [g for g in groups if g[0].read_bytes > limit]
         slots = Ring(concurrency if staged else 0, limit, pin=False)
-        ring = Ring(min(2, len(big)), max((g[0].read_bytes for g in big), default=0), pin=False)
+        ring = Ring(min(2, len(big)), max((self._stage_size(g, g[0].read_bytes) for g in big), default=0), pin=False)
         digests: dict[tuple[int, str], str] = {}
 
         def run(task: _Batch | list[ChunkRead]) -> None:
@@ -88,11 +89,15 @@ class CpuTransfer(Transfer):
         return out
 
     def _staged_group(self, group: list[ChunkRead], ring: Ring, conn: Connector) -> dict[tuple[int, str], str]:
-        """Chunks sharing one span too big for a batch slot: read it once through the ring, cut each."""
+        """Chunks sharing one span too big for a batch slot: read it once through the ring (in parts when it is
+        bigger than a ring buffer), cut each."""
         buf = ring.acquire()
         try:
-            digests, copy = self._stage(group, buf[: group[0].read_bytes], conn)
-            copy()
+            if self._in_parts(group):
+                digests = self._stream(group, buf, conn, self._place_rows)
+            else:
+                digests, copy = self._stage(group, buf[: group[0].read_bytes], conn)
+                copy()
         finally:
             ring.release(buf, None)
         with self._lock:

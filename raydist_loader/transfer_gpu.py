@@ -2,7 +2,8 @@
 
 Runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded ring, hashed
 there, and sent with ONE non-blocking H2D copy on the thread's stream; a buffer is reused only after its copy's
-event completed. Staging memory is at most (concurrency + 1) buffers whatever the shard's size.
+event completed. Staging memory is at most (concurrency + 1) buffers whatever the shard's size, each at most
+:data:`~raydist_loader.transfer.PART_BYTES`: a larger chunk or span is read, hashed and copied in parts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class GpuTransfer(Transfer):
     def _pull_on_device(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
         conn = self.connector
         groups = self._groups(reads)
-        ring = Ring(concurrency + 1, max((self._group_bytes(g) for g in groups), default=0))
+        ring = Ring(concurrency + 1, max((self._stage_size(g, self._group_bytes(g)) for g in groups), default=0))
         local = threading.local()
 
         def one(group: list[ChunkRead]) -> list[str]:
@@ -42,11 +43,14 @@ class GpuTransfer(Transfer):
             buf = ring.acquire()
             event = None
             try:
-                digests, copy = self._stage(group, buf[: self._group_bytes(group)], conn)
-                with torch.cuda.stream(local.stream):
-                    copy()
-                    event = torch.cuda.Event()
-                    event.record(local.stream)
+                if self._in_parts(group):  # each part's copy completes before the next part refills the buffer
+                    digests = self._stream(group, buf, conn, lambda *part: self._place_part(local.stream, *part))
+                else:
+                    digests, copy = self._stage(group, buf[: self._group_bytes(group)], conn)
+                    with torch.cuda.stream(local.stream):
+                        copy()
+                        event = torch.cuda.Event()
+                        event.record(local.stream)
             finally:
                 ring.release(buf, event)
             with self._lock:
@@ -59,10 +63,19 @@ class GpuTransfer(Transfer):
             (r.tensor, r.chunk): d for g, ds in zip(groups, results, strict=True) for r, d in zip(g, ds, strict=True)
         }
 
+    def _place_part(self, stream, read: ChunkRead, r0: int, r1: int, data: torch.Tensor) -> None:
+        """One part of a chunk read in parts: copied on the thread's stream, waited for (its buffer is reused)."""
+        with torch.cuda.stream(stream):
+            self._place_rows(read, r0, r1, data)
+            event = torch.cuda.Event()
+            event.record(stream)
+        event.synchronize()
+
     def _groups(self, reads: Sequence[ChunkRead], target: int = 32 << 20) -> list[list[ChunkRead]]:
         """Runs of arena-contiguous chunks up to ``target`` bytes. Two chunks join only when the second starts
         where the first ends, or when the first ends its tensor and the second starts the next one (the gap is
         alignment padding): one H2D copy of the run must never cover bytes of a chunk outside it."""
+        target = min(target, self.part_bytes)
         groups: list[list[ChunkRead]] = []
         run: list[ChunkRead] = []
         reads = list(reads)
@@ -82,16 +95,21 @@ class GpuTransfer(Transfer):
                 run = []
             run.append(read)
         groups += [run] if run else []
-        # column blocks go as one assembled tensor only when the group holds all of them (not in a re-pull)
+        # column blocks go as one assembled tensor only when the group holds all of them (not in a re-pull) and the
+        # raw and assembled copies fit one staging buffer; else one block at a time (in parts when large)
         return [
             g
             for grp in groups
             for g in (
                 [grp]
-                if len(grp) == 1 or not self._columns(grp, whole=False) or self._columns(grp)
+                if len(grp) == 1 or not self._columns(grp, whole=False) or self._assembled(grp)
                 else [[r] for r in grp]
             )
         ]
+
+    def _assembled(self, group: list[ChunkRead]) -> bool:
+        """All column blocks of one tensor, small enough to be assembled in one staging buffer."""
+        return self._columns(group) and 2 * self.plan.tensors[group[0].tensor].nbytes <= self.part_bytes
 
     def _adjacent(self, prev: ChunkRead, read: ChunkRead) -> bool:
         end, start = self._arena_span(prev)[1], self._arena_span(read)[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from . import digest
+from .bulk import bulk
 from .connectors import Connector, open_connector
 from .errors import ConfigError
 from .manifest import Manifest
@@ -38,7 +40,7 @@ class ShardLoader:
     def __init__(
         self,
         url: str,
-        manifest_json: bytes,
+        source: RankPlan | Manifest | bytes,
         tp: int,
         rank: int,
         *,
@@ -50,23 +52,32 @@ class ShardLoader:
         only: Callable[[str], bool] | None = None,
         layout: Layout = "rank",
     ):
-        """``retries``: a RetryPolicy or its fields as a dict; None: the default policy. ``only`` and ``layout``:
-        which tensors, landing where (see :func:`~raydist_loader.plan.make_plan`)."""
+        """``source``: this rank's plan, made by the driver (:func:`~raydist_loader.plan.make_plans`: the actor
+        neither parses nor plans), or the manifest (parsed, or its JSON) to plan from. ``retries``: a RetryPolicy
+        or its fields as a dict; None: the default policy. ``only`` and ``layout``: which tensors, landing where
+        (see :func:`~raydist_loader.plan.make_plan`), when the loader makes its plan."""
         self._url = url
         self._select = {"only": only, "layout": layout}
         self._options = connector_options or {}
-        self.manifest = Manifest.from_json(manifest_json)
         self.tp, self.rank = tp, rank
+        self.plan: RankPlan | None = None
+        self.manifest: Manifest | None = None
+        if isinstance(source, RankPlan):
+            if (source.tp, source.rank) != (tp, rank):
+                raise ValueError(f"the plan given is rank {source.rank} of tp={source.tp}, not rank {rank} of tp={tp}")
+            self.plan = source
+        else:
+            self.manifest = source if isinstance(source, Manifest) else Manifest.from_json(source)
+        self._model = self.plan.model if self.plan else self.manifest.model
         self.device = _resolve_device(device)
         self.verify = verify
         self._concurrency = concurrency
         self.retry_policy = coerce_policy(retries)
         self._connector: Connector | None = None
-        self.plan: RankPlan | None = None
         self._transfer: Transfer | None = None
 
     def __repr__(self) -> str:  # never show credentials handed in through connector_options
-        return f"ShardLoader({redact_url(self._url)!r}, model={self.manifest.model!r}, rank={self.rank}/{self.tp})"
+        return f"ShardLoader({redact_url(self._url)!r}, model={self._model!r}, rank={self.rank}/{self.tp})"
 
     # ---------------------------------------------------------------- public
     @property
@@ -83,10 +94,9 @@ class ShardLoader:
     def node(self) -> dict:
         """Where this rank runs: host, Ray node id and GPU ids (when under Ray)."""
         info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "node_id": None, "gpu_ids": []}
+        ray = sys.modules.get("ray")  # under Ray it is imported already; outside, importing it costs ~0.3 s
         try:
-            import ray
-
-            if ray.is_initialized():
+            if ray is not None and ray.is_initialized():
                 ctx = ray.get_runtime_context()
                 info["node_id"] = ctx.get_node_id()
                 info["gpu_ids"] = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
@@ -103,6 +113,7 @@ class ShardLoader:
             )
         return self.node()
 
+    @bulk
     def load(self) -> RankReport:
         """Pull this rank's shard, hash every chunk as it lands and compare it with the manifest's digest, re-pull
         the wrong chunks once (a corruption in transit heals, one in the store does not) and report. Never raises
@@ -159,7 +170,7 @@ class ShardLoader:
         """A fresh arena on the final device and the copy path for it (CPU: reads land in place; GPU: pinned
         staging ring and H2D copies)."""
         kind = GpuTransfer if self.device.type == "cuda" else CpuTransfer
-        self._transfer = kind(self.plan, self.device, self.connector, self.retry_policy, self.rank, self._hash)
+        self._transfer = kind(self.plan, self.device, self.connector, self.retry_policy, self.rank, self._hasher)
         self._digests: Digests = {}
 
     def _pull(self, reads: Sequence[ChunkRead]) -> Digests:
@@ -170,16 +181,19 @@ class ShardLoader:
             digests = {(r.tensor, r.chunk): self._hash(self._transfer.region(r, self.tensors)) for r in reads}
         return digests
 
+    def _hasher(self, read: ChunkRead | None = None) -> digest.ChunkHash:
+        """A fresh digest of one chunk, fed its bytes as they land (in parts when large): xxh3, and where the
+        manifest also records blake3 (tamper evidence) that too, a mismatch reported as a digest that cannot equal
+        the expected one. With ``verify=False`` a chunk of the plan is not hashed."""
+        if read is None:
+            return digest.ChunkHash()
+        return digest.ChunkHash(read.xxh3, read.blake3, check=bool(self.verify))
+
     def _hash(self, chunk: torch.Tensor, read: ChunkRead | None = None) -> str:
-        """The chunk's xxh3; where the manifest also records blake3 (tamper evidence), that is checked too and a
-        mismatch reported as a digest that cannot equal the expected one."""
-        if not self.verify and read is not None:
-            return read.xxh3
-        data = chunk.contiguous().cpu().numpy()
-        got = digest.xxh3(data)
-        if read is not None and read.blake3 and got == read.xxh3 and digest.blake3_hex(data) != read.blake3:
-            return f"blake3-mismatch:{got}"
-        return got
+        """The digest of a whole chunk (``verify="full"`` re-hashes the final tensors with it)."""
+        h = self._hasher(read)
+        h.update(chunk.contiguous().cpu().numpy())
+        return h.hexdigest()
 
     def _report(self, started: float, seconds: float, repulled: int) -> RankReport:
         plan, digests = self.plan, self._digests

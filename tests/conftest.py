@@ -241,3 +241,17 @@ def two_llamas(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("two-llamas")
     return tuple(make_tiny_checkpoint("llama", root / n, dtype=torch.bfloat16, seed=i) for i, n in enumerate("ab"))
+
+
+@pytest.fixture(scope="session")
+def many_tensor_moe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The Qwen3-30B-A3B-shaped tiny MoE (18,867 tensors) and a file store it is published in at max_tp=4
+    (model ``moe``), made once per session; tests only read them."""
+    from raydist_loader import publish
+    from raydist_loader.testing.tiny_models import make_many_tensor_moe
+
+    root = tmp_path_factory.mktemp("many-tensors")
+    ckpt = make_many_tensor_moe(root / "ckpt")
+    url = f"file://{root}/store"
+    publish(ckpt, url, "moe", max_tp=4)
+    return ckpt, url

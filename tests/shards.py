@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from raydist_loader.grid import padded_vocab
+from raydist_loader.testing.tiny_models import TINY_DEFAULTS
+
 _EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tp_llama.py"
 
 
@@ -42,6 +45,38 @@ def assert_shards_match(original: dict[str, torch.Tensor], shards: list[tuple[di
         dim = shards[0][1][name]["dim"]
         if dim is not None:
             assert covered == set(range(full.shape[dim])), f"{name}: the ranks do not cover the tensor"
+
+
+def vllm_cut(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s part of a tiny Qwen3-MoE weight, written from vLLM's parallel layers (independent of the
+    chunk grid): q/gate/up rows and o/down columns split evenly, k/v by kv head (replicated past 2 kv heads),
+    vocab rows padded to 64, everything else whole."""
+    kv_heads, head_dim = TINY_DEFAULTS["qwen3_moe"]["num_key_value_heads"], TINY_DEFAULTS["qwen3_moe"]["head_dim"]
+
+    def even(dim: int) -> torch.Tensor:
+        per = full.shape[dim] // tp
+        return full.narrow(dim, rank * per, per)
+
+    if name.endswith(("q_proj.weight", "gate_proj.weight", "up_proj.weight")):
+        return even(0)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return even(1)
+    if name.endswith(("k_proj.weight", "v_proj.weight")):
+        if tp <= kv_heads:
+            return even(0)
+        head = rank // (tp // kv_heads)
+        return full[head * head_dim : (head + 1) * head_dim]
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        vocab = full.shape[0]
+        per = padded_vocab(vocab) // tp
+        return full[min(vocab, rank * per) : min(vocab, (rank + 1) * per)]
+    return full  # norms, q_norm/k_norm, the router
+
+
+def assert_vllm_cut(original: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], tp: int, rank: int) -> None:
+    assert set(tensors) == set(original)
+    wrong = [n for n, full in original.items() if not torch.equal(tensors[n], vllm_cut(n, full, tp, rank))]
+    assert not wrong, f"rank {rank}: {len(wrong)} tensors differ from vLLM's cut, e.g. {wrong[:3]}"
 
 
 def load_example():

@@ -13,6 +13,7 @@ import pytest
 
 import raydist_loader
 from raydist_loader.cli import main
+from raydist_loader.manifest import Manifest
 from raydist_loader.report import LoadReport, RankReport
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
@@ -112,14 +113,14 @@ def test_verify_ok(store: Path, capsys):
 
 
 def _flip_one_byte(store: Path, tensor: str) -> str:
-    manifest = json.loads((store / MODEL / "manifest.json").read_text())
-    chunk = manifest["tensors"][tensor]["chunks"][-1]
-    part = chunk["parts"][0]
-    path = store / part["object"]
+    manifest = Manifest.from_json((store / MODEL / "manifest.json").read_bytes())
+    chunk = manifest.chunks(tensor)[-1]
+    part = chunk.parts[0]
+    path = store / part.object
     data = bytearray(path.read_bytes())
-    data[part["offset"]] ^= 0xFF
+    data[part.offset] ^= 0xFF
     path.write_bytes(bytes(data))
-    return chunk["id"]
+    return chunk.id
 
 
 def test_verify_names_the_corrupt_tensor_and_chunk(store_copy: Path, capsys):

@@ -13,7 +13,7 @@ from raydist_loader.errors import ConfigError, PlacementError, ShardingError, Ve
 from raydist_loader.manifest import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
-from .shards import assert_shards_match, original_tensors
+from .shards import assert_shards_match, assert_vllm_cut, original_tensors
 
 pytestmark = pytest.mark.ray
 
@@ -76,7 +76,7 @@ def test_corrupted_chunk_raises_naming_rank_tensor_chunk(ray_session, redis_serv
     with rl.open_connector(url) as conn:
         manifest = read_manifest(conn, "m")
         name = "model.layers.1.self_attn.v_proj.weight"
-        chunk = manifest.tensors[name].chunks[1]  # kept by rank 1 at tp=2
+        chunk = manifest.chunks(name)[1]  # kept by rank 1 at tp=2
         key = chunk.parts[0].object
         data = bytearray(conn.read(key))
         data[5] ^= 0xFF
@@ -140,3 +140,13 @@ def test_tp_forward_through_ray_equals_the_full_model(ray_session, tmp_path):
             metas = [loaded.metadata(r) for r in range(tp)]
             logits = tp_llama.tp_forward(loaded.run, metas, config, ids)
         torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_many_tensor_moe_loads_at_tp4_as_vllm_cuts_it(ray_session, many_tensor_moe):
+    """18,867 tensors: the driver parses and plans once, each actor gets its plan; every rank holds vLLM's cut."""
+    ckpt, url = many_tensor_moe
+    original = original_tensors(ckpt)
+    with rl.load_across_cluster("moe", url, tp=4, progress=False) as loaded:
+        assert loaded.report.verified and [r.rank for r in loaded.report.ranks] == [0, 1, 2, 3]
+        for rank in range(4):
+            assert_vllm_cut(original, loaded.state_dict(rank), 4, rank)

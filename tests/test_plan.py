@@ -14,6 +14,7 @@ from raydist_loader.grid import padded_vocab
 from raydist_loader.manifest import Manifest
 from raydist_loader.plan import make_plan
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
+from raydist_loader.transfer import Transfer
 from raydist_loader.transfer_gpu import GpuTransfer
 from raydist_loader.worker import ShardLoader
 
@@ -139,7 +140,7 @@ def test_gpu_copy_groups_never_cover_bytes_outside_them(llama, tp):
     loader = ShardLoader(url, raw, tp, 0, device="cpu")
     loader.prepare()
     # the GPU path's grouping, on a CPU arena (grouping never touches CUDA)
-    w = GpuTransfer(loader.plan, torch.device("cpu"), loader.connector, loader.retry_policy, 0, loader._hash)
+    w = GpuTransfer(loader.plan, torch.device("cpu"), loader.connector, loader.retry_policy, 0, loader._hasher)
     groups = w._groups(w.plan.reads, target=64 << 10)
     assert sorted((r.tensor, r.chunk) for g in groups for r in g) == sorted((r.tensor, r.chunk) for r in w.plan.reads)
     for g in groups:
@@ -151,3 +152,40 @@ def test_gpu_copy_groups_never_cover_bytes_outside_them(llama, tp):
     assert columns, "row-parallel tensors below max_tp come as column blocks"
     some = columns[0][::2]  # a re-pull of every other block
     assert [len(g) for g in w._groups(some)] == [1] * len(some)
+
+
+@pytest.mark.parametrize("model", ["chunked", "inplace"])
+@pytest.mark.parametrize("part_bytes", [16, 512])
+def test_chunks_bigger_than_a_staging_buffer_are_read_in_parts(llama, model, part_bytes, monkeypatch):
+    """A chunk or in-place span larger than the staging buffer is read, hashed and placed part by part (whole rows,
+    or one row when a row is larger): every shard still reassembles and verifies."""
+    streamed = []
+    stream = Transfer._stream
+
+    def spy(self, group, buf, conn, place):
+        widest = max(self._rows(r)[1] for r in self.plan.reads if not self._arena_run(r))
+        assert buf.numel() <= max(part_bytes, 2 * widest), "a staging buffer bigger than a part (or two rows)"
+        streamed.append(len(self._parts(group)))
+        return stream(self, group, buf, conn, place)
+
+    monkeypatch.setattr(Transfer, "part_bytes", part_bytes)
+    monkeypatch.setattr(Transfer, "_stream", spy)
+    url, original = llama
+    for tp in (1, 2):
+        loaders = _load(url, model, tp)
+        assert_shards_match(original, [(w.tensors, w.metadata()) for w in loaders])
+    assert streamed and max(streamed) > 1, "some reads came in several parts"
+
+
+def test_gpu_staging_buffers_stay_within_a_part(llama, monkeypatch):
+    """The GPU path's groups (grouping runs on a CPU arena) never need a staging buffer bigger than a part: whole
+    column-block tensors are assembled only when they fit, bigger chunks are read in parts."""
+    monkeypatch.setattr(Transfer, "part_bytes", 1024)
+    url, _ = llama
+    raw = open_connector(url).read("chunked/manifest.json")
+    loader = ShardLoader(url, raw, 1, 0, device="cpu")
+    loader.prepare()
+    w = GpuTransfer(loader.plan, torch.device("cpu"), loader.connector, loader.retry_policy, 0, loader._hasher)
+    groups = w._groups(w.plan.reads)
+    assert any(w._in_parts(g) for g in groups)
+    assert all(w._stage_size(g, w._group_bytes(g)) <= max(1024, 2 * w._rows(g[0])[1]) for g in groups)

@@ -152,7 +152,7 @@ def test_block_scales_cut_in_whole_blocks_are_recorded_with_their_weight(stores)
     down = shard.metadata["model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"]
     assert (down["dim"], down["global_shape"], down["segments"]) == (1, [4, 4], {"all": [3, 4]})
     manifest = json.loads(open_connector(url).read("deepseek-fp8-chunked/manifest.json"))
-    rule = manifest["tensors"][f"{q_b}_scale_inv"]["rule"]
+    rule = manifest["tensor_rules"][manifest["tensors"][f"{q_b}_scale_inv"]["rule"]]
     assert rule["block_scale"] == BLOCK and rule["segments"][0] == {
         "name": "all", "size": 192, "heads": "q", "unit": 24, "block": BLOCK}
 

@@ -298,7 +298,7 @@ def test_blake3_digests_are_recorded_and_checked(tmp_path, ckpts):
     with rl.open_connector(url) as conn:
         manifest = read_manifest(conn, "m")
         assert manifest.digests == ["xxh3_128", "blake3"]
-        chunks = [c for t in manifest.tensors.values() for c in t.chunks]
+        chunks = [c for n in manifest.tensors for c in manifest.chunks(n)]
         assert chunks and all(c.blake3 and len(c.blake3) == 64 for c in chunks)
         assert all(f.blake3 for f in manifest.files.values())
         for c in chunks[:5]:  # the recorded blake3 is of the chunk's stored bytes
@@ -325,13 +325,13 @@ def test_a_pinned_manifest_sha256_refuses_a_swapped_or_rewritten_store(tmp_path,
         raw = conn.read(manifest_key("m"))
         doc = json.loads(raw)
         name = "model.layers.0.self_attn.q_proj.weight"
-        chunk = doc["tensors"][name]["chunks"][0]
-        part = chunk["parts"][0]
-        blob = bytearray(conn.read(part["object"]))
-        blob[part["offset"]] ^= 0xFF
-        conn.write(part["object"], bytes(blob))
-        data = bytes(blob[part["offset"] : part["offset"] + chunk["nbytes"]])
-        chunk["xxh3"], chunk["blake3"] = digest.xxh3(data), digest.blake3_hex(data)
+        chunk = Manifest.from_json(raw).chunks(name)[0]
+        part = chunk.parts[0]
+        blob = bytearray(conn.read(part.object))
+        blob[part.offset] ^= 0xFF
+        conn.write(part.object, bytes(blob))
+        data = bytes(blob[part.offset : part.offset + chunk.nbytes])
+        doc["tensors"][name]["xxh3"][0], doc["tensors"][name]["blake3"][0] = digest.xxh3(data), digest.blake3_hex(data)
         conn.write(manifest_key("m"), json.dumps(doc).encode())
     pinned_b = __import__("hashlib").sha256(raw).hexdigest()
     assert rl.load_shard("m", url, 2, 0, device="cpu").report.digest, "undetectable without a pin"
@@ -348,7 +348,7 @@ def test_a_load_checks_blake3_where_the_manifest_records_it(tmp_path, ckpts):
     path = tmp_path / "store" / "m" / "manifest.json"
     raw = json.loads(path.read_text())
     name = "model.layers.0.mlp.up_proj.weight"
-    raw["tensors"][name]["chunks"][0]["blake3"] = "0" * 64  # what a forged collision looks like to the loader
+    raw["tensors"][name]["blake3"][0] = "0" * 64  # what a forged collision looks like to the loader
     path.write_text(json.dumps(raw))
     with pytest.raises(VerificationError, match=rf"rank 0: tensor {name} chunk all.0"):
         rl.load_shard("m", url, 2, 0, device="cpu")

@@ -46,14 +46,14 @@ def test_publish_then_verify_on_every_backend(store_url, checkpoints, kind):
     assert manifest.version == result.version and manifest.layout == "chunked"
     assert {"config.json", "tokenizer.json"} <= set(manifest.files)
     check = rl.verify(store_url, kind)
-    assert check.ok and check.chunks == sum(len(t.chunks) for t in manifest.tensors.values())
+    assert check.ok and check.chunks == sum(len(manifest.chunks(n)) for n in manifest.tensors)
 
 
 def test_flipped_byte_in_any_chunk_is_named(store_url, checkpoints):
     rl.publish(checkpoints["llama"], store_url, "m", max_tp=2, part_bytes=256 << 10)
     manifest = _manifest(store_url, "m")
     rng = random.Random(7)
-    chunks = [(n, c) for n, t in manifest.tensors.items() for c in t.chunks]
+    chunks = [(n, c) for n in manifest.tensors for c in manifest.chunks(n)]
     for name, chunk in rng.sample(chunks, 3):
         part = rng.choice(chunk.parts)
         offset = part.offset + rng.randrange(part.nbytes)
@@ -68,7 +68,7 @@ def test_inspect_tp2_each_rank_moves_half_of_every_split_tensor(store_url, check
     rl.publish(checkpoints["llama"], store_url, "m", max_tp=2)
     summary = rl.inspect(store_url, "m", tp=2)
     manifest = _manifest(store_url, "m")
-    replicated = sum(t.nbytes for t in manifest.tensors.values() if t.tensor_rule().dim is None)
+    replicated = sum(t.nbytes for n, t in manifest.tensors.items() if manifest.rule(n).dim is None)
     split = manifest.total_bytes - replicated
     ranks = summary["ranks"]
     assert [r["replicated_bytes"] for r in ranks] == [replicated, replicated]
@@ -175,17 +175,20 @@ def test_checkpoint_without_manifest_says_to_index(tmp_path, checkpoints):
     [
         (lambda m: m.pop("tensors"), r"field tensors: Field required"),
         (lambda m: m.update(max_tp="eight"), r"field max_tp"),
-        (
-            lambda m: next(iter(m["tensors"].values()))["chunks"][0].update(nbytes=3),
-            r"chunks\[0\]\.nbytes: 3 disagrees",
-        ),
+        (lambda m: next(iter(m["tensors"].values()))["xxh3"].pop(), r"xxh3: 1 digests for a chunk grid of 2 chunks"),
+        (lambda m: next(iter(m["tensors"].values()))["xxh3"].__setitem__(0, "xyz"), r"xxh3\[0\]: not 32 hex"),
         (lambda m: next(iter(m["tensors"].values())).update(dtype="float42"), r"dtype: unknown dtype 'float42'"),
-        (lambda m: next(iter(m["tensors"].values())).update(shape=[7, 7]), r"chunks"),
-        (lambda m: m.update(format="raydist-loader/9"), r"format 'raydist-loader/9' is not supported"),
+        (lambda m: next(iter(m["tensors"].values())).update(shape=[7, 7]), r"chunk grid of 1 chunks"),
+        (lambda m: next(iter(m["tensors"].values())).update(rule=99), r"rule: 99 is not an index of tensor_rules"),
+        (lambda m: next(iter(m["tensors"].values()))["at"].__setitem__(0, 99), r"at: an object index outside"),
+        (lambda m: m.update(format="raydist-loader/9"), r"format 'raydist-loader/9' is not supported.*upgrade"),
+        (lambda m: m.update(format="raydist-loader/1"), r"format 'raydist-loader/1' is no longer read.*re-publish"),
         (lambda m: m.update(version="../x"), r"field version"),
-        (lambda m: next(iter(m["tensors"].values()))["chunks"][0]["parts"][0].update(object="other/v1/x"),
-         r"object 'other/v1/x' is outside m/v"),
-        (lambda m: m["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rule"].update(dim=5), r"rule.dim: 5"),
+        (lambda m: m["objects"].__setitem__(0, "other/v1/x"), r"objects\[0\]: object 'other/v1/x' is outside m/v"),
+        (
+            lambda m: m["tensor_rules"][m["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rule"]].update(dim=5),
+            r"rule: split dim 5 is outside a tensor of shape",
+        ),
     ],
 )
 def test_garbled_manifest_names_the_field(tmp_path, checkpoints, edit, pattern):
@@ -239,7 +242,7 @@ def test_connectors_are_not_shipped_between_processes(tmp_path):
 def test_missing_or_truncated_chunk_object_is_one_clear_error(store_url, checkpoints, damage):
     rl.publish(checkpoints["llama"], store_url, "m", max_tp=2)
     manifest = _manifest(store_url, "m")
-    part = manifest.tensors["model.layers.1.mlp.up_proj.weight"].chunks[0].parts[0]
+    part = manifest.chunks("model.layers.1.mlp.up_proj.weight")[0].parts[0]
     with open_connector(store_url) as conn:
         if damage == "missing":
             conn.delete(part.object)

@@ -135,6 +135,16 @@ def make_big_llama(dest: str | Path, target_bytes: int, dtype: torch.dtype = tor
     return _save_random_model("llama", dest, dtype, 0, config)
 
 
+#: A Qwen3-30B-A3B-shaped MoE at tiny sizes: its 48 layers x 128 experts give the real model's 18,867 tensor
+#: names (and 74,553 chunks at max_tp 4) in about 40 MB of bf16, so per-tensor costs, not bytes, decide its timings.
+MANY_TENSORS_MOE: dict[str, Any] = {"num_experts": 128, "num_hidden_layers": 48, "moe_intermediate_size": 16}
+
+
+def make_many_tensor_moe(dest: str | Path) -> Path:
+    """Write the :data:`MANY_TENSORS_MOE` checkpoint (transformers ``qwen3_moe``, bf16, hidden 64) to ``dest``."""
+    return make_tiny_checkpoint("qwen3_moe", dest, dtype=torch.bfloat16, **MANY_TENSORS_MOE)
+
+
 def big_llama_config(target_bytes: int, element_size: int = 2) -> dict[str, Any]:
     """Llama config overrides whose checkpoint comes closest to ``target_bytes``."""
     vocab = 32000
