@@ -20,6 +20,7 @@ from .interrupt import InterruptGuard
 from .manifest import Manifest, manifest_key, read_manifest_bytes
 from .options import DEFAULTS, Device, Placement, Verify, load_options
 from .plan import Layout
+from .replicas import load_groups, make_groups, run_groups, start_groups
 from .report import LoadReport, RankReport, check_verified
 from .retry import RetryPolicy
 from .rules import RuleSet
@@ -27,16 +28,14 @@ from .verify import check_manifest_sha256
 from .worker import ShardLoader
 
 
-class LoadedModel:
-    """A verified load: every rank's shard lives in its actor. Use ``run`` to hand the shards to an engine."""
+class Replica:
+    """One TP group of a load (``LoadedModel.replica(i)``): its ranks' shards live in its actors."""
 
-    def __init__(self, coordinator: Coordinator, report: LoadReport):
+    def __init__(self, coordinator: Coordinator):
         self._coordinator = coordinator
-        self.report = report
-        self.model, self.tp = report.model, report.tp
 
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """``fn(rank, tensors, *args)`` on every rank, next to its shard; results in rank order."""
+        """``fn(rank, tensors, *args)`` on every rank of this replica, next to its shard; results in rank order."""
         return self._coordinator.run(fn, *args)
 
     def state_dict(self, rank: int) -> dict[str, torch.Tensor]:
@@ -47,11 +46,40 @@ class LoadedModel:
         """Per tensor: global shape, split dim, segment ranges, kv replicas, padded vocab."""
         return self._coordinator.call(rank, "metadata")
 
+
+class LoadedModel:
+    """A verified load: every rank's shard lives in its actor, in each replica. Use ``run`` to hand the shards to
+    an engine; ``replica(i)`` for one TP group; ``state_dict``/``metadata`` are replica 0's."""
+
+    def __init__(self, coordinators: Coordinator | list[Coordinator], report: LoadReport):
+        self._groups = coordinators if isinstance(coordinators, list) else [coordinators]
+        self.report = report
+        self.model, self.tp, self.replicas = report.model, report.tp, len(self._groups)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(rank, tensors, *args)`` on every actor, next to its shard; results ordered by replica, then rank."""
+        return run_groups(self._groups, fn, *args)
+
+    def replica(self, index: int) -> Replica:
+        """Replica ``index`` (0 <= index < replicas): its own ``run``, ``state_dict`` and ``metadata``."""
+        if not 0 <= index < self.replicas:
+            raise IndexError(f"replica {index} is outside replicas={self.replicas} (0..{self.replicas - 1})")
+        return Replica(self._groups[index])
+
+    def state_dict(self, rank: int) -> dict[str, torch.Tensor]:
+        """CPU copies of one rank's tensors of replica 0 (tests and tools: this copies through the object store)."""
+        return self.replica(0).state_dict(rank)
+
+    def metadata(self, rank: int) -> dict[str, dict]:
+        """Per tensor: global shape, split dim, segment ranges, kv replicas, padded vocab (the same in every
+        replica)."""
+        return self.replica(0).metadata(rank)
+
     @property
     def names(self) -> list[str]:
-        """The actors' names in Ray namespace :attr:`namespace` when loaded with ``hold=True`` (rank order), else
-        []: another driver gets one with ``ray.get_actor(name, namespace="raydist")``."""
-        return self._coordinator.names()
+        """The actors' names in Ray namespace :attr:`namespace` when loaded with ``hold=True`` (ordered by replica,
+        then rank), else []: another driver gets one with ``ray.get_actor(name, namespace="raydist")``."""
+        return [name for group in self._groups for name in group.names()]
 
     namespace = NAMESPACE
 
@@ -67,14 +95,16 @@ class LoadedModel:
         elsewhere (``raydist-loader release``; returns True). The actors are owned by this process either way: they
         end when it ends. Call :meth:`shutdown` afterwards (the context manager does)."""
         try:
-            while self._coordinator.alive():
+            while all(group.alive() for group in self._groups):
                 time.sleep(poll_s)
         except KeyboardInterrupt:
             return False
         return True
 
     def shutdown(self) -> None:
-        self._coordinator.shutdown()
+        """End every actor and remove every placement group."""
+        for group in self._groups:
+            group.shutdown()
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -84,8 +114,9 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         total = self.report.total
+        replicas = f", replicas={self.replicas}" if self.replicas > 1 else ""
         return (
-            f"LoadedModel({self.model!r}, tp={self.tp}, {total.bytes / 1e9:.2f} GB, "
+            f"LoadedModel({self.model!r}, tp={self.tp}{replicas}, {total.bytes / 1e9:.2f} GB, "
             f"{total.gbps:.2f} GB/s, verified={self.report.verified})"
         )
 
@@ -119,6 +150,7 @@ def load_across_cluster(
     *,
     device: Device = DEFAULTS.device,
     placement: Placement = DEFAULTS.placement,
+    replicas: int = DEFAULTS.replicas,
     concurrency: int | None = DEFAULTS.concurrency,
     verify: Verify = DEFAULTS.verify,
     rules: str | Path | dict | None = None,
@@ -136,6 +168,10 @@ def load_across_cluster(
 ) -> LoadedModel:
     """Load ``model`` from store ``url`` across ``tp`` Ray actors (one per GPU), verified before it returns.
 
+    ``replicas=R`` loads R data-parallel copies of the TP group (R x tp actors, one placement group per copy,
+    spread over nodes while they fit) and reads the store once: each chunk is read by one copy and reaches the
+    others' same rank through Ray's object store, where it is verified again (see :mod:`raydist_loader.replicas`).
+
     Each actor pulls only its TP shard; a digest mismatch re-pulls those chunks once and then raises
     :class:`VerificationError` naming rank, tensor and chunk, so a LoadedModel is never returned unverified
     (unless ``verify=False``). ``device="auto"`` uses GPU bundles when the cluster has ``tp`` GPUs. Transient
@@ -150,6 +186,7 @@ def load_across_cluster(
         dict(
             device=device,
             placement=placement,
+            replicas=replicas,
             concurrency=concurrency,
             verify=verify,
             num_cpus_per_actor=num_cpus_per_actor,
@@ -166,25 +203,20 @@ def load_across_cluster(
     manifest.check_tp(tp)
     with InterruptGuard() as interrupts:  # Ctrl-C stops the load at any point, and nothing is left running
         connect(ray_address)
-        coordinator = Coordinator(
-            manifest,
-            raw,
-            url,
-            tp,
-            options,
-            connector_options,
-            progress=sys.stderr.isatty() if progress is None else progress,
-            hold=hold,
+        groups = make_groups(
+            manifest, raw, url, tp, options, connector_options,
+            progress=sys.stderr.isatty() if progress is None else progress, hold=hold,
         )
         try:
-            coordinator.start()
+            start_groups(groups)
             ready = time.perf_counter() - t0
-            reports = coordinator.load()
+            reports = load_groups(groups)
             interrupts.check()
-            return LoadedModel(coordinator, LoadReport.gather(reports, ready, bool(verify)))
+            return LoadedModel(groups, LoadReport.gather(reports, ready, bool(verify)))
         except BaseException:
             with interrupts.shielded():
-                coordinator.shutdown()
+                for group in groups:
+                    group.shutdown()
             raise
 
 

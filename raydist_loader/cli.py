@@ -556,6 +556,10 @@ _COLUMNS = (("rank", ">"), ("host", "<"), ("gpu", "<"), ("device", "<"), ("bytes
             ("seconds", ">"), ("GB/s", ">"), ("digest", "<"))
 
 
+def _report_columns(report: LoadReport) -> tuple[tuple[str, str], ...]:
+    return (("replica", ">"), *_COLUMNS) if report.replicas > 1 else _COLUMNS
+
+
 def _report_rows(report: LoadReport) -> list[list[str]]:
     rows = []
     for r in report.ranks:
@@ -566,6 +570,7 @@ def _report_rows(report: LoadReport) -> list[list[str]]:
         else:
             state = "ok" if r.digest == r.expected_digest else "MISMATCH"
         rows.append([
+            *([str(r.replica)] if report.replicas > 1 else []),
             str(r.rank), r.host, ",".join(r.gpu_ids) or "-", r.device, human_bytes(r.bytes),
             human_bytes(r.bytes_read), f"{r.seconds:.2f}", f"{r.gbps:.2f}", state,
         ])
@@ -573,31 +578,34 @@ def _report_rows(report: LoadReport) -> list[list[str]]:
 
 
 def _print_report(report: LoadReport, out: _Out) -> None:
-    rows = _report_rows(report)
+    rows, columns = _report_rows(report), _report_columns(report)
     total = report.total
-    head = (f"{report.model} version {report.version} tp={report.tp} "
+    replicas = f" x {report.replicas} replicas" if report.replicas > 1 else ""
+    head = (f"{report.model} version {report.version} tp={report.tp}{replicas} "
             f"from {report.store}: " + ("verified" if report.verified else "NOT verified"))
+    shared = (f"; the store sent {human_bytes(total.bytes_read)}, the replicas shared "
+              f"{human_bytes(total.bytes_from_peers)}" if report.replicas > 1 else "")
     foot = (f"total {human_bytes(total.bytes)} in {total.seconds:.2f} s "
-            f"({total.gbps:.2f} GB/s); ready in {total.time_to_ready_s:.2f} s")
+            f"({total.gbps:.2f} GB/s){shared}; ready in {total.time_to_ready_s:.2f} s")
     if _use_rich():
         from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
 
         table = Table(title=escape(out.clean(head)), caption=escape(out.clean(foot)))
-        for name, align in _COLUMNS:
+        for name, align in columns:
             table.add_column(name, justify="right" if align == ">" else "left")
         for row in rows:
             table.add_row(*(escape(out.clean(c)) for c in row))
         Console().print(table)
         return
-    widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, (name, _) in enumerate(_COLUMNS)]
+    widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, (name, _) in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, _COLUMNS, widths, strict=True)).rstrip()
+        return "  ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, columns, widths, strict=True)).rstrip()
 
     out.print(head)
-    out.print(line([name for name, _ in _COLUMNS]))
+    out.print(line([name for name, _ in columns]))
     for row in rows:
         out.print(line(row))
     out.print(foot)

@@ -1,5 +1,8 @@
 """Ray side of a load: placement group, one ShardLoader actor per rank, reports gathered and verified.
 
+One Coordinator is one TP group; with ``replicas=R`` the API makes R of them (:mod:`~raydist_loader.replicas`
+places them and runs their shared pull).
+
 Tensor bytes never pass through here: actors read from the store and keep their shards; the driver sees the
 manifest, the expected digests it computes itself, and the reports.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from . import held
@@ -37,10 +40,17 @@ class Coordinator:
         *,
         progress: bool = False,
         hold: bool = False,
+        replica: int | None = None,
+        actor_class: type = ShardLoader,
+        actor_kwargs: dict | None = None,
     ):
         """``hold`` names the actors ``raydist:<model>:<rank>`` in Ray namespace ``raydist`` and the placement group
-        ``raydist:<model>`` (see :mod:`~raydist_loader.held`); ``progress`` shows a progress bar."""
+        ``raydist:<model>`` (replica i > 0: ``raydist:<model>#<i>...``; see :mod:`~raydist_loader.held`);
+        ``progress`` shows a progress bar; ``replica`` is this TP group's index among ``options.replicas`` (None: a
+        plain load); ``actor_class`` (a ShardLoader) and ``actor_kwargs`` (extra constructor arguments) say what
+        each actor runs."""
         self.manifest, self.tp, self.options = manifest, tp, options
+        self.replica, self._actor_class, self._actor_kwargs = replica, actor_class, actor_kwargs or {}
         self._show_progress, self.hold = progress, hold
         self._raw, self._url, self._connector_options = manifest_raw, url, connector_options or {}
         # every rank planned once, here, before any byte moves: each actor gets its own plan (it neither parses
@@ -57,25 +67,41 @@ class Coordinator:
 
     # ---------------------------------------------------------------- placement
     def start(self) -> None:
+        """Place, start the actors and wait until they are ready."""
+        self.place()
+        self._ready(self.spawn())
+
+    def bundle(self) -> dict[str, float]:
+        """One rank's bundle: a GPU and a few CPUs when the cluster has a GPU for every rank of every replica."""
+        import ray
+
+        self.gpu = self._wants_gpu(ray.cluster_resources())
+        cpu = self.options.num_cpus_per_actor
+        return {"GPU": 1, "CPU": cpu} if self.gpu else {"CPU": cpu}
+
+    def place(self, avoid_nodes: Collection[str] = ()) -> None:
+        """Reserve one bundle per rank (a placement group); ``avoid_nodes``: Ray node ids the bundles must not use
+        (replicas spread over nodes; the caller passes them only when another node has room)."""
         import ray
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
         if self.hold:
             held.check_not_held(self.manifest.model)
-        self.gpu = self._wants_gpu(ray.cluster_resources())
-        cpu = self.options.num_cpus_per_actor
-        bundle = {"GPU": 1, "CPU": cpu} if self.gpu else {"CPU": cpu}
+        bundle = self.bundle()
+        selector = [{"ray.io/node-id": f"!in({','.join(sorted(avoid_nodes))})"}] * self.tp if avoid_nodes else None
         self.pg = placement_group(
             [dict(bundle) for _ in range(self.tp)],
             strategy=PLACEMENTS[self.options.placement],
-            name=held.group_name(self.manifest.model) if self.hold else "",
+            name=held.group_name(self.manifest.model, self.replica) if self.hold else "",
+            bundle_label_selector=selector,
         )
         ready, _ = ray.wait([self.pg.ready()], timeout=self.options.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             self.pg = None
             raise PlacementError(
-                f"could not place {self.tp} bundles of {bundle} with strategy {PLACEMENTS[self.options.placement]} "
+                f"{self._who()}could not place {self.tp} bundles of {bundle} with strategy "
+                f"{PLACEMENTS[self.options.placement]} "
                 f"within {self.options.placement_timeout_s:.0f}s; cluster has {_fmt(ray.cluster_resources())}, "
                 f"available now {_fmt(ray.available_resources())}. Lower tp, use device='cpu', another placement "
                 "strategy, or add nodes"
@@ -83,6 +109,10 @@ class Coordinator:
         nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         order = sorted(range(self.tp), key=lambda b: (nodes[b], b))  # ranks ordered by (node, bundle/GPU)
         self._bundles = order
+        self.nodes = [nodes[b] for b in order]  # Ray node id of each rank
+
+    def spawn(self) -> list:
+        """Start one actor per rank in its bundle; returns the refs :meth:`_ready` waits for."""
         with paused_gc():  # each spawn pickles a plan of ~1 record per chunk
             for rank in range(self.tp):  # one by one: an interrupt in between leaves every started actor to shutdown()
                 try:
@@ -90,7 +120,7 @@ class Coordinator:
                 except ValueError:  # a held name taken meanwhile: another driver holds the model
                     held.check_not_held(self.manifest.model)
                     raise
-        self._ready([a.prepare.remote() for a in self.actors])
+        return [a.prepare.remote() for a in self.actors]
 
     def _ready(self, refs: list) -> None:
         """Wait until every actor is up with its connector open and its plan made, so that all ranks start
@@ -100,7 +130,7 @@ class Coordinator:
         done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.options.actor_start_timeout_s)
         if pending:
             raise PlacementError(
-                f"ranks {[refs.index(p) for p in pending]} did not start within "
+                f"{self._who()}ranks {[refs.index(p) for p in pending]} did not start within "
                 f"{self.options.actor_start_timeout_s:g}s (importing torch and opening the store); raise "
                 "actor_start_timeout_s (--actor-start-timeout-s) on cold nodes"
             )
@@ -108,7 +138,7 @@ class Coordinator:
             try:
                 ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the store could not be opened from that node
-                raise RaydistError(f"rank {rank} could not start: {self._clean(e)}") from None
+                raise RaydistError(f"{self._who(rank)}could not start: {self._clean(e)}") from None
 
     def _spawn(self, rank: int) -> Any:
         """Start rank's actor in its placement-group bundle (again, after the previous one died)."""
@@ -124,9 +154,9 @@ class Coordinator:
             ),
         )
         if self.hold:
-            opts.update(name=held.actor_name(self.manifest.model, rank), namespace=held.NAMESPACE)
+            opts.update(name=held.actor_name(self.manifest.model, rank, self.replica), namespace=held.NAMESPACE)
         return (
-            ray.remote(ShardLoader)
+            ray.remote(self._actor_class)
             .options(**opts)
             .remote(
                 self._url,
@@ -138,8 +168,19 @@ class Coordinator:
                 verify=self.options.verify,
                 connector_options=self._connector_options,
                 retries=self.options.retries.policy(),
+                **self._actor_kwargs,
             )
         )
+
+    def restart_after(self, rank: int, error: BaseException, count: int) -> Any:
+        """Rank's actor died (``error``): restart it for the ``count``-th time and return its load, or raise one
+        clear error once ``max_restarts`` is exhausted."""
+        if count > self.options.max_restarts:
+            raise RaydistError(
+                f"{self._who(rank)}failed: its actor died ({self._clean(error)}) after {count - 1} "
+                f"restart(s); max_restarts={self.options.max_restarts} is exhausted"
+            ) from None
+        return self._restart(rank)
 
     def _restart(self, rank: int) -> Any:
         """Replace rank's dead actor with a fresh one in the same bundle and start its load again."""
@@ -160,9 +201,10 @@ class Coordinator:
     def _wants_gpu(self, resources: dict) -> bool:
         if self.options.device == "cpu":
             return False
-        has = resources.get("GPU", 0) >= self.tp
+        need = self.tp * self.options.replicas  # every replica's ranks get GPUs, or none does
+        has = resources.get("GPU", 0) >= need
         if self.options.device == "cuda" and not has:
-            raise PlacementError(f"device='cuda' needs {self.tp} GPUs; the cluster has {resources.get('GPU', 0):g}")
+            raise PlacementError(f"device='cuda' needs {need} GPUs; the cluster has {resources.get('GPU', 0):g}")
         return has
 
     # ---------------------------------------------------------------- load + verify
@@ -182,52 +224,58 @@ class Coordinator:
             check_verified(self.manifest.model, reports, self.expected)
         return reports
 
-    def _gather(self, refs: list) -> list[RankReport]:
-        """Wait for every rank; a rank whose actor died is restarted (``max_restarts`` times), any other failure
-        raises at once naming the rank. Never returns with a rank missing."""
+    def _gather(self, refs: list, restarts: list[int] | None = None) -> list[RankReport]:
+        """Wait for every rank; a rank whose actor died is restarted (``max_restarts`` times in all, counting
+        ``restarts`` already made), any other failure raises at once naming the rank. Never returns with a rank
+        missing."""
         import ray
         from ray.exceptions import RayActorError
 
         refs = list(refs)
-        restarts = [0] * len(refs)
+        restarts = list(restarts or [0] * len(refs))
         deadline = time.monotonic() + self.options.timeout_s
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done and time.monotonic() >= deadline:
                 ranks = [refs.index(p) for p in pending]
-                raise RaydistError(f"load did not finish within {self.options.timeout_s:.0f}s; ranks {ranks} pending")
+                raise RaydistError(
+                    f"{self._who()}load did not finish within {self.options.timeout_s:.0f}s; ranks {ranks} pending"
+                )
             for ref in done:
                 rank = refs.index(ref)
                 try:
                     ray.get(ref)
                 except RayActorError as e:
-                    if restarts[rank] >= self.options.max_restarts:
-                        raise RaydistError(
-                            f"rank {rank} failed: its actor died ({self._clean(e)}) after {restarts[rank]} "
-                            f"restart(s); max_restarts={self.options.max_restarts} is exhausted"
-                        ) from None
                     restarts[rank] += 1
-                    refs[rank] = self._restart(rank)
+                    refs[rank] = self.restart_after(rank, e, restarts[rank])
                     pending.append(refs[rank])
                 except Exception as e:  # noqa: BLE001 - surface the first failing rank with its cause
-                    raise RaydistError(f"rank {rank} failed: {self._clean(e)}") from None
+                    raise RaydistError(f"{self._who(rank)}failed: {self._clean(e)}") from None
         reports = ray.get(refs)
         for report in reports:
             report.restarts = restarts[report.rank]
         return reports
 
-    def _progress(self, stop: threading.Event) -> threading.Thread:
+    def _progress(self, stop: threading.Event, actors: list | None = None) -> threading.Thread:
+        """A thread showing the bytes landed on ``actors`` (default: this group's) until ``stop``."""
         from .progress import show
 
         def poll() -> list[tuple[int, int]]:
             import ray
 
-            return ray.get([a.progress.remote() for a in self.actors])
+            return ray.get([a.progress.remote() for a in actors or self.actors])
 
         thread = threading.Thread(target=show, args=(poll, stop), daemon=True)
         thread.start()
         return thread
+
+    def _who(self, rank: int | None = None) -> str:
+        """The prefix of this group's messages: ``"rank 1 "``, ``"replica 0 rank 1 "``, ``"replica 0: "`` or ``""``."""
+        replica = "" if self.replica is None else f"replica {self.replica}"
+        if rank is None:
+            return f"{replica}: " if replica else ""
+        return f"{replica} rank {rank} ".lstrip()
 
     def _clean(self, exc: BaseException) -> str:
         text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
@@ -262,7 +310,7 @@ class Coordinator:
 
     def names(self) -> list[str]:
         """The actors' names when held (``raydist:<model>:<rank>``, namespace ``raydist``), else []."""
-        return [held.actor_name(self.manifest.model, r) for r in range(self.tp)] if self.hold else []
+        return [held.actor_name(self.manifest.model, r, self.replica) for r in range(self.tp)] if self.hold else []
 
     def shutdown(self) -> None:
         import ray

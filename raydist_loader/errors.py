@@ -50,10 +50,11 @@ class VerificationError(RaydistError):
 
 
 def describe_failures(failures: list[dict], limit: int = 10) -> str:
-    """One line per failure: rank (when known), tensor and chunk (or file), and why."""
+    """One line per failure: replica and rank (when known), tensor and chunk (or file), and why."""
     lines = []
     for f in failures[:limit]:
         where = f"rank {f['rank']}: " if "rank" in f else ""
+        where = f"replica {f['replica']} {where}" if "replica" in f else where
         what = f"file {f['file']}" if "file" in f else f"tensor {f['tensor']} chunk {f['chunk']}"
         why = f["error"] if "error" in f else f"digest {f['got']} != expected {f['expected']}"
         lines.append(f"{where}{what}: {why}")

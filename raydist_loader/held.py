@@ -2,7 +2,9 @@
 
 A held load's actors live in the fixed Ray namespace :data:`NAMESPACE` under ``raydist:<model>:<rank>`` whatever
 the holding driver's own namespace, so any driver or engine on the cluster finds them with
-``ray.get_actor(name, namespace="raydist")``; their placement group is named ``raydist:<model>``. They are
+``ray.get_actor(name, namespace="raydist")``; their placement group is named ``raydist:<model>``. Replica i > 0 of
+a replicated load (``replicas=R``) is ``raydist:<model>#<i>:<rank>`` and ``raydist:<model>#<i>`` (model names
+cannot contain ``#``). They are
 ordinary (not detached) actors owned by the holding driver: they end with it (Ctrl-C, exit, even SIGKILL) or when
 :func:`release` (``raydist-loader release``) kills them from any driver.
 """
@@ -15,18 +17,29 @@ from .errors import RaydistError
 NAMESPACE = "raydist"
 
 
-def actor_name(model: str, rank: int) -> str:
-    """``raydist:<model>:<rank>``: the name of a held load's actor."""
-    return f"raydist:{model}:{rank}"
+def actor_name(model: str, rank: int, replica: int | None = None) -> str:
+    """``raydist:<model>:<rank>``: the name of a held load's actor (``raydist:<model>#<i>:<rank>`` in replica i > 0)."""
+    return f"{group_name(model, replica)}:{rank}"
 
 
-def group_name(model: str) -> str:
-    """``raydist:<model>``: the name of a held load's placement group."""
-    return f"raydist:{model}"
+def group_name(model: str, replica: int | None = None) -> str:
+    """``raydist:<model>``: the name of a held load's placement group (``raydist:<model>#<i>`` in replica i > 0)."""
+    return f"raydist:{model}#{replica}" if replica else f"raydist:{model}"
+
+
+def _model_of(group: str) -> str | None:
+    """The model of a held placement group's name (an actor's without its ``:<rank>``), else None."""
+    return _split(group[len("raydist:") :])[0] if group.startswith("raydist:") else None
+
+
+def _split(owner: str) -> tuple[str, int]:
+    """``<model>`` or ``<model>#<i>`` -> (model, replica)."""
+    model, _, replica = owner.partition("#")
+    return model, int(replica) if replica.isdigit() else 0
 
 
 def held_names(model: str | None = None) -> list[str]:
-    """Live held actors of ``model`` (every model when None), in rank order per model."""
+    """Live held actors of ``model`` (every model when None), ordered by model, replica and rank."""
     import ray
 
     found = []
@@ -35,8 +48,8 @@ def held_names(model: str | None = None) -> list[str]:
         if entry["namespace"] != NAMESPACE or not name.startswith("raydist:"):
             continue
         owner, _, rank = name[len("raydist:") :].rpartition(":")
-        if rank.isdigit() and (model is None or owner == model):
-            found.append((owner, int(rank), name))
+        if rank.isdigit() and (model is None or _split(owner)[0] == model):
+            found.append((*_split(owner), int(rank), name))
     return [name for *_, name in sorted(found)]
 
 
@@ -74,10 +87,10 @@ def release(model: str, *, ray_address: str | None = None) -> list[str]:
     names = held_names(model)
     groups = [
         pg_id for pg_id, pg in placement_group_table().items()
-        if pg.get("name") == group_name(model) and pg.get("state") != "REMOVED"
+        if _model_of(pg.get("name", "")) == model and pg.get("state") != "REMOVED"
     ]
     if not names and not groups:
-        others = sorted({n.rsplit(":", 1)[0][len("raydist:") :] for n in held_names()})
+        others = sorted({_model_of(n.rsplit(":", 1)[0]) for n in held_names()})
         raise RaydistError(
             f"nothing holds model {model!r} in Ray namespace {NAMESPACE!r} on this cluster"
             + (f"; held models: {', '.join(others)}" if others else "; no model is held")

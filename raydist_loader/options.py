@@ -60,6 +60,9 @@ class LoadOptions(_Model):
     device: Device = Field(default="auto", description="where tensors land; auto: GPU bundles when the cluster "
                            "has tp GPUs, cuda inside an actor that sees one")
     placement: Placement = Field(default="pack", description="placement-group strategy for the tp bundles")
+    replicas: int = Field(default=1, strict=True, ge=1, description="data-parallel copies of the TP group, one "
+                          "placement group each; the store is read once and the copies share the bytes through "
+                          "Ray's object store, every copy verified")
     concurrency: int | None = Field(default=None, strict=True, ge=1,
                                     description="requests in flight per actor")
     verify: Verify = Field(default=True, description='true: hash chunks as they land; "full": also re-hash the '

@@ -31,7 +31,7 @@ class RankReport:
     device: str
     store: str  # redacted URL
     bytes: int  # shard bytes kept
-    bytes_read: int  # bytes read from the store (in-place dim-1 shards read whole row spans)
+    bytes_read: int  # bytes read from the store (in-place dim-1 shards read whole row spans; with replicas, its share)
     staged_bytes: int  # bytes that went through a staging buffer (column blocks, in-place extracts)
     chunks: int
     started: float  # wall clock (time.time()) when the load started
@@ -46,6 +46,8 @@ class RankReport:
     phases: dict[str, float] = field(default_factory=dict)  # plan_s, alloc_s, pull_s (first pull)
     repulled: int = 0  # chunks re-pulled after a digest mismatch
     restarts: int = 0  # times the coordinator restarted this rank's actor
+    replica: int = 0  # which data-parallel copy of the TP group (``replicas=``)
+    bytes_from_peers: int = 0  # bytes received from the same rank of the other replicas (then verified here)
 
     @property
     def verified(self) -> bool:
@@ -58,15 +60,16 @@ class LoadTotal:
     """The aggregate: GB/s = all shard bytes / (last rank done - first read started)."""
 
     bytes: int
-    bytes_read: int
+    bytes_read: int  # from the store: one copy of the shards when replicas share
     seconds: float
     gbps: float
     time_to_ready_s: float  # Ray start, placement, actors up with their plans made
+    bytes_from_peers: int = 0  # moved between replicas through Ray's object store
 
 
 @dataclass
 class LoadReport:
-    """A whole load: every rank's report in rank order plus the aggregate."""
+    """A whole load: every rank's report, ordered by replica then rank, plus the aggregate."""
 
     model: str
     version: str
@@ -75,16 +78,23 @@ class LoadReport:
     ranks: list[RankReport]
     verified: bool
     total: LoadTotal
+    replicas: int = 1
 
     @classmethod
     def gather(cls, ranks: Sequence[RankReport], ready_s: float, verified: bool) -> LoadReport:
-        """Aggregate rank reports (in rank order) of one load."""
+        """Aggregate rank reports (ordered by replica, then rank) of one load."""
         first = ranks[0]
         started = min(r.started for r in ranks)
         seconds = max(max(r.finished for r in ranks) - started, 1e-9)
         nbytes = sum(r.bytes for r in ranks)
-        total = LoadTotal(nbytes, sum(r.bytes_read for r in ranks), seconds, nbytes / seconds / 1e9, ready_s)
-        return cls(first.model, first.version, first.tp, first.store, list(ranks), verified, total)
+        total = LoadTotal(nbytes, sum(r.bytes_read for r in ranks), seconds, nbytes / seconds / 1e9, ready_s,
+                          sum(r.bytes_from_peers for r in ranks))
+        replicas = max(r.replica for r in ranks) + 1
+        return cls(first.model, first.version, first.tp, first.store, list(ranks), verified, total, replicas)
+
+    def replica(self, index: int) -> list[RankReport]:
+        """One replica's rank reports, in rank order."""
+        return [r for r in self.ranks if r.replica == index]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (``raydist-loader load --report`` / ``--json``)."""

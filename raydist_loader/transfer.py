@@ -151,6 +151,44 @@ class Transfer:
         else:
             dest.copy_(data.view(dest.shape), non_blocking=data.is_pinned())
 
+    # ---------------------------------------------------------------- bytes shared with peer replicas (share.py)
+    def runs(self, reads: Sequence[ChunkRead]) -> list[list[ChunkRead]]:
+        """``reads`` as they travel between replicas of this rank (whose arenas have the same layout): chunks
+        adjacent in the arena as one span, every other chunk (column block, in-place extract) alone."""
+        runs: list[list[ChunkRead]] = []
+        for read in reads:
+            last = runs[-1][-1] if runs else None
+            if last and last.direct and read.direct and self._adjacent(last, read):
+                runs[-1].append(read)
+            else:
+                runs.append([read])
+        return runs
+
+    def export(self, run: list[ChunkRead]) -> torch.Tensor:
+        """A run's bytes on the host (uint8): a view of the arena span on CPU, a copy from a GPU; a lone chunk
+        that is not contiguous in the arena as its row-major bytes (what its digest covers)."""
+        if run[0].direct:
+            data = self._arena[self._arena_span(run[0])[0] : self._arena_span(run[-1])[1]]
+        else:
+            data = self._region(run[0]).contiguous().view(-1)
+        return data.cpu()
+
+    def accept(self, run: list[ChunkRead], data: torch.Tensor) -> list[torch.Tensor]:
+        """Place a run's bytes received from a peer (as :meth:`export` made them); returns each chunk's bytes to
+        hash: its place in the arena on CPU, what arrived (on the host) for a GPU arena."""
+        if run[0].direct:
+            start = self._arena_span(run[0])[0]
+            dest = self._arena[start : start + data.numel()]
+            dest.copy_(data)
+            held = dest if self.device.type == "cpu" else data
+            chunks = [held[a - start : b - start] for a, b in map(self._arena_span, run)]
+        else:
+            self._place(run[0], data)
+            chunks = [data]
+        with self._lock:
+            self._done += sum(r.nbytes for r in run)
+        return chunks
+
     def _allocate(self) -> None:
         """One arena on the final device, a flat uint8 view per slot: reads (CPU) or H2D copies (GPU) land in place,
         and chunks of consecutive tensors are adjacent, so the GPU path moves them with one copy."""
@@ -211,6 +249,15 @@ class Transfer:
         """[start, end) of a contiguous chunk in the rank's arena."""
         start = self._offsets[read.tensor] + read.dest * _inner_bytes(self.plan.tensors[read.tensor])
         return start, start + read.nbytes
+
+    def _adjacent(self, prev: ChunkRead, read: ChunkRead) -> bool:
+        """``read`` starts where ``prev`` ends in the arena, or ``prev`` ends its tensor and ``read`` starts the next
+        one (the gap between them is alignment padding)."""
+        end, start = self._arena_span(prev)[1], self._arena_span(read)[0]
+        if start == end:
+            return True
+        ends_tensor = end == self._offsets[prev.tensor] + self.plan.tensors[prev.tensor].nbytes
+        return ends_tensor and read.tensor == prev.tensor + 1 and start == self._offsets[read.tensor]
 
     def _columns(self, group: list[ChunkRead], *, whole: bool = True) -> bool:
         """A group of column blocks (row-parallel chunks at tp < max_tp) of one tensor, all of them if ``whole``."""

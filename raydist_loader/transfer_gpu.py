@@ -111,13 +111,6 @@ class GpuTransfer(Transfer):
         """All column blocks of one tensor, small enough to be assembled in one staging buffer."""
         return self._columns(group) and 2 * self.plan.tensors[group[0].tensor].nbytes <= self.part_bytes
 
-    def _adjacent(self, prev: ChunkRead, read: ChunkRead) -> bool:
-        end, start = self._arena_span(prev)[1], self._arena_span(read)[0]
-        if start == end:
-            return True
-        ends_tensor = end == self._offsets[prev.tensor] + self.plan.tensors[prev.tensor].nbytes
-        return ends_tensor and read.tensor == prev.tensor + 1 and start == self._offsets[read.tensor]
-
     def _group_bytes(self, group: list[ChunkRead]) -> int:
         if len(group) > 1 and self._columns(group):
             return 2 * self.plan.tensors[group[0].tensor].nbytes

@@ -1,4 +1,5 @@
-"""Several simulated nodes (ray.cluster_utils.Cluster): PACK keeps a TP group on one node, SPREAD spreads it."""
+"""Several simulated nodes (ray.cluster_utils.Cluster): PACK keeps a TP group on one node, SPREAD spreads it;
+replicas spread one per node and share one pull between the nodes."""
 
 from __future__ import annotations
 
@@ -71,3 +72,20 @@ def test_strict_pack_beyond_one_node_times_out_naming_resources(cluster, store):
         rl.load_across_cluster("m", store, tp=2, placement="strict_pack", placement_timeout_s=3, progress=False,
                                num_cpus_per_actor=0.9)
     assert ray.available_resources().get("GPU") == 4, "the placement group was removed"
+
+
+@pytest.mark.parametrize(("tp", "replicas"), [(2, 2), (1, 3)])
+def test_replicas_spread_one_per_node_and_share_across_nodes(cluster, store, tp, replicas):
+    """Replicas go one per node while a node without one has room; the third of three (tp=1) then shares a node
+    rather than wait. Each rank gets part of its shard from another node through Ray's object manager and
+    verifies it."""
+    _settle()
+    with rl.load_across_cluster("m", store, tp=tp, replicas=replicas, progress=False) as loaded:
+        report = loaded.report
+        per_replica = [{r.node_id for r in report.replica(i)} for i in range(replicas)]
+        assert report.verified and all(len(nodes) == 1 for nodes in per_replica), per_replica
+        assert per_replica[0] != per_replica[1], "one replica per node"
+        assert len(set.union(*per_replica)) == 2
+        assert all(r.bytes_from_peers > 0 for r in report.ranks), "each rank got part of its shard from a peer"
+        assert report.total.bytes_read == sum(r.bytes for r in report.replica(0)), "the store was read once"
+        assert loaded.replica(1).metadata(0) == loaded.metadata(0)

@@ -19,6 +19,7 @@ from raydist_loader.worker import ShardLoader
 KNOBS = {
     "device": ("cpu", "cpu", "cpu"),
     "placement": ("strict_spread", "strict_spread", "strict_spread"),
+    "replicas": (2, "2", 2),
     "concurrency": (3, "3", 3),
     "verify": ("full", None, "full"),  # CLI: --verify-full
     "num_cpus_per_actor": (0.5, "0.5", 0.5),
