@@ -328,6 +328,9 @@ def test_an_actor_killed_mid_load_is_restarted_or_gives_one_clear_error(ray_sess
         assert report.verified and [r.restarts for r in report.ranks] == [0, 0, 1, 0]
         for replica in range(2):
             assert_shards_match(original, shards_of(loaded, replica, 2))
+        assert loaded.names == ["raydist:m:0", "raydist:m:1", "raydist:m#1:0", "raydist:m#1:1"]
+        assert rl.release("m") == loaded.names, "release ends every replica of a held model"
+        assert loaded.hold(poll_s=0.1), "hold returns once the actors were released elsewhere"
     assert_nothing_left(ray)
 
     box = load_killing(max_restarts=0)
