@@ -73,10 +73,21 @@ def vllm_cut(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     return full  # norms, q_norm/k_norm, the router
 
 
+def vllm_cut_mismatches(original: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], tp: int, rank: int):
+    """Names of the tensors that are missing, extra, or differ from :func:`vllm_cut`."""
+    missing = sorted(set(original) ^ set(tensors))
+    return missing + [n for n, full in original.items() if n in tensors and not torch.equal(
+        tensors[n], vllm_cut(n, full, tp, rank))]
+
+
 def assert_vllm_cut(original: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], tp: int, rank: int) -> None:
-    assert set(tensors) == set(original)
-    wrong = [n for n, full in original.items() if not torch.equal(tensors[n], vllm_cut(n, full, tp, rank))]
+    wrong = vllm_cut_mismatches(original, tensors, tp, rank)
     assert not wrong, f"rank {rank}: {len(wrong)} tensors differ from vLLM's cut, e.g. {wrong[:3]}"
+
+
+def actor_vllm_cut_mismatches(rank: int, tensors: dict[str, torch.Tensor], ckpt: str, tp: int) -> list[str]:
+    """Run next to a rank's shard (``LoadedModel.run``): :func:`vllm_cut_mismatches` against the checkpoint."""
+    return vllm_cut_mismatches(original_tensors(Path(ckpt)), tensors, tp, rank)
 
 
 def load_example():

@@ -13,7 +13,7 @@ from raydist_loader.errors import ConfigError, PlacementError, ShardingError, Ve
 from raydist_loader.manifest import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
-from .shards import assert_shards_match, assert_vllm_cut, original_tensors
+from .shards import assert_shards_match, original_tensors
 
 pytestmark = pytest.mark.ray
 
@@ -143,10 +143,14 @@ def test_tp_forward_through_ray_equals_the_full_model(ray_session, tmp_path):
 
 
 def test_many_tensor_moe_loads_at_tp4_as_vllm_cuts_it(ray_session, many_tensor_moe):
-    """18,867 tensors: the driver parses and plans once, each actor gets its plan; every rank holds vLLM's cut."""
+    """18,867 tensors: the driver parses and plans once, each actor gets its plan; every rank holds vLLM's cut
+    (checked next to each shard against the checkpoint file)."""
+    from ray import cloudpickle
+
+    from . import shards
+
+    cloudpickle.register_pickle_by_value(shards)  # tests/ is not importable inside the actors
     ckpt, url = many_tensor_moe
-    original = original_tensors(ckpt)
     with rl.load_across_cluster("moe", url, tp=4, progress=False) as loaded:
         assert loaded.report.verified and [r.rank for r in loaded.report.ranks] == [0, 1, 2, 3]
-        for rank in range(4):
-            assert_vllm_cut(original, loaded.state_dict(rank), 4, rank)
+        assert loaded.run(shards.actor_vllm_cut_mismatches, str(ckpt), 4) == [[]] * 4
