@@ -93,6 +93,84 @@ def test_readinto_at_offset_into_a_slice(conn: Connector, target: str) -> None:
     assert got[:100] == bytes(100) and got[600:] == bytes(400), "bytes outside the slice were touched"
 
 
+def _reads_while_replaced(conn: Connector, key: str = "m/manifest.json") -> set[bytes]:
+    """Read ``key`` over and over while another thread keeps replacing it with values of other sizes."""
+    versions = [bytes([65 + i]) * (3000 + 1700 * i) for i in range(3)]
+    conn.write(key, versions[0])
+    stop, seen = threading.Event(), set()
+
+    def publisher() -> None:
+        with open_connector(conn.url) as writer:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                writer.write(key, versions[i % len(versions)])
+
+    thread = threading.Thread(target=publisher, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            seen.add(conn.read(key))
+    finally:
+        stop.set()
+        thread.join(10)
+    torn = seen - set(versions)
+    assert not torn, f"read returned {len(torn)} values that no write stored (a torn read): {sorted(torn)[0][:40]!r}..."
+    return seen
+
+
+def test_read_of_an_object_being_replaced_is_one_whole_version(conn: Connector) -> None:
+    """The manifest swap: a loader reading ``manifest.json`` while a publish replaces it gets the old bytes or the
+    new ones, never the start of one and the end of the other (that parsed as broken JSON mid-publish)."""
+    assert len(_reads_while_replaced(conn)) >= 2, "the writer never got a replacement in: the test saw no swap"
+
+
+class _RangedOnly(Connector):
+    """A plug-in with only the five primitives, over a dict, serving a read in 512-byte ranges; ``replace_during``
+    swaps a value in between two ranges of the next read (a publish landing mid-read)."""
+
+    schemes = ("rangedonly",)
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.store: dict[str, bytes] = {}
+        self.replace_during: tuple[str, bytes] | None = None
+
+    def readinto(self, key: str, offset: int, buf: memoryview) -> None:
+        for start in range(0, len(buf), 512):
+            if start and self.replace_during:
+                k, v = self.replace_during
+                self.store[k], self.replace_during = v, None
+            if key not in self.store:
+                raise NotFoundError(key)
+            piece = self.store[key][offset + start : offset + min(start + 512, len(buf))]
+            buf[start : start + len(piece)] = piece
+
+    def write(self, key: str, data) -> None:
+        self.store[key] = bytes(data)
+
+    def list(self, prefix: str = ""):
+        return iter(sorted(k for k in self.store if k.startswith(prefix)))
+
+    def stat(self, key: str) -> int | None:
+        return len(self.store[key]) if key in self.store else None
+
+    def delete(self, key: str) -> None:
+        self.store.pop(key, None)
+
+
+@pytest.mark.parametrize("new_size", [1000, 5000], ids=["shrinks", "grows"])
+def test_plugin_read_without_an_atomic_get_rereads_an_object_replaced_mid_read(new_size: int) -> None:
+    """A plug-in backend gets the base class's ``read``: an object replaced between two of its range reads is read
+    again, whole, never returned as the start of one version and the end of another (or as a short-read error)."""
+    conn = _RangedOnly("rangedonly://x")
+    conn.write("m/manifest.json", b"A" * 3000)
+    conn.replace_during = ("m/manifest.json", b"B" * new_size)
+    assert conn.read("m/manifest.json") == b"B" * new_size
+    assert conn.replace_during is None, "the replacement never landed mid-read: the test proved nothing"
+
+
 def test_short_read_is_an_error(conn: Connector) -> None:
     conn.write("m/v1/short", pattern(1000))
     with pytest.raises(BackendError, match="truncated"):

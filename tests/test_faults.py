@@ -193,16 +193,17 @@ def test_redis_restarted_during_a_load_is_ridden_out_by_retries(start_redis, ckp
 
 # --------------------------------------------------------------------------------------------- S3 answering 5xx
 class FaultyS3Proxy:
-    """An HTTP proxy in front of moto that answers some ranged GETs with 503 SlowDown (or 500 InternalError).
+    """An HTTP proxy in front of moto that answers some object GETs (the manifest's whole-object GET, the chunks'
+    ranged ones; not listings) with 503 SlowDown (or 500 InternalError).
 
-    ``every``: fail every Nth ranged GET; ``burst``: fail the first N ranged GETs in a row (more than boto3's own
+    ``every``: fail every Nth object GET; ``burst``: fail the first N object GETs in a row (more than boto3's own
     3 attempts, so only the loader's retries get through); ``max_faults`` caps the total.
     """
 
     def __init__(self, upstream: str, *, every: int = 0, burst: int = 0, max_faults: int = 1000, status=503):
         self.upstream = urlsplit(upstream)
         self.every, self.burst, self.max_faults, self.status = every, burst, max_faults, status
-        self.ranged = self.faults = 0
+        self.gets = self.faults = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -214,7 +215,7 @@ class FaultyS3Proxy:
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "GET" and "Range" in self.headers and proxy._fault():
+                if self.command == "GET" and "?" not in self.path and proxy._fault():
                     code = "SlowDown" if proxy.status == 503 else "InternalError"
                     xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
                            "<Message>Please reduce your request rate.</Message></Error>").encode()
@@ -251,8 +252,8 @@ class FaultyS3Proxy:
 
     def _fault(self) -> bool:
         with self._lock:
-            self.ranged += 1
-            n = self.ranged
+            self.gets += 1
+            n = self.gets
             fire = self.faults < self.max_faults and (
                 (self.burst and n <= self.burst) or (self.every and n % self.every == 0)
             )
@@ -277,7 +278,7 @@ def test_s3_5xx_on_some_reads_is_retried_and_verifies(s3_store, ckpts, originals
     try:
         via = f"{url}?endpoint_url={proxy.endpoint}"
         shard = rl.load_shard("m", via, 2, 1, device="cpu", concurrency=1)
-        assert proxy.faults == 2, f"only {proxy.faults} faults injected over {proxy.ranged} ranged GETs"
+        assert proxy.faults == 2, f"only {proxy.faults} faults injected over {proxy.gets} object GETs"
         assert not shard.report.failures and shard.report.digest == shard.report.expected_digest
         assert_rank_matches(originals[0], shard.tensors, shard.metadata)
     finally:

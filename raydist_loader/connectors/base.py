@@ -16,6 +16,7 @@ from ..errors import BackendError, ConfigError, NotFoundError
 from ..redact import redact_url
 
 Buffer = bytes | bytearray | memoryview
+_READ_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,33 @@ class Connector(abc.ABC):
             offset += len(buf)
 
     def read(self, key: str) -> bytes:
-        """The whole object as bytes (small objects: manifests, config files)."""
+        """The whole object as bytes (small objects: manifests, config files), as one version of it.
+
+        A publish may replace the object while it is read (the manifest swap). Built-in backends override this
+        with one atomic whole-object GET; this default, for plug-ins, reads by range and re-checks the size,
+        reading again when the object changed underneath (a torn read must never parse as a manifest).
+        """
         size = self.stat(key)
-        if size is None:
-            raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
-        buf = bytearray(size)
-        if size:
-            self.readinto(key, 0, memoryview(buf))
-        return bytes(buf)
+        for _ in range(_READ_ATTEMPTS):
+            if size is None:
+                raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
+            buf = bytearray(size)
+            try:
+                if size:
+                    self.readinto(key, 0, memoryview(buf))
+            except (NotFoundError, BackendError):
+                if self.stat(key) == size:
+                    raise
+            else:
+                now = self.stat(key)
+                if now == size:
+                    return bytes(buf)
+            size = self.stat(key)
+        raise BackendError(
+            f"{key!r} in {self.describe()} kept changing while it was read ({_READ_ATTEMPTS} attempts): is "
+            "something re-publishing it in a loop? Retry when the publish is done",
+            transient=True,
+        )
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None

@@ -66,6 +66,16 @@ class FileConnector(Connector):
     def readinto(self, key: str, offset: int, buf: memoryview) -> None:
         self.readv(key, offset, [buf])
 
+    def read(self, key: str) -> bytes:
+        """The file as one open sees it: a publish replaces it by rename, so this is one version, whole (never
+        through a cached descriptor, which would keep serving the replaced file)."""
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"{key!r} does not exist in {self.describe()}") from None
+        except OSError as e:
+            raise BackendError(f"cannot read {key!r} in {self.describe()}: {e}") from None
+
     def readv(self, key: str, offset: int, bufs: Sequence[memoryview]) -> None:
         """One ``preadv`` system call fills all the buffers (repeated only after a short read)."""
         fd = self._fd(key)

@@ -290,6 +290,15 @@ class RedisConnector(Connector):
         with self._errors(f"writing {key!r}"):
             self._client.set(key, value)
 
+    def read(self, key: str) -> bytes:
+        """One GET: the value as one SET left it, even while a publish replaces it."""
+        check_key(key)
+        with self._errors(f"reading {key!r}"):
+            value = self._client.get(key)
+        if value is None:
+            raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
+        return value
+
     def list(self, prefix: str = "") -> Iterator[str]:
         with self._errors(f"listing {prefix!r}"):
             found = {

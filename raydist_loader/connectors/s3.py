@@ -154,6 +154,15 @@ class S3Connector(Connector):
         if got < want:
             raise short_read(key, offset, want, got, self.describe())
 
+    def read(self, key: str) -> bytes:
+        """One whole-object GET: S3 serves one version of the object, even while a publish replaces it."""
+        with self._errors(f"reading {key!r}", key):
+            body = self._s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+
     def _check_range(self, resp: dict, key: str, offset: int, want: int) -> None:
         """A ranged GET must answer 206 with the range asked for; a server that ignores Range answers 200 with the
         whole object, which would land at the wrong offset. Anything else closes the body and is an error."""

@@ -129,14 +129,27 @@ class FaultyConnector(Connector):
     def readinto_many(self, requests: Sequence[ReadRequest]) -> None:
         if not requests:
             return
+        targeted = self._before(requests)
+        self.inner.readinto_many(requests)
+        if targeted:
+            self._maybe_corrupt(requests)
+
+    def read(self, key: str) -> bytes:
+        """The inner backend's whole-object read (atomic there), faulted like one range read of ``key``."""
+        targeted = self._before([ReadRequest(key, 0, memoryview(b""))])
+        data = bytearray(self.inner.read(key))
+        if targeted:
+            self._maybe_corrupt([ReadRequest(key, 0, memoryview(data))])
+        return bytes(data)
+
+    def _before(self, requests: Sequence[ReadRequest]) -> bool:
+        """Delay and maybe fail a read; True when the plan targets it (manifest reads only with ``manifest=1``)."""
         targeted = self.plan.manifest or not all(r.key.endswith("/manifest.json") for r in requests)
         if targeted:
             if self.plan.delay_s:
                 time.sleep(self.plan.delay_s)
             self._maybe_fail(requests)
-        self.inner.readinto_many(requests)
-        if targeted and self.plan.corrupt:
-            self._maybe_corrupt(requests)
+        return targeted
 
     def _maybe_fail(self, requests: Sequence[ReadRequest]) -> None:
         plan = self.plan
@@ -173,6 +186,8 @@ class FaultyConnector(Connector):
         return NotFoundError(f"{key!r} does not exist in {where} (injected)")
 
     def _maybe_corrupt(self, requests: Sequence[ReadRequest]) -> None:
+        if not self.plan.corrupt:
+            return
         for req in requests:
             if self.plan.corrupt not in req.key or not len(req.buf):
                 continue
