@@ -85,16 +85,16 @@ def mistral_repo(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 @pytest.fixture
 def reads(monkeypatch) -> list[str]:
-    """Every key read through the file and S3 connectors (readinto and read go through readv)."""
+    """Every key read through the file and S3 connectors (ranges go through readv, whole objects through read)."""
     seen: list[str] = []
     for cls in (FileConnector, S3Connector):
-        original = cls.readv
+        for verb in ("readv", "read"):
 
-        def readv(self, key, offset, bufs, _original=original):
-            seen.append(key)
-            return _original(self, key, offset, bufs)
+            def spy(self, key, *args, _original=getattr(cls, verb)):
+                seen.append(key)
+                return _original(self, key, *args)
 
-        monkeypatch.setattr(cls, "readv", readv)
+            monkeypatch.setattr(cls, verb, spy)
     return seen
 
 
