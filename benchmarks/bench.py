@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / ".data"
 RESULTS = HERE / "results"
 MODEL = "bench-llama"
+PUB_MODEL = "bench-publish"  # publish timings write here (and are removed after each)
+PUBLISH, READY = "publish", "ready"  # the groups of ways beside the backends
 BUCKET = "bench"
 SGLANG_PREFIX = "sglang/bench-llama/"
 HF_PREFIX = "hf/"
@@ -154,19 +157,56 @@ def ours_ray(url: str, tp: int, verify: bool = True, concurrency: int | None = N
         "bytes": total.bytes,
         "seconds": total.seconds,
         "time_to_ready_s": total.time_to_ready_s,
-        # the report's time_to_ready_s ends when the actors are submitted; their processes boot after that
+        # from the call to the first rank's first read (the report's time_to_ready_s ends when the actors are up)
         "first_read_s": first - t_call,
         "start_skew_s": max(r["started"] for r in ranks) - first,
         "t_call": t_call,
         "ranks": ranks,
+        "phases": {p.name: [p.start_s, p.end_s] for p in loaded.report.phases},
     }
 
 
-def ours_inproc(url: str) -> int:
+def ours_inproc(url: str) -> dict:
+    """``load_shard`` in this process, wall clock of the whole call; ``fixed_s``: the part that does not grow with
+    the bytes (store opened, manifest read and validated, plan made), from the shard's report."""
     from raydist_loader import load_shard
 
+    gc.collect()
+    t0 = time.perf_counter()
     shard = load_shard(MODEL, url, 1, 0, device="cpu")
-    return shard.report.bytes
+    seconds = time.perf_counter() - t0
+    phases = shard.report.phases
+    nbytes = shard.report.bytes
+    del shard
+    gc.collect()
+    return {"bytes": nbytes, "seconds": seconds, "fixed_s": phases["manifest_s"] + phases["plan_s"]}
+
+
+def ours_publish(ckpt: Path, url: str) -> int:
+    """``publish`` of the checkpoint as model PUB_MODEL (hashing on, as always)."""
+    from raydist_loader.publish import publish
+
+    return publish(ckpt, url, PUB_MODEL).bytes
+
+
+def drop_published(url: str) -> None:
+    """Remove what ours_publish wrote (outside the clock), so runs do not pile versions up in the stores."""
+    from raydist_loader import open_connector
+
+    with open_connector(url) as conn:
+        conn.delete_prefix(f"{PUB_MODEL}/")
+
+
+def ready_run(url: str, address: str) -> dict:
+    """One demo-model load at tp=2 in a fresh driver process (benchmarks/ready.py): joining ``address`` or
+    starting a private local Ray (``"local"``)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ready", url, address],
+        cwd=HERE.parent, capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"benchmarks.ready {address} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def idle_actor_rss() -> int:
@@ -227,8 +267,41 @@ def timed(fn: Callable[[], int]) -> dict:
     return {"bytes": nbytes, "seconds": seconds}
 
 
-def _timed(fn: Callable[..., int], *args) -> Callable[[], dict]:
-    return partial(timed, partial(fn, *args))
+def _timed(fn: Callable[..., int], *args, after: Callable[[], object] | None = None) -> Callable[[], dict]:
+    """``fn(*args)`` timed; ``after`` (clean-up) runs outside the clock."""
+
+    def run() -> dict:
+        try:
+            return timed(partial(fn, *args))
+        finally:
+            if after is not None:
+                after()
+
+    return run
+
+
+def publish_ways(ctx: dict, backends: list[str]) -> list[tuple[str, Callable[[], dict]]]:
+    """Our publish to each backend, and the peers that put the same checkpoint in the same place."""
+    ckpt, files, urls, scratch = ctx["ckpt"], ctx["hf_files"], ctx["urls"], ctx["scratch"]
+    ways = []
+    for backend in backends:
+        url = urls[backend]
+        ways.append((f"{backend}: ours publish", _timed(ours_publish, ckpt, url, after=partial(drop_published, url))))
+        if backend == "file":
+            dest = scratch / "cp"
+            drop = partial(shutil.rmtree, dest, ignore_errors=True)
+            ways.append(("file: cp", _timed(peers.cp_files, files, dest, after=drop)))
+            ways.append(("file: cp + sync", _timed(peers.cp_files, files, dest, True, after=drop)))
+        if backend == "s3":
+            ways.append(("s3: boto3 upload_file 8 threads", _timed(peers.boto3_upload_file, BUCKET, "up/", files)))
+    return ways
+
+
+def ready_ways(ctx: dict) -> list[tuple[str, Callable[[], dict]]]:
+    """The demo model's time to ready: joining this benchmark's running cluster, and a private local Ray."""
+    url = ctx["demo_url"]
+    return [("join a running cluster", partial(ready_run, url, ctx["gcs_address"])),
+            ("private local Ray", partial(ready_run, url, "local"))]
 
 
 def build_ways(ctx: dict, backends: list[str]) -> dict[str, list[tuple[str, Callable[[], dict]]]]:
@@ -254,6 +327,7 @@ def build_ways(ctx: dict, backends: list[str]) -> dict[str, list[tuple[str, Call
         sizes = [f.stat().st_size for f in files]
         peer_ways["s3"] = [
             ("boto3 8x16MiB ranges", _timed(peers.boto3_ranges, BUCKET, s3_keys, sizes, buf)),
+            ("boto3 8x16MiB, fresh buffer", _timed(peers.boto3_ranges, BUCKET, s3_keys, sizes)),
             ("Run:ai streamer", _timed(peers.runai_streamer, [f"s3://{BUCKET}/{k}" for k in s3_keys])),
         ]
     ways = {}
@@ -263,18 +337,22 @@ def build_ways(ctx: dict, backends: list[str]) -> dict[str, list[tuple[str, Call
             ("ours tp=1", partial(ours_ray, url, 1)),
             ("ours tp=2", partial(ours_ray, url, 2)),
             ("ours tp=1 no-verify", partial(ours_ray, url, 1, verify=False)),
-            ("ours load_shard", _timed(ours_inproc, url)),
+            ("ours load_shard", partial(ours_inproc, url)),
         ] + peer_ways[backend]
+    ways[PUBLISH] = publish_ways(ctx, backends)
+    ways[READY] = ready_ways(ctx)
     return ways
 
 
 def run_all(ways: dict, runs: int, ctx: dict, backends: list[str]) -> tuple[dict, list[int]]:
-    samples: dict[str, dict[str, list[dict]]] = {b: {w: [] for w, _ in ways[b]} for b in backends}
+    """Every way of every group (the backends, then publish and time-to-ready) once per run, interleaved."""
+    groups = [*backends, PUBLISH, READY]
+    samples: dict[str, dict[str, list[dict]]] = {b: {w: [] for w, _ in ways[b]} for b in groups}
     idle: list[int] = []
     for run in range(runs):
         idle.append(idle_actor_rss())
-        for backend in backends:
-            if backend == "file":
+        for backend in groups:
+            if backend in ("file", PUBLISH):
                 warm(ctx["hf_files"] + ctx["store_files"])
             order = ways[backend] if run % 2 == 0 else list(reversed(ways[backend]))
             for name, fn in order:
@@ -283,8 +361,11 @@ def run_all(ways: dict, runs: int, ctx: dict, backends: list[str]) -> tuple[dict
                 s["idle_before"] = round(idle_before, 3)
                 s["gbps"] = s["bytes"] / s["seconds"] / 1e9
                 samples[backend][name].append(s)
-            line = ", ".join(f"{n} {samples[backend][n][-1]['gbps']:.2f}" for n, _ in ways[backend])
-            log(f"run {run + 1}/{runs} {backend}: {line} GB/s")
+            if backend == READY:
+                line = ", ".join(f"{n} {samples[backend][n][-1]['seconds']:.2f} s" for n, _ in ways[backend])
+            else:
+                line = ", ".join(f"{n} {samples[backend][n][-1]['gbps']:.2f}" for n, _ in ways[backend]) + " GB/s"
+            log(f"run {run + 1}/{runs} {backend}: {line}")
     return samples, idle
 
 
@@ -331,11 +412,19 @@ def main(argv: list[str] | None = None) -> int:
             res = publish(ckpt, urls[backend], MODEL)
             publishes[backend] = {"seconds": res.seconds, "objects": res.objects, "bytes": res.bytes}
             log(f"published to {backend}: {res.objects} objects, {res.bytes / 1e9:.2f} GB in {res.seconds:.1f}s")
+        from .ready import MODEL as DEMO_MODEL
+        from .ready import demo_checkpoint
+
+        demo_url = f"file://{scratch}/demo-store"
+        publish(demo_checkpoint(DATA / "demo-llama"), demo_url, DEMO_MODEL)
         ctx = {
+            "ckpt": ckpt,
+            "scratch": scratch,
             "hf_files": hf_files,
             "store_files": sorted(p for p in scratch.rglob("*") if p.is_file()),
             "urls": urls,
             "redis_port": redis_srv.port,
+            "demo_url": demo_url,
         }
         if "redis" in backends:
             ctx["sglang_keys"] = write_sglang_keys(redis_srv.port, ckpt)
@@ -353,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             log_to_driver=False,
             _node_ip_address="127.0.0.1",
         )
+        ctx["gcs_address"] = ray.get_runtime_context().gcs_address
         ways = build_ways(ctx, backends)
         samples, idle = run_all(ways, args.runs, ctx, backends)
         result = report.summarise(samples, idle, backends)

@@ -116,9 +116,12 @@ def _s3_client(threads: int):
     return boto3.session.Session().client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], config=config)
 
 
-def boto3_ranges(bucket: str, keys: list[str], sizes: list[int], buf: torch.Tensor) -> int:
-    """boto3, 8 threads of 16 MiB range GETs, each body ``readinto`` its slice of one preallocated buffer."""
+def boto3_ranges(bucket: str, keys: list[str], sizes: list[int], buf: torch.Tensor | None = None) -> int:
+    """boto3, 8 threads of 16 MiB range GETs, each body ``readinto`` its slice of one preallocated buffer (``buf``,
+    prefaulted before timing; None: a fresh ``torch.empty`` inside the timing, first touched by the reads as any
+    loader's destination is)."""
     s3 = _s3_client(BOTO3_THREADS)
+    buf = torch.empty(sum(sizes), dtype=torch.uint8) if buf is None else buf
     view = memoryview(buf.numpy())
     jobs, base = [], 0
     for key, size in zip(keys, sizes, strict=True):
@@ -140,3 +143,29 @@ def boto3_ranges(bucket: str, keys: list[str], sizes: list[int], buf: torch.Tens
         list(pool.map(get, jobs))
     s3.close()
     return sum(sizes)
+
+
+# ----------------------------------------------------------------------------------------- publish peers
+def cp_files(files: list[Path], dest: Path, sync: bool = False) -> int:
+    """``cp`` of the checkpoint's weight files into an empty ``dest`` (coreutils: copy_file_range, page cache
+    only); ``sync``: then ``sync -f`` on it, the same bytes made durable as our file publish makes them."""
+    import subprocess
+
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", *map(str, files), str(dest)], check=True)
+    if sync:
+        subprocess.run(["sync", "-f", str(dest)], check=True)
+    return sum(f.stat().st_size for f in files)
+
+
+def boto3_upload_file(bucket: str, prefix: str, files: list[Path]) -> int:
+    """boto3 ``upload_file`` of each weight file with ``TransferConfig(max_concurrency=8)`` (its multipart
+    defaults otherwise: 8 MiB threshold and parts), client created inside the clock."""
+    from boto3.s3.transfer import TransferConfig
+
+    s3 = _s3_client(BOTO3_THREADS)
+    config = TransferConfig(max_concurrency=BOTO3_THREADS)
+    for f in files:
+        s3.upload_file(str(f), bucket, prefix + f.name, Config=config)
+    s3.close()
+    return sum(f.stat().st_size for f in files)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from .bulk import bulk
-from .connectors import open_connector
+from .connectors import Connector, open_connector
 from .coordinator import Coordinator
 from .errors import ConfigError
 from .held import NAMESPACE
@@ -21,7 +22,7 @@ from .manifest import Manifest, manifest_key, read_manifest_bytes
 from .options import DEFAULTS, Device, Placement, Verify, load_options
 from .plan import Layout
 from .replicas import load_groups, make_groups, run_groups, start_groups
-from .report import LoadReport, RankReport, check_verified
+from .report import LoadReport, PhaseClock, RankReport, check_verified
 from .retry import RetryPolicy
 from .rules import RuleSet
 from .verify import check_manifest_sha256
@@ -131,8 +132,19 @@ def open_manifest(
 ) -> tuple[Manifest, bytes]:
     """Read the manifest once (the whole load then reads only its version) and check what the caller pinned."""
     with open_connector(url, **(connector_options or {})) as conn:
-        manifest, raw = read_manifest_bytes(conn, model)  # validates, and explains a missing model
-        check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {manifest_key(model)}")
+        return checked_manifest(conn, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules)
+
+
+def checked_manifest(
+    conn: Connector,
+    model: str,
+    *,
+    expect_manifest_sha256: str | None = None,
+    rules: str | Path | dict | None = None,
+) -> tuple[Manifest, bytes]:
+    """:func:`open_manifest` through a connector the caller keeps open (``load_shard`` then loads through it)."""
+    manifest, raw = read_manifest_bytes(conn, model)  # validates, and explains a missing model
+    check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {manifest_key(model)}")
     if rules is not None:
         wanted = RuleSet.for_checkpoint(manifest.config, rules).fingerprint()
         if wanted != manifest.rules_fingerprint:
@@ -181,7 +193,6 @@ def load_across_cluster(
     """
     from .cluster import connect
 
-    t0 = time.perf_counter()
     options = load_options(
         dict(
             device=device,
@@ -197,27 +208,47 @@ def load_across_cluster(
             retries=retries,
         )
     )
+    clock = PhaseClock()
+    # the manifest first: a wrong URL, model or tp is refused before any Ray starts
     manifest, raw = open_manifest(
         url, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules, connector_options=connector_options
     )
     manifest.check_tp(tp)
-    with InterruptGuard() as interrupts:  # Ctrl-C stops the load at any point, and nothing is left running
-        connect(ray_address)
+
+    def plan() -> list[Coordinator]:
+        """One coordinator per replica; each computes its ranks' plans and expected digests (the rest of the
+        manifest phase)."""
         groups = make_groups(
             manifest, raw, url, tp, options, connector_options,
             progress=sys.stderr.isatty() if progress is None else progress, hold=hold,
         )
+        clock.span("manifest", 0.0, clock.now())
+        return groups
+
+    with InterruptGuard() as interrupts:  # Ctrl-C stops the load at any point, and nothing is left running
+        with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:  # planned while Ray connects
+            planned = pool.submit(plan)
+            with clock.phase("connect"):
+                connect(ray_address)
+            groups = planned.result()
         try:
+            started = clock.now()
             start_groups(groups)
-            ready = time.perf_counter() - t0
+            ready = clock.now()
             reports = load_groups(groups)
             interrupts.check()
-            return LoadedModel(groups, LoadReport.gather(reports, ready, bool(verify)))
         except BaseException:
             with interrupts.shielded():
                 for group in groups:
                     group.shutdown()
             raise
+        placed = clock.since(max(group.marks["placement"] for group in groups))
+        clock.span("placement", started, placed)
+        clock.span("actors", placed, ready)
+        pulled = max(r.started + sum(r.phases.get(k, 0.0) for k in ("plan_s", "alloc_s", "pull_s")) for r in reports)
+        clock.span("pull", ready, max(ready, clock.since(pulled)))
+        clock.span("verify", clock.spans["pull"][1], clock.now())  # rank compares, re-pulls, the digest check here
+        return LoadedModel(groups, LoadReport.gather(reports, ready, bool(verify), clock.phases()))
 
 
 @dataclass
@@ -257,15 +288,24 @@ def load_shard(
     :data:`~raydist_loader.plan.Layout`).
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
-    manifest, _ = open_manifest(  # parsed and checked once; the loader plans this rank from it
-        url, model, expect_manifest_sha256=expect_manifest_sha256, connector_options=connector_options
-    )
-    loader = ShardLoader(
-        url, manifest, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
-        connector_options=connector_options, retries=options.retries.policy(), only=only, layout=layout,
-    )
+    t0 = time.perf_counter()
+    conn = open_connector(url, **(connector_options or {}))  # one connection set-up for manifest and shard
+    try:
+        manifest, _ = checked_manifest(  # parsed and checked once; the loader plans this rank from it
+            conn, model, expect_manifest_sha256=expect_manifest_sha256
+        )
+        opened = time.perf_counter() - t0
+        loader = ShardLoader(
+            url, manifest, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
+            connector_options=connector_options, retries=options.retries.policy(), only=only, layout=layout,
+            connector=conn,
+        )
+    except BaseException:
+        conn.close()
+        raise
     try:
         report = loader.load()
+        report.phases["manifest_s"] = opened  # the store opened, the manifest read and validated
         if verify:
             check_verified(model, [report])
         return Shard(loader.tensors, loader.metadata(), report)

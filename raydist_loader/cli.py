@@ -587,6 +587,8 @@ def _print_report(report: LoadReport, out: _Out) -> None:
               f"{human_bytes(total.bytes_from_peers)}" if report.replicas > 1 else "")
     foot = (f"total {human_bytes(total.bytes)} in {total.seconds:.2f} s "
             f"({total.gbps:.2f} GB/s){shared}; ready in {total.time_to_ready_s:.2f} s")
+    if report.phases:
+        foot += f"\ncall to verified {total.call_to_verified_s:.2f} s: {report.phase_line()}"
     if _use_rich():
         from rich.console import Console
         from rich.markup import escape

@@ -64,6 +64,7 @@ class Coordinator:
         self.gpu = False
         self._bundles: list[int] = []
         self._cpu = options.num_cpus_per_actor
+        self.marks: dict[str, float] = {}  # time.time() when a start-up phase ended: "placement", "actors"
 
     # ---------------------------------------------------------------- placement
     def start(self) -> None:
@@ -110,6 +111,7 @@ class Coordinator:
         order = sorted(range(self.tp), key=lambda b: (nodes[b], b))  # ranks ordered by (node, bundle/GPU)
         self._bundles = order
         self.nodes = [nodes[b] for b in order]  # Ray node id of each rank
+        self.marks["placement"] = time.time()
 
     def spawn(self) -> list:
         """Start one actor per rank in its bundle; returns the refs :meth:`_ready` waits for."""
@@ -139,6 +141,7 @@ class Coordinator:
                 ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the store could not be opened from that node
                 raise RaydistError(f"{self._who(rank)}could not start: {self._clean(e)}") from None
+        self.marks["actors"] = time.time()
 
     def _spawn(self, rank: int) -> Any:
         """Start rank's actor in its placement-group bundle (again, after the previous one died)."""

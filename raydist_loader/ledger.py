@@ -34,6 +34,14 @@ class WriteLedger:
         with self._lock:
             self.sizes[key] = n
 
+    def write_many(self, items: list[tuple[str, Buffer]]) -> None:
+        """Several whole objects with one ``Connector.write_many`` (pipelined on Redis)."""
+        with self._lock:
+            self.sizes.update((key, None) for key, _ in items)
+        self.conn.write_many(items)
+        with self._lock:
+            self.sizes.update((key, memoryview(data).nbytes) for key, data in items)
+
     def confirm(self) -> None:
         """One cheap pass (pipelined EXISTS/STRLEN, HEAD, stat): every object is there with the size written."""
         keys = sorted(self.sizes)

@@ -392,9 +392,10 @@ def read_manifest_bytes(connector, model: str) -> tuple[Manifest, bytes]:
     its bytes re-serialised: the load, and a sha256 pinned for this name, cover the manifest as read here.
     """
     key = manifest_key(model)
-    if connector.stat(key) is None:
-        raise NotFoundError(_missing_message(connector, model))
-    raw = connector.read(key)
+    try:
+        raw = connector.read(key)
+    except NotFoundError:
+        raise NotFoundError(_missing_message(connector, model)) from None
     manifest = Manifest.from_json(raw, where=f"{connector.describe()} {key}")
     if manifest.model != model:
         manifest = manifest.renamed(model)

@@ -20,7 +20,7 @@ from .bulk import bulk
 from .connectors import Connector, open_connector
 from .errors import BackendError, ConfigError, ManifestError, NotFoundError, RaydistError
 from .ledger import WriteLedger
-from .pool import run_all
+from .pool import batches, run_all
 from .repo import DEFAULT_MAX_FILE_BYTES, RepoFiles, SkippedFile, select
 from .rules import ModelDims, RuleSet, TensorRule
 from .safetensors_io import Entry, layout, read_header, stream
@@ -31,6 +31,9 @@ DEFAULT_MAX_TP = 8
 DEFAULT_PART_BYTES = 1536 << 20
 # retired versions a manifest remembers for gc (older ones fall back to the current version's swap time)
 _MAX_RETIRED = 256
+#: Tensor bytes per ``write_many`` when each chunk is its own object (Redis): enough to pipeline many small
+#: tensors, small enough that a few batches in flight overlap hashing with sending.
+OBJECT_BATCH_BYTES = 16 << 20
 
 
 @dataclass
@@ -128,9 +131,8 @@ def _tensors(cuts: Sequence[_Cut], sources: dict[str, list[int]] | None = None) 
 def _file_records(out: WriteLedger, files: dict[str, bytes], prefix: str, algos) -> dict[str, mf.FileRecord]:
     records = {}
     for name, data in files.items():
-        key = f"{prefix}{name}"
-        out.write(key, data)
-        records[name] = mf.FileRecord(object=key, nbytes=len(data), **_digests(data, algos))
+        records[name] = mf.FileRecord(object=f"{prefix}{name}", nbytes=len(data), **_digests(data, algos))
+    out.write_many([(f"{prefix}{name}", data) for name, data in files.items()])  # one pipeline on Redis
     return records
 
 
@@ -388,20 +390,24 @@ def _write_files(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency)
 
 def _write_objects(out, cuts, raw, prefix, algos, part_bytes, concurrency) -> int:
     """Redis-like stores: one object per chunk, ``<tensor>::<chunk id>`` (split into parts ``#0``, ``#1``...
-    above the backend's value limit); records each chunk's digests in its cut and returns the part size."""
+    above the backend's value limit), written in batches of about ``OBJECT_BATCH_BYTES`` of tensors with one
+    ``write_many`` each (pipelined on Redis), values sent from the checkpoint's mapped bytes (or a chunk's one
+    gathered copy), never copied again; records each chunk's digests in its cut and returns the part size."""
     limit = out.conn.max_object_bytes or part_bytes
 
-    def write_one(cut: _Cut) -> None:
-        cut.start(algos)
-        for i, (c, data) in enumerate(_cut_bytes(cut, raw[cut.entry.name])):
-            key = f"{prefix}{_chunk_name(cut, c)}"
-            view = memoryview(data)
-            spans = [(a, min(a + limit, data.nbytes)) for a in range(0, data.nbytes, limit)] or [(0, 0)]
-            for k, (a, b) in enumerate(spans):
-                out.write(key if len(spans) == 1 else f"{key}#{k}", view[a:b])
-            cut.hashed(i, data, algos)
+    def write_batch(batch: list[_Cut]) -> None:
+        items = []
+        for cut in batch:
+            cut.start(algos)
+            for i, (c, data) in enumerate(_cut_bytes(cut, raw[cut.entry.name])):
+                key = f"{prefix}{_chunk_name(cut, c)}"
+                view = memoryview(data)
+                spans = [(a, min(a + limit, data.nbytes)) for a in range(0, data.nbytes, limit)] or [(0, 0)]
+                items += [(key if len(spans) == 1 else f"{key}#{k}", view[a:b]) for k, (a, b) in enumerate(spans)]
+                cut.hashed(i, data, algos)
+        out.write_many(items)
 
-    run_all(write_one, cuts, concurrency, "publish")
+    run_all(write_batch, batches(cuts, OBJECT_BATCH_BYTES, lambda cut: cut.entry.nbytes), concurrency, "publish")
     return limit
 
 

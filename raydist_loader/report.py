@@ -10,7 +10,9 @@ so its field names are these field names. Failures stay JSON-shaped records (``r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +45,8 @@ class RankReport:
     expected_digest: str  # the same over the manifest's digests
     failures: list[dict[str, Any]] = field(default_factory=list)  # chunks still wrong after the re-pull
     errors: list[str] = field(default_factory=list)
-    phases: dict[str, float] = field(default_factory=dict)  # plan_s, alloc_s, pull_s (first pull)
+    #: plan_s, alloc_s, pull_s (first pull), verify_s; load_shard adds manifest_s (store opened, manifest read)
+    phases: dict[str, float] = field(default_factory=dict)
     repulled: int = 0  # chunks re-pulled after a digest mismatch
     restarts: int = 0  # times the coordinator restarted this rank's actor
     replica: int = 0  # which data-parallel copy of the TP group (``replicas=``)
@@ -65,6 +68,55 @@ class LoadTotal:
     gbps: float
     time_to_ready_s: float  # Ray start, placement, actors up with their plans made
     bytes_from_peers: int = 0  # moved between replicas through Ray's object store
+    call_to_verified_s: float = 0.0  # the whole call: from load_across_cluster() to a verified model
+
+
+#: The phases of a load; manifest and connect overlap (the expected digests are computed while Ray connects).
+PHASES = ("manifest", "connect", "placement", "actors", "pull", "verify")
+
+
+@dataclass
+class Phase:
+    """One step of a load as a span in seconds since the call (``load_across_cluster()``) began."""
+
+    name: str  # one of PHASES
+    start_s: float
+    end_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+
+class PhaseClock:
+    """Records a load's phases as spans in seconds since it was made (the call's start)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    def now(self) -> float:
+        return time.time() - self.t0
+
+    def since(self, wall: float) -> float:
+        """A ``time.time()`` value as seconds since the start."""
+        return wall - self.t0
+
+    def span(self, name: str, start_s: float, end_s: float) -> None:
+        self.spans[name] = (start_s, end_s)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase ``name`` (recorded also when it raises)."""
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.span(name, start, self.now())
+
+    def phases(self) -> list[Phase]:
+        """The recorded spans in :data:`PHASES` order."""
+        return [Phase(name, *self.spans[name]) for name in PHASES if name in self.spans]
 
 
 @dataclass
@@ -79,22 +131,34 @@ class LoadReport:
     verified: bool
     total: LoadTotal
     replicas: int = 1
+    #: Where the time went, call to verified: manifest (read, validated; expected digests), connect (to Ray),
+    #: placement (group ready), actors (started, store opened, plans made), pull, verify (compare, re-pull, check).
+    phases: list[Phase] = field(default_factory=list)
 
     @classmethod
-    def gather(cls, ranks: Sequence[RankReport], ready_s: float, verified: bool) -> LoadReport:
-        """Aggregate rank reports (ordered by replica, then rank) of one load."""
+    def gather(
+        cls, ranks: Sequence[RankReport], ready_s: float, verified: bool, phases: Sequence[Phase] = ()
+    ) -> LoadReport:
+        """Aggregate rank reports (ordered by replica, then rank) of one load; ``phases`` as measured by the
+        caller."""
         first = ranks[0]
         started = min(r.started for r in ranks)
         seconds = max(max(r.finished for r in ranks) - started, 1e-9)
         nbytes = sum(r.bytes for r in ranks)
+        whole = max((p.end_s for p in phases), default=0.0)
         total = LoadTotal(nbytes, sum(r.bytes_read for r in ranks), seconds, nbytes / seconds / 1e9, ready_s,
-                          sum(r.bytes_from_peers for r in ranks))
+                          sum(r.bytes_from_peers for r in ranks), whole)
         replicas = max(r.replica for r in ranks) + 1
-        return cls(first.model, first.version, first.tp, first.store, list(ranks), verified, total, replicas)
+        return cls(first.model, first.version, first.tp, first.store, list(ranks), verified, total, replicas,
+                   list(phases))
 
     def replica(self, index: int) -> list[RankReport]:
         """One replica's rank reports, in rank order."""
         return [r for r in self.ranks if r.replica == index]
+
+    def phase_line(self) -> str:
+        """``manifest 0.01 s, connect 0.91 s, ...``: the phases for a one-line summary."""
+        return ", ".join(f"{p.name} {p.seconds:.2f} s" for p in self.phases)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (``raydist-loader load --report`` / ``--json``)."""

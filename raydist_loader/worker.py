@@ -51,11 +51,14 @@ class ShardLoader:
         retries: RetryPolicy | dict | None = None,
         only: Callable[[str], bool] | None = None,
         layout: Layout = "rank",
+        connector: Connector | None = None,
     ):
         """``source``: this rank's plan, made by the driver (:func:`~raydist_loader.plan.make_plans`: the actor
         neither parses nor plans), or the manifest (parsed, or its JSON) to plan from. ``retries``: a RetryPolicy
         or its fields as a dict; None: the default policy. ``only`` and ``layout``: which tensors, landing where
-        (see :func:`~raydist_loader.plan.make_plan`), when the loader makes its plan."""
+        (see :func:`~raydist_loader.plan.make_plan`), when the loader makes its plan. ``connector``: an open
+        connector for ``url`` to use (and close) instead of opening one (``load_shard`` read the manifest through
+        it: one client per load, not two)."""
         self._url = url
         self._select = {"only": only, "layout": layout}
         self._options = connector_options or {}
@@ -73,7 +76,8 @@ class ShardLoader:
         self.verify = verify
         self._concurrency = concurrency
         self.retry_policy = coerce_policy(retries)
-        self._connector: Connector | None = None
+        self._connector = connector
+        self._node: dict | None = None
         self._transfer: Transfer | None = None
 
     def __repr__(self) -> str:  # never show credentials handed in through connector_options
@@ -92,7 +96,12 @@ class ShardLoader:
         return self._transfer.tensors if self._transfer else {}
 
     def node(self) -> dict:
-        """Where this rank runs: host, Ray node id and GPU ids (when under Ray)."""
+        """Where this rank runs: host, Ray node id and GPU ids (when under Ray); asked once per loader."""
+        if self._node is None:
+            self._node = self._where()
+        return self._node
+
+    def _where(self) -> dict:
         info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "node_id": None, "gpu_ids": []}
         ray = sys.modules.get("ray")  # under Ray it is imported already; outside, importing it costs ~0.3 s
         try:
@@ -127,11 +136,12 @@ class ShardLoader:
         t2 = time.perf_counter()
         self._digests = self._pull(self.plan.reads)
         t3 = time.perf_counter()
-        self._phases = {"plan_s": t1 - t0, "alloc_s": t2 - t1, "pull_s": t3 - t2}
         wrong = [r for r in self.plan.reads if self._digests.get((r.tensor, r.chunk)) != r.xxh3]
         if self.verify and wrong:
             self._digests.update(self._pull(wrong))
-        return self._report(started, time.perf_counter() - t0, repulled=len(wrong) if self.verify else 0)
+        t4 = time.perf_counter()
+        self._phases = {"plan_s": t1 - t0, "alloc_s": t2 - t1, "pull_s": t3 - t2, "verify_s": t4 - t3}
+        return self._report(started, t4 - t0, repulled=len(wrong) if self.verify else 0)
 
     def repull(self, chunks: Sequence[tuple[str, str]]) -> RankReport:
         """Read the named (tensor, chunk id) pairs again and return a fresh report (tools and tests; ``load``
@@ -231,7 +241,7 @@ class ShardLoader:
             digest=digest.rank_digest(digests.get((r.tensor, r.chunk), "") for r in plan.reads),
             expected_digest=plan.expected_digest,
             failures=failures,
-            phases=dict(getattr(self, "_phases", {})),  # plan_s, alloc_s, pull_s of the last load
+            phases=dict(getattr(self, "_phases", {})),  # plan_s, alloc_s, pull_s, verify_s of the last load
             repulled=repulled,
         )
 

@@ -45,6 +45,17 @@ def test_benchmark_one_command_on_a_fresh_checkout(tmp_path: Path) -> None:
     assert all(w["gbps"] > 0 for w in ways.values())
     assert ways["ours tp=1"]["bytes"] >= 0.9 * result["meta"]["checkpoint_bytes"]  # the whole model moved at tp=1
     assert (out / "latest.png").stat().st_size > 0
+    # issue 14: publish rows beside their peers, the demo model's time to ready by phase, and the targets
+    publish = {w["way"] for w in result["ways"].values() if w["backend"] == "publish"}
+    assert {"s3: ours publish", "s3: boto3 upload_file 8 threads"} <= publish
+    ready = {w["way"]: w for w in result["ways"].values() if w["backend"] == "ready"}
+    assert set(ready) == {"join a running cluster", "private local Ray"}
+    phases = ["manifest", "connect", "placement", "actors", "pull", "verify"]
+    assert all(list(w["phases"]) == phases and w["seconds"] > 0 for w in ready.values())
+    targets = {(t["backend"], t["way"], t["what"]) for t in result["targets"] if t["issue"] == 14}
+    assert ("s3", "ours load_shard", "x ours tp=1") in targets
+    assert ("publish", "s3: ours publish", "x s3: boto3 upload_file 8 threads") in targets
+    assert {w for g, w, _ in targets if g == "ready"} == set(ready)
 
     # A partial node_modules (the defect of issue 12: every dist/ folder dropped) is reinstalled, not trusted.
     dist = checkout / "benchmarks" / "node" / "node_modules" / "path-to-regexp" / "dist"

@@ -14,7 +14,7 @@ import pytest
 import raydist_loader
 from raydist_loader.cli import main
 from raydist_loader.manifest import Manifest
-from raydist_loader.report import LoadReport, RankReport
+from raydist_loader.report import PHASES, LoadReport, Phase, RankReport
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
 
@@ -282,7 +282,8 @@ def _fake_api(monkeypatch: pytest.MonkeyPatch) -> dict:
                             gpu_ids=[str(r)], device="cpu", store=url, bytes=1000, bytes_read=1000, staged_bytes=0,
                             chunks=3, started=100.0, finished=100.5, seconds=0.5, gbps=0.002, verify=True,
                             digest="d", expected_digest="d") for r in range(kwargs["tp"])]
-        report = LoadReport.gather(ranks, ready_s=2.0, verified=True)
+        phases = [Phase(name, i / 2, (i + 1) / 2) for i, name in enumerate(PHASES)]
+        report = LoadReport.gather(ranks, ready_s=2.0, verified=True, phases=phases)
         calls["loaded"] = _FakeLoaded(report)
         return calls["loaded"]
 
@@ -313,6 +314,9 @@ def test_load_flags_override_the_config(tmp_path: Path, capsys, monkeypatch: pyt
     assert lines[0].startswith("llama-3-8b version v1 tp=2") and "verified" in lines[0]
     assert lines[1].split() == ["rank", "host", "gpu", "device", "bytes", "read", "seconds", "GB/s", "digest"]
     assert lines[2].split()[:2] == ["0", "node-a"] and lines[2].endswith("ok")
+    assert lines[-2] == ("call to verified 3.00 s: manifest 0.50 s, connect 0.50 s, placement 0.50 s, "
+                         "actors 0.50 s, pull 0.50 s, verify 0.50 s")
+    assert [p["name"] for p in written["phases"]] == list(PHASES)
     assert "cfg-secret-pw" not in out + err + report.read_text()
 
 

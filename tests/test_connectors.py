@@ -58,10 +58,19 @@ def test_round_trip_empty_and_overwrite(conn: Connector) -> None:
     assert conn.read("m/empty") == b"now full"
 
 
-def test_round_trip_blocks_multipart(conn: Connector) -> None:
-    """An iterable of uneven blocks, over 8 MiB in all (a multipart upload on S3)."""
-    data = pattern(9 * MiB + 12345, seed=1)
-    cuts = [0, 1, 3 * MiB, 3 * MiB + 7, 8 * MiB, len(data)]
+@pytest.fixture
+def small_multipart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 objects above one 5 MiB part (S3's smallest) go up as multipart uploads: small tests reach that path."""
+    from raydist_loader.connectors import s3
+
+    monkeypatch.setattr(s3, "PART_BYTES", 5 * MiB)
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 * MiB)
+
+
+def test_round_trip_blocks_multipart(conn: Connector, small_multipart: None) -> None:
+    """An iterable of uneven blocks, 4 parts on S3 (uploaded concurrently: they must land in order)."""
+    data = pattern(19 * MiB + 12345, seed=1)
+    cuts = [0, 1, 3 * MiB, 3 * MiB + 7, 8 * MiB, 8 * MiB + 1, len(data)]
     conn.write("m/v1/big.safetensors", (data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)))
     assert conn.stat("m/v1/big.safetensors") == len(data)
     assert conn.read("m/v1/big.safetensors") == data
@@ -496,6 +505,24 @@ def test_redis_eviction_policy_warning(redis_server) -> None:
     assert warning and "allkeys-lru" in warning and "noeviction" in warning
 
 
+def test_redis_pipelined_writes_land_and_a_refused_set_is_named(redis_server) -> None:
+    """write_many pipelines SETs from the callers' buffers (small values coalesced, large ones sent as they are);
+    a SET the server refuses (OOM under maxmemory) is an error naming its key, and the connection stays usable."""
+    redis_server.start()
+    values = {f"w/{i}": pattern(n, seed=i) for i, n in enumerate([10, 70_000, 3, 2 * MiB, 0, 65_536])}
+    with open_connector(redis_server.url) as conn, redis_server.client() as client:
+        conn.write_many([(k, memoryview(v)) for k, v in values.items()])
+        assert {k: conn.read(k) for k in values} == values
+        client.config_set("maxmemory", str(client.info("memory")["used_memory"] + MiB))
+        try:
+            with pytest.raises(BackendError, match="w/big.*OOM"):
+                conn.write_many([("w/small", b"ok"), ("w/big", pattern(4 * MiB)), ("w/after", b"x")])
+        finally:
+            client.config_set("maxmemory", "0")
+        conn.write("w/again", b"still usable")
+        assert conn.read("w/again") == b"still usable" and conn.read("w/small") == b"ok"
+
+
 def test_redis_cluster_node_is_refused(start_redis) -> None:
     node = start_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     with open_connector(node.url) as conn:
@@ -546,7 +573,7 @@ def test_s3_lists_past_1000_keys(s3_server) -> None:
         assert list(conn.list("many/")) == keys
 
 
-def test_s3_large_write_is_multipart(s3_server) -> None:
+def test_s3_large_write_is_multipart(s3_server, small_multipart: None) -> None:
     import boto3
 
     bucket = s3_server.make_bucket("test-multipart")
@@ -557,13 +584,13 @@ def test_s3_large_write_is_multipart(s3_server) -> None:
     assert etag.strip('"').endswith("-2"), etag
 
 
-def test_s3_failed_multipart_leaves_nothing(s3_server) -> None:
+def test_s3_failed_multipart_leaves_nothing(s3_server, small_multipart: None) -> None:
     import boto3
 
     bucket = s3_server.make_bucket("test-abort")
 
     def blocks() -> Iterator[bytes]:
-        yield pattern(9 * MiB)
+        yield pattern(16 * MiB)  # three parts already uploading when the producer fails
         raise RuntimeError("producer failed")
 
     with open_connector(f"s3://{bucket}") as conn, pytest.raises(RuntimeError):

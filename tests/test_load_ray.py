@@ -47,6 +47,19 @@ def test_load_verifies_on_every_backend(ray_session, store_url, ckpt, tp):
     assert all(r.digest == r.expected_digest and r.bytes == r.bytes_read for r in report.ranks)
     assert report.total.bytes == sum(r.bytes for r in report.ranks) > 0
     assert ran == [(r, len(original_tensors(ckpt)), "x") for r in range(tp)]
+    _check_phases(report)
+
+
+def _check_phases(report) -> None:
+    """Every phase of the time to ready is reported, in order, inside the call; the manifest comes first (bad input
+    is refused before Ray starts); start-up ends where the pull begins."""
+    phases = {p.name: p for p in report.phases}
+    assert list(phases) == ["manifest", "connect", "placement", "actors", "pull", "verify"]
+    assert all(0 <= p.start_s <= p.end_s <= report.total.call_to_verified_s + 1e-6 for p in report.phases)
+    assert phases["manifest"].start_s == 0.0 <= phases["connect"].start_s, "the manifest is read first"
+    assert phases["placement"].end_s <= phases["actors"].end_s == pytest.approx(report.total.time_to_ready_s)
+    assert phases["pull"].end_s <= phases["verify"].end_s == pytest.approx(report.total.call_to_verified_s)
+    assert all({"pull_s", "verify_s"} <= set(r.phases) for r in report.ranks)
 
 
 def test_gpu_bundles_when_the_cluster_has_gpus(ray_session, tmp_path, ckpt):

@@ -12,6 +12,7 @@ with :func:`register_connector`. Lookup order: registered, entry points, built-i
 from __future__ import annotations
 
 import importlib
+import sys
 from importlib.metadata import EntryPoint, entry_points
 
 from ..errors import ConfigError, MissingDependencyError
@@ -39,8 +40,17 @@ def register_connector(scheme: str, target: type[Connector] | str) -> None:
     _registered[scheme.lower()] = target
 
 
+_scanned: tuple[tuple[str, ...], dict[str, EntryPoint]] | None = None
+
+
 def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name.lower(): ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """The plug-ins' entry points, scanned once per ``sys.path`` (a scan reads every installed distribution's
+    metadata: measured 40-100 ms on 2 cores, paid by every connector opened before this cache)."""
+    global _scanned
+    key = tuple(sys.path)
+    if _scanned is None or _scanned[0] != key:
+        _scanned = (key, {ep.name.lower(): ep for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return _scanned[1]
 
 
 def known_schemes() -> list[str]:

@@ -1,8 +1,11 @@
-"""A minimal RESP2 client for the Redis hot path: pipelined GETRANGE, replies received into caller buffers.
+"""A minimal RESP2 client for the Redis hot paths: pipelined GETRANGE with replies received into caller buffers
+(load), and pipelined SET sent straight from caller buffers (publish).
 
 redis-py returns every value as a new ``bytes`` object: a copy, and an allocation as large as the value,
-per read. This client sends a batch of GETRANGE commands in one write, then ``recv_into``s each bulk reply
-straight into the memoryview the caller supplied, so payload bytes are written once. It speaks only what the
+per read; and it waits for each SET's reply before the next. This client sends a batch of GETRANGE commands in
+one write, then ``recv_into``s each bulk reply straight into the memoryview the caller supplied, so payload bytes
+are written once; and it sends a batch of SETs back to back, each value from the caller's buffer (small frames
+coalesced, large values handed to ``sendall`` as they are), then reads the replies. It speaks only what the
 loader needs: AUTH (ACL user or legacy password), SELECT, TLS, and simple/integer/bulk/array/error replies.
 
 It knows nothing about URLs or the loader's errors: socket failures surface as ``OSError``
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 _CRLF = b"\r\n"
 #: Size of the internal buffer that holds reply headers and small values; large payloads bypass it.
 _HEADER_BUFFER_BYTES = 64 << 10
+#: Outgoing frames smaller than this are coalesced into one send; larger values go to the socket as they are.
+_COALESCE_BYTES = 64 << 10
 
 Reply = bytes | int | list["Reply"] | None
 
@@ -59,6 +64,14 @@ class RangeRead:
     buf: memoryview
 
 
+@dataclass(frozen=True)
+class SetWrite:
+    """Store ``value`` (a C-contiguous byte buffer, sent as it is: no copy) as ``key``."""
+
+    key: bytes
+    value: memoryview
+
+
 def pack_command(*args: bytes | str | int) -> bytes:
     """Encode one command as a RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
@@ -66,6 +79,14 @@ def pack_command(*args: bytes | str | int) -> bytes:
         raw = arg if isinstance(arg, bytes) else str(arg).encode()
         parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
     return b"".join(parts)
+
+
+def set_frames(writes: Sequence[SetWrite]) -> Iterator[bytes | memoryview]:
+    """The wire frames of one ``SET key value`` per write: a small header, the value's own buffer, CRLF."""
+    for w in writes:
+        yield b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n" % (len(w.key), w.key, w.value.nbytes)
+        yield w.value
+        yield _CRLF
 
 
 class RespConnection:
@@ -103,11 +124,34 @@ class RespConnection:
         self._sock.sendall(b"".join(commands))
         return [self._read_bulk_into(r.buf) for r in reads]
 
+    def set_many(self, writes: Sequence[SetWrite]) -> list[Reply | RespError]:
+        """Pipeline one SET per write, each value sent from its own buffer, then read every reply (``b"OK"``, or
+        the server's error reply: all are consumed, so the connection stays usable)."""
+        self._send(set_frames(writes))
+        return [self._read_reply() for _ in writes]
+
     def close(self) -> None:
         try:
             self._sock.close()
         except OSError:
             pass
+
+    def _send(self, frames: Iterable[bytes | memoryview]) -> None:
+        """Send frames in order: small ones gathered into one buffer, large ones straight from their memory."""
+        pending = bytearray()
+        for frame in frames:
+            if len(frame) < _COALESCE_BYTES:
+                pending += frame
+                if len(pending) < _COALESCE_BYTES:
+                    continue
+                frame = b""
+            if pending:
+                self._sock.sendall(pending)
+                pending = bytearray()
+            if len(frame):
+                self._sock.sendall(frame)
+        if pending:
+            self._sock.sendall(pending)
 
     # ----------------------------------------------------------------- handshake
     def _handshake(self, endpoint: Endpoint) -> None:

@@ -85,6 +85,12 @@ class Connector(abc.ABC):
             self.readinto(key, offset, buf)
             offset += len(buf)
 
+    def write_many(self, items: Sequence[tuple[str, Buffer]]) -> None:
+        """Store several objects, each atomically (publish's one-object-per-chunk path); backends with
+        pipelining override it."""
+        for key, data in items:
+            self.write(key, data)
+
     def read(self, key: str) -> bytes:
         """The whole object as bytes (small objects: manifests, config files), as one version of it.
 

@@ -1,9 +1,10 @@
 """Redis store: ``redis://[user:password@]host:port/db`` or ``rediss://`` (TLS); one raw value per object.
 
-Control operations (write, list, stat, delete) go through redis-py. Reads, the hot path, go through the small
-RESP2 client in :mod:`._resp`, which pipelines GETRANGE commands and receives each value straight into the
-caller's buffer (redis-py returns a new ``bytes`` per value: an extra copy and an allocation as large as the
-value). Each thread keeps its own raw connection, so a thread pool reads over several sockets at once.
+Control operations (list, stat, delete) go through redis-py. The hot paths go through the small RESP2 client in
+:mod:`._resp`: reads pipeline GETRANGE commands and receive each value straight into the caller's buffer
+(redis-py returns a new ``bytes`` per value: an extra copy and an allocation as large as the value); writes
+pipeline SETs sent straight from the caller's buffers (redis-py waits for each reply before the next SET). Each
+thread keeps its own raw connection, so a thread pool reads or writes over several sockets at once.
 
 Redis Cluster is not supported: a cluster node answers with ``MOVED``/``ASK`` and gets a clear error.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -24,8 +25,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import BackendError, ConfigError, NotFoundError, RaydistError
+from ..pool import batches
 from ..redact import redact_text
-from ._resp import Endpoint, RangeRead, RespConnection, RespError
+from ._resp import Endpoint, RangeRead, RespConnection, RespError, SetWrite
 from .base import Buffer, Connector, ReadRequest, check_key, short_read
 
 CONNECT_TIMEOUT_S = 5.0
@@ -161,18 +163,12 @@ def glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in _GLOB_SPECIALS else ch for ch in text)
 
 
-def batches(requests: Sequence[ReadRequest], max_bytes: int) -> Iterator[list[ReadRequest]]:
-    """Split ``requests`` into runs of at most ``max_bytes`` in total (at least one request each)."""
-    batch: list[ReadRequest] = []
-    size = 0
-    for req in requests:
-        if batch and size + len(req.buf) > max_bytes:
-            yield batch
-            batch, size = [], 0
-        batch.append(req)
-        size += len(req.buf)
-    if batch:
-        yield batch
+def _buf_bytes(req: ReadRequest) -> int:
+    return len(req.buf)
+
+
+def _value_bytes(write: SetWrite) -> int:
+    return write.value.nbytes
 
 
 def _error_code(exc: BaseException) -> str:
@@ -229,18 +225,23 @@ class RedisConnector(Connector):
             check_key(req.key)
         for req in (r for r in requests if not len(r.buf)):
             self._require_exists(req.key)
-        for batch in batches([r for r in requests if len(r.buf)], MAX_INFLIGHT_BYTES):
+        for batch in batches([r for r in requests if len(r.buf)], MAX_INFLIGHT_BYTES, _buf_bytes):
             results = self._pipeline([RangeRead(r.key.encode(), r.offset, r.buf) for r in batch])
             for req, got in zip(batch, results, strict=True):
                 self._check_reply(req, got)
 
     def _pipeline(self, reads: list[RangeRead]) -> list[int | None | RespError]:
-        """Run one pipelined batch; a reused connection found dead (server restarted) is replaced once."""
-        with self._errors(f"reading {reads[0].key.decode()!r}"):
+        """Run one pipelined batch of reads."""
+        return self._on_connection(lambda conn: conn.getrange_into(reads), f"reading {reads[0].key.decode()!r}")
+
+    def _on_connection(self, run: Callable[[RespConnection], list], action: str) -> list:
+        """``run`` on this thread's raw connection; a reused connection found dead (server restarted) is replaced
+        once (reads and SETs are idempotent, so repeating the batch is safe)."""
+        with self._errors(action):
             for attempt in range(2):
                 conn, reused = self._connection()
                 try:
-                    return conn.getrange_into(reads)
+                    return run(conn)
                 except OSError as e:
                     self._discard(conn)
                     if attempt or not reused or not isinstance(e, _STALE_ERRORS):
@@ -279,17 +280,23 @@ class RedisConnector(Connector):
             self._conns.discard(conn)
         conn.close()
 
-    # ----------------------------------------------------------------- control (redis-py)
+    # ----------------------------------------------------------------- writes (raw RESP)
     def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
         """One SET (atomic): readers see the old value or the whole new one."""
-        check_key(key)
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            value = memoryview(data).cast("B")
-        else:
-            value = b"".join(data)
-        with self._errors(f"writing {key!r}"):
-            self._client.set(key, value)
+        value = data if isinstance(data, (bytes, bytearray, memoryview)) else b"".join(data)
+        self.write_many([(key, value)])
 
+    def write_many(self, items: Sequence[tuple[str, Buffer]]) -> None:
+        """Pipelined SETs over this thread's raw connection, each value sent from its own buffer, at most
+        ``MAX_INFLIGHT_BYTES`` per flush; each SET is atomic on its own."""
+        writes = [SetWrite(check_key(key).encode(), memoryview(value).cast("B")) for key, value in items]
+        for batch in batches(writes, MAX_INFLIGHT_BYTES, _value_bytes):
+            replies = self._on_connection(lambda conn, b=batch: conn.set_many(b), f"writing {batch[0].key.decode()!r}")
+            for write, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, RespError):
+                    raise self._backend_error(reply, f"writing {write.key.decode()!r}")
+
+    # ----------------------------------------------------------------- control (redis-py)
     def read(self, key: str) -> bytes:
         """One GET: the value as one SET left it, even while a publish replaces it."""
         check_key(key)

@@ -2,8 +2,8 @@
 
 The endpoint comes from ``?endpoint_url=`` or else ``AWS_ENDPOINT_URL``; credentials only from boto3's own
 chain (environment, profile, instance role), never from the URL or code. Reads are ranged GETs streamed
-straight into the caller's buffer; writes are one PUT, or a multipart upload for data larger than one part
-(aborted on failure, so no partial object ever appears).
+straight into the caller's buffer; writes are one PUT, or a multipart upload for data larger than one part,
+its parts uploaded concurrently (aborted on failure, so no partial object ever appears).
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ import http.client
 import itertools
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
+import botocore.loaders
+import botocore.session
 import urllib3.exceptions
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
@@ -28,6 +32,13 @@ from .base import Buffer, Connector, check_key, refuse_options, short_read
 
 #: Size of each multipart-upload part (S3 wants >= 5 MiB for all parts but the last).
 PART_BYTES = 8 << 20
+#: Objects up to this size go up as one PUT: measured on s3rver (0.25 GB checkpoint published as 20 MiB files),
+#: one PUT per file 1.8x multipart, whose completion makes the server write every byte a second time; publish
+#: writes several files at once, so single PUTs still keep several requests in flight.
+MULTIPART_THRESHOLD = 64 << 20
+#: Part uploads in flight per connector (boto3's TransferConfig default is 10), and parts held at once.
+UPLOAD_CONCURRENCY = 8
+UPLOAD_SLOTS = 2 * UPLOAD_CONCURRENCY
 _QUERY_OPTIONS = ("endpoint_url", "region")
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _DENIED_CODES = frozenset(
@@ -52,6 +63,24 @@ def _config(concurrency: int) -> Config:
     )
 
 
+_LOADER_LOCK = threading.Lock()
+_loader: botocore.loaders.Loader | None = None
+
+
+def _session() -> boto3.session.Session:
+    """A private session (building clients from one shared session races) whose data loader is shared by the
+    process: botocore parses the S3 service model and endpoint rules once per process instead of once per
+    connector (measured: a client from a fresh session 70 ms on an idle 2-core host, 200+ ms when busy; with the
+    loader shared 12 ms). Credentials stay per session, so a changed environment is seen by the next connector."""
+    global _loader
+    with _LOADER_LOCK:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _loader)
+    return boto3.session.Session(botocore_session=core)
+
+
 def _parse_url(url: str) -> tuple[str, str, dict[str, str]]:
     """``s3://bucket/prefix?opts`` -> (bucket, prefix without slashes, options)."""
     parts = urlsplit(url)
@@ -64,16 +93,23 @@ def _parse_url(url: str) -> tuple[str, str, dict[str, str]]:
     return parts.netloc, parts.path.strip("/"), options
 
 
-def iter_parts(blocks: Iterable[Buffer], part_bytes: int) -> Iterator[bytes]:
-    """Regroup a stream of blocks into parts of exactly ``part_bytes`` (the last one may be shorter)."""
-    pending = bytearray()
+def iter_parts(blocks: Iterable[Buffer], part_bytes: int) -> Iterator[list[memoryview]]:
+    """Regroup a stream of blocks into parts of exactly ``part_bytes`` (the last one may be shorter), each part
+    as views of the blocks (no copy yet: botocore sends only ``bytes``-like bodies, so a part is joined once, by
+    the thread that uploads it)."""
+    pieces: list[memoryview] = []
+    size = 0
     for block in blocks:
-        pending += block
-        while len(pending) >= part_bytes:
-            yield bytes(pending[:part_bytes])
-            del pending[:part_bytes]
-    if pending:
-        yield bytes(pending)
+        view = memoryview(block).cast("B")
+        while len(view):
+            take = min(len(view), part_bytes - size)
+            pieces.append(view[:take])
+            view, size = view[take:], size + take
+            if size == part_bytes:
+                yield pieces
+                pieces, size = [], 0
+    if pieces:
+        yield pieces
 
 
 def body_reader(body: Any) -> Callable[[memoryview], int]:
@@ -113,8 +149,10 @@ class S3Connector(Connector):
         self.bucket, prefix, options = _parse_url(url)
         self._root = f"{prefix}/" if prefix else ""
         endpoint = options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or None
-        session = boto3.session.Session()  # a private session: building clients from the default one races
-        self._s3 = session.client(
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(UPLOAD_SLOTS)
+        self._s3 = _session().client(
             "s3",
             endpoint_url=endpoint,
             region_name=options.get("region"),
@@ -199,35 +237,57 @@ class S3Connector(Connector):
         return done
 
     def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
-        """One PUT for data up to one part, else a multipart upload that is aborted if anything fails."""
+        """One PUT for data up to ``MULTIPART_THRESHOLD``, else a multipart upload that is aborted if anything
+        fails. The PUT's body is copied once (joined); a multipart upload holds at most ``UPLOAD_SLOTS`` parts."""
         full = self._key(key)
         blocks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         parts = iter_parts(blocks, PART_BYTES)
-        first = next(parts, b"")
-        second = next(parts, None)
+        head = list(itertools.islice(parts, MULTIPART_THRESHOLD // PART_BYTES + 1))
         with self._errors(f"writing {key!r}", key):
-            if second is None:
-                self._s3.put_object(Bucket=self.bucket, Key=full, Body=first)
+            if len(head) <= MULTIPART_THRESHOLD // PART_BYTES:
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=b"".join(v for p in head for v in p))
             else:
-                self._multipart(full, itertools.chain([first, second], parts))
+                self._multipart(full, itertools.chain(head, parts))
 
-    def _multipart(self, full: str, parts: Iterable[bytes]) -> None:
+    def _multipart(self, full: str, parts: Iterable[list[memoryview]]) -> None:
+        """Parts go up on the connector's upload pool while the next are produced (read, hashed, cut); at most
+        ``UPLOAD_SLOTS`` parts are held at once, whatever the object's size; any failure aborts the upload."""
         upload_id = self._s3.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
+        futures: list[Future] = []
         try:
-            done = [
-                {"PartNumber": n, "ETag": self._upload_part(full, upload_id, n, body)}
-                for n, body in enumerate(parts, start=1)
-            ]
+            for number, pieces in enumerate(parts, start=1):
+                self._slots.acquire()
+                try:
+                    future = self._uploader().submit(self._upload_part, full, upload_id, number, pieces)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                future.add_done_callback(lambda _: self._slots.release())
+                futures.append(future)
+                if any(f.done() and f.exception() for f in futures):
+                    break  # fail fast: result() below raises it
+            done = [{"PartNumber": n, "ETag": f.result()} for n, f in enumerate(futures, start=1)]
             self._s3.complete_multipart_upload(
                 Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": done}
             )
         except BaseException:
+            for f in futures:
+                f.cancel()
+            wait(futures)  # no part may land after the abort
             self._abort(full, upload_id)
             raise
 
-    def _upload_part(self, full: str, upload_id: str, number: int, body: bytes) -> str:
+    def _uploader(self) -> ThreadPoolExecutor:
+        """The connector's pool of part uploads, shared by every write in flight (publish writes several files
+        at once: the pool bounds the requests to the server, not each file)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="s3-upload")
+            return self._pool
+
+    def _upload_part(self, full: str, upload_id: str, number: int, pieces: list[memoryview]) -> str:
         resp = self._s3.upload_part(
-            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body
+            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=b"".join(pieces)
         )
         return resp["ETag"]
 
@@ -278,6 +338,10 @@ class S3Connector(Connector):
             self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self._s3.close()
 
     # ----------------------------------------------------------------- errors
