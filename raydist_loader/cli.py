@@ -541,7 +541,7 @@ def _validated_section(settings: dict) -> LoadSection:
     try:
         return LoadSection.model_validate(settings)
     except ValidationError as e:
-        raise ConfigError(format_validation_error("load", e)) from None
+        raise ConfigError(format_validation_error("load", e, LoadSection)) from None
 
 
 def _write_report(path: str, report: dict, out: _Out) -> None:

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -174,7 +174,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> LoadConfig:
     try:
         config = LoadConfig.model_validate(doc)
     except ValidationError as e:
-        raise ConfigError(_format(where, root, e)) from None
+        raise ConfigError(_format(where, root, e, LoadConfig)) from None
     if base_dir is not None:
         if config.load.rules and not Path(config.load.rules).expanduser().is_absolute():
             config.load.rules = str(base_dir / config.load.rules)
@@ -231,19 +231,20 @@ def _parse(text: str, where: str) -> tuple[Any, yaml.Node | None]:
     return doc, root
 
 
-def format_validation_error(where: str, exc: ValidationError) -> str:
-    """A pydantic error as our one-line message(s) with dotted paths (no YAML lines: the values came from code)."""
-    return _format(where, None, exc)
+def format_validation_error(where: str, exc: ValidationError, model: type[BaseModel]) -> str:
+    """A pydantic error from validating ``model`` as our one-line message(s) with dotted paths (no YAML lines: the
+    values came from code)."""
+    return _format(where, None, exc, model)
 
 
-def _format(where: str, root: yaml.Node | None, exc: ValidationError) -> str:
-    lines = [_format_one(where, root, err) for err in exc.errors(include_url=False)]
+def _format(where: str, root: yaml.Node | None, exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = [_format_one(where, root, err, model) for err in exc.errors(include_url=False)]
     if len(lines) == 1:
         return lines[0]
     return f"{len(lines)} problems in {where}:\n  " + "\n  ".join(lines)
 
 
-def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any]) -> str:
+def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any], model: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"])
     dotted = ".".join(loc) or "(top level)"
     line = _line_of(root, loc)
@@ -253,7 +254,7 @@ def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any]) -> s
     secret = any(part in ("password_env", "password_file", "options") for part in loc)
     received = "a value (not shown: it may be a secret)" if secret else _received(err.get("input"))
     if kind == "extra_forbidden":
-        known = ", ".join(_known_keys(loc[:-1]))
+        known = ", ".join(_known_keys(model, loc[:-1]))
         return f"{prefix}{dotted}: unknown key; known keys: {known}"
     if kind == "missing":
         return f"{prefix}{dotted}: required key is missing"
@@ -280,14 +281,19 @@ def _received(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, bool) else str(value).lower()
 
 
-def _known_keys(parent: tuple[str, ...]) -> list[str]:
-    model: type[BaseModel] = LoadConfig
+def _known_keys(model: type[BaseModel], parent: tuple[str, ...]) -> list[str]:
+    """The keys the model at ``parent`` (a path of field names from ``model``) accepts."""
     for part in parent:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        field = model.model_fields.get(part)
+        nested = [t for t in (field.annotation, *get_args(field.annotation)) if _is_model(t)] if field else []
+        if not nested:
             return []
-        model = annotation
+        model = nested[0]
     return list(model.model_fields)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _line_of(root: yaml.Node | None, loc: tuple[str, ...]) -> int | None:

@@ -105,4 +105,4 @@ def load_options(values: Mapping[str, Any], where: str = "load options") -> Load
     except ValidationError as e:
         from .config import format_validation_error
 
-        raise ConfigError(format_validation_error(where, e)) from None
+        raise ConfigError(format_validation_error(where, e, LoadOptions)) from None

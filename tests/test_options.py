@@ -89,6 +89,10 @@ def test_defaults_are_defined_once():
 def test_bad_values_are_one_clear_error_everywhere(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"load options: max_restarts: got -1 \(int\); expected a value >= 0"):
         load_options({"max_restarts": -1})
+    # a misspelt nested key from code lists the keys that level accepts (the API's options, not the YAML file's)
+    known = "known keys: attempts, base_delay_s, max_delay_s, deadline_s"
+    with pytest.raises(ConfigError, match=rf"load options: retries\.tris: unknown key; {known}$"):
+        load_options({"retries": {"tris": 3}})
     with pytest.raises(ConfigError, match=r"load\.actor_start_timeout_s: got 0 \(int\); expected a value > 0"):
         load_config({**BASE, "load": {"tp": 2, "actor_start_timeout_s": 0}})
     code = main(["load", "/tmp/store", "--model", "m", "--tp", "2", "--placement-timeout-s", "0"])
