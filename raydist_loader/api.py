@@ -1,4 +1,5 @@
-"""The Python API: ``load_across_cluster`` (Ray, one actor per rank) and ``load_shard`` (inside an engine's worker)."""
+"""Layer 6 (entry points): The Python API: ``load_across_cluster`` (Ray, one actor per rank) and ``load_shard`` (inside
+an engine's worker)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bulk phases pause Python's cyclic garbage collector.
+"""Layer 0 (base): Bulk phases pause Python's cyclic garbage collector.
 
 Parsing a manifest, planning ranks and loading a shard of a ~20k-tensor MoE create hundreds of thousands of small
 objects that live on (records, plans, tensors) and form no reference cycles. Each full collection walks every live

@@ -1,4 +1,4 @@
-"""``raydist-loader``: publish | index | inspect | verify | gc | load | release | pull-files.
+"""Layer 6 (entry points): ``raydist-loader``: publish | index | inspect | verify | gc | load | release | pull-files.
 
 Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line
 on stderr, no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything

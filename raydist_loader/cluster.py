@@ -1,4 +1,5 @@
-"""Joining a Ray cluster without the pitfalls of a bare ``ray.init()`` (stale clusters, token auth)."""
+"""Layer 5 (Ray driver): Joining a Ray cluster without the pitfalls of a bare ``ray.init()`` (stale clusters, token
+auth)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Deployment configs: YAML -> validated :class:`LoadConfig` (``raydist-loader load --config FILE``).
+"""Layer 6 (entry points): Deployment configs: YAML -> validated :class:`LoadConfig` (``raydist-loader load --config
+FILE``).
 
 Every problem is a :class:`~raydist_loader.errors.ConfigError` that names the file (and line, when known), the
 dotted path of the bad key (``load.tp``, ``store.url``), what was received and what is expected. Secrets never

@@ -1,4 +1,5 @@
-"""Ray side of a load: placement group, one ShardLoader actor per rank, reports gathered and verified.
+"""Layer 5 (Ray driver): Ray side of a load: placement group, one ShardLoader actor per rank, reports gathered and
+verified.
 
 One Coordinator is one TP group; with ``replicas=R`` the API makes R of them (:mod:`~raydist_loader.replicas`
 places them and runs their shared pull).

@@ -1,4 +1,4 @@
-"""Chunk and rank digests: xxh3-128 of row-major bytes (fast), optional blake3 (tamper evidence).
+"""Layer 0 (base): Chunk and rank digests: xxh3-128 of row-major bytes (fast), optional blake3 (tamper evidence).
 
 Both hashers release the GIL on large buffers, so hashing overlaps with reads in other threads.
 """

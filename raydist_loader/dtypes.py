@@ -1,4 +1,5 @@
-"""dtype names: torch <-> safetensors codes <-> item sizes. The manifest stores torch names ("bfloat16")."""
+"""Layer 0 (base): dtype names: torch <-> safetensors codes <-> item sizes. The manifest stores torch names
+("bfloat16")."""
 
 from __future__ import annotations
 

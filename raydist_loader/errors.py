@@ -1,4 +1,4 @@
-"""The error types raydist_loader raises.
+"""Layer 0 (base): The error types raydist_loader raises.
 
 Every user-facing problem is a :class:`RaydistError` subclass whose message says what was received and how to fix
 it; the CLI prints such errors as one line (no traceback) and exits with status 2 (1 for a failed verification).

@@ -1,4 +1,5 @@
-"""Config and tokenizer files stored beside the weights: ``pull_files`` writes them to a local directory."""
+"""Layer 3 (store commands): Config and tokenizer files stored beside the weights: ``pull_files`` writes them to a local
+directory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``gc``: delete versions of a model that its manifest no longer names, once no reader or writer can need them.
+"""Layer 3 (store commands): ``gc``: delete versions of a model that its manifest no longer names, once no reader or
+writer can need them.
 
 Only prefixes that look like our version ids (``vYYYYmmddHHMMSSmmm-xxxxxxxx``) are ever touched, so original
 checkpoint files indexed in place and anything else an operator keeps under the model's name are left alone. The

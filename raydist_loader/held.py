@@ -1,4 +1,4 @@
-"""Held loads (Ray side, driver): how held actors are named, found and released.
+"""Layer 5 (Ray driver): Held loads (Ray side, driver): how held actors are named, found and released.
 
 A held load's actors live in the fixed Ray namespace :data:`NAMESPACE` under ``raydist:<model>:<rank>`` whatever
 the holding driver's own namespace, so any driver or engine on the cluster finds them with

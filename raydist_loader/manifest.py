@@ -1,4 +1,5 @@
-"""The store's manifest (format ``raydist-loader/1``): what a model is, how it is cut, where each chunk lives.
+"""Layer 2 (data): The store's manifest (format ``raydist-loader/2``): what a model is, how it is cut, where each chunk
+lives.
 
 A manifest is JSON at ``<model>/manifest.json``; every object it names lives under ``<model>/<version>/`` (chunked
 layout) or is an original checkpoint file (in-place layout). It is validated on read: a garbled manifest is an error

@@ -1,4 +1,4 @@
-"""Load options (data layer; imports retry and errors): the one definition of every load knob, its default and the
+"""Layer 2 (data): Load options (imports retry and errors): the one definition of every load knob, its default and the
 values it accepts.
 
 Everything else is built from :class:`LoadOptions` (the model: vLLM hands one ``LoadConfig`` to every loader):

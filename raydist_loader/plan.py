@@ -1,4 +1,5 @@
-"""PURE: (manifest, tp, rank) -> the reads this rank makes and where each lands, plus its expected digest.
+"""Layer 2 (data): PURE: (manifest, tp, rank) -> the reads this rank makes and where each lands, plus its expected
+digest.
 
 No Ray, no network. A rank's shard of a split tensor is its chunks concatenated on the split dim in segment order;
 a replicated tensor is its one chunk. On the chunked layout a rank reads exactly its chunks' bytes; in place, a

@@ -1,5 +1,5 @@
-"""A bounded thread pool that fails fast: the one way this package runs I/O in parallel; and the cutting of work
-into batches of bounded size."""
+"""Layer 0 (base): A bounded thread pool that fails fast: the one way this package runs I/O in parallel; and the cutting
+of work into batches of bounded size."""
 
 from __future__ import annotations
 

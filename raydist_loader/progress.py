@@ -1,4 +1,5 @@
-"""Live progress at the driver: bytes per rank and overall GB/s (rich when installed, else quiet lines)."""
+"""Layer 5 (Ray driver): Live progress at the driver: bytes per rank and overall GB/s (rich when installed, else quiet
+lines)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Put a model in a store: ``publish`` (HF checkpoint dir -> chunked layout) and ``index`` (in place).
+"""Layer 3 (store commands): Put a model in a store: ``publish`` (HF checkpoint dir -> chunked layout) and ``index`` (in
+place).
 
 Both apply the sharding rules once, cut every tensor on the chunk grid, hash each chunk, and write the manifest
 last, so a half-written model is never taken for a complete one (a reader sees the old manifest or the new one).

@@ -1,4 +1,4 @@
-"""Keep secrets out of everything printed, logged or reported."""
+"""Layer 0 (base): Keep secrets out of everything printed, logged or reported."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Replicas share one pull, the Ray side (imports coordinator, share): R TP groups placed over the nodes, the store
-read once, the bytes moved between the replicas' same ranks through Ray's object store.
+"""Layer 5 (Ray driver): Replicas share one pull, the Ray side (imports coordinator, share): R TP groups placed over the
+nodes, the store read once, the bytes moved between the replicas' same ranks through Ray's object store.
 
 - Placement (:func:`start`): one placement group per replica (:class:`~raydist_loader.coordinator.Coordinator`),
   each kept off the nodes of the replicas placed before it while another node has room for the whole group, so

@@ -1,4 +1,5 @@
-"""Which files of a Hugging Face repo are served: the weights, the engine files ``pull_files`` writes, the rest skipped.
+"""Layer 2 (data): Which files of a Hugging Face repo are served: the weights, the engine files ``pull_files`` writes,
+the rest skipped.
 
 Real repos hold more than one copy of the weights: Mistral ships ``consolidated.safetensors`` beside the HF shards,
 many ship ``pytorch_model*.bin``, ``*.pt``, ``*.gguf`` or an ``original/`` folder, and some carry large unrelated

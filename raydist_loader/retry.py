@@ -1,4 +1,5 @@
-"""Retries for transient backend failures: exponential backoff with full jitter, bounded by attempts and time.
+"""Layer 0 (base): Retries for transient backend failures: exponential backoff with full jitter, bounded by attempts and
+time.
 
 What is retried: a :class:`~raydist_loader.errors.BackendError` whose ``transient`` is True (connection reset or
 refused, timeouts, Redis LOADING/BUSY, S3 5xx/SlowDown: the connectors decide), and raw ``ConnectionError`` /

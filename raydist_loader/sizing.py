@@ -1,4 +1,5 @@
-"""Size a deployment from a model's config.json alone (``inspect --config-only``): no weights, no store.
+"""Layer 3 (store commands): Size a deployment from a model's config.json alone (``inspect --config-only``): no weights,
+no store.
 
 The model is built by transformers on torch's ``meta`` device (shapes and dtypes, no memory), its state dict is
 turned back into the names a checkpoint holds (the same reverse conversion ``save_pretrained`` applies: per-expert

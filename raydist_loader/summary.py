@@ -1,4 +1,4 @@
-"""``inspect``: what a store holds for a model, and with ``tp`` what each rank will move."""
+"""Layer 3 (store commands): ``inspect``: what a store holds for a model, and with ``tp`` what each rank will move."""
 
 from __future__ import annotations
 

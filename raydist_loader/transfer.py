@@ -1,5 +1,5 @@
-"""Transfer machinery, shared part (below the worker; imports plan, chunks, connectors, retry; never the worker):
-one rank's arena on the final device and the pieces both copy paths use.
+"""Layer 4 (rank runtime): Transfer machinery, shared part (below the worker: imports plan, chunks, connectors, retry;
+never the worker): one rank's arena on the final device and the pieces both copy paths use.
 
 The arena is one allocation per rank with a flat uint8 view per tensor (256-byte aligned): reads (CPU) or H2D
 copies (GPU) land in place, and chunks of consecutive tensors are adjacent, so the GPU path moves them with one copy.
@@ -7,9 +7,10 @@ copies (GPU) land in place, and chunks of consecutive tensors are adjacent, so t
 worker (:class:`~raydist_loader.worker.ShardLoader`) picks one per device and hands in how to start a chunk's
 digest, so the bytes are hashed as they land (overlapping further reads) while verification stays the worker's.
 
-Staging memory does not grow with the largest tensor: a chunk or in-place span larger than :data:`PART_BYTES` is
-read in parts of whole rows (several ranged reads of its object), each part hashed (digests are streamed, so they
-are the whole chunk's) and placed before the next is read into the same buffer.
+Staging memory does not grow with the largest tensor: a chunk or in-place span larger than
+:data:`~raydist_loader.chunks.PART_BYTES` is read in parts of whole rows (several ranged reads of its object), each
+part hashed (digests are streamed, so they are the whole chunk's) and placed before the next is read into the same
+buffer (:func:`~raydist_loader.chunks.read_in_parts`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from . import dtypes
-from .chunks import cut, requests_for
+from .chunks import PART_BYTES, PlacePart, cut, in_parts, part_rows, read_in_parts, requests_for, rows_of, stage_bytes
 from .connectors import Connector, ReadRequest
 from .digest import ChunkHash
 from .plan import ChunkRead, RankPlan, TensorSlot
@@ -32,9 +33,6 @@ from .retry import RetryPolicy
 from .retry import call as with_retries
 
 _ALIGN = 256  # every tensor starts 256-byte aligned in the arena
-#: Largest staging buffer: bigger chunks and in-place spans are read in parts of whole rows of at most this size
-#: (one row, when a row is bigger), so staging stays about (concurrency + 1) x PART_BYTES per rank.
-PART_BYTES = 64 << 20
 
 #: (tensor index, chunk id) -> digest of the bytes that landed
 Digests = dict[tuple[int, str], str]
@@ -91,54 +89,28 @@ class Transfer:
         h.update(chunk.contiguous().cpu().numpy())
         return h.hexdigest()
 
-    # ---------------------------------------------------------------- reading in parts
+    # ---------------------------------------------------------------- reading in parts (chunks.read_in_parts)
     def _in_parts(self, group: list[ChunkRead]) -> bool:
-        """One chunk, or chunks sharing one span, whose read is too big for one staging buffer."""
-        return group[0].read_bytes > self.part_bytes and all(r.pieces == group[0].pieces for r in group)
+        return in_parts(group, self.part_bytes)
 
     def _rows(self, read: ChunkRead) -> tuple[int, int]:
-        """(rows, bytes per row) of what a read brings in, the unit parts are cut on: rows of an in-place span
-        (``stride`` apart), rows of a column block, or the bytes of a chunk contiguous in the arena."""
-        if read.extract is not None:
-            return read.extract.rows, read.extract.stride
-        if read.direct:
-            return read.read_bytes, 1
-        slot = self.plan.tensors[read.tensor]
-        outer = prod(slot.shape[: slot.dim])
-        return outer, read.read_bytes // outer
+        return rows_of(read, self.plan.tensors[read.tensor])
 
     def _parts(self, group: list[ChunkRead]) -> list[tuple[int, int]]:
-        """[first, last) rows of each part of the group's read: whole rows of at most ``part_bytes`` (or one row),
-        half of that for an in-place span, whose chunks are cut out into the buffer's other half."""
-        rows, row = self._rows(group[0])
-        budget = self.part_bytes // (1 if group[0].extract is None else 2)
-        per = max(1, budget // max(1, row))
-        return [(r, min(rows, r + per)) for r in range(0, rows, per)]
+        return part_rows(group[0], self.plan.tensors[group[0].tensor], self.part_bytes)
 
     def _stage_size(self, group: list[ChunkRead], whole: int) -> int:
-        """The staging buffer a group needs: ``whole`` (read at once), or its largest part when read in parts
-        (twice that for an in-place span: the part, then each chunk's rows cut out of it)."""
-        if not self._in_parts(group):
-            return whole
-        rows, row = self._rows(group[0])
-        part = min(group[0].read_bytes, max(b - a for a, b in self._parts(group)) * row)
-        return part if group[0].extract is None else 2 * part
+        return stage_bytes(group, self.plan.tensors[group[0].tensor], self.part_bytes, whole)
 
-    def _stream(self, group: list[ChunkRead], buf: torch.Tensor, conn: Connector, place: Callable) -> list[str]:
-        """Read a group part by part through ``buf``: each part's rows of every chunk are hashed (in order, so the
-        digests are the whole chunks') and handed to ``place(read, first row, last row, bytes)`` before the next
-        part is read into the same buffer (an in-place span's chunks are cut into the buffer's second half, which
-        ``place`` must be done with when it returns)."""
-        first, hashes = group[0], [self._start_hash(r) for r in group]
-        _, row = self._rows(first)
-        for r0, r1 in self._parts(group):
-            a, b = r0 * row, min(r1 * row, first.read_bytes)
-            part, scratch = buf[: b - a], buf[b - a :]
-            self._read(conn, list(requests_for(first, part, conn.max_request_bytes, start=a)))
-            for read, h in zip(group, hashes, strict=True):
-                data = part if read.extract is None else cut(part, read.extract._replace(rows=r1 - r0), scratch)
-                h.update(data.numpy())
-                place(read, r0, r1, data)
+    def _stream(self, group: list[ChunkRead], buf: torch.Tensor, conn: Connector, place: PlacePart) -> list[str]:
+        """Read a group part by part through ``buf`` (see :func:`~raydist_loader.chunks.read_in_parts`), with the
+        load's retries; returns the whole chunks' digests."""
+        hashes = [self._start_hash(r) for r in group]
+        slot = self.plan.tensors[group[0].tensor]
+        read_in_parts(
+            group, slot, buf, self.part_bytes, lambda requests: self._read(conn, requests), hashes, place,
+            conn.max_request_bytes,
+        )
         return [h.hexdigest() for h in hashes]
 
     def _place_rows(self, read: ChunkRead, r0: int, r1: int, data: torch.Tensor) -> None:

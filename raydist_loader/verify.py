@@ -1,4 +1,5 @@
-"""Re-read a whole store and check every digest recorded at publish time (``raydist-loader verify``)."""
+"""Layer 3 (store commands): Re-read a whole store and check every digest recorded at publish time (``raydist-loader
+verify``)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def verify(
     url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
 ) -> VerifyResult:
     """Read every chunk and file of ``model`` and compare with the manifest's digests."""
-    from .chunks import fetch_chunks, shared  # torch: imported only when bytes are read
+    import torch  # imported only when bytes are read
+
+    from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, shared
 
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:
@@ -58,28 +61,26 @@ def verify(
         plan = make_plan(manifest, 1, 0, coalesce_gap=conn.coalesce_gap)
 
         def check(group: list[ChunkRead]) -> list[dict]:
-            names = [plan.tensors[r.tensor].name for r in group]
+            """Read a span (the chunks sharing it: one read) in parts of at most PART_BYTES through one buffer,
+            hashing as it goes: memory stays bounded whatever the largest tensor."""
+            slot = plan.tensors[group[0].tensor]
+            names = [slot.name] * len(group)
+            hashes = [digest.ChunkHash(r.xxh3, r.blake3) for r in group]
+            buf = torch.empty(parts_buffer_bytes(group, slot, PART_BYTES), dtype=torch.uint8)
             try:
-                chunks = [c.numpy() for c in fetch_chunks(conn, group)]
+                read_in_parts(
+                    group, slot, buf, PART_BYTES, conn.readinto_many, hashes, max_request_bytes=conn.max_request_bytes
+                )
             except RaydistError as e:
                 return [
                     {"tensor": n, "chunk": r.chunk, "error": str(e), "objects": _objects(r)}
                     for n, r in zip(names, group, strict=True)
                 ]
-            out = []
-            for name, read, data in zip(names, group, chunks, strict=True):
-                got = digest.xxh3(data)
-                if got != read.xxh3 or (read.blake3 is not None and digest.blake3_hex(data) != read.blake3):
-                    out.append(
-                        {
-                            "tensor": name,
-                            "chunk": read.chunk,
-                            "expected": read.xxh3,
-                            "got": got,
-                            "objects": _objects(read),
-                        }
-                    )
-            return out
+            return [
+                {"tensor": name, "chunk": read.chunk, "expected": read.xxh3, "got": got, "objects": _objects(read)}
+                for name, read, got in zip(names, group, (h.hexdigest() for h in hashes), strict=True)
+                if got != read.xxh3
+            ]
 
         failures = [f for group in run_all(check, shared(plan.reads), concurrency, "verify") for f in group]
         failures += _check_files(conn, manifest)

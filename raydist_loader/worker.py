@@ -1,5 +1,5 @@
-"""The actor contract (worker layer; imports plan, transfer*, report, never Ray): one TP rank's loader, a plain
-class (no ``@ray.remote``), made remote only by the coordinator.
+"""Layer 4 (rank runtime): The actor contract (imports plan, transfer*, report, never Ray): one TP rank's loader, a
+plain class (no ``@ray.remote``), made remote only by the coordinator.
 
 prepare (connector + plan), load (pull, hash every chunk as it lands, compare with the manifest's digests, re-pull
 the wrong ones once, report), repull, run (the engine hand-off), report. The bytes move through

@@ -16,7 +16,7 @@ import os
 import pytest
 
 import raydist_loader as rl
-from raydist_loader.testing.memory import load_growth, tensor_xxh3, write_big_tensor
+from raydist_loader.testing.memory import load_growth, tensor_xxh3, verify_growth, write_big_tensor
 
 ROWS, COLS = 1024, 131072  # bf16: 256 MiB
 PART = 16 << 20
@@ -50,4 +50,18 @@ def test_loading_a_big_tensor_grows_the_process_by_its_shard_plus_bounded_stagin
     assert got["growth"] <= bound, (
         f"{model} tp={tp}: the process grew {got['growth'] / 2**20:.0f} MiB for a {got['shard'] / 2**20:.0f} MiB "
         f"shard (bound {bound / 2**20:.0f} MiB)"
+    )
+
+
+@pytest.mark.parametrize("model", ["chunked", "inplace"])
+def test_verifying_a_store_with_a_big_tensor_reads_it_in_bounded_parts(big_tensor_stores, model):
+    """``raydist-loader verify`` re-reads every byte: it must not hold a whole tensor (an in-place span was read whole
+    and its chunks cut out of it: 2x the tensor per thread), only (part + the chunks' rows cut from it) per thread."""
+    url, _ = big_tensor_stores
+    got = verify_growth(url, model, part_bytes=PART, concurrency=CONCURRENCY)
+    assert got["ok"] and got["bytes"] >= ROWS * COLS * 2 and not got["failures"]
+    bound = CONCURRENCY * 2 * PART + SLACK
+    assert got["growth"] <= bound, (
+        f"verify of {model} grew the process by {got['growth'] / 2**20:.0f} MiB for a 256 MiB tensor "
+        f"(bound {bound / 2**20:.0f} MiB)"
     )

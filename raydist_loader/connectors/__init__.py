@@ -1,4 +1,4 @@
-"""Connector registry: URL scheme -> backend class, imported on first use (fsspec-style).
+"""Layer 1 (connectors): Connector registry: URL scheme -> backend class, imported on first use (fsspec-style).
 
 The built-in backends are named in ``_BUILTIN`` as ``module:Class`` strings, so importing the package never imports
 boto3 or redis; a missing optional dependency surfaces when its scheme is first used, as a

@@ -1,5 +1,5 @@
-"""A minimal RESP2 client for the Redis hot paths: pipelined GETRANGE with replies received into caller buffers
-(load), and pipelined SET sent straight from caller buffers (publish).
+"""Layer 1 (connectors): A minimal RESP2 client for the Redis hot paths: pipelined GETRANGE with replies received into
+caller buffers (load), and pipelined SET sent straight from caller buffers (publish).
 
 redis-py returns every value as a new ``bytes`` object: a copy, and an allocation as large as the value,
 per read; and it waits for each SET's reply before the next. This client sends a batch of GETRANGE commands in

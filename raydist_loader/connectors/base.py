@@ -1,4 +1,4 @@
-"""The connector contract: five primitives per backend, everything else derived here.
+"""Layer 1 (connectors): The connector contract: five primitives per backend, everything else derived here.
 
 A connector addresses objects by '/'-separated keys relative to the store root given in its URL. Backends implement
 ``readinto`` (a byte range into a caller-supplied buffer, no extra copies), ``write`` (atomic: an object is seen

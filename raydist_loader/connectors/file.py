@@ -1,4 +1,4 @@
-"""Local or shared-filesystem store: ``file:///abs/dir`` or a bare path."""
+"""Layer 1 (connectors): Local or shared-filesystem store: ``file:///abs/dir`` or a bare path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Redis store: ``redis://[user:password@]host:port/db`` or ``rediss://`` (TLS); one raw value per object.
+"""Layer 1 (connectors): Redis store: ``redis://[user:password@]host:port/db`` or ``rediss://`` (TLS); one raw value per
+object.
 
 Control operations (list, stat, delete) go through redis-py. The hot paths go through the small RESP2 client in
 :mod:`._resp`: reads pipeline GETRANGE commands and receive each value straight into the caller's buffer

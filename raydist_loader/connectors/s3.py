@@ -1,4 +1,4 @@
-"""S3 (or S3-compatible) store: ``s3://bucket/prefix?endpoint_url=...&region=...``.
+"""Layer 1 (connectors): S3 (or S3-compatible) store: ``s3://bucket/prefix?endpoint_url=...&region=...``.
 
 The endpoint comes from ``?endpoint_url=`` or else ``AWS_ENDPOINT_URL``; credentials only from boto3's own
 chain (environment, profile, instance role), never from the URL or code. Reads are ranged GETs streamed

@@ -1,4 +1,5 @@
-"""The engine hand-off, engine-neutral: one TP rank's verified shard, as the full-size tensors engines want.
+"""Layer 6 (entry points): The engine hand-off, engine-neutral: one TP rank's verified shard, as the full-size tensors
+engines want.
 
 Serving engines (vLLM, SGLang) load weights through per-layer weight loaders that take the *full* checkpoint tensor
 and narrow it by the worker's TP rank themselves (vLLM's v2 parameters ignore ``is_sharded_weight``; its vocab and

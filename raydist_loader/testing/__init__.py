@@ -1,4 +1,5 @@
-"""Test helpers that ship with the package, kept out of the product's own modules.
+"""Aside (testing, imported by no product module): Test helpers that ship with the package, kept out of the product's
+own modules.
 
 Nothing in ``raydist_loader`` outside this package imports it. ``tiny_models``: tiny random checkpoints written by
 transformers itself (needs the ``test`` extra's transformers), for tests, the demo and benchmarks; ``quantized``: the

@@ -1,4 +1,5 @@
-"""``faulty+<scheme>://``: a wrapper connector that fails, delays or corrupts chosen reads (fault-injection tests).
+"""Aside (testing, imported by no product module): ``faulty+<scheme>://``: a wrapper connector that fails, delays or
+corrupts chosen reads (fault-injection tests).
 
 The fault plan lives in the URL's query, so it is deterministic and needs no shared state: every process that
 opens the URL (the driver, each Ray actor, a restarted actor) builds the same plan, and counters are per connector

@@ -1,9 +1,11 @@
-"""How much a process grows while it loads one shard (tests and benchmarks of staging memory).
+"""Aside (testing, imported by no product module): How much a process grows while it loads one shard, or verifies a
+model (tests and benchmarks of staging memory).
 
-:func:`load_growth` runs ``load_shard`` in a fresh interpreter: the baseline is its resident size after importing
-torch and raydist_loader, the peak its resident high-water mark (``VmHWM``; unlike ``ru_maxrss`` it does not carry
-the forking parent's peak). :func:`write_big_tensor` writes a checkpoint of one big row-parallel tensor, the case
-whose staging used to grow with the tensor.
+:func:`load_growth` runs ``load_shard`` (:func:`verify_growth`: ``verify`` of a whole model) in a fresh
+interpreter: the baseline is its resident size after importing torch and raydist_loader, the peak its resident
+high-water mark (``VmHWM``; unlike ``ru_maxrss`` it does not carry the forking parent's peak).
+:func:`write_big_tensor` writes a checkpoint of one big row-parallel tensor, the case whose staging used to grow
+with the tensor.
 """
 
 from __future__ import annotations
@@ -44,9 +46,36 @@ def load_growth(
     ``tensor``.
     ``part_bytes``: the staging part size to use (0: the default); ``concurrency`` 0: the connector's default."""
     args = [url, model, str(tp), str(rank), str(part_bytes), str(concurrency), tensor]
-    out = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=timeout_s)
+    return _run_probe(_PROBE, args, "load_shard", timeout_s)
+
+
+_VERIFY_PROBE = """
+import json, os, sys
+import torch
+import raydist_loader as rl
+from raydist_loader import chunks
+
+url, model, part, concurrency = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:5])
+if part:
+    chunks.PART_BYTES = part
+base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+result = rl.verify(url, model, concurrency=concurrency)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"base": base, "peak": peak, "ok": result.ok, "bytes": result.bytes, "chunks": result.chunks,
+                  "failures": result.failures}))
+"""
+
+
+def verify_growth(url: str, model: str, *, part_bytes: int = 0, concurrency: int = 4, timeout_s: float = 600) -> dict:
+    """``verify`` a whole model in a fresh process; returns ``base``, ``peak``, ``growth``, whether it was ``ok``,
+    the ``bytes`` and ``chunks`` it checked and its ``failures``. ``part_bytes``: the part size (0: the default)."""
+    return _run_probe(_VERIFY_PROBE, [url, model, str(part_bytes), str(concurrency)], "verify", timeout_s)
+
+
+def _run_probe(code: str, args: list[str], what: str, timeout_s: float) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout_s)
     if out.returncode:
-        raise RuntimeError(f"load_shard in a child process failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} in a child process failed:\n{out.stderr[-3000:]}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
     got["growth"] = got["peak"] - got["base"]
     return got

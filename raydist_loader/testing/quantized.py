@@ -1,4 +1,5 @@
-"""Tiny quantized checkpoints laid out as they ship, made by quantizing a tiny model from :mod:`.tiny_models`.
+"""Aside (testing, imported by no product module): Tiny quantized checkpoints laid out as they ship, made by quantizing
+a tiny model from :mod:`.tiny_models`.
 
 Schemes (``scheme=``), each with the tensor names, dtypes, shapes and ``quantization_config`` its tools write:
 

@@ -1,4 +1,5 @@
-"""Tiny random checkpoints written by transformers itself, for tests, the demo and benchmarks.
+"""Aside (testing, imported by no product module): Tiny random checkpoints written by transformers itself, for tests,
+the demo and benchmarks.
 
 Nothing can be downloaded here, so every model is built from its config class (``AutoConfig.for_model``) with
 random weights and saved with ``save_pretrained``: tensor names, shapes, dtypes and file layout are exactly
