@@ -91,7 +91,7 @@ def parts_buffer_bytes(group: Sequence[ChunkRead], slot: TensorSlot, part_bytes:
     """The buffer :func:`read_in_parts` needs for a group: its largest part (twice that for an in-place span: the
     part, then each chunk's rows cut out of it)."""
     _, row = rows_of(group[0], slot)
-    part = min(group[0].read_bytes, max(b - a for a, b in part_rows(group[0], slot, part_bytes)) * row)
+    part = min(group[0].read_bytes, max((b - a for a, b in part_rows(group[0], slot, part_bytes)), default=0) * row)
     return part if group[0].extract is None else 2 * part
 
 
