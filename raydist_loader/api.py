@@ -238,18 +238,18 @@ def load_across_cluster(
             ready = clock.now()
             reports = load_groups(groups)
             interrupts.check()
-        except BaseException:
+            placed = clock.since(max(group.marks["placement"] for group in groups))
+            clock.span("placement", started, placed)
+            clock.span("actors", placed, ready)
+            pulls = (r.started + sum(r.phases.get(k, 0.0) for k in ("plan_s", "alloc_s", "pull_s")) for r in reports)
+            clock.span("pull", ready, max(ready, clock.since(max(pulls))))
+            clock.span("verify", clock.spans["pull"][1], clock.now())  # rank compares, re-pulls, the digest check
+            return LoadedModel(groups, LoadReport.gather(reports, ready, bool(verify), clock.phases()))
+        except BaseException:  # nothing may outlive a failed call: whatever raised, the actors go
             with interrupts.shielded():
                 for group in groups:
                     group.shutdown()
             raise
-        placed = clock.since(max(group.marks["placement"] for group in groups))
-        clock.span("placement", started, placed)
-        clock.span("actors", placed, ready)
-        pulled = max(r.started + sum(r.phases.get(k, 0.0) for k in ("plan_s", "alloc_s", "pull_s")) for r in reports)
-        clock.span("pull", ready, max(ready, clock.since(pulled)))
-        clock.span("verify", clock.spans["pull"][1], clock.now())  # rank compares, re-pulls, the digest check here
-        return LoadedModel(groups, LoadReport.gather(reports, ready, bool(verify), clock.phases()))
 
 
 @dataclass

@@ -232,10 +232,10 @@ def _parse(text: str, where: str) -> tuple[Any, yaml.Node | None]:
     return doc, root
 
 
-def format_validation_error(where: str, exc: ValidationError, model: type[BaseModel]) -> str:
-    """A pydantic error from validating ``model`` as our one-line message(s) with dotted paths (no YAML lines: the
-    values came from code)."""
-    return _format(where, None, exc, model)
+def format_validation_error(where: str, exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """A pydantic error from validating ``model`` (default: the whole config, :class:`LoadConfig`) as our one-line
+    message(s) with dotted paths (no YAML lines: the values came from code)."""
+    return _format(where, None, exc, model or LoadConfig)
 
 
 def _format(where: str, root: yaml.Node | None, exc: ValidationError, model: type[BaseModel]) -> str:

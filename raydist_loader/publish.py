@@ -397,7 +397,9 @@ def _write_objects(out, cuts, raw, prefix, algos, part_bytes, concurrency) -> in
     limit = out.conn.max_object_bytes or part_bytes
 
     def write_batch(batch: list[_Cut]) -> None:
-        items = []
+        """Write once about OBJECT_BATCH_BYTES are held (a big tensor cut on dim > 0: its gathered chunk copies are
+        sent a few at a time, not all held at once)."""
+        items, held = [], 0
         for cut in batch:
             cut.start(algos)
             for i, (c, data) in enumerate(_cut_bytes(cut, raw[cut.entry.name])):
@@ -406,7 +408,12 @@ def _write_objects(out, cuts, raw, prefix, algos, part_bytes, concurrency) -> in
                 spans = [(a, min(a + limit, data.nbytes)) for a in range(0, data.nbytes, limit)] or [(0, 0)]
                 items += [(key if len(spans) == 1 else f"{key}#{k}", view[a:b]) for k, (a, b) in enumerate(spans)]
                 cut.hashed(i, data, algos)
-        out.write_many(items)
+                held += data.nbytes
+                if held >= OBJECT_BATCH_BYTES:
+                    out.write_many(items)
+                    items, held = [], 0
+        if items:
+            out.write_many(items)
 
     run_all(write_batch, batches(cuts, OBJECT_BATCH_BYTES, lambda cut: cut.entry.nbytes), concurrency, "publish")
     return limit

@@ -64,7 +64,7 @@ def verify(
             """Read a span (the chunks sharing it: one read) in parts of at most PART_BYTES through one buffer,
             hashing as it goes: memory stays bounded whatever the largest tensor."""
             slot = plan.tensors[group[0].tensor]
-            names = [slot.name] * len(group)
+            names = [plan.tensors[r.tensor].name for r in group]  # zero-size chunks of several tensors share ()
             hashes = [digest.ChunkHash(r.xxh3, r.blake3) for r in group]
             buf = torch.empty(parts_buffer_bytes(group, slot, PART_BYTES), dtype=torch.uint8)
             try:

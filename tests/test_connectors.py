@@ -76,6 +76,22 @@ def test_round_trip_blocks_multipart(conn: Connector, small_multipart: None) -> 
     assert conn.read("m/v1/big.safetensors") == data
 
 
+def test_write_from_a_producer_that_reuses_its_buffer(conn: Connector) -> None:
+    """``write`` takes an iterable of blocks; a producer that reads into one buffer and yields it again and again
+    (streaming a file) must get its bytes stored, not the last block's bytes repeated."""
+    data = pattern(1 * MiB + 123, seed=7)
+    buf = bytearray(64 << 10)
+
+    def blocks():
+        for start in range(0, len(data), len(buf)):
+            n = min(len(buf), len(data) - start)
+            buf[:n] = data[start : start + n]
+            yield memoryview(buf)[:n]
+
+    conn.write("m/v1/streamed", blocks())
+    assert conn.read("m/v1/streamed") == data
+
+
 def test_write_accepts_bytearray_and_memoryview(conn: Connector) -> None:
     conn.write("a", bytearray(b"abc"))
     conn.write("b", memoryview(b"xyz123")[1:4])
@@ -169,10 +185,11 @@ class _RangedOnly(Connector):
         self.store.pop(key, None)
 
 
-@pytest.mark.parametrize("new_size", [1000, 5000], ids=["shrinks", "grows"])
+@pytest.mark.parametrize("new_size", [1000, 5000, 3000], ids=["shrinks", "grows", "same-size"])
 def test_plugin_read_without_an_atomic_get_rereads_an_object_replaced_mid_read(new_size: int) -> None:
     """A plug-in backend gets the base class's ``read``: an object replaced between two of its range reads is read
-    again, whole, never returned as the start of one version and the end of another (or as a short-read error)."""
+    again, whole, never returned as the start of one version and the end of another (or as a short-read error),
+    even when the new version has the old one's size (a re-published manifest often has)."""
     conn = _RangedOnly("rangedonly://x")
     conn.write("m/manifest.json", b"A" * 3000)
     conn.replace_during = ("m/manifest.json", b"B" * new_size)

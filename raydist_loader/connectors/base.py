@@ -95,30 +95,36 @@ class Connector(abc.ABC):
         """The whole object as bytes (small objects: manifests, config files), as one version of it.
 
         A publish may replace the object while it is read (the manifest swap). Built-in backends override this
-        with one atomic whole-object GET; this default, for plug-ins, reads by range and re-checks the size,
-        reading again when the object changed underneath (a torn read must never parse as a manifest).
+        with one atomic whole-object GET; this default, for plug-ins whose reads are ranges, reads the object until
+        two reads in a row agree (a replacement landing between two ranges, even one of the same size, never
+        comes back: a torn read must never parse as a manifest).
         """
-        size = self.stat(key)
+        last = None
         for _ in range(_READ_ATTEMPTS):
-            if size is None:
-                raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
-            buf = bytearray(size)
-            try:
-                if size:
-                    self.readinto(key, 0, memoryview(buf))
-            except (NotFoundError, BackendError):
-                if self.stat(key) == size:
-                    raise
-            else:
-                now = self.stat(key)
-                if now == size:
-                    return bytes(buf)
-            size = self.stat(key)
+            got = self._read_once(key)
+            if got is not None and got == last:
+                return got
+            last = got
         raise BackendError(
             f"{key!r} in {self.describe()} kept changing while it was read ({_READ_ATTEMPTS} attempts): is "
             "something re-publishing it in a loop? Retry when the publish is done",
             transient=True,
         )
+
+    def _read_once(self, key: str) -> bytes | None:
+        """The object's bytes by ranges, or None when its size changed meanwhile (read again)."""
+        size = self.stat(key)
+        if size is None:
+            raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
+        buf = bytearray(size)
+        try:
+            if size:
+                self.readinto(key, 0, memoryview(buf))
+        except (NotFoundError, BackendError):
+            if self.stat(key) == size:
+                raise
+            return None
+        return bytes(buf) if self.stat(key) == size else None
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
@@ -190,6 +196,17 @@ def refuse_options(scheme: str, options: dict) -> None:
             f"the {scheme} store takes no connector options, got {sorted(options)}: a password "
             "(--password-env, password_env:) applies to redis:// stores only"
         )
+
+
+def joined(data: Buffer | Iterable[Buffer]) -> Buffer:
+    """``write``'s data as one buffer: a buffer as it is, blocks copied one by one as they arrive (a producer may
+    reuse its buffer for the next block; ``b"".join`` would hold every block it yielded first)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return data
+    out = bytearray()
+    for block in data:
+        out += block
+    return out
 
 
 def short_read(key: str, offset: int, want: int, got: int, where: str) -> BackendError:

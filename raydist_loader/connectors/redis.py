@@ -29,7 +29,7 @@ from ..errors import BackendError, ConfigError, NotFoundError, RaydistError
 from ..pool import batches
 from ..redact import redact_text
 from ._resp import Endpoint, RangeRead, RespConnection, RespError, SetWrite
-from .base import Buffer, Connector, ReadRequest, check_key, short_read
+from .base import Buffer, Connector, ReadRequest, check_key, joined, short_read
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
@@ -284,8 +284,7 @@ class RedisConnector(Connector):
     # ----------------------------------------------------------------- writes (raw RESP)
     def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
         """One SET (atomic): readers see the old value or the whole new one."""
-        value = data if isinstance(data, (bytes, bytearray, memoryview)) else b"".join(data)
-        self.write_many([(key, value)])
+        self.write_many([(key, joined(data))])
 
     def write_many(self, items: Sequence[tuple[str, Buffer]]) -> None:
         """Pipelined SETs over this thread's raw connection, each value sent from its own buffer, at most

@@ -78,7 +78,10 @@ def _session() -> boto3.session.Session:
             _loader = botocore.loaders.create_loader()
     core = botocore.session.get_session()
     core.register_component("data_loader", _loader)
-    return boto3.session.Session(botocore_session=core)
+    session = boto3.session.Session(botocore_session=core)
+    with _LOADER_LOCK:  # each boto3 session appends its data folder to the (shared) loader's search paths
+        _loader.search_paths[:] = dict.fromkeys(_loader.search_paths)
+    return session
 
 
 def _parse_url(url: str) -> tuple[str, str, dict[str, str]]:
@@ -93,23 +96,23 @@ def _parse_url(url: str) -> tuple[str, str, dict[str, str]]:
     return parts.netloc, parts.path.strip("/"), options
 
 
-def iter_parts(blocks: Iterable[Buffer], part_bytes: int) -> Iterator[list[memoryview]]:
-    """Regroup a stream of blocks into parts of exactly ``part_bytes`` (the last one may be shorter), each part
-    as views of the blocks (no copy yet: botocore sends only ``bytes``-like bodies, so a part is joined once, by
-    the thread that uploads it)."""
-    pieces: list[memoryview] = []
-    size = 0
+def iter_parts(blocks: Iterable[Buffer], part_bytes: int) -> Iterator[bytearray]:
+    """Regroup a stream of blocks into parts of exactly ``part_bytes`` (the last one may be shorter). Each block is
+    copied into its part as it arrives (the one copy on the way: botocore sends only ``bytes``-like bodies), so a
+    producer may reuse its buffer for the next block, and at most the parts held by the caller are in memory."""
+    part, size = bytearray(part_bytes), 0
     for block in blocks:
         view = memoryview(block).cast("B")
         while len(view):
             take = min(len(view), part_bytes - size)
-            pieces.append(view[:take])
+            part[size : size + take] = view[:take]
             view, size = view[take:], size + take
             if size == part_bytes:
-                yield pieces
-                pieces, size = [], 0
-    if pieces:
-        yield pieces
+                yield part
+                part, size = bytearray(part_bytes), 0
+    if size:
+        del part[size:]
+        yield part
 
 
 def body_reader(body: Any) -> Callable[[memoryview], int]:
@@ -238,27 +241,29 @@ class S3Connector(Connector):
 
     def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
         """One PUT for data up to ``MULTIPART_THRESHOLD``, else a multipart upload that is aborted if anything
-        fails. The PUT's body is copied once (joined); a multipart upload holds at most ``UPLOAD_SLOTS`` parts."""
+        fails. Every byte is copied into its part as it arrives (:func:`iter_parts`; a PUT of several parts is
+        joined once more); a multipart upload holds at most ``UPLOAD_SLOTS`` parts."""
         full = self._key(key)
         blocks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         parts = iter_parts(blocks, PART_BYTES)
         head = list(itertools.islice(parts, MULTIPART_THRESHOLD // PART_BYTES + 1))
         with self._errors(f"writing {key!r}", key):
             if len(head) <= MULTIPART_THRESHOLD // PART_BYTES:
-                self._s3.put_object(Bucket=self.bucket, Key=full, Body=b"".join(v for p in head for v in p))
+                body = head[0] if len(head) == 1 else b"".join(head)  # one part: sent as it is
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=body)
             else:
                 self._multipart(full, itertools.chain(head, parts))
 
-    def _multipart(self, full: str, parts: Iterable[list[memoryview]]) -> None:
+    def _multipart(self, full: str, parts: Iterable[bytearray]) -> None:
         """Parts go up on the connector's upload pool while the next are produced (read, hashed, cut); at most
         ``UPLOAD_SLOTS`` parts are held at once, whatever the object's size; any failure aborts the upload."""
         upload_id = self._s3.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         futures: list[Future] = []
         try:
-            for number, pieces in enumerate(parts, start=1):
+            for number, part in enumerate(parts, start=1):
                 self._slots.acquire()
                 try:
-                    future = self._uploader().submit(self._upload_part, full, upload_id, number, pieces)
+                    future = self._uploader().submit(self._upload_part, full, upload_id, number, part)
                 except BaseException:
                     self._slots.release()
                     raise
@@ -285,10 +290,8 @@ class S3Connector(Connector):
                 self._pool = ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix="s3-upload")
             return self._pool
 
-    def _upload_part(self, full: str, upload_id: str, number: int, pieces: list[memoryview]) -> str:
-        resp = self._s3.upload_part(
-            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=b"".join(pieces)
-        )
+    def _upload_part(self, full: str, upload_id: str, number: int, body: bytearray) -> str:
+        resp = self._s3.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body)
         return resp["ETag"]
 
     def _abort(self, full: str, upload_id: str) -> None:
