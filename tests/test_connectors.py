@@ -90,6 +90,9 @@ def test_write_from_a_producer_that_reuses_its_buffer(conn: Connector) -> None:
 
     conn.write("m/v1/streamed", blocks())
     assert conn.read("m/v1/streamed") == data
+    arrays = [np.frombuffer(data[a : a + 4096], dtype=np.uint8) for a in range(0, len(data), 4096)]
+    conn.write("m/v1/arrays", iter(arrays))  # numpy blocks (publish streams them)
+    assert conn.read("m/v1/arrays") == data
 
 
 def test_write_accepts_bytearray_and_memoryview(conn: Connector) -> None:

@@ -205,7 +205,7 @@ def joined(data: Buffer | Iterable[Buffer]) -> Buffer:
         return data
     out = bytearray()
     for block in data:
-        out += block
+        out += memoryview(block)  # a view: ``+=`` with a numpy array would be numpy's broadcasting add
     return out
 
 

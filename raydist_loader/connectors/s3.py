@@ -241,18 +241,21 @@ class S3Connector(Connector):
 
     def write(self, key: str, data: Buffer | Iterable[Buffer]) -> None:
         """One PUT for data up to ``MULTIPART_THRESHOLD``, else a multipart upload that is aborted if anything
-        fails. Every byte is copied into its part as it arrives (:func:`iter_parts`; a PUT of several parts is
-        joined once more); a multipart upload holds at most ``UPLOAD_SLOTS`` parts."""
+        fails. Blocks are copied as they arrive (a producer may reuse its buffer): once into the PUT's body, or
+        into each part (:func:`iter_parts`; the first ``MULTIPART_THRESHOLD`` bytes of a multipart upload twice);
+        a multipart upload holds at most ``UPLOAD_SLOTS`` parts."""
         full = self._key(key)
-        blocks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-        parts = iter_parts(blocks, PART_BYTES)
-        head = list(itertools.islice(parts, MULTIPART_THRESHOLD // PART_BYTES + 1))
+        blocks = iter([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+        head = bytearray()
+        for block in blocks:
+            head += memoryview(block)  # a view: ``+=`` with a numpy array would be numpy's broadcasting add
+            if len(head) > MULTIPART_THRESHOLD:
+                break
         with self._errors(f"writing {key!r}", key):
-            if len(head) <= MULTIPART_THRESHOLD // PART_BYTES:
-                body = head[0] if len(head) == 1 else b"".join(head)  # one part: sent as it is
-                self._s3.put_object(Bucket=self.bucket, Key=full, Body=body)
+            if len(head) <= MULTIPART_THRESHOLD:
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=head)
             else:
-                self._multipart(full, itertools.chain(head, parts))
+                self._multipart(full, iter_parts(itertools.chain([head], blocks), PART_BYTES))
 
     def _multipart(self, full: str, parts: Iterable[bytearray]) -> None:
         """Parts go up on the connector's upload pool while the next are produced (read, hashed, cut); at most
