@@ -175,7 +175,7 @@ def _failed(conn: Connector, model: str, version: str, out: WriteLedger, error: 
     removed = out.remove()
     return BackendError(
         f"publish of {model!r} to {where} failed: {error}; removed {removed} of the {len(out.sizes)} object(s) it "
-        f"wrote under {mf.version_prefix(model, version)}; {stays}"
+        f"started to write under {mf.version_prefix(model, version)}; {stays}"
     )
 
 

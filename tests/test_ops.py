@@ -168,7 +168,7 @@ def test_full_disk_fails_the_publish_cleanly(tmp_path, llama, capsys, faulty_sch
     code, out, err = _run(capsys, "publish", llama, f"faulty+{url}?full_after=2", "--model", "m", "--max-tp", "2")
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert "No space left on device" in err and f"version {current.version} stays current" in err
-    assert re.search(r"removed (\d+) of the \1 object\(s\) it wrote", err)
+    assert re.search(r"removed (\d+) of the \1 object\(s\) it started to write", err)
     assert sorted(p.name for p in (tmp_path / "store" / "m").iterdir()) == sorted([current.version, "manifest.json"])
     assert not [p for p in (tmp_path / "store").rglob("*") if p.name.endswith(".tmp")]
     assert rl.verify(url, "m").ok
