@@ -184,7 +184,7 @@ def ours_inproc(url: str) -> dict:
 
 def ours_publish(ckpt: Path, url: str) -> int:
     """``publish`` of the checkpoint as model PUB_MODEL (hashing on, as always)."""
-    from raydist_loader.publish import publish
+    from raydist_loader.store.publish import publish
 
     return publish(ckpt, url, PUB_MODEL).bytes
 
@@ -216,7 +216,7 @@ def idle_actor_rss() -> int:
     @ray.remote(num_cpus=0.01)
     class Idle:
         def __init__(self):
-            import raydist_loader.worker  # noqa: F401 - torch and the loader, as a ShardLoader actor has
+            import raydist_loader.load.worker  # noqa: F401 - torch and the loader, as a ShardLoader actor has
 
         def peak_rss(self) -> int:
             import resource
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        from raydist_loader.publish import publish
+        from raydist_loader.store.publish import publish
 
         from .servers import s3_env
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import raydist_loader as rl  # noqa: E402
 from raydist_loader.connectors.file import FileConnector  # noqa: E402
+from raydist_loader.load.transfer import PART_BYTES  # noqa: E402
 from raydist_loader.testing.memory import load_growth, write_big_tensor  # noqa: E402
-from raydist_loader.transfer import PART_BYTES  # noqa: E402
 
 MIB = 2**20
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_path import NullConnector  # noqa: E402
 from raydist_loader import load_shard, publish, register_connector  # noqa: E402
+from raydist_loader.load.transfer_gpu import GpuTransfer  # noqa: E402
 from raydist_loader.testing.tiny_models import make_big_llama  # noqa: E402
-from raydist_loader.transfer_gpu import GpuTransfer  # noqa: E402
 
 MIB = 1 << 20
 

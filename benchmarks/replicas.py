@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part-mib", type=float, default=None, help="size of a shared part (default: share.PART_BYTES)")
     args = p.parse_args(argv)
     if args.part_mib:
-        from raydist_loader import share
+        from raydist_loader.load import share
 
         share.PART_BYTES = int(args.part_mib * (1 << 20))
 

@@ -214,8 +214,8 @@ def reference_forward(ckpt_dir: str | Path, input_ids: torch.Tensor) -> torch.Te
 def load_shards_in_process(url: str, model: str, tp: int) -> tuple[list[dict], list[dict], dict]:
     """Every rank's (tensors, metadata) loaded in this process, plus the config: no Ray needed."""
     from raydist_loader.connectors import open_connector
-    from raydist_loader.manifest import Manifest, manifest_key
-    from raydist_loader.worker import ShardLoader
+    from raydist_loader.load.worker import ShardLoader
+    from raydist_loader.store.manifest import Manifest, manifest_key
 
     with open_connector(url) as conn:
         raw = conn.read(manifest_key(model))
@@ -233,7 +233,7 @@ def load_shards_in_process(url: str, model: str, tp: int) -> tuple[list[dict], l
 
 def main(tp: int = 2) -> float:
     """Demo: tiny GQA llama -> temporary file store -> tp shards in this process -> compare with HF."""
-    from raydist_loader.publish import publish
+    from raydist_loader.store.publish import publish
     from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,7 @@ from importlib import import_module
 from typing import Any
 
 from .connectors import open_connector, register_connector
+from .driver.held import release
 from .errors import (
     BackendError,
     ConfigError,
@@ -21,13 +22,12 @@ from .errors import (
     ShardingError,
     VerificationError,
 )
-from .files import pull_files
-from .gc import gc
-from .held import release
-from .publish import index, publish
-from .sizing import inspect_config
-from .summary import inspect
-from .verify import manifest_sha256, verify
+from .store.files import pull_files
+from .store.gc import gc
+from .store.publish import index, publish
+from .store.sizing import inspect_config
+from .store.summary import inspect
+from .store.verify import manifest_sha256, verify
 
 __version__ = "0.1.0"
 

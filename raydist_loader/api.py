@@ -15,19 +15,19 @@ import torch
 
 from .bulk import bulk
 from .connectors import Connector, open_connector
-from .coordinator import Coordinator
+from .driver.coordinator import Coordinator
+from .driver.held import NAMESPACE
+from .driver.interrupt import InterruptGuard
+from .driver.replicas import load_groups, make_groups, run_groups, start_groups
 from .errors import ConfigError
-from .held import NAMESPACE
-from .interrupt import InterruptGuard
-from .manifest import Manifest, manifest_key, read_manifest_bytes
+from .load.worker import ShardLoader
 from .options import DEFAULTS, Device, Placement, Verify, load_options
-from .plan import Layout
-from .replicas import load_groups, make_groups, run_groups, start_groups
 from .report import LoadReport, PhaseClock, RankReport, check_verified
 from .retry import RetryPolicy
-from .rules import RuleSet
-from .verify import check_manifest_sha256
-from .worker import ShardLoader
+from .store.manifest import Manifest, manifest_key, read_manifest_bytes
+from .store.plan import Layout
+from .store.rules import RuleSet
+from .store.verify import check_manifest_sha256
 
 
 class Replica:
@@ -192,7 +192,7 @@ def load_across_cluster(
     deadline_s; None: the defaults); an actor that dies mid-load is restarted in its bundle up to ``max_restarts``
     times. Every option, its default and its bounds: :class:`~raydist_loader.options.LoadOptions`.
     """
-    from .cluster import connect
+    from .driver.cluster import connect
 
     options = load_options(
         dict(

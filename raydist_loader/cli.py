@@ -30,9 +30,9 @@ from .config import LoadSection
 from .errors import ConfigError, RaydistError, VerificationError, describe_failures
 from .options import DEFAULTS, LoadOptions, RetriesOptions
 from .redact import redact_text, redact_url, url_password
-from .repo import DEFAULT_MAX_FILE_BYTES
 from .report import LoadReport
-from .summary import human_bytes
+from .store.repo import DEFAULT_MAX_FILE_BYTES
+from .store.summary import human_bytes
 
 PROG = "raydist-loader"
 EXIT_OK, EXIT_VERIFY, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -324,7 +324,7 @@ def _connector_options(args: argparse.Namespace, out: _Out, base: dict | None = 
 
 # ------------------------------------------------------------------------------------------ commands
 def _cmd_publish(args: argparse.Namespace, out: _Out) -> int:
-    from .publish import publish
+    from .store.publish import publish
 
     options = _connector_options(args, out)
     result = publish(args.src_dir, args.url, args.model, max_tp=args.max_tp, rules=args.rules,
@@ -335,7 +335,7 @@ def _cmd_publish(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _cmd_index(args: argparse.Namespace, out: _Out) -> int:
-    from .publish import index
+    from .store.publish import index
 
     options = _connector_options(args, out)
     result = index(args.url, args.model, max_tp=args.max_tp, rules=args.rules, digests=_digests(args),
@@ -366,12 +366,12 @@ def _print_publish(result, args: argparse.Namespace, out: _Out, verb: str) -> No
 
 
 def _cmd_inspect(args: argparse.Namespace, out: _Out) -> int:
-    from .summary import inspect, render
+    from .store.summary import inspect, render
 
     if args.config_only:
         if args.url or args.model:
             raise ConfigError("inspect: give URL --model NAME, or --config-only CONFIG.json, not both")
-        from .sizing import inspect_config
+        from .store.sizing import inspect_config
 
         summary = inspect_config(args.config_only, tp=args.tp, max_tp=args.max_tp, rules=args.rules)
     else:
@@ -391,7 +391,7 @@ def _cmd_inspect(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
-    from .verify import verify
+    from .store.verify import verify
 
     result = verify(args.url, args.model, concurrency=args.concurrency,
                     connector_options=_connector_options(args, out))
@@ -411,7 +411,7 @@ def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
-    from .gc import gc
+    from .store.gc import gc
 
     result = gc(args.url, args.model, grace_s=args.grace, dry_run=args.dry_run,
                 connector_options=_connector_options(args, out))
@@ -431,7 +431,7 @@ def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _cmd_pull_files(args: argparse.Namespace, out: _Out) -> int:
-    from .files import pull_files
+    from .store.files import pull_files
 
     written = pull_files(args.url, args.model, args.dest, connector_options=_connector_options(args, out))
     if args.json:
@@ -483,7 +483,7 @@ def _print_held(loaded: Any, out: _Out) -> None:
 
 
 def _cmd_release(args: argparse.Namespace, out: _Out) -> int:
-    from .held import NAMESPACE, group_name, release
+    from .driver.held import NAMESPACE, group_name, release
 
     names = release(args.model, ray_address=args.ray_address)
     group = group_name(args.model)

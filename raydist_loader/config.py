@@ -143,7 +143,7 @@ class LoadConfig(_Model):
     @field_validator("model")
     @classmethod
     def _model_name(cls, model: str) -> str:
-        from .manifest import check_model_name
+        from .store.manifest import check_model_name
 
         return check_model_name(model)  # its ManifestError is a ValueError: pydantic reports it at `model`
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from raydist_loader.grid import padded_vocab
+from raydist_loader.store.grid import padded_vocab
 from raydist_loader.testing.tiny_models import TINY_DEFAULTS
 
 _EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tp_llama.py"

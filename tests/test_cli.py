@@ -13,8 +13,8 @@ import pytest
 
 import raydist_loader
 from raydist_loader.cli import main
-from raydist_loader.manifest import Manifest
 from raydist_loader.report import PHASES, LoadReport, Phase, RankReport
+from raydist_loader.store.manifest import Manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
 
@@ -187,7 +187,7 @@ def test_password_env_reaches_the_connector(store: Path, capsys, monkeypatch: py
         seen.update(connector_options or {})
         return {"echo": connector_options["password"]}
 
-    monkeypatch.setattr("raydist_loader.summary.inspect", fake_inspect)
+    monkeypatch.setattr("raydist_loader.store.summary.inspect", fake_inspect)
     monkeypatch.setenv("RAYDIST_CLI_PW", "pw-123")
     code, out, _ = run(capsys, "inspect", str(store), "--model", MODEL, "--password-env", "RAYDIST_CLI_PW",
                        "--json")

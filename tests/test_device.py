@@ -9,8 +9,8 @@ import torch
 
 import raydist_loader as rl
 from raydist_loader.errors import ConfigError
+from raydist_loader.load.worker import ShardLoader, _resolve_device
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
-from raydist_loader.worker import ShardLoader, _resolve_device
 
 
 @pytest.fixture

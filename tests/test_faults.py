@@ -21,10 +21,10 @@ import torch
 import raydist_loader as rl
 from raydist_loader import connectors
 from raydist_loader.errors import BackendError, RaydistError, VerificationError
-from raydist_loader.manifest import Manifest, manifest_key, read_manifest
-from raydist_loader.plan import expected_digests, make_plan
+from raydist_loader.load.worker import ShardLoader
+from raydist_loader.store.manifest import Manifest, manifest_key, read_manifest
+from raydist_loader.store.plan import expected_digests, make_plan
 from raydist_loader.testing import faulty
-from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, expected_slice, original_tensors
 

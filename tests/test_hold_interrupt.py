@@ -29,9 +29,9 @@ from ray.util.placement_group import placement_group_table
 from safetensors.torch import load_file
 
 import raydist_loader as rl
-from raydist_loader.cluster import _TOKEN, connect
 from raydist_loader.connectors import ENTRY_POINT_GROUP
-from raydist_loader.held import held_names
+from raydist_loader.driver.cluster import _TOKEN, connect
+from raydist_loader.driver.held import held_names
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .conftest import free_port, wait_for_port

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from raydist_loader.interrupt import InterruptGuard
+from raydist_loader.driver.interrupt import InterruptGuard
 
 _ARMED = threading.Event()
 _HOOKED = False

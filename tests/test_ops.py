@@ -24,7 +24,8 @@ from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
 
 SECRET = "s3cr3t-Value-42"
-publish_module = importlib.import_module("raydist_loader.publish")  # the package exports the function by this name
+# the package exports the function by this name
+publish_module = importlib.import_module("raydist_loader.store.publish")
 
 
 @pytest.fixture(scope="module")

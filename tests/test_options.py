@@ -11,9 +11,9 @@ from raydist_loader import api
 from raydist_loader.cli import _load_settings, _Out, build_parser, main
 from raydist_loader.config import LoadSection, load_config
 from raydist_loader.errors import ConfigError
+from raydist_loader.load.worker import ShardLoader
 from raydist_loader.options import DEFAULTS, LoadOptions, RetriesOptions, load_options
 from raydist_loader.retry import RetryPolicy
-from raydist_loader.worker import ShardLoader
 
 # option -> (YAML value, CLI text, the option's value), each different from the default
 KNOBS = {

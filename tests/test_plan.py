@@ -10,13 +10,13 @@ import torch
 from raydist_loader import index, publish
 from raydist_loader.connectors import open_connector
 from raydist_loader.errors import ShardingError
-from raydist_loader.grid import padded_vocab
-from raydist_loader.manifest import Manifest
-from raydist_loader.plan import make_plan
+from raydist_loader.load.transfer import Transfer
+from raydist_loader.load.transfer_gpu import GpuTransfer
+from raydist_loader.load.worker import ShardLoader
+from raydist_loader.store.grid import padded_vocab
+from raydist_loader.store.manifest import Manifest
+from raydist_loader.store.plan import make_plan
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
-from raydist_loader.transfer import Transfer
-from raydist_loader.transfer_gpu import GpuTransfer
-from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, original_tensors
 

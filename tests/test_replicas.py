@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import raydist_loader as rl
-from raydist_loader import connectors, replicas, share
+from raydist_loader import connectors
 from raydist_loader.cli import print_report
+from raydist_loader.driver import replicas
 from raydist_loader.errors import RaydistError, VerificationError
-from raydist_loader.manifest import Manifest, manifest_key
-from raydist_loader.plan import make_plan
+from raydist_loader.load import share
+from raydist_loader.load.share import ReplicaShard, stripes
 from raydist_loader.report import LoadReport, check_verified
-from raydist_loader.share import ReplicaShard, stripes
-from raydist_loader.summary import human_bytes
+from raydist_loader.store.manifest import Manifest, manifest_key
+from raydist_loader.store.plan import make_plan
+from raydist_loader.store.summary import human_bytes
 from raydist_loader.testing import faulty
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from raydist_loader.errors import ConfigError, ManifestError, ShardingError
-from raydist_loader.presets import PRESETS
-from raydist_loader.rules import ModelDims, Rule, RuleSet, Segment, TensorRule
+from raydist_loader.store.presets import PRESETS
+from raydist_loader.store.rules import ModelDims, Rule, RuleSet, Segment, TensorRule
 from raydist_loader.testing.tiny_models import TINY_DEFAULTS, make_tiny_checkpoint
 
 Shapes = dict[str, tuple[int, ...]]

@@ -19,11 +19,11 @@ import torch
 import raydist_loader as rl
 from raydist_loader import digest
 from raydist_loader.connectors.redis import RedisConnector
-from raydist_loader.coordinator import Coordinator, LoadOptions
+from raydist_loader.driver.coordinator import Coordinator, LoadOptions
 from raydist_loader.errors import BackendError, VerificationError
-from raydist_loader.manifest import Manifest, manifest_key, read_manifest
+from raydist_loader.load.worker import ShardLoader
+from raydist_loader.store.manifest import Manifest, manifest_key, read_manifest
 from raydist_loader.testing import faulty
-from raydist_loader.worker import ShardLoader
 
 from .shards import assert_shards_match, original_tensors
 

@@ -13,7 +13,7 @@ from raydist_loader import connectors
 from raydist_loader.connectors import Connector, open_connector, register_connector
 from raydist_loader.connectors.file import FileConnector
 from raydist_loader.errors import BackendError, ConfigError, ManifestError, NotFoundError, ShardingError
-from raydist_loader.manifest import Manifest, read_manifest
+from raydist_loader.store.manifest import Manifest, read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from raydist_loader.publish import publish
+from raydist_loader.store.publish import publish
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .shards import load_example, rerandomise

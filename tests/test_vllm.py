@@ -25,7 +25,7 @@ import pytest
 
 import raydist_loader as rl
 from raydist_loader.connectors import open_connector
-from raydist_loader.manifest import read_manifest
+from raydist_loader.store.manifest import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .shards import rerandomise

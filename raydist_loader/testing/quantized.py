@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..sizing import fp8_quantized
+from ..store.sizing import fp8_quantized
 from .tiny_models import make_tiny_checkpoint
 
 Scheme = Literal["fp8_block", "ct_block", "ct_channel"]

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunks import cut, requests_for, shared
-from .connectors import Connector, ReadRequest
-from .plan import ChunkRead
-from .pool import run_all
+from ..connectors import Connector, ReadRequest
+from ..pool import run_all
+from ..store.chunks import cut, requests_for, shared
+from ..store.plan import ChunkRead
 from .transfer import Ring, Transfer
 
 

@@ -7,12 +7,12 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from . import digest
-from .connectors import open_connector
-from .errors import RaydistError, VerificationError, describe_failures
+from .. import digest
+from ..connectors import open_connector
+from ..errors import RaydistError, VerificationError, describe_failures
+from ..pool import run_all
 from .manifest import Manifest, read_manifest, read_manifest_bytes
 from .plan import ChunkRead, make_plan
-from .pool import run_all
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .bulk import bulk
-from .connectors import open_connector
+from ..bulk import bulk
+from ..connectors import open_connector
 from .manifest import Manifest, read_manifest
 from .plan import RankPlan, make_plans
 

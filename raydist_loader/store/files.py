@@ -7,9 +7,9 @@ import os
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from . import digest
-from .connectors import open_connector
-from .errors import ConfigError, VerificationError
+from .. import digest
+from ..connectors import open_connector
+from ..errors import ConfigError, VerificationError
 from .manifest import Manifest, is_safe_file_name, read_manifest
 
 

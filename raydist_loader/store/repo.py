@@ -18,8 +18,8 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 
-from .connectors import Connector
-from .errors import ConfigError, NotFoundError
+from ..connectors import Connector
+from ..errors import ConfigError, NotFoundError
 from .manifest import VERSION_RE, is_safe_file_name
 
 INDEX = "model.safetensors.index.json"

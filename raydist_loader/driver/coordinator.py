@@ -15,16 +15,16 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
+from ..bulk import paused_gc
+from ..connectors import open_connector
+from ..errors import PlacementError, RaydistError
+from ..load.worker import ShardLoader
+from ..options import PLACEMENTS, LoadOptions
+from ..redact import redact_text, redact_url
+from ..report import RankReport, check_verified
+from ..store.manifest import Manifest
+from ..store.plan import make_plans
 from . import held
-from .bulk import paused_gc
-from .connectors import open_connector
-from .errors import PlacementError, RaydistError
-from .manifest import Manifest
-from .options import PLACEMENTS, LoadOptions
-from .plan import make_plans
-from .redact import redact_text, redact_url
-from .report import RankReport, check_verified
-from .worker import ShardLoader
 
 
 class Coordinator:

@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from . import digest
-from .bulk import bulk
-from .connectors import Connector, open_connector
-from .errors import ConfigError
-from .manifest import Manifest
-from .options import DEFAULTS, Verify
-from .plan import ChunkRead, Layout, RankPlan, make_plan
-from .redact import redact_url
-from .report import RankReport
-from .retry import RetryPolicy, coerce_policy
+from .. import digest
+from ..bulk import bulk
+from ..connectors import Connector, open_connector
+from ..errors import ConfigError
+from ..options import DEFAULTS, Verify
+from ..redact import redact_url
+from ..report import RankReport
+from ..retry import RetryPolicy, coerce_policy
+from ..store.manifest import Manifest
+from ..store.plan import ChunkRead, Layout, RankPlan, make_plan
 from .transfer import Digests, Transfer
 from .transfer_cpu import CpuTransfer
 from .transfer_gpu import GpuTransfer

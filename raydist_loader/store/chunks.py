@@ -14,8 +14,8 @@ from math import prod
 import numpy as np
 import torch
 
-from .connectors import ReadRequest
-from .digest import ChunkHash
+from ..connectors import ReadRequest
+from ..digest import ChunkHash
 from .plan import ChunkRead, Extract, TensorSlot
 
 #: Largest staging buffer: bigger chunks and in-place spans are read in parts of whole rows of at most this size

@@ -17,9 +17,10 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from . import dtypes, grid
-from .bulk import bulk
-from .errors import ManifestError, NotFoundError, ShardingError
+from .. import dtypes
+from ..bulk import bulk
+from ..errors import ManifestError, NotFoundError, ShardingError
+from . import grid
 from .rules import TensorRule
 
 FORMAT = "raydist-loader/2"

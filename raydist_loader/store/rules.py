@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from .errors import ConfigError, ManifestError, ShardingError
+from ..errors import ConfigError, ManifestError, ShardingError
 from .presets import PRESETS, QKV
 
 Style = Literal["colwise", "rowwise", "vocab", "replicate"]

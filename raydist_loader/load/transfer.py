@@ -24,13 +24,23 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import dtypes
-from .chunks import PART_BYTES, PlacePart, cut, in_parts, part_rows, read_in_parts, requests_for, rows_of, stage_bytes
-from .connectors import Connector, ReadRequest
-from .digest import ChunkHash
-from .plan import ChunkRead, RankPlan, TensorSlot
-from .retry import RetryPolicy
-from .retry import call as with_retries
+from .. import dtypes
+from ..connectors import Connector, ReadRequest
+from ..digest import ChunkHash
+from ..retry import RetryPolicy
+from ..retry import call as with_retries
+from ..store.chunks import (
+    PART_BYTES,
+    PlacePart,
+    cut,
+    in_parts,
+    part_rows,
+    read_in_parts,
+    requests_for,
+    rows_of,
+    stage_bytes,
+)
+from ..store.plan import ChunkRead, RankPlan, TensorSlot
 
 _ALIGN = 256  # every tensor starts 256-byte aligned in the arena
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, fields
 from math import prod
 from typing import Literal, NamedTuple
 
-from . import digest, dtypes, grid
-from .bulk import bulk
+from .. import digest, dtypes
+from ..bulk import bulk
+from . import grid
 from .manifest import Manifest, TensorRecord
 from .rules import TensorRule
 

@@ -11,7 +11,7 @@ ordinary (not detached) actors owned by the holding driver: they end with it (Ct
 
 from __future__ import annotations
 
-from .errors import RaydistError
+from ..errors import RaydistError
 
 #: the Ray namespace of every held actor
 NAMESPACE = "raydist"

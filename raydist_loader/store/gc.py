@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from .connectors import Connector, open_connector
+from ..connectors import Connector, open_connector
 from .manifest import VERSION_RE, Manifest, check_model_name, manifest_key, read_manifest
 
 DEFAULT_GRACE_S = 3600.0

@@ -12,9 +12,9 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from . import dtypes
-from .connectors.base import Connector
-from .errors import ManifestError
+from .. import dtypes
+from ..connectors.base import Connector
+from ..errors import ManifestError
 
 _MAX_HEADER = 100 << 20
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .plan import ChunkRead, RankPlan
-from .report import RankReport
+from ..report import RankReport
+from ..store.plan import ChunkRead, RankPlan
 from .worker import ShardLoader
 
 #: Target size of one shared part (one object in Ray's object store): big enough that per-object costs vanish,

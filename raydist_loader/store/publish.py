@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import digest, dtypes, grid
+from .. import digest, dtypes
+from ..bulk import bulk
+from ..connectors import Connector, open_connector
+from ..errors import BackendError, ConfigError, ManifestError, NotFoundError, RaydistError
+from ..pool import batches, run_all
+from . import grid
 from . import manifest as mf
-from .bulk import bulk
-from .connectors import Connector, open_connector
-from .errors import BackendError, ConfigError, ManifestError, NotFoundError, RaydistError
 from .ledger import WriteLedger
-from .pool import batches, run_all
 from .repo import DEFAULT_MAX_FILE_BYTES, RepoFiles, SkippedFile, select
 from .rules import ModelDims, RuleSet, TensorRule
 from .safetensors_io import Entry, layout, read_header, stream
@@ -210,7 +211,7 @@ def _new_manifest(
 # ------------------------------------------------------------------------------------------ publish
 def _read_checkpoint(src: Path, max_file_bytes: int) -> RepoFiles:
     """The checkpoint directory's weights (keys relative to ``src``), config and engine files (see repo.py)."""
-    from .connectors.file import FileConnector
+    from ..connectors.file import FileConnector
 
     if not src.is_dir():
         raise ConfigError(f"checkpoint directory {str(src)!r} does not exist or is not a directory")
@@ -219,7 +220,7 @@ def _read_checkpoint(src: Path, max_file_bytes: int) -> RepoFiles:
 
 
 def _local_entries(weights: list[Path]) -> tuple[list[Entry], dict[str, np.ndarray]]:
-    from .connectors.file import FileConnector
+    from ..connectors.file import FileConnector
 
     entries, raw = [], {}
     with FileConnector(str(weights[0].parent)) as local:

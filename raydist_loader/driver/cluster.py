@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import RaydistError
+from ..errors import RaydistError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 
-from .connectors.base import Buffer, Connector
-from .errors import BackendError
+from ..connectors.base import Buffer, Connector
+from ..errors import BackendError
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import dtypes, grid
-from .bulk import bulk
-from .errors import ConfigError, MissingDependencyError, RaydistError
+from .. import dtypes
+from ..bulk import bulk
+from ..errors import ConfigError, MissingDependencyError, RaydistError
+from . import grid
 from .publish import DEFAULT_MAX_TP, plan_cuts
 from .rules import RuleSet
 from .safetensors_io import Entry

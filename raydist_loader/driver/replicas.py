@@ -26,13 +26,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import share
+from ..errors import RaydistError
+from ..load import share
+from ..load.share import ReplicaShard
+from ..options import LoadOptions
+from ..report import RankReport, check_verified
+from ..store.manifest import Manifest
 from .coordinator import Coordinator
-from .errors import RaydistError
-from .manifest import Manifest
-from .options import LoadOptions
-from .report import RankReport, check_verified
-from .share import ReplicaShard
 
 #: Parts an owner may have in flight (yielded but not yet taken by every peer), plus as many buffered in the
 #: generator: the object store holds at most about 2 x AHEAD x PART_BYTES per actor.

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .plan import ChunkRead
-from .pool import run_all
+from ..pool import run_all
+from ..store.plan import ChunkRead
 from .transfer import Ring, Transfer
 
 
