@@ -1,4 +1,4 @@
-"""Layer 6 (entry points): raydist_loader: a Ray-distributed, verified loader for tensor-parallel model weights.
+"""Layer 5 (entry points): raydist_loader: a Ray-distributed, verified loader for tensor-parallel model weights.
 
 Entry points: ``load_across_cluster``, ``load_shard`` (Ray imported on first use), ``publish``, ``index``,
 ``inspect``, ``inspect_config`` (size a model from its config.json alone), ``verify``, ``pull_files``, ``gc``,

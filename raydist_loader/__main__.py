@@ -1,4 +1,4 @@
-"""Layer 6 (entry points): ``python -m raydist_loader`` is the ``raydist-loader`` CLI."""
+"""Layer 5 (entry points): ``python -m raydist_loader`` is the ``raydist-loader`` CLI."""
 
 from raydist_loader.cli import main
 

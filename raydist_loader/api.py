@@ -1,4 +1,4 @@
-"""Layer 6 (entry points): The Python API: ``load_across_cluster`` (Ray, one actor per rank) and ``load_shard`` (inside
+"""Layer 5 (entry points): The Python API: ``load_across_cluster`` (Ray, one actor per rank) and ``load_shard`` (inside
 an engine's worker)."""
 
 from __future__ import annotations

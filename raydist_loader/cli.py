@@ -1,4 +1,4 @@
-"""Layer 6 (entry points): ``raydist-loader``: publish | index | inspect | verify | gc | load | release | pull-files.
+"""Layer 5 (entry points): ``raydist-loader``: publish | index | inspect | verify | gc | load | release | pull-files.
 
 Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line
 on stderr, no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything
@@ -536,7 +536,7 @@ def _validated_section(settings: dict) -> LoadSection:
     """The merged ``load`` settings checked as the YAML section is (one error naming the key)."""
     from pydantic import ValidationError
 
-    from .config import format_validation_error
+    from .validation import format_validation_error
 
     try:
         return LoadSection.model_validate(settings)

@@ -1,4 +1,4 @@
-"""Layer 2 (data): Load options (imports retry and errors): the one definition of every load knob, its default and the
+"""Layer 0 (base): Load options (imports retry and errors): the one definition of every load knob, its default and the
 values it accepts.
 
 Everything else is built from :class:`LoadOptions` (the model: vLLM hands one ``LoadConfig`` to every loader):
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .retry import RetryPolicy
+from .validation import format_validation_error
 
 __all__ = ["Device", "Placement", "Verify", "DEVICES", "PLACEMENTS", "RetriesOptions", "LoadOptions", "DEFAULTS",
            "load_options"]
@@ -103,6 +104,4 @@ def load_options(values: Mapping[str, Any], where: str = "load options") -> Load
     try:
         return LoadOptions.model_validate(dict(values))
     except ValidationError as e:
-        from .config import format_validation_error
-
         raise ConfigError(format_validation_error(where, e, LoadOptions)) from None

@@ -1,4 +1,4 @@
-"""Layer 2 (data): Reports (imports only errors): what each rank did (:class:`RankReport`) and what a whole load did
+"""Layer 0 (base): Reports (imports only errors): what each rank did (:class:`RankReport`) and what a whole load did
 (:class:`LoadReport`).
 
 Data flows one way: an actor builds its RankReport, the coordinator gathers them, the API wraps them in a

@@ -1,4 +1,4 @@
-"""Layer 5 (Ray driver): Joining a Ray cluster without the pitfalls of a bare ``ray.init()`` (stale clusters, token
+"""Layer 4 (driver): Joining a Ray cluster without the pitfalls of a bare ``ray.init()`` (stale clusters, token
 auth)."""
 
 from __future__ import annotations

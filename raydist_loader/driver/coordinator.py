@@ -1,4 +1,4 @@
-"""Layer 5 (Ray driver): Ray side of a load: placement group, one ShardLoader actor per rank, reports gathered and
+"""Layer 4 (driver): Ray side of a load: placement group, one ShardLoader actor per rank, reports gathered and
 verified.
 
 One Coordinator is one TP group; with ``replicas=R`` the API makes R of them (:mod:`~raydist_loader.replicas`
@@ -326,7 +326,7 @@ class Coordinator:
         self.actors = []
         if self.pg is not None:
             remove_placement_group(self.pg)
-            _wait_removed(self.pg)
+            held.wait_removed(self.pg)
             self.pg = None
 
     def __repr__(self) -> str:
@@ -336,12 +336,3 @@ class Coordinator:
 def _fmt(resources: dict) -> str:
     keys = ("CPU", "GPU", "memory")
     return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys if k in resources and k != "memory") + "}"
-
-
-def _wait_removed(pg, timeout_s: float = 10.0) -> None:
-    """Wait until the placement group's resources are back, so the next load can use them at once."""
-    from ray.util.placement_group import placement_group_table
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and placement_group_table(pg).get("state") != "REMOVED":
-        time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Layer 5 (Ray driver): Held loads (Ray side, driver): how held actors are named, found and released.
+"""Layer 4 (driver): Held loads (Ray side, driver): how held actors are named, found and released.
 
 A held load's actors live in the fixed Ray namespace :data:`NAMESPACE` under ``raydist:<model>:<rank>`` whatever
 the holding driver's own namespace, so any driver or engine on the cluster finds them with
@@ -10,6 +10,8 @@ ordinary (not detached) actors owned by the holding driver: they end with it (Ct
 """
 
 from __future__ import annotations
+
+import time
 
 from ..errors import RaydistError
 
@@ -81,7 +83,6 @@ def release(model: str, *, ray_address: str | None = None) -> list[str]:
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     from .cluster import connect
-    from .coordinator import _wait_removed
 
     connect(ray_address, start_local=False)
     names = held_names(model)
@@ -103,5 +104,14 @@ def release(model: str, *, ray_address: str | None = None) -> list[str]:
     for pg_id in groups:
         group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
         remove_placement_group(group)
-        _wait_removed(group)  # its resources are free when this returns
+        wait_removed(group)  # its resources are free when this returns
     return names
+
+
+def wait_removed(pg, timeout_s: float = 10.0) -> None:
+    """Wait until the placement group's resources are back, so the next load can use them at once."""
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and placement_group_table(pg).get("state") != "REMOVED":
+        time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Layer 5 (Ray driver): Ctrl-C at the driver (no Ray import): a load stops within a second whatever the main thread is
+"""Layer 4 (driver): Ctrl-C at the driver (no Ray import): a load stops within a second whatever the main thread is
 doing, and its clean-up is not cut short.
 
 Python turns SIGINT into a KeyboardInterrupt at the main thread's next bytecode, and some places lose it: starting

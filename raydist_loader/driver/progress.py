@@ -1,4 +1,4 @@
-"""Layer 5 (Ray driver): Live progress at the driver: bytes per rank and overall GB/s (rich when installed, else quiet
+"""Layer 4 (driver): Live progress at the driver: bytes per rank and overall GB/s (rich when installed, else quiet
 lines)."""
 
 from __future__ import annotations

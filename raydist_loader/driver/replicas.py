@@ -1,4 +1,4 @@
-"""Layer 5 (Ray driver): Replicas share one pull, the Ray side (imports coordinator, share): R TP groups placed over the
+"""Layer 4 (driver): Replicas share one pull, the Ray side (imports coordinator, share): R TP groups placed over the
 nodes, the store read once, the bytes moved between the replicas' same ranks through Ray's object store.
 
 - Placement (:func:`start`): one placement group per replica (:class:`~raydist_loader.coordinator.Coordinator`),

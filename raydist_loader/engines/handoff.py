@@ -1,4 +1,4 @@
-"""Layer 6 (entry points): The engine hand-off, engine-neutral: one TP rank's verified shard, as the full-size tensors
+"""Layer 5 (entry points): The engine hand-off, engine-neutral: one TP rank's verified shard, as the full-size tensors
 engines want.
 
 Serving engines (vLLM, SGLang) load weights through per-layer weight loaders that take the *full* checkpoint tensor

@@ -1,4 +1,4 @@
-"""Layer 6 (entry points): vLLM load format ``raydist``: every TP worker pulls and verifies only its own shard before
+"""Layer 5 (entry points): vLLM load format ``raydist``: every TP worker pulls and verifies only its own shard before
 vLLM sees a weight.
 
 Registered through the ``vllm.general_plugins`` entry point (see :func:`register`), so it needs no fork and no patch:

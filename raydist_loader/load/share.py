@@ -1,4 +1,4 @@
-"""Layer 4 (rank runtime): Replicas share one pull, the actor's side (imports plan, worker, transfer; never Ray).
+"""Layer 3 (load): Replicas share one pull, the actor's side (imports plan, worker, transfer; never Ray).
 
 With ``replicas=R`` the same rank of R data-parallel copies of a TP group needs the same bytes. The rank's plan is
 cut into R stripes (:func:`stripes`, the same cut on every replica): replica i reads stripe i from the store, in

@@ -1,4 +1,4 @@
-"""Layer 4 (rank runtime): Transfer machinery, shared part (below the worker: imports plan, chunks, connectors, retry;
+"""Layer 3 (load): Transfer machinery, shared part (below the worker: imports plan, chunks, connectors, retry;
 never the worker): one rank's arena on the final device and the pieces both copy paths use.
 
 The arena is one allocation per rank with a flat uint8 view per tensor (256-byte aligned): reads (CPU) or H2D

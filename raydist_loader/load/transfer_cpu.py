@@ -1,4 +1,4 @@
-"""Layer 4 (rank runtime): CPU copy path (below the worker: extends transfer.py): reads land straight in the rank's
+"""Layer 3 (load): CPU copy path (below the worker: extends transfer.py): reads land straight in the rank's
 arena.
 
 Contiguous chunks are read straight into the tensors; column blocks and in-place extracts ride in the same batches

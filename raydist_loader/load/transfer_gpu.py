@@ -1,4 +1,4 @@
-"""Layer 4 (rank runtime): GPU copy path (below the worker: extends transfer.py): pinned staging ring, one non-blocking
+"""Layer 3 (load): GPU copy path (below the worker: extends transfer.py): pinned staging ring, one non-blocking
 H2D copy per run.
 
 Runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded ring, hashed

@@ -1,4 +1,4 @@
-"""Layer 4 (rank runtime): The actor contract (imports plan, transfer*, report, never Ray): one TP rank's loader, a
+"""Layer 3 (load): The actor contract (imports plan, transfer*, report, never Ray): one TP rank's loader, a
 plain class (no ``@ray.remote``), made remote only by the coordinator.
 
 prepare (connector + plan), load (pull, hash every chunk as it lands, compare with the manifest's digests, re-pull

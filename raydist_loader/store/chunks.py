@@ -1,4 +1,4 @@
-"""Layer 2 (data): Reading chunks into host buffers (below the worker: imports connectors and plan, never the worker).
+"""Layer 2 (store): Reading chunks into host buffers (below the worker: imports connectors and plan, never the worker).
 
 The pieces every reader of a plan shares: a chunk's byte ranges as read requests landing back to back in a buffer,
 the cut of a chunk's contiguous bytes out of a coalesced span of strided rows (in-place dim-1 shards), the grouping

@@ -1,4 +1,4 @@
-"""Layer 3 (store commands): Config and tokenizer files stored beside the weights: ``pull_files`` writes them to a local
+"""Layer 2 (store): Config and tokenizer files stored beside the weights: ``pull_files`` writes them to a local
 directory."""
 
 from __future__ import annotations

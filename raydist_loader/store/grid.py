@@ -1,4 +1,4 @@
-"""Layer 2 (data): The chunk grid: how each tensor is cut at publish time, and which chunks each rank of a tp keeps.
+"""Layer 2 (store): The chunk grid: how each tensor is cut at publish time, and which chunks each rank of a tp keeps.
 
 Pure arithmetic over a :class:`~raydist_loader.rules.TensorRule` and a shape; publish, index, plan and inspect all
 derive their cuts from here, so every rank's bytes follow one rule (see DESIGN.md, "The chunk grid"). A model has

@@ -1,5 +1,5 @@
-"""Layer 2 (data): What one publish wrote: every object and its size, confirmed in one pass before the manifest swap and
-removed if the publish fails, so a failed publish never looks like a success nor leaves a half version behind."""
+"""Layer 2 (store): What one publish wrote: every object and its size, confirmed in one pass before the manifest swap
+and removed if the publish fails, so a failed publish never looks like a success nor leaves a half version behind."""
 
 from __future__ import annotations
 

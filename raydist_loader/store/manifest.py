@@ -1,4 +1,4 @@
-"""Layer 2 (data): The store's manifest (format ``raydist-loader/2``): what a model is, how it is cut, where each chunk
+"""Layer 2 (store): The store's manifest (format ``raydist-loader/2``): what a model is, how it is cut, where each chunk
 lives.
 
 A manifest is JSON at ``<model>/manifest.json``; every object it names lives under ``<model>/<version>/`` (chunked

@@ -1,4 +1,4 @@
-"""Layer 2 (data): PURE: (manifest, tp, rank) -> the reads this rank makes and where each lands, plus its expected
+"""Layer 2 (store): PURE: (manifest, tp, rank) -> the reads this rank makes and where each lands, plus its expected
 digest.
 
 No Ray, no network. A rank's shard of a split tensor is its chunks concatenated on the split dim in segment order;

@@ -1,4 +1,4 @@
-"""Layer 0 (base): Sharding presets: the built-in rules for each config.json ``model_type``, as data.
+"""Layer 2 (store): Sharding presets: the built-in rules for each config.json ``model_type``, as data.
 
 Layer: data only (imports nothing from the package). Each preset is an ordered list of rules written exactly
 like a user's rules YAML (``{pattern, style, heads, segments, transposed}``), so :mod:`raydist_loader.rules`

@@ -1,4 +1,4 @@
-"""Layer 3 (store commands): Put a model in a store: ``publish`` (HF checkpoint dir -> chunked layout) and ``index`` (in
+"""Layer 2 (store): Put a model in a store: ``publish`` (HF checkpoint dir -> chunked layout) and ``index`` (in
 place).
 
 Both apply the sharding rules once, cut every tensor on the chunk grid, hash each chunk, and write the manifest

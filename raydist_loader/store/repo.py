@@ -1,4 +1,4 @@
-"""Layer 2 (data): Which files of a Hugging Face repo are served: the weights, the engine files ``pull_files`` writes,
+"""Layer 2 (store): Which files of a Hugging Face repo are served: the weights, the engine files ``pull_files`` writes,
 the rest skipped.
 
 Real repos hold more than one copy of the weights: Mistral ships ``consolidated.safetensors`` beside the HF shards,

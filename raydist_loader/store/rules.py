@@ -1,4 +1,4 @@
-"""Layer 2 (data): Tensor-parallel sharding rules: which dim of each tensor is split, and into which segments.
+"""Layer 2 (store): Tensor-parallel sharding rules: which dim of each tensor is split, and into which segments.
 
 A :class:`RuleSet` is an ordered list of :class:`Rule` (regex on the tensor name -> style), first match wins.
 Presets per config.json ``model_type`` are data in :mod:`.presets` (in the rules-YAML form, read through the

@@ -1,4 +1,4 @@
-"""Layer 2 (data): Read and write the safetensors container without staging whole files.
+"""Layer 2 (store): Read and write the safetensors container without staging whole files.
 
 Format: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}, "__metadata__"}``,
 then the data. We stream data block by block (publish) and read headers through any connector (index, inspect), so

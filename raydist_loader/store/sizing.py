@@ -1,4 +1,4 @@
-"""Layer 3 (store commands): Size a deployment from a model's config.json alone (``inspect --config-only``): no weights,
+"""Layer 2 (store): Size a deployment from a model's config.json alone (``inspect --config-only``): no weights,
 no store.
 
 The model is built by transformers on torch's ``meta`` device (shapes and dtypes, no memory), its state dict is

@@ -1,4 +1,4 @@
-"""Layer 3 (store commands): ``inspect``: what a store holds for a model, and with ``tp`` what each rank will move."""
+"""Layer 2 (store): ``inspect``: what a store holds for a model, and with ``tp`` what each rank will move."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layer 3 (store commands): Re-read a whole store and check every digest recorded at publish time (``raydist-loader
+"""Layer 2 (store): Re-read a whole store and check every digest recorded at publish time (``raydist-loader
 verify``)."""
 
 from __future__ import annotations
