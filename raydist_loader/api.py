@@ -183,7 +183,8 @@ def load_across_cluster(
 
     ``replicas=R`` loads R data-parallel copies of the TP group (R x tp actors, one placement group per copy,
     spread over nodes while they fit) and reads the store once: each chunk is read by one copy and reaches the
-    others' same rank through Ray's object store, where it is verified again (see :mod:`raydist_loader.replicas`).
+    others' same rank through Ray's object store, where it is verified again
+    (see :mod:`raydist_loader.driver.replicas`).
 
     Each actor pulls only its TP shard; a digest mismatch re-pulls those chunks once and then raises
     :class:`VerificationError` naming rank, tensor and chunk, so a LoadedModel is never returned unverified
@@ -286,7 +287,7 @@ def load_shard(
     the host before the copy to the GPU); ``verify="full"`` also re-hashes the tensors where they ended up.
     ``only(name)`` keeps a subset of the tensors (a pipeline stage's); ``layout="global"`` lands each tensor's bytes
     in its region of a full-size tensor (engine weight loaders that narrow by rank; see
-    :data:`~raydist_loader.plan.Layout`).
+    :data:`~raydist_loader.store.plan.Layout`).
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
     t0 = time.perf_counter()

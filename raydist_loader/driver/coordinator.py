@@ -1,7 +1,7 @@
 """Layer 4 (driver): Ray side of a load: placement group, one ShardLoader actor per rank, reports gathered and
 verified.
 
-One Coordinator is one TP group; with ``replicas=R`` the API makes R of them (:mod:`~raydist_loader.replicas`
+One Coordinator is one TP group; with ``replicas=R`` the API makes R of them (:mod:`~raydist_loader.driver.replicas`
 places them and runs their shared pull).
 
 Tensor bytes never pass through here: actors read from the store and keep their shards; the driver sees the
@@ -46,7 +46,7 @@ class Coordinator:
         actor_kwargs: dict | None = None,
     ):
         """``hold`` names the actors ``raydist:<model>:<rank>`` in Ray namespace ``raydist`` and the placement group
-        ``raydist:<model>`` (replica i > 0: ``raydist:<model>#<i>...``; see :mod:`~raydist_loader.held`);
+        ``raydist:<model>`` (replica i > 0: ``raydist:<model>#<i>...``; see :mod:`~raydist_loader.driver.held`);
         ``progress`` shows a progress bar; ``replica`` is this TP group's index among ``options.replicas`` (None: a
         plain load); ``actor_class`` (a ShardLoader) and ``actor_kwargs`` (extra constructor arguments) say what
         each actor runs."""

@@ -1,18 +1,18 @@
 """Layer 4 (driver): Replicas share one pull, the Ray side (imports coordinator, share): R TP groups placed over the
 nodes, the store read once, the bytes moved between the replicas' same ranks through Ray's object store.
 
-- Placement (:func:`start`): one placement group per replica (:class:`~raydist_loader.coordinator.Coordinator`),
+- Placement (:func:`start`): one placement group per replica (:class:`~raydist_loader.driver.coordinator.Coordinator`),
   each kept off the nodes of the replicas placed before it while another node has room for the whole group, so
   replicas spread over nodes when they fit; then every actor starts at once.
 - The pull (:func:`load`): every actor runs :meth:`ReplicaActor.stripe`, a Ray generator that reads one part of its
-  stripe from the store (verified, see :mod:`~raydist_loader.share`), ``ray.put``s it as a list of uint8 arrays
+  stripe from the store (verified, see :mod:`~raydist_loader.load.share`), ``ray.put``s it as a list of uint8 arrays
   (one object per part: the object manager moves it between nodes, readers on the same node map it zero-copy) and
   yields only the ObjectRef, nested in a list so that nobody resolves it on the way. The driver hands each ref to
   the same rank of the other replicas (:meth:`ReplicaActor.take`), which ``ray.get`` it, place and hash it. The
   driver never gets a part; once every peer has a part the driver drops its ref and the object is freed (the
   owner already dropped its own). An owner runs at most :data:`AHEAD` parts ahead of its peers (generator
   backpressure), which bounds the object store's use whatever the model's size.
-- Trust: each rank's :meth:`~raydist_loader.share.ReplicaShard.complete` reads from the store what never arrived
+- Trust: each rank's :meth:`~raydist_loader.load.share.ReplicaShard.complete` reads from the store what never arrived
   and re-pulls once what arrived wrong; the coordinator checks every replica's rank digests as for one replica.
 - Faults: an actor that dies is restarted in its bundle (``max_restarts``) and loads its whole shard from the
   store alone; the chunks it had not shared yet are read from the store by its peers. Parts it owned die with it,
@@ -40,7 +40,7 @@ AHEAD = 2
 
 
 class ReplicaActor(ReplicaShard):
-    """The actor class of a shared load: :class:`~raydist_loader.share.ReplicaShard` plus the two calls that move
+    """The actor class of a shared load: :class:`~raydist_loader.load.share.ReplicaShard` plus the two calls that move
     parts through Ray's object store."""
 
     def stripe(self):
@@ -84,7 +84,7 @@ def make_groups(
     hold: bool = False,
 ) -> list[Coordinator]:
     """One Coordinator per replica (a plain one when ``options.replicas`` is 1). ``hold``: the actors are named
-    (:mod:`~raydist_loader.held`: ``raydist:<model>:<rank>`` in replica 0, ``raydist:<model>#<i>:<rank>`` in
+    (:mod:`~raydist_loader.driver.held`: ``raydist:<model>:<rank>`` in replica 0, ``raydist:<model>#<i>:<rank>`` in
     replica i)."""
     count = options.replicas
     if count == 1:

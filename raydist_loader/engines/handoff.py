@@ -4,7 +4,7 @@ engines want.
 Serving engines (vLLM, SGLang) load weights through per-layer weight loaders that take the *full* checkpoint tensor
 and narrow it by the worker's TP rank themselves (vLLM's v2 parameters ignore ``is_sharded_weight``; its vocab and
 MoE loaders never look at it). So each rank pulls only its shard, but lands it in the ``global`` layout
-(:data:`raydist_loader.plan.Layout`): every tensor is a full-size host tensor whose rank region (split dim,
+(:data:`raydist_loader.store.plan.Layout`): every tensor is a full-size host tensor whose rank region (split dim,
 segments, kv replica) holds the verified bytes, read there directly with no copy in between. On CPU the pages
 outside the region are never touched, so never committed: a rank's memory is its shard. The engine's loaders then
 copy each region into its parameter on the worker's device, one tensor at a time, so a GPU never holds a second

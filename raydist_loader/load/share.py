@@ -7,7 +7,7 @@ replicas accept the part, hash every chunk they placed and keep the digests. A p
 :meth:`ReplicaShard.complete` reads from the store whatever never arrived, re-pulls once whatever arrived wrong, and
 reports exactly like a plain load, so the coordinator checks every replica's rank digest against the manifest.
 
-How parts travel between processes (Ray's object store) is :mod:`~raydist_loader.replicas`' business; here a part
+How parts travel between processes (Ray's object store) is :mod:`~raydist_loader.driver.replicas`' business; here a part
 is a list of host uint8 arrays, so the whole exchange also runs (and is tested) in one process without Ray.
 """
 

@@ -3,14 +3,14 @@ never the worker): one rank's arena on the final device and the pieces both copy
 
 The arena is one allocation per rank with a flat uint8 view per tensor (256-byte aligned): reads (CPU) or H2D
 copies (GPU) land in place, and chunks of consecutive tensors are adjacent, so the GPU path moves them with one copy.
-:class:`~raydist_loader.transfer_cpu.CpuTransfer` and :class:`~raydist_loader.transfer_gpu.GpuTransfer` fill it; the
-worker (:class:`~raydist_loader.worker.ShardLoader`) picks one per device and hands in how to start a chunk's
-digest, so the bytes are hashed as they land (overlapping further reads) while verification stays the worker's.
+:class:`~raydist_loader.load.transfer_cpu.CpuTransfer` and :class:`~raydist_loader.load.transfer_gpu.GpuTransfer` fill
+it; the worker (:class:`~raydist_loader.load.worker.ShardLoader`) picks one per device and hands in how to start a
+chunk's digest, so the bytes are hashed as they land (overlapping further reads) while verification stays the worker's.
 
 Staging memory does not grow with the largest tensor: a chunk or in-place span larger than
-:data:`~raydist_loader.chunks.PART_BYTES` is read in parts of whole rows (several ranged reads of its object), each
-part hashed (digests are streamed, so they are the whole chunk's) and placed before the next is read into the same
-buffer (:func:`~raydist_loader.chunks.read_in_parts`).
+:data:`~raydist_loader.store.chunks.PART_BYTES` is read in parts of whole rows (several ranged reads of its object),
+each part hashed (digests are streamed, so they are the whole chunk's) and placed before the next is read into the same
+buffer (:func:`~raydist_loader.store.chunks.read_in_parts`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Transfer:
         return stage_bytes(group, self.plan.tensors[group[0].tensor], self.part_bytes, whole)
 
     def _stream(self, group: list[ChunkRead], buf: torch.Tensor, conn: Connector, place: PlacePart) -> list[str]:
-        """Read a group part by part through ``buf`` (see :func:`~raydist_loader.chunks.read_in_parts`), with the
+        """Read a group part by part through ``buf`` (see :func:`~raydist_loader.store.chunks.read_in_parts`), with the
         load's retries; returns the whole chunks' digests."""
         hashes = [self._start_hash(r) for r in group]
         slot = self.plan.tensors[group[0].tensor]

@@ -4,7 +4,7 @@ arena.
 Contiguous chunks are read straight into the tensors; column blocks and in-place extracts ride in the same batches
 into a staging slot, then are cut, hashed and copied into place. Batches follow object and offset order, so
 back-to-back ranges are one request. Staged reads larger than a slot go through a ring of two buffers, in parts of
-at most :data:`~raydist_loader.chunks.PART_BYTES`: staging stays bounded whatever the largest tensor.
+at most :data:`~raydist_loader.store.chunks.PART_BYTES`: staging stays bounded whatever the largest tensor.
 """
 
 from __future__ import annotations

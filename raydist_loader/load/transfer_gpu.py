@@ -4,7 +4,7 @@ H2D copy per run.
 Runs of chunks that are adjacent in the rank's arena are read into one pinned buffer of a bounded ring, hashed
 there, and sent with ONE non-blocking H2D copy on the thread's stream; a buffer is reused only after its copy's
 event completed. Staging memory is at most (concurrency + 1) buffers whatever the shard's size, each at most
-:data:`~raydist_loader.chunks.PART_BYTES`: a larger chunk or span is read, hashed and copied in parts.
+:data:`~raydist_loader.store.chunks.PART_BYTES`: a larger chunk or span is read, hashed and copied in parts.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ plain class (no ``@ray.remote``), made remote only by the coordinator.
 
 prepare (connector + plan), load (pull, hash every chunk as it lands, compare with the manifest's digests, re-pull
 the wrong ones once, report), repull, run (the engine hand-off), report. The bytes move through
-:mod:`~raydist_loader.transfer_cpu` or :mod:`~raydist_loader.transfer_gpu` (a bounded thread pool, reads landing in
-one preallocated arena). The same class runs inside an engine's own worker process through
+:mod:`~raydist_loader.load.transfer_cpu` or :mod:`~raydist_loader.load.transfer_gpu` (a bounded thread pool, reads
+landing in one preallocated arena). The same class runs inside an engine's own worker process through
 :func:`raydist_loader.api.load_shard`, without Ray.
 """
 
@@ -53,10 +53,10 @@ class ShardLoader:
         layout: Layout = "rank",
         connector: Connector | None = None,
     ):
-        """``source``: this rank's plan, made by the driver (:func:`~raydist_loader.plan.make_plans`: the actor
+        """``source``: this rank's plan, made by the driver (:func:`~raydist_loader.store.plan.make_plans`: the actor
         neither parses nor plans), or the manifest (parsed, or its JSON) to plan from. ``retries``: a RetryPolicy
         or its fields as a dict; None: the default policy. ``only`` and ``layout``: which tensors, landing where
-        (see :func:`~raydist_loader.plan.make_plan`), when the loader makes its plan. ``connector``: an open
+        (see :func:`~raydist_loader.store.plan.make_plan`), when the loader makes its plan. ``connector``: an open
         connector for ``url`` to use (and close) instead of opening one (``load_shard`` read the manifest through
         it: one client per load, not two)."""
         self._url = url

@@ -1,6 +1,6 @@
 """Layer 2 (store): The chunk grid: how each tensor is cut at publish time, and which chunks each rank of a tp keeps.
 
-Pure arithmetic over a :class:`~raydist_loader.rules.TensorRule` and a shape; publish, index, plan and inspect all
+Pure arithmetic over a :class:`~raydist_loader.store.rules.TensorRule` and a shape; publish, index, plan and inspect all
 derive their cuts from here, so every rank's bytes follow one rule (see DESIGN.md, "The chunk grid"). A model has
 few distinct (rule, shape) pairs however many tensors it has (an MoE's ~20k tensors have about ten), so the grid
 functions are cached on them and return tuples.

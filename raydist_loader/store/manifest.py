@@ -90,7 +90,7 @@ class FileRecord(_Strict):
 
 class Manifest(_Strict):
     """A model in a store. Every tensor refers to a shared table of cutting rules and objects, and its chunks are
-    the grid's (:func:`raydist_loader.grid.chunks`), so the manifest grows by little more than a digest per chunk.
+    the grid's (:func:`raydist_loader.store.grid.chunks`), so the manifest grows by little more than a digest per chunk.
     Parsed and checked once (:meth:`from_json`); the per-tensor grid work is cached per distinct (rule, shape)."""
 
     format: Literal["raydist-loader/2"]

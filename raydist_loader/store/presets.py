@@ -1,7 +1,7 @@
 """Layer 2 (store): Sharding presets: the built-in rules for each config.json ``model_type``, as data.
 
 Layer: data only (imports nothing from the package). Each preset is an ordered list of rules written exactly
-like a user's rules YAML (``{pattern, style, heads, segments, transposed}``), so :mod:`raydist_loader.rules`
+like a user's rules YAML (``{pattern, style, heads, segments, transposed}``), so :mod:`raydist_loader.store.rules`
 validates and applies presets and user rules through one path. Patterns are anchored name suffixes: a rule
 never matches part of a name component. To add a model: compose its entry from the blocks below, add a tiny
 config for it in ``raydist_loader/testing/tiny_models.py`` and its expected cuts in ``tests/test_rules.py``.

@@ -23,7 +23,7 @@ import json, os, sys
 import torch
 import raydist_loader as rl
 from raydist_loader.testing.memory import tensor_xxh3
-from raydist_loader.transfer import Transfer
+from raydist_loader.load.transfer import Transfer
 
 url, model, tp, rank, part, concurrency = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 if part:

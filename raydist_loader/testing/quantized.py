@@ -12,7 +12,7 @@ Schemes (``scheme=``), each with the tensor names, dtypes, shapes and ``quantiza
 * ``"ct_channel"``: compressed-tensors' FP8 per-channel scheme (llm-compressor ``FP8``): ``weight_scale``
   ``[out, 1]`` and a static per-tensor ``input_scale`` ``[1]``.
 
-Which weights are quantized follows :func:`raydist_loader.sizing.fp8_quantized` (linear layers; not embeddings,
+Which weights are quantized follows :func:`raydist_loader.store.sizing.fp8_quantized` (linear layers; not embeddings,
 lm_head or routers). Tiny block sizes (e.g. 16) give tiny shapes several blocks.
 """
 
