@@ -53,7 +53,7 @@ _VERIFY_PROBE = """
 import json, os, sys
 import torch
 import raydist_loader as rl
-from raydist_loader import chunks
+from raydist_loader.store import chunks
 
 url, model, part, concurrency = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:5])
 if part:
