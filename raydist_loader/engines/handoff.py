@@ -17,13 +17,16 @@ the same keys with the same errors.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+import torch
+
+from ..errors import ConfigError, ShardingError
 from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
+from ..report import RankReport
 
 _LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
 OPTIONS: dict[str, str] = {
@@ -111,6 +114,55 @@ def pull_rank(options: EngineOptions, tp: int, rank: int, *, only: Callable[[str
         only=only,
         layout="global",
     )
+
+
+@dataclass
+class Delivery:
+    """What a hand-off delivered into an engine's model: the parameter names the model's ``load_weights``
+    reported (None when it reports nothing) and the rank's load report."""
+
+    loaded: set[str] | None
+    report: RankReport
+
+
+def rank_weights(
+    options: EngineOptions, tp: int, rank: int, *, only: Callable[[str], bool] | None = None
+) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
+    """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
+    ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed.
+    The one way every engine takes weights from the store: how they are pulled (whole shard first, or streamed)
+    is decided here, for all engines at once."""
+    shard = pull_rank(options, tp, rank, only=only)
+    if not shard.tensors:
+        raise ShardingError(
+            f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor names "
+            "do not match the engine's model"
+        )
+    report = shard.report
+    tensors = shard.tensors
+    del shard
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        while tensors:  # hand each tensor over once and drop it: the engine has copied it into its parameter
+            name = next(iter(tensors))
+            yield name, tensors.pop(name)
+
+    return weights(), lambda: report
+
+
+def load_into(
+    model: torch.nn.Module,
+    options: EngineOptions,
+    tp: int,
+    rank: int,
+    *,
+    only: Callable[[str], bool] | None = None,
+) -> Delivery:
+    """Pull rank ``rank`` of ``tp`` verified and feed it to ``model.load_weights`` (vLLM and SGLang models share
+    that method). Raises before the engine serves if a digest stays wrong after one re-pull."""
+    weights, report = rank_weights(options, tp, rank, only=only)
+    loaded = model.load_weights(weights)
+    return Delivery(set(loaded) if loaded is not None else None, report())
 
 
 def missing_names(expected: set[str], delivered: set[str], what: str, limit: int = 20) -> str | None:

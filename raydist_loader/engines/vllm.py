@@ -29,10 +29,10 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.models.utils import is_pp_missing_parameter
 
-from ..api import Shard, open_manifest
+from ..api import open_manifest
 from ..errors import ShardingError
 from ..report import RankReport
-from .handoff import EngineOptions, missing_names, pull_rank
+from .handoff import EngineOptions, load_into, missing_names, rank_weights
 
 LOAD_FORMAT = "raydist"
 OPTIONS_NAME = "model_loader_extra_config"
@@ -69,34 +69,25 @@ class RaydistModelLoader(BaseModelLoader):
 
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
-        shard = self._pull(model)
-        t1 = time.perf_counter()
-        loaded = model.load_weights(shard.tensors.items())
-        t2 = time.perf_counter()
-        report = shard.report
-        del shard  # the full-size host tensors: vLLM has copied what it needs into the parameters
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        _check_all_loaded(model, loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
-        model.raydist_report = report
-        logger.info(_describe(report, get_pp_group(), t1 - t0, t2 - t1))
+        tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
+        delivery = load_into(model, self.options, tp, rank, only=self._only(model))
+        seconds = time.perf_counter() - t0
+        _check_all_loaded(model, delivery.loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
+        model.raydist_report = delivery.report
+        logger.info(_describe(delivery.report, pp, seconds))
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the store's current
         version of this worker's shard, verified, as full-size tensors."""
-        shard = self._pull(model)
-        model.raydist_report = shard.report
-        yield from shard.tensors.items()
+        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        weights, report = rank_weights(self.options, tp, rank, only=self._only(model))
+        yield from weights
+        model.raydist_report = report()
 
-    def _pull(self, model: torch.nn.Module) -> Shard:
-        """This worker's shard (this pipeline stage's tensors only), verified, in the global layout."""
-        tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
-        shard = pull_rank(self.options, tp, rank, only=_stage_filter(model) if pp.world_size > 1 else None)
-        if not shard.tensors:
-            raise ShardingError(
-                f"model {self.options.model!r} has no tensor for pipeline stage {pp.rank_in_group} of "
-                f"{pp.world_size}: the store's tensor names do not match this vLLM model's modules"
-            )
-        return shard
+    @staticmethod
+    def _only(model: torch.nn.Module) -> Callable[[str], bool] | None:
+        """This pipeline stage's tensors only (None: every tensor)."""
+        return _stage_filter(model) if get_pp_group().world_size > 1 else None
 
 
 def _stage_filter(model: torch.nn.Module) -> Callable[[str], bool]:
@@ -124,12 +115,12 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
 
 
-def _describe(report: RankReport, pp, pull_s: float, copy_s: float) -> str:
+def _describe(report: RankReport, pp, seconds: float) -> str:
     """One log line per rank."""
     stage = f", pp stage {pp.rank_in_group}/{pp.world_size}" if pp.world_size > 1 else ""
     verified = "verified" if report.verify else "NOT verified (verify=false)"
     return (
         f"raydist: rank {report.rank}/{report.tp}{stage}: {report.model} version {report.version} "
-        f"from {report.store}: {report.chunks} chunks, {report.bytes / 1e6:.1f} MB in {pull_s:.2f} s "
-        f"({report.bytes / max(pull_s, 1e-9) / 1e9:.2f} GB/s), {verified}; into the model in {copy_s:.2f} s"
+        f"from {report.store}: {report.chunks} chunks, {report.bytes / 1e6:.1f} MB; pulled, verified and loaded "
+        f"into the model in {seconds:.2f} s ({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s), {verified}"
     )
