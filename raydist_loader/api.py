@@ -24,6 +24,7 @@ from .load.worker import ShardLoader
 from .options import DEFAULTS, Device, Placement, Verify, load_options
 from .report import LoadReport, PhaseClock, RankReport, check_verified
 from .retry import RetryPolicy
+from .store.experts import Experts
 from .store.manifest import Manifest, manifest_key, read_manifest_bytes
 from .store.plan import Layout
 from .store.rules import RuleSet
@@ -277,6 +278,7 @@ def load_shard(
     retries: RetryPolicy | dict | None = None,
     only: Callable[[str], bool] | None = None,
     layout: Layout = "rank",
+    experts: Experts | None = None,
 ) -> Shard:
     """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
 
@@ -287,7 +289,8 @@ def load_shard(
     the host before the copy to the GPU); ``verify="full"`` also re-hashes the tensors where they ended up.
     ``only(name)`` keeps a subset of the tensors (a pipeline stage's); ``layout="global"`` lands each tensor's bytes
     in its region of a full-size tensor (engine weight loaders that narrow by rank; see
-    :data:`~raydist_loader.store.plan.Layout`).
+    :data:`~raydist_loader.store.plan.Layout`); ``experts(name, expert)`` turns on expert parallelism: the routed
+    experts it holds are pulled whole, the others not at all (see :mod:`~raydist_loader.store.experts`).
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
     t0 = time.perf_counter()
@@ -300,7 +303,7 @@ def load_shard(
         loader = ShardLoader(
             url, manifest, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
             connector_options=connector_options, retries=options.retries.policy(), only=only, layout=layout,
-            connector=conn,
+            connector=conn, experts=experts,
         )
     except BaseException:
         conn.close()

@@ -27,6 +27,7 @@ from ..errors import ConfigError, ShardingError
 from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
 from ..report import RankReport
+from ..store.experts import Experts
 
 _LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
 OPTIONS: dict[str, str] = {
@@ -94,9 +95,17 @@ class EngineOptions:
         return f"EngineOptions(url={redact_url(self.url)!r}, model={self.model!r}, verify={self.load.verify!r})"
 
 
-def pull_rank(options: EngineOptions, tp: int, rank: int, *, only: Callable[[str], bool] | None = None):
+def pull_rank(
+    options: EngineOptions,
+    tp: int,
+    rank: int,
+    *,
+    only: Callable[[str], bool] | None = None,
+    experts: Experts | None = None,
+):
     """Pull and verify rank ``rank`` of ``tp`` in the ``global`` layout (host memory); raises before the engine
-    sees any weight if a digest stays wrong after one re-pull. ``only`` keeps a pipeline stage's tensors.
+    sees any weight if a digest stays wrong after one re-pull. ``only`` keeps a pipeline stage's tensors;
+    ``experts``, the engine's expert placement under expert parallelism (:mod:`raydist_loader.store.experts`).
     Returns the :class:`~raydist_loader.api.Shard`."""
     from ..api import load_shard
 
@@ -113,6 +122,7 @@ def pull_rank(options: EngineOptions, tp: int, rank: int, *, only: Callable[[str
         retries=options.load.retries.policy(),
         only=only,
         layout="global",
+        experts=experts,
     )
 
 
@@ -126,13 +136,18 @@ class Delivery:
 
 
 def rank_weights(
-    options: EngineOptions, tp: int, rank: int, *, only: Callable[[str], bool] | None = None
+    options: EngineOptions,
+    tp: int,
+    rank: int,
+    *,
+    only: Callable[[str], bool] | None = None,
+    experts: Experts | None = None,
 ) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
     """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
     ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed.
     The one way every engine takes weights from the store: how they are pulled (whole shard first, or streamed)
     is decided here, for all engines at once."""
-    shard = pull_rank(options, tp, rank, only=only)
+    shard = pull_rank(options, tp, rank, only=only, experts=experts)
     if not shard.tensors:
         raise ShardingError(
             f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor names "
@@ -157,10 +172,11 @@ def load_into(
     rank: int,
     *,
     only: Callable[[str], bool] | None = None,
+    experts: Experts | None = None,
 ) -> Delivery:
     """Pull rank ``rank`` of ``tp`` verified and feed it to ``model.load_weights`` (vLLM and SGLang models share
     that method). Raises before the engine serves if a digest stays wrong after one re-pull."""
-    weights, report = rank_weights(options, tp, rank, only=only)
+    weights, report = rank_weights(options, tp, rank, only=only, experts=experts)
     loaded = model.load_weights(weights)
     return Delivery(set(loaded) if loaded is not None else None, report())
 

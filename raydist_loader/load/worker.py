@@ -27,6 +27,7 @@ from ..options import DEFAULTS, Verify
 from ..redact import redact_url
 from ..report import RankReport
 from ..retry import RetryPolicy, coerce_policy
+from ..store.experts import Experts
 from ..store.manifest import Manifest
 from ..store.plan import ChunkRead, Layout, RankPlan, make_plan
 from .transfer import Digests, Transfer
@@ -52,15 +53,16 @@ class ShardLoader:
         only: Callable[[str], bool] | None = None,
         layout: Layout = "rank",
         connector: Connector | None = None,
+        experts: Experts | None = None,
     ):
         """``source``: this rank's plan, made by the driver (:func:`~raydist_loader.store.plan.make_plans`: the actor
         neither parses nor plans), or the manifest (parsed, or its JSON) to plan from. ``retries``: a RetryPolicy
-        or its fields as a dict; None: the default policy. ``only`` and ``layout``: which tensors, landing where
-        (see :func:`~raydist_loader.store.plan.make_plan`), when the loader makes its plan. ``connector``: an open
-        connector for ``url`` to use (and close) instead of opening one (``load_shard`` read the manifest through
-        it: one client per load, not two)."""
+        or its fields as a dict; None: the default policy. ``only``, ``layout`` and ``experts``: which tensors,
+        landing where (see :func:`~raydist_loader.store.plan.make_plan`), when the loader makes its plan.
+        ``connector``: an open connector for ``url`` to use (and close) instead of opening one (``load_shard`` read
+        the manifest through it: one client per load, not two)."""
         self._url = url
-        self._select = {"only": only, "layout": layout}
+        self._select = {"only": only, "layout": layout, "experts": experts}
         self._options = connector_options or {}
         self.tp, self.rank = tp, rank
         self.plan: RankPlan | None = None

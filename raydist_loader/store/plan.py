@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple
 from .. import digest, dtypes
 from ..bulk import bulk
 from . import grid
+from .experts import Experts, pull_whole
 from .manifest import Manifest, TensorRecord
 from .rules import TensorRule
 
@@ -154,15 +155,20 @@ def make_plan(
     coalesce_gap: int = 1 << 20,
     only: Callable[[str], bool] | None = None,
     layout: Layout = "rank",
+    experts: Experts | None = None,
 ) -> RankPlan:
     """The plan of rank ``rank`` of ``tp``; refuses a tp the store does not serve, listing those it does.
 
     ``only(name)`` keeps a subset of the tensors (a pipeline stage's layers); the expected digest covers exactly
-    the reads planned. ``layout`` says where the bytes land (see :data:`Layout`); the reads are the same."""
+    the reads planned. ``layout`` says where the bytes land (see :data:`Layout`); the reads are the same.
+    ``experts``: expert parallelism (see :mod:`~raydist_loader.store.experts`): the routed experts this rank
+    holds are pulled whole (every chunk), the others not at all; every other tensor as at ``tp``."""
     if not 0 <= rank < tp:
         manifest.check_tp(tp)
         raise ValueError(f"rank {rank} is outside tp={tp} (ranks 0..{tp - 1})")
-    return make_plans(manifest, tp, coalesce_gap=coalesce_gap, only=only, layout=layout, ranks=[rank])[0]
+    return make_plans(
+        manifest, tp, coalesce_gap=coalesce_gap, only=only, layout=layout, ranks=[rank], experts=experts
+    )[0]
 
 
 @bulk
@@ -174,13 +180,15 @@ def make_plans(
     only: Callable[[str], bool] | None = None,
     layout: Layout = "rank",
     ranks: Sequence[int] | None = None,
+    experts: Experts | None = None,
 ) -> list[RankPlan]:
     """Every rank's plan (or those of ``ranks``), made once: the driver hands each actor its own, so actors neither
-    parse the manifest nor plan. Options as in :func:`make_plan`."""
+    parse the manifest nor plan. Options as in :func:`make_plan` (``experts``: the same placement for every rank
+    planned, so pass it with one rank)."""
     manifest.check_tp(tp)
     if layout not in ("rank", "global"):
         raise ValueError(f"layout must be 'rank' or 'global', got {layout!r}")
-    planner = _Planner(manifest, tp, coalesce_gap, layout)
+    planner = _Planner(manifest, tp, coalesce_gap, layout, experts)
     names = [n for n in manifest.tensors if only is None or only(n)]
     return [planner.plan(rank, names) for rank in (range(tp) if ranks is None else ranks)]
 
@@ -226,8 +234,10 @@ class _Planner:
     """Plans the ranks of one tp over one manifest; grid work is cached per (rule, shape, dtype, rank), so a rank
     of a 20k-tensor MoE costs one small record per chunk it keeps."""
 
-    def __init__(self, manifest: Manifest, tp: int, gap: int, layout: Layout = "rank"):
-        self.m, self.tp, self.gap, self.layout = manifest, tp, gap, layout
+    def __init__(
+        self, manifest: Manifest, tp: int, gap: int, layout: Layout = "rank", experts: Experts | None = None
+    ):
+        self.m, self.tp, self.gap, self.layout, self.experts = manifest, tp, gap, layout, experts
         self._objects = manifest.objects
         self._geometries: dict[tuple, _Geometry] = {}
         self._cuts: dict[tuple, tuple[tuple[Piece, ...], Extract | None]] = {}
@@ -236,7 +246,10 @@ class _Planner:
         slots, reads = [], []
         for name in names:
             rec = self.m.tensors[name]
-            geo = self.geometry(rec, rank)
+            whole = None if self.experts is None else pull_whole(name, rec.shape, self.experts)
+            if whole is False:  # another rank's expert
+                continue
+            geo = self.geometry(rec, rank, whole=bool(whole))
             index = len(slots)
             slots.append(
                 TensorSlot(
@@ -251,16 +264,18 @@ class _Planner:
             m.model, m.version, self.tp, rank, tuple(slots), tuple(reads), digest.rank_digest(r.xxh3 for r in reads)
         )
 
-    def geometry(self, rec: TensorRecord, rank: int) -> _Geometry:
-        key = (rec.rule, tuple(rec.shape), rec.dtype, rank)
+    def geometry(self, rec: TensorRecord, rank: int, *, whole: bool = False) -> _Geometry:
+        """``whole``: every chunk (an expert this rank holds under expert parallelism), as rank 0 of tp=1."""
+        tp, rank = (1, 0) if whole else (self.tp, rank)
+        key = (rec.rule, tuple(rec.shape), rec.dtype, tp, rank)
         geo = self._geometries.get(key)
         if geo is None:
-            geo = self._geometries[key] = self._make_geometry(rec, rank)
+            geo = self._geometries[key] = self._make_geometry(rec, tp, rank)
         return geo
 
-    def _make_geometry(self, rec: TensorRecord, rank: int) -> _Geometry:
+    def _make_geometry(self, rec: TensorRecord, tp: int, rank: int) -> _Geometry:
         rule, shape, max_tp = self.m.rule_of(rec), tuple(rec.shape), self.m.max_tp
-        kept = grid.rank_chunks(rule, shape, max_tp, self.tp, rank)
+        kept = grid.rank_chunks(rule, shape, max_tp, tp, rank)
         position = {c.id: i for i, c in enumerate(grid.chunks(rule, shape, max_tp))}
         dim, size = rule.dim, dtypes.itemsize(rec.dtype)
         local = sum(c.end - c.start for c in kept) if dim is not None else None
@@ -276,7 +291,7 @@ class _Planner:
             shape,
             rank_shape,
             _segment_spans(kept),
-            grid.kv_replicas(rule, max_tp, self.tp),
+            grid.kv_replicas(rule, max_tp, tp),
             grid.padded_vocab(shape[dim]) if rule.style == "vocab" else None,
             dim is None or prod(rank_shape[:dim]) == 1,
             tuple(out),
