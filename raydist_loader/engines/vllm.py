@@ -10,9 +10,13 @@ Registered through the ``vllm.general_plugins`` entry point (see :func:`register
 are the keys of :data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world
 size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns; the shard lands in
 host memory as full-size tensors (see :mod:`.handoff`) and vLLM's own weight loaders narrow and copy each one into
-its parameter on the worker's device. Afterwards every parameter of the model must have been loaded, else the
-load fails with their names. The rank's load report is left on the model as ``model.raydist_report``. vLLM's
-in-place ``reload_weights`` (RL weight updates) pulls the store's current version the same way.
+its parameter on the worker's device. With expert parallelism (``enable_expert_parallel``) each worker reads
+its MoE layers' own placement (``expert_map``) and pulls the routed experts it holds whole, and no other expert
+(:mod:`raydist_loader.store.experts`). Any parallel setting the hand-off does not model (see
+:func:`check_parallel`) is refused before a byte is loaded. Afterwards every parameter of the model must have been
+loaded, else the load fails with their names. The rank's load report is left on the model as
+``model.raydist_report``. vLLM's in-place ``reload_weights`` (RL weight updates) pulls the store's current version
+the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from vllm.config import ModelConfig
+from vllm.config import ModelConfig, ParallelConfig, get_current_vllm_config_or_none
 from vllm.config.load import LoadConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
@@ -30,8 +34,9 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.models.utils import is_pp_missing_parameter
 
 from ..api import open_manifest
-from ..errors import ShardingError
+from ..errors import ConfigError, ShardingError
 from ..report import RankReport
+from ..store.experts import Experts, owned_by_layer
 from .handoff import EngineOptions, load_into, missing_names, rank_weights
 
 LOAD_FORMAT = "raydist"
@@ -70,17 +75,19 @@ class RaydistModelLoader(BaseModelLoader):
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
-        delivery = load_into(model, self.options, tp, rank, only=self._only(model))
+        experts = _placement(model, tp, rank)
+        delivery = load_into(model, self.options, tp, rank, only=self._only(model), experts=experts)
         seconds = time.perf_counter() - t0
         _check_all_loaded(model, delivery.loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
         model.raydist_report = delivery.report
-        logger.info(_describe(delivery.report, pp, seconds))
+        logger.info(_describe(delivery.report, pp, seconds, experts is not None))
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the store's current
         version of this worker's shard, verified, as full-size tensors."""
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        weights, report = rank_weights(self.options, tp, rank, only=self._only(model))
+        experts = _placement(model, tp, rank)
+        weights, report = rank_weights(self.options, tp, rank, only=self._only(model), experts=experts)
         yield from weights
         model.raydist_report = report()
 
@@ -88,6 +95,83 @@ class RaydistModelLoader(BaseModelLoader):
     def _only(model: torch.nn.Module) -> Callable[[str], bool] | None:
         """This pipeline stage's tensors only (None: every tensor)."""
         return _stage_filter(model) if get_pp_group().world_size > 1 else None
+
+
+SUPPORTED = (
+    "tensor_parallel_size, pipeline_parallel_size, enable_expert_parallel (any expert_placement_strategy) and "
+    "data_parallel_size (MoE layers then need enable_expert_parallel)"
+)
+"""The vLLM parallel settings the hand-off models (README: "Engines' parallel settings with raydist")."""
+
+
+def check_parallel(parallel: ParallelConfig | None) -> None:
+    """Refuse, naming each setting, a vLLM parallel configuration the hand-off does not model (a wrong model
+    must never load): context parallelism (prefill or decode) and expert load balancing / redundant or elastic
+    experts change which bytes a rank holds in ways not read here. MoE layers are checked against their own
+    placement in :func:`_placement`."""
+    if parallel is None:
+        raise ConfigError(
+            "raydist: vLLM's config is not set in this worker, so its parallel settings cannot be checked; "
+            "load through vLLM's model runner (LLM / vllm serve)"
+        )
+    refused = [
+        f"{name}={value!r}"
+        for name, value, modelled in (
+            ("prefill_context_parallel_size", parallel.prefill_context_parallel_size, 1),
+            ("decode_context_parallel_size", parallel.decode_context_parallel_size, 1),
+            ("enable_eplb", parallel.enable_eplb, False),
+            ("eplb_config.num_redundant_experts", parallel.eplb_config.num_redundant_experts, 0),
+            ("enable_elastic_ep", parallel.enable_elastic_ep, False),
+        )
+        if value != modelled
+    ]
+    if refused:
+        raise ConfigError(
+            f"load format {LOAD_FORMAT!r} does not model vLLM's {', '.join(refused)}: refused before loading (it "
+            f"could serve wrong weights). Supported: {SUPPORTED}; start vLLM without those settings, or use its "
+            "own loader for them"
+        )
+
+
+def _placement(model: torch.nn.Module, tp: int, rank: int) -> Experts | None:
+    """This worker's expert placement, read from the model's own MoE layers (each ``FusedMoE`` knows its local
+    experts): an :data:`~raydist_loader.store.experts.Experts` predicate under expert parallelism, None without.
+    Checks vLLM's parallel settings first, and refuses an MoE layer whose cut the hand-off does not make."""
+    config = get_current_vllm_config_or_none()
+    check_parallel(config.parallel_config if config is not None else None)
+    placement: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():  # parents first: the MoE runner (``...experts``), then its parts
+        manager = getattr(module, "expert_map_manager", None)
+        if manager is None or id(manager) in seen:
+            continue
+        seen.add(id(manager))
+        moe = manager.moe_parallel_config
+        if getattr(manager, "num_fused_shared_experts", 0):
+            raise ConfigError(
+                f"{name}: vLLM fused {manager.num_fused_shared_experts} shared expert(s) into the routed experts; "
+                f"load format {LOAD_FORMAT!r} does not model that placement. Supported: {SUPPORTED}"
+            )
+        if moe.use_ep:
+            if moe.tp_size != 1:
+                raise ConfigError(
+                    f"{name}: expert parallelism with experts also cut over {moe.tp_size} TP ranks is not modelled "
+                    f"by load format {LOAD_FORMAT!r} (whole experts per rank are). Supported: {SUPPORTED}"
+                )
+            placement[name] = manager.get_local_expert_ids()
+        elif (moe.tp_size, moe.tp_rank) != (tp, rank):
+            raise ConfigError(
+                f"{name}: vLLM cuts this MoE layer over {moe.tp_size} ranks (rank {moe.tp_rank}: tensor x data x "
+                f"context parallel, dp={moe.dp_size}), the hand-off at tp={tp} (rank {rank}): start vLLM with "
+                f"enable_expert_parallel=True (or without data_parallel_size). Supported: {SUPPORTED}"
+            )
+    if not placement:
+        return None
+    holds = owned_by_layer(placement)
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    if mapper is None:
+        return holds
+    return lambda name, expert: holds(mapper.map_name(name) or name, expert)
 
 
 def _stage_filter(model: torch.nn.Module) -> Callable[[str], bool]:
@@ -115,9 +199,10 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
 
 
-def _describe(report: RankReport, pp, seconds: float) -> str:
+def _describe(report: RankReport, pp, seconds: float, expert_parallel: bool = False) -> str:
     """One log line per rank."""
     stage = f", pp stage {pp.rank_in_group}/{pp.world_size}" if pp.world_size > 1 else ""
+    stage += ", expert parallel (its own experts whole)" if expert_parallel else ""
     verified = "verified" if report.verify else "NOT verified (verify=false)"
     return (
         f"raydist: rank {report.rank}/{report.tp}{stage}: {report.model} version {report.version} "
