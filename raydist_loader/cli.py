@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "not published yet (meta tensors built from its config; needs transformers).")
     _store_args(p, url_optional="--config-only")
     p.add_argument("--tp", type=_positive_int, metavar="N", help="also show what each of N ranks moves")
+    p.add_argument("--ep", type=_positive_int, metavar="N", help="expert parallelism: what each of N ranks moves "
+                   "when it holds its routed experts whole (vLLM's linear placement) and its other tensors as TP "
+                   "rank r %% tp (--tp defaults to N; N = tp x data-parallel size)")
     p.add_argument("--config-only", metavar="CONFIG.json",
                    help="size the model a Hugging Face config.json describes: per-rank bytes and what is refused")
     p.add_argument("--max-tp", type=_positive_int, metavar="N", help="with --config-only: the max_tp to publish "
@@ -373,13 +376,15 @@ def _cmd_inspect(args: argparse.Namespace, out: _Out) -> int:
             raise ConfigError("inspect: give URL --model NAME, or --config-only CONFIG.json, not both")
         from .store.sizing import inspect_config
 
-        summary = inspect_config(args.config_only, tp=args.tp, max_tp=args.max_tp, rules=args.rules)
+        summary = inspect_config(args.config_only, tp=args.tp, max_tp=args.max_tp, rules=args.rules, ep=args.ep)
     else:
         missing = [flag for flag, value in (("URL", args.url), ("--model", args.model)) if not value]
         if missing or args.max_tp or args.rules:
             raise ConfigError(f"inspect: missing {', '.join(missing)}" if missing else
                               "inspect: --max-tp and --rules go with --config-only (a store records its own)")
-        summary = inspect(args.url, args.model, tp=args.tp, connector_options=_connector_options(args, out))
+        summary = inspect(
+            args.url, args.model, tp=args.tp, connector_options=_connector_options(args, out), ep=args.ep
+        )
     if args.json:
         out.json(summary)
     else:

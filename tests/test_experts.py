@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import raydist_loader as rl
 from raydist_loader import index, load_shard, publish
+from raydist_loader.cli import main
 from raydist_loader.connectors import open_connector
 from raydist_loader.load.worker import ShardLoader
 from raydist_loader.store.experts import contiguous, expert_of, is_fused, layer_of, owned_by_layer, pull_whole
@@ -44,7 +46,7 @@ def moe(tmp_path_factory):
         state[f"{p}.down_proj"] = torch.stack([state.pop(f"{p}.{e}.down_proj.weight") for e in range(EXPERTS)])
     save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
     publish(fused, url, "fused", max_tp=4)
-    return url, original_tensors(ckpt), state
+    return url, original_tensors(ckpt), state, ckpt
 
 
 def _manifest(url: str, model: str) -> Manifest:
@@ -81,7 +83,7 @@ def test_routed_expert_names():
 def test_a_rank_pulls_exactly_its_experts_whole(moe, model):
     """Rank r of EP=2 holds experts [2r, 2r+2) whole (no TP cut inside them) and no other; attention, routers and
     norms as at tp=2; the digests verify and the bytes are exactly those tensors' bytes."""
-    url, original, _ = moe
+    url, original, *_ = moe
     manifest = _manifest(url, model)
     for rank in range(EP):
         loader = ShardLoader(url, manifest, TP, rank, device="cpu", experts=_holds(rank))
@@ -104,7 +106,7 @@ def test_a_rank_pulls_exactly_its_experts_whole(moe, model):
 def test_expert_bytes_are_the_ranks_share(moe):
     """Each rank's expert bytes are half of all experts' (not a TP half of every expert): over the two ranks
     every expert byte is pulled exactly once, and the other tensors as at tp=2."""
-    url, original, _ = moe
+    url, original, *_ = moe
     manifest = _manifest(url, "chunked")
     expert_bytes = sum(t.numel() * t.element_size() for n, t in original.items() if expert_of(n) is not None)
     for rank in range(EP):
@@ -118,7 +120,7 @@ def test_expert_bytes_are_the_ranks_share(moe):
 
 def test_global_layout_lands_whole_experts(moe):
     """The engines' layout: a held expert is its full tensor, every byte of it verified."""
-    url, original, _ = moe
+    url, original, *_ = moe
     shard = load_shard("chunked", url, TP, 1, device="cpu", layout="global", experts=_holds(1))
     names = [n for n in shard.tensors if expert_of(n) is not None]
     assert names and {expert_of(n) for n in names} == {2, 3}
@@ -130,7 +132,7 @@ def test_global_layout_lands_whole_experts(moe):
 def test_fused_expert_tensors_are_pulled_whole_on_every_rank(moe):
     """A 3-D fused expert tensor's chunks each span every expert, so a rank can only verify it whole: it pulls
     every chunk (the engine keeps its experts' rows)."""
-    url, _, fused = moe
+    url, _, fused, _ = moe
     manifest = _manifest(url, "fused")
     for rank in range(EP):
         loader = ShardLoader(url, manifest, TP, rank, device="cpu", experts=_holds(rank))
@@ -139,3 +141,37 @@ def test_fused_expert_tensors_are_pulled_whole_on_every_rank(moe):
         for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
             assert torch.equal(loader.tensors[name], fused[name]), (name, rank)
         loader.close()
+
+
+def test_in_place_a_rank_reads_only_its_experts(moe):
+    """In place (an indexed HF checkpoint) a TP rank's rowwise slice of every expert's down_proj is row-strided and
+    read as one span of nearly the whole tensor; under EP a rank reads its own experts once, whole, and nothing of
+    the others: fewer bytes from the store."""
+    url, original, *_ = moe
+    manifest = _manifest(url, "inplace")
+    expert_bytes = sum(t.numel() * t.element_size() for n, t in original.items() if expert_of(n) is not None)
+    for rank in range(EP):
+        tp_plan, ep_plan = make_plan(manifest, TP, rank), make_plan(manifest, TP, rank, experts=_holds(rank))
+        tp_experts = sum(p.nbytes for p in dict.fromkeys(
+            p for r in tp_plan.reads if expert_of(tp_plan.tensors[r.tensor].name) is not None for p in r.pieces))
+        ep_experts = sum(p.nbytes for p in dict.fromkeys(
+            p for r in ep_plan.reads if expert_of(ep_plan.tensors[r.tensor].name) is not None for p in r.pieces))
+        assert ep_experts == expert_bytes // EP < tp_experts
+
+
+def test_inspect_ep_sizes_what_the_ranks_move(moe, capsys):
+    """``inspect --ep`` from the store and ``--config-only`` agree with the EP plans, and an ep that is not a
+    multiple of tp is refused naming both."""
+    url, _, _, ckpt = moe
+    manifest = _manifest(url, "chunked")
+    stored = rl.inspect(url, "chunked", tp=TP, ep=EP)
+    sized = rl.inspect_config(ckpt / "config.json", tp=TP, max_tp=4, ep=EP)
+    want = [make_plan(manifest, TP, r, experts=_holds(r)).bytes_kept for r in range(EP)]
+    assert [r["bytes"] for r in stored["ranks"]] == [r["bytes"] for r in sized["ranks"]] == want
+    assert rl.inspect(url, "chunked", ep=4)["tp"] == 4  # tp defaults to ep
+    dp_ep = rl.inspect(url, "chunked", tp=1, ep=2)["ranks"]  # tp=1 x dp=2: dense tensors whole on both ranks
+    assert [r["bytes"] for r in dp_ep] == [make_plan(manifest, 1, 0, experts=_holds(r)).bytes_kept for r in range(2)]
+    assert main(["inspect", url, "--model", "chunked", "--tp", "2", "--ep", "2"]) == 0
+    assert "at tp=2, ep=2:" in capsys.readouterr().out
+    assert main(["inspect", url, "--model", "chunked", "--tp", "2", "--ep", "3"]) == 2
+    assert "ep=3 must be a positive multiple of tp=2" in capsys.readouterr().err

@@ -186,3 +186,28 @@ def test_config_only_matches_the_published_model(tmp_path, model_type):
     keys = ("rank", "bytes", "split_bytes", "replicated_bytes", "reads")
     assert [{k: r[k] for k in keys} for r in sized["ranks"]] == [{k: r[k] for k in keys} for r in published["ranks"]]
     assert sized["served_tp"] == published["served_tp"] and sized["bytes"] == published["bytes"]
+
+
+def test_deepseek_v3_fp8_at_ep8_holds_an_eighth_of_the_experts_whole():
+    """DeepSeek-V3 with expert parallelism 8 (vLLM: tp=8 with enable_expert_parallel): each rank holds 32 of the
+    256 routed experts of every MoE layer whole (no cut inside them), and the rest as at tp=8 (the shared expert
+    too). By hand from the config, as the tp=8 test."""
+    summary = rl.inspect_config(DEEPSEEK_V3, ep=8)
+    tp, h, layers, dense, moe_layers = 8, 7168, 61, 3, 58
+    assert summary["tp"] == tp and summary["ep"] == 8 and "refused" not in summary
+    split = (
+        layers * (_fp8(128 * 192, 1536, tp) + _fp8(128 * 256, 512, tp) + _fp8(h, 128 * 128, 1, tp))
+        + dense * (2 * _fp8(18432, h, tp) + _fp8(h, 18432, 1, tp))
+        + moe_layers * (2 * _fp8(2048, h, tp) + _fp8(h, 2048, 1, tp))  # the shared expert, TP
+        + moe_layers * 256 // 8 * (2 * _fp8(2048, h) + _fp8(h, 2048))  # 32 routed experts, whole
+        + 2 * 129280 // tp * h * BF16
+    )
+    replicated = (
+        layers * (_fp8(1536, h) + _fp8(576, h) + (1536 + 512 + 2 * h) * BF16)
+        + moe_layers * (256 * h + 256) * 4
+        + h * BF16
+    )
+    assert _ranks(summary) == [{"split_bytes": split, "replicated_bytes": replicated}] * 8
+    # an eighth of the expert bytes either way (each expert's 2048 rows cut in whole 128-blocks at tp=8): EP=8
+    # moves as many bytes as tp=8, but as 32 whole experts (the cut vLLM's EP keeps) instead of slices of 256
+    assert summary["ranks"][0]["bytes"] == 85_352_991_776

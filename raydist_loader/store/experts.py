@@ -17,7 +17,9 @@ own ``enable_ep_weight_filter`` does for such checkpoints. Shared experts (``sha
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+
+from ..errors import ConfigError
 
 Experts = Callable[[str, int], bool]
 """``experts(name, expert)``: whether this rank holds routed expert ``expert`` (the global id the checkpoint name
@@ -73,6 +75,26 @@ def contiguous(num_experts: int, ep: int, rank: int) -> range:
     """The experts rank ``rank`` of ``ep`` holds under a linear placement (vLLM's default): ``[r*E/ep,
     (r+1)*E/ep)``. For tests and sizing; engines give their own placement."""
     if ep < 1 or num_experts % ep:
-        raise ValueError(f"{num_experts} experts cannot be placed evenly on ep={ep} ranks")
+        raise ConfigError(f"{num_experts} experts cannot be placed evenly on ep={ep} ranks: give an ep that divides "
+                          f"{num_experts}")
     per = num_experts // ep
     return range(rank * per, (rank + 1) * per)
+
+
+def check_ep(ep: int, tp: int) -> None:
+    """An expert-parallel size goes with a tp it is a multiple of (vLLM: ep = tp x data_parallel_size; rank r
+    holds the dense tensors of TP rank r % tp)."""
+    if ep < 1 or ep % tp:
+        raise ConfigError(f"ep={ep} must be a positive multiple of tp={tp} (vLLM's ep = tp x data_parallel_size)")
+
+
+def linear(names: Iterable[str], ep: int, rank: int) -> Experts:
+    """Rank ``rank``'s experts under vLLM's default (linear) placement of every MoE layer's routed experts over
+    ``ep`` ranks, the layer's expert count read from the checkpoint names (sizing: ``inspect --ep``)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        expert = expert_of(name)
+        if expert is not None:
+            layer = layer_of(name) or ""
+            counts[layer] = max(counts.get(layer, 0), expert + 1)
+    return owned_by_layer({layer: contiguous(count, ep, rank) for layer, count in counts.items()}, fallback=())

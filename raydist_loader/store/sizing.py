@@ -22,6 +22,7 @@ from .. import dtypes
 from ..bulk import bulk
 from ..errors import ConfigError, MissingDependencyError, RaydistError
 from . import grid
+from .experts import check_ep, linear, pull_whole
 from .publish import DEFAULT_MAX_TP, plan_cuts
 from .rules import RuleSet
 from .safetensors_io import Entry
@@ -38,6 +39,7 @@ def inspect_config(
     max_tp: int | None = None,
     rules: str | Path | dict | None = None,
     name: str | None = None,
+    ep: int | None = None,
 ) -> dict:
     """Per-rank bytes at ``tp`` (and what is refused) for the model a config.json describes, before publishing.
 
@@ -45,7 +47,12 @@ def inspect_config(
     ``tp`` does not divide 8, so the answer names the tensor that refuses it rather than the default).
     Returns the same shape of summary as :func:`raydist_loader.inspect` (``layout: config-only``), plus
     ``dtype``, ``quantization``, ``notes`` and, when something cannot be served, ``refused`` (the reason).
+    ``ep``: per-rank bytes of that many expert-parallel ranks instead (a multiple of ``tp``, which defaults to it):
+    each holds its routed experts whole (vLLM's linear placement), its other tensors as TP rank ``r % tp``.
     """
+    if ep is not None:
+        tp = tp or ep
+        check_ep(ep, tp)
     config, where = _load(config)
     max_tp = max_tp or (DEFAULT_MAX_TP if tp is None or DEFAULT_MAX_TP % tp == 0 else tp)
     entries = meta_entries(config)
@@ -81,7 +88,9 @@ def inspect_config(
         if why:
             summary["refused"] = f"tp={tp}: {why}; served tp: {summary['served_tp']}"
         else:
-            summary["ranks"] = _ranks(cuts, max_tp, tp)
+            summary["ranks"] = _ranks(cuts, max_tp, tp, ep)
+            if ep is not None:
+                summary["ep"] = ep
     return summary
 
 
@@ -172,22 +181,27 @@ class _Refusals:
         return None
 
 
-def _ranks(cuts, max_tp: int, tp: int) -> list[dict]:
-    """Each rank's bytes (split, replicated) and chunk count, as a load of the published model moves them."""
-    cache: dict[tuple, list[tuple[int, int]]] = {}
-    rows = [{"split_bytes": 0, "replicated_bytes": 0, "reads": 0} for _ in range(tp)]
-    for c in cuts:
-        key = (c.rule, c.entry.shape, c.entry.dtype)
-        if key not in cache:
-            size = dtypes.itemsize(c.entry.dtype)
-            kept = [grid.rank_chunks(c.rule, c.entry.shape, max_tp, tp, r) for r in range(tp)]
-            cache[key] = [
-                (sum(grid.chunk_nbytes(c.entry.shape, c.rule.dim, k.start, k.end, size) for k in ks), len(ks))
-                for ks in kept
-            ]
-        field = "replicated_bytes" if c.rule.dim is None else "split_bytes"
-        for row, (nbytes, count) in zip(rows, cache[key], strict=True):
-            row[field] += nbytes
+def _ranks(cuts, max_tp: int, tp: int, ep: int | None = None) -> list[dict]:
+    """Each rank's bytes (split, replicated) and chunk count, as a load of the published model moves them (with
+    ``ep``: of each expert-parallel rank, its routed experts whole and no others)."""
+    cache: dict[tuple, tuple[int, int]] = {}
+    rows = [{"split_bytes": 0, "replicated_bytes": 0, "reads": 0} for _ in range(ep or tp)]
+    names = [c.entry.name for c in cuts]
+    for r, row in enumerate(rows):
+        experts = linear(names, ep, r) if ep else None
+        for c in cuts:
+            whole = None if experts is None else pull_whole(c.entry.name, c.entry.shape, experts)
+            if whole is False:
+                continue
+            key = (c.rule, c.entry.shape, c.entry.dtype, *((1, 0) if whole else (tp, r % tp)))
+            if key not in cache:
+                size = dtypes.itemsize(c.entry.dtype)
+                kept = grid.rank_chunks(c.rule, c.entry.shape, max_tp, *key[3:])
+                cache[key] = (
+                    sum(grid.chunk_nbytes(c.entry.shape, c.rule.dim, k.start, k.end, size) for k in kept), len(kept)
+                )
+            nbytes, count = cache[key]
+            row["replicated_bytes" if c.rule.dim is None else "split_bytes"] += nbytes
             row["reads"] += count
     return [
         {"rank": r, "bytes": row["split_bytes"] + row["replicated_bytes"],

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 from ..bulk import bulk
 from ..connectors import open_connector
+from .experts import check_ep, linear
 from .manifest import Manifest, read_manifest
-from .plan import RankPlan, make_plans
+from .plan import RankPlan, make_plan, make_plans
 
 
 @bulk
-def inspect(url: str, model: str, *, tp: int | None = None, connector_options: dict | None = None) -> dict:
-    """A JSON-able summary: version, layout, tensors (dtype, shape, style, chunks) and, with ``tp``, per-rank bytes."""
+def inspect(
+    url: str, model: str, *, tp: int | None = None, connector_options: dict | None = None, ep: int | None = None
+) -> dict:
+    """A JSON-able summary: version, layout, tensors (dtype, shape, style, chunks) and, with ``tp``, per-rank bytes
+    (with ``ep`` too: each of ``ep`` expert-parallel ranks, holding its experts whole under vLLM's linear
+    placement, its other tensors as TP rank ``r % tp``)."""
     with open_connector(url, **(connector_options or {})) as conn:
         manifest = read_manifest(conn, model)
         where = conn.describe()
         gap = conn.coalesce_gap
-    return summarize(manifest, where, tp, gap)
+    return summarize(manifest, where, tp, gap, ep=ep)
 
 
 @bulk
-def summarize(manifest: Manifest, where: str, tp: int | None = None, coalesce_gap: int = 1 << 20) -> dict:
+def summarize(
+    manifest: Manifest, where: str, tp: int | None = None, coalesce_gap: int = 1 << 20, *, ep: int | None = None
+) -> dict:
     out = {
         "store": where,
         "model": manifest.model,
@@ -44,7 +51,17 @@ def summarize(manifest: Manifest, where: str, tp: int | None = None, coalesce_ga
         ],
         "files": sorted(manifest.files),
     }
-    if tp is not None:
+    if ep is not None:
+        tp = tp or ep
+        check_ep(ep, tp)
+        names = list(manifest.tensors)
+        out["tp"], out["ep"] = tp, ep
+        out["ranks"] = [
+            {**_rank_row(make_plan(manifest, tp, r % tp, coalesce_gap=coalesce_gap, experts=linear(names, ep, r))),
+             "rank": r}
+            for r in range(ep)
+        ]
+    elif tp is not None:
         out["tp"] = tp
         out["ranks"] = [_rank_row(plan) for plan in make_plans(manifest, tp, coalesce_gap=coalesce_gap)]
     return out
@@ -85,7 +102,8 @@ def render(summary: dict, max_rows: int = 40) -> str:
     if len(s["tensors"]) > max_rows:
         lines.append(f"  ... {len(s['tensors']) - max_rows} more (use --json for all)")
     if "ranks" in s:
-        lines.append(f"  at tp={s['tp']}: {'rank':>4} {'moves':>12} {'split':>12} {'replicated':>12} {'reads':>6}")
+        at = f"tp={s['tp']}" + (f", ep={s['ep']}" if s.get("ep") else "")
+        lines.append(f"  at {at}: {'rank':>4} {'moves':>12} {'split':>12} {'replicated':>12} {'reads':>6}")
         for r in s["ranks"]:
             lines.append(
                 f"  {'':>8} {r['rank']:>4} {human_bytes(r['bytes']):>12} {human_bytes(r['split_bytes']):>12} "
