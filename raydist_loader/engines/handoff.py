@@ -146,7 +146,7 @@ def rank_weights(
     """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
     ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed.
     The one way every engine takes weights from the store: how they are pulled (whole shard first, or streamed)
-    is decided here, for all engines at once."""
+    is decided here, for all engines at once. ``only`` and ``experts`` as in :func:`pull_rank`."""
     shard = pull_rank(options, tp, rank, only=only, experts=experts)
     if not shard.tensors:
         raise ShardingError(
