@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .options import LoadOptions, RetriesOptions
+from .options import MAX_TP, LoadOptions, RetriesOptions
 from .validation import format_validation_error
 
 __all__ = ["StoreConfig", "RetriesSection", "LoadSection", "LoadConfig", "load_config", "resolve_secret"]
@@ -107,7 +107,7 @@ class LoadSection(LoadOptions):
     """``load:``: every knob of :class:`~raydist_loader.options.LoadOptions` (same names, defaults and checks),
     plus the tensor-parallel size and what this deployment pins."""
 
-    tp: int = Field(strict=True, ge=1)
+    tp: int = Field(strict=True, ge=1, le=MAX_TP)
     rules: str | None = None
     expect_manifest_sha256: str | None = None
     ray_address: str | None = None

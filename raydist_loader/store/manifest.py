@@ -20,13 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from .. import dtypes
 from ..bulk import bulk
 from ..errors import ManifestError, NotFoundError, ShardingError
+from ..options import MAX_TP
 from . import grid
 from .rules import TensorRule
 
 FORMAT = "raydist-loader/2"
 #: formats an older raydist-loader wrote, and how to move on from them
 _OLD_FORMATS = {"raydist-loader/1": "it was written by an older raydist-loader"}
-_MAX_TP = 1024
+_MAX_TP = MAX_TP
 VERSION_RE = re.compile(r"^v\d{17}-[0-9a-f]{8}$")  # vYYYYmmddHHMMSSmmm-<8 hex>: sorts by time
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 _HEX = {32: re.compile(r"(?:[0-9a-f]{32},)*"), 64: re.compile(r"(?:[0-9a-f]{64},)*")}
