@@ -24,7 +24,7 @@ from .load.worker import ShardLoader
 from .options import DEFAULTS, Device, Placement, Verify, load_options
 from .report import LoadReport, PhaseClock, RankReport, check_verified
 from .retry import RetryPolicy
-from .store.manifest import Manifest, manifest_key, read_manifest_bytes
+from .store.manifest import Manifest, check_stored, manifest_key, read_manifest_bytes
 from .store.plan import Layout
 from .store.rules import RuleSet
 from .store.verify import check_manifest_sha256
@@ -146,6 +146,7 @@ def checked_manifest(
     """:func:`open_manifest` through a connector the caller keeps open (``load_shard`` then loads through it)."""
     manifest, raw = read_manifest_bytes(conn, model)  # validates, and explains a missing model
     check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {manifest_key(model)}")
+    check_stored(conn, manifest)  # nothing is allocated for spans the store does not hold
     if rules is not None:
         wanted = RuleSet.for_checkpoint(manifest.config, rules).fingerprint()
         if wanted != manifest.rules_fingerprint:
