@@ -285,10 +285,16 @@ class Manifest(_Strict):
                 raise ManifestError(f"{where}: tensors[{bad[0]!r}].{algo}[{bad[1]}]: not {width} hex digits")
         for name, f in self.files.items():
             if not is_safe_file_name(name):
-                raise ManifestError(f"{where}: files[{name!r}]: not a plain relative file name")
+                raise ManifestError(
+                    f"{where}: files[{_short(name)}]: not a plain relative file name (no absolute path, '..', empty "
+                    "part, backslash, NUL or control character; parts of at most 255 bytes)"
+                )
             if f.nbytes >= MAX_OFFSET:
                 raise ManifestError(f"{where}: files[{name!r}].nbytes: {f.nbytes} is past 2^63")
             self._check_object(f.object, f"{where}: files[{name!r}].object", own_version=own)
+        clash = file_name_clash(self.files)
+        if clash:
+            raise ManifestError(f"{where}: files[{clash[1]!r}]: file name {clash[0]!r} is also a directory of it")
 
     def _parse_rules(self, where: str) -> None:
         rules = []
@@ -499,15 +505,35 @@ def new_version(seed: str) -> str:
     return f"v{stamp}-{hashlib.sha256(f'{seed}{now}'.encode()).hexdigest()[:8]}"
 
 
+#: longest file name component and whole relative name, in UTF-8 bytes (Linux NAME_MAX and PATH_MAX)
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096
+
+
 def is_safe_file_name(name: str) -> bool:
-    """A relative '/'-separated name with no empty, '.' or '..' part (it can only land inside a directory)."""
+    """A relative '/'-separated name with no empty, '.' or '..' part (it can only land inside a directory), no NUL
+    or other control character, each part at most 255 bytes and the whole at most 4096 (what a file system takes)."""
     parts = name.split("/")
     return (
         bool(name)
         and not name.startswith(("/", "~"))
         and "\\" not in name
-        and all(p not in ("", ".", "..") for p in parts)
+        and not any(ord(c) < 32 or c == "\x7f" for c in name)
+        and len(name.encode("utf-8", "surrogatepass")) <= MAX_PATH_BYTES
+        and all(p not in ("", ".", "..") and len(p.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+                for p in parts)
     )
+
+
+def file_name_clash(names) -> tuple[str, str] | None:
+    """(a name, a name below it) when one file name is a directory of another (``config.json`` and
+    ``config.json/x``): both cannot be written."""
+    names = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                return "/".join(parts[:i]), name
+    return None
 
 
 def version_prefix(model: str, version: str) -> str:
