@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .bulk import bulk
-from .connectors import Connector, open_connector
+from .connectors import Connector, check_url, open_connector
 from .driver.coordinator import Coordinator
 from .driver.held import NAMESPACE
 from .driver.interrupt import InterruptGuard
@@ -27,7 +27,7 @@ from .retry import RetryPolicy
 from .store.manifest import Manifest, check_stored, manifest_key, read_manifest_bytes
 from .store.plan import Layout
 from .store.rules import RuleSet
-from .store.verify import check_manifest_sha256
+from .store.verify import check_manifest_sha256, check_pin
 
 
 class Replica:
@@ -196,6 +196,8 @@ def load_across_cluster(
     """
     from .driver.cluster import connect
 
+    check_url(url)  # a bad URL, a malformed pin: refused before Ray starts or a byte is read
+    expect_manifest_sha256 = check_pin(expect_manifest_sha256)
     options = load_options(
         dict(
             device=device,
@@ -291,6 +293,7 @@ def load_shard(
     :data:`~raydist_loader.store.plan.Layout`).
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
+    expect_manifest_sha256 = check_pin(expect_manifest_sha256)
     t0 = time.perf_counter()
     conn = open_connector(url, **(connector_options or {}))  # one connection set-up for manifest and shard
     try:

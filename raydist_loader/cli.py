@@ -316,6 +316,9 @@ def _connector_options(args: argparse.Namespace, out: _Out, base: dict | None = 
         out.add_secret(str(options["password"]))
     url = getattr(args, "url", None)
     if url:
+        from .connectors import check_url
+
+        check_url(url)  # one line for a URL that cannot be parsed or carries credentials in an option
         inline = url_password(url)
         if inline:
             out.add_secret(inline)
@@ -456,6 +459,8 @@ def _cmd_pull_files(args: argparse.Namespace, out: _Out) -> int:
 
 def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
     kwargs, report_path, hold = _load_settings(args, out)
+    if report_path:
+        _check_writable(report_path)  # minutes of loading must not end in "cannot write the report"
     from . import api  # imports Ray: only here
 
     if kwargs["progress"] is None:
@@ -554,6 +559,26 @@ def _validated_section(settings: dict) -> LoadSection:
         return LoadSection.model_validate(settings)
     except ValidationError as e:
         raise ConfigError(format_validation_error("load", e, LoadSection)) from None
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a report path that cannot be written, before anything is loaded (a new file is created and removed
+    again: the only test that also holds for root and read-only mounts)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--report {path}: is a directory; give the path of a file to write")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--report {path}: directory {str(target.parent)!r} does not exist; create it first")
+    try:
+        if target.exists():
+            with open(target, "a", encoding="utf-8"):
+                pass
+        else:
+            with open(target, "x", encoding="utf-8"):
+                pass
+            target.unlink()
+    except OSError as e:
+        raise ConfigError(f"--report {path}: cannot be written ({e.strerror or e})") from None
 
 
 def _write_report(path: str, report: dict, out: _Out) -> None:

@@ -62,6 +62,9 @@ class StoreConfig(_Model):
             has_password = "://" in url and parts.password is not None
         except ValueError as e:
             raise ValueError(f"not a valid URL ({e})") from None
+        from .connectors import check_url
+
+        check_url(url)  # a bad port or IPv6 bracket, credentials in an option such as endpoint_url
         if has_password:
             raise ValueError(
                 "the URL carries an inline password, which `ray job list`, the dashboard and logs show; "

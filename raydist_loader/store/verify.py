@@ -4,12 +4,13 @@ verify``)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 
 from .. import digest
 from ..connectors import open_connector
-from ..errors import RaydistError, VerificationError, describe_failures
+from ..errors import ConfigError, RaydistError, VerificationError, describe_failures
 from ..pool import run_all
 from .manifest import Manifest, read_manifest, read_manifest_bytes
 from .plan import ChunkRead, make_plan
@@ -39,8 +40,26 @@ def manifest_sha256(url: str, model: str, connector_options: dict | None = None)
         return hashlib.sha256(read_manifest_bytes(conn, model)[1]).hexdigest()
 
 
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def check_pin(expected: object, where: str = "expect_manifest_sha256") -> str | None:
+    """A manifest pin as given, lower-cased: None (no pin) or 64 hex digits. An empty or malformed pin is refused
+    before anything is read (it would turn the check off, or read later as tampering)."""
+    if expected is None:
+        return None
+    if not isinstance(expected, str) or not _SHA256.fullmatch(expected):
+        shown = repr(expected) if isinstance(expected, str) and len(expected) <= 80 else type(expected).__name__
+        raise ConfigError(
+            f"{where}: got {shown}; expected the manifest's sha256 as 64 hex digits (`raydist-loader inspect` and "
+            "manifest_sha256() print it); leave it unset to load without a pin"
+        )
+    return expected.lower()
+
+
 def check_manifest_sha256(raw: bytes, expected: str | None, where: str) -> None:
-    if expected and hashlib.sha256(raw).hexdigest() != expected.lower():
+    expected = check_pin(expected)
+    if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
         raise VerificationError(
             f"the manifest at {where} has sha256 {hashlib.sha256(raw).hexdigest()}, not the expected {expected}: "
             "the store was re-published or tampered with"
