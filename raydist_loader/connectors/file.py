@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import threading
@@ -108,6 +109,21 @@ class FileConnector(Connector):
             Path(tmp).unlink(missing_ok=True)
             raise
         self._forget(key)
+
+    def compare_and_swap(self, key: str, expected: bytes | None, data: Buffer) -> bool:
+        """Read, compare and rename into place under an exclusive ``flock`` of the key's directory: writers through
+        this method on any host of a shared file system that honours ``flock`` (local, NFSv4) take turns."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+            if self._current(key) != expected:
+                return False
+            self.write(key, data)
+            return True
+        finally:
+            os.close(fd)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
