@@ -23,7 +23,7 @@ from .retry import RetryPolicy
 from .validation import format_validation_error
 
 __all__ = ["MAX_TP", "MAX_CONCURRENCY", "Device", "Placement", "Verify", "DEVICES", "PLACEMENTS", "RetriesOptions",
-           "LoadOptions", "DEFAULTS",
+           "LoadOptions", "DEFAULTS", "check_range", "MAX_PART_BYTES",
            "load_options"]
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -113,6 +113,18 @@ class LoadOptions(_Model):
         if value is None:
             return {}
         return asdict(value) if isinstance(value, RetryPolicy) else value
+
+
+MAX_PART_BYTES = 1 << 40  #: a publish's part size, a recorded file's size cap
+
+
+def check_range(where: str, value: Any, low: int, high: int) -> int:
+    """An integer argument outside the load options (publish's ``max_tp``, ``part_bytes``, ``concurrency``,
+    verify's ``concurrency``) checked as they are: one error naming it, the value and its range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        raise ConfigError(f"{where}: got {shown}; expected an integer in [{low}, {high}]")
+    return value
 
 
 #: The defaults, for keyword defaults elsewhere (``device: str = DEFAULTS.device``).

@@ -19,6 +19,7 @@ from .. import digest, dtypes
 from ..bulk import bulk
 from ..connectors import Connector, open_connector
 from ..errors import BackendError, ConfigError, ConflictError, ManifestError, NotFoundError, RaydistError
+from ..options import MAX_CONCURRENCY, MAX_PART_BYTES, MAX_TP, check_range
 from ..pool import batches, run_all
 from . import grid
 from . import manifest as mf
@@ -283,6 +284,7 @@ def publish(
     """
     started = time.perf_counter()
     mf.check_model_name(model)
+    _check_sizes(max_tp=max_tp, part_bytes=part_bytes, concurrency=concurrency, max_file_bytes=max_file_bytes)
     src = Path(src_dir)
     repo = _read_checkpoint(src, max_file_bytes)
     config, files = repo.config, repo.files
@@ -465,6 +467,7 @@ def index(
     """
     started = time.perf_counter()
     mf.check_model_name(model)
+    _check_sizes(max_tp=max_tp, max_file_bytes=max_file_bytes)
     with open_connector(url, **(connector_options or {})) as conn:
         start = _stored(conn, model)
         repo = select(conn, f"{model}/", f"{conn.describe()}/{model}", max_file_bytes=max_file_bytes)
@@ -502,6 +505,13 @@ def index(
         files=sorted(repo.files),
         skipped=repo.skipped,
     )
+
+
+def _check_sizes(**values: int) -> None:
+    """publish's and index's numeric arguments, each within its range (one error naming it)."""
+    high = {"max_tp": MAX_TP, "concurrency": MAX_CONCURRENCY}
+    for name, value in values.items():
+        check_range(name, value, 1, high.get(name, MAX_PART_BYTES))
 
 
 def _keyed(entries: list[Entry], key: str) -> list[tuple[Entry, str]]:

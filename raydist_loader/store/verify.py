@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .. import digest
 from ..connectors import open_connector
 from ..errors import ConfigError, RaydistError, VerificationError, describe_failures
+from ..options import MAX_CONCURRENCY, check_range
 from ..pool import run_all
 from .manifest import Manifest, read_manifest, read_manifest_bytes
 from .plan import ChunkRead, make_plan
@@ -70,13 +71,14 @@ def verify(
     url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
 ) -> VerifyResult:
     """Read every chunk and file of ``model`` and compare with the manifest's digests."""
-    import torch  # imported only when bytes are read
-
-    from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, shared
-
+    check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:
-        manifest = read_manifest(conn, model)
+        manifest = read_manifest(conn, model)  # a manifest refused costs no torch import
+        import torch  # imported only when bytes are read
+
+        from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, shared
+
         plan = make_plan(manifest, 1, 0, coalesce_gap=conn.coalesce_gap)
 
         def check(group: list[ChunkRead]) -> list[dict]:
