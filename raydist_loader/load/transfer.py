@@ -27,7 +27,7 @@ import torch
 from .. import dtypes
 from ..connectors import Connector, ReadRequest
 from ..digest import ChunkHash
-from ..errors import ShardingError
+from ..errors import ConfigError, ShardingError
 from ..retry import RetryPolicy
 from ..retry import call as with_retries
 from ..store.chunks import (
@@ -296,8 +296,14 @@ class Ring:
 
     def __init__(self, slots: int, size: int, *, pin: bool = True):
         self._free: queue.Queue = queue.Queue()
-        for _ in range(slots):
-            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
+        try:
+            for _ in range(slots):
+                self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
+        except (RuntimeError, MemoryError) as e:
+            raise ConfigError(
+                f"cannot allocate {slots} staging buffers of {size} bytes{' (pinned)' if pin else ''}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; lower concurrency"
+            ) from None
 
     def acquire(self) -> torch.Tensor:
         buf, event = self._free.get()

@@ -46,7 +46,7 @@ class ManifestLimits:
     about 100-500 bytes per tensor, and 1e5 tensors parse in about a second); a rarer giant raises them through
     the environment of every process that reads the manifest (the driver, and the engine's workers)."""
 
-    max_bytes: int = 256 << 20
+    max_bytes: int = 128 << 20  # parsing holds about 20x this
     max_tensors: int = 500_000
     max_chunks: int = 4_000_000
     max_files: int = 10_000
