@@ -421,35 +421,52 @@ def _mutate(doc, path, value):
 _DELETE = object()
 
 
-def test_fuzz_the_manifest_field_by_field(store: Path, capsys):
+@pytest.fixture(params=["file", "redis"])
+def fuzz_store(request, published: Path, checkpoint: Path, tmp_path: Path) -> str:
+    """A store to fuzz: the packed layout (files) and the one-key-per-chunk layout (a real redis-server)."""
+    if request.param == "file":
+        import shutil
+
+        shutil.copytree(published, tmp_path / "store")
+        return str(tmp_path / "store")
+    server = request.getfixturevalue("redis_server")
+    server.start()
+    with server.client() as client:
+        client.flushdb()
+    rl.publish(checkpoint, server.url, MODEL, max_tp=2, part_bytes=4096)  # big chunks stored in several keys
+    return server.url
+
+
+def test_fuzz_the_manifest_field_by_field(fuzz_store: str, capsys):
     """A bounded number of mutations of a valid manifest (every field: types, sizes, huge numbers, missing keys):
     each is one RaydistError line (or a verified load), quickly, in bounded memory, never a traceback."""
-    original = json.loads(_manifest_path(store).read_bytes())
-    paths = [p for p in _paths(original) if p and p[0] != "config" and p[:1] != ("rules",)]
-    rng = random.Random(20)
-    cases = [(p, v) for p in paths for v in (*_VALUES, _DELETE)]
-    rng.shuffle(cases)
-    cases = cases[:250]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    outcomes = {"error": 0, "loaded": 0}
-    slowest = 0.0
-    for path, value in cases:
-        if isinstance(path[-1], int) and value is _DELETE:
-            continue
-        _manifest_path(store).write_text(json.dumps(_mutate(original, path, value)))
-        t0 = time.perf_counter()
-        try:
-            shard = rl.load_shard(MODEL, str(store), 1, 0, device="cpu", retries={"attempts": 1})
-            assert shard.report.verified
-            outcomes["loaded"] += 1
-        except RaydistError as e:
-            assert "\n" not in str(e).strip() or "chunk(s) failed verification" in str(e), (path, value, e)
-            outcomes["error"] += 1
-        except Exception as e:  # noqa: BLE001 - the point of the test
-            pytest.fail(f"mutating {path} to {value!r}: {type(e).__name__}: {e}")
-        code, err = _cli(capsys, "inspect", str(store), "--model", MODEL)
-        assert code in (0, 2) and "Traceback" not in err, (path, value, err)
-        slowest = max(slowest, time.perf_counter() - t0)
+    key = f"{MODEL}/manifest.json"
+    with open_connector(fuzz_store) as conn:
+        original = json.loads(conn.read(key))
+        paths = [p for p in _paths(original) if p and p[0] != "config" and p[:1] != ("rules",)]
+        rng = random.Random(20)
+        cases = [(p, v) for p in paths for v in (*_VALUES, _DELETE)]
+        rng.shuffle(cases)
+        cases = [(p, v) for p, v in cases if not (isinstance(p[-1], int) and v is _DELETE)][:250]
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        outcomes = {"error": 0, "loaded": 0}
+        slowest = 0.0
+        for path, value in cases:
+            conn.write(key, json.dumps(_mutate(original, path, value)).encode())
+            t0 = time.perf_counter()
+            try:
+                shard = rl.load_shard(MODEL, fuzz_store, 1, 0, device="cpu", retries={"attempts": 1})
+                assert shard.report.verified
+                outcomes["loaded"] += 1
+            except RaydistError as e:
+                assert "\n" not in str(e).strip() or "chunk(s) failed verification" in str(e), (path, value, e)
+                outcomes["error"] += 1
+            except Exception as e:  # noqa: BLE001 - the point of the test
+                pytest.fail(f"mutating {path} to {value!r}: {type(e).__name__}: {e}")
+            for verb, codes in (("inspect", (0, 2)), ("verify", (0, 1, 2))):
+                code, err = _cli(capsys, verb, fuzz_store, "--model", MODEL)
+                assert code in codes and "Traceback" not in err, (verb, path, value, err)
+            slowest = max(slowest, time.perf_counter() - t0)
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1e3
     assert slowest < 10, f"a case took {slowest:.1f} s"
     assert grown < 1000, f"peak RSS grew by {grown:.0f} MB"
