@@ -75,10 +75,11 @@ class ManifestLimits:
                 raise ConfigError(f"environment variable {var}={text!r}: expected a positive integer")
         return cls(**values)
 
-    def refuse(self, where: str, what: str, count: int, field: str) -> ManifestError:
-        """The error for ``count`` ``what`` over the limit ``field``."""
+    def refuse(self, where: str, what: str, count: int, field: str, limit: str | None = None) -> ManifestError:
+        """The error for ``count`` ``what`` over the limit ``field`` (``limit`` says it when it is not the field's
+        value alone)."""
         return ManifestError(
-            f"{where}: {count} {what} is over the limit of {getattr(self, field)}: a store that is damaged or "
+            f"{where}: {count} {what} is over the limit of {limit or getattr(self, field)}: a store that is damaged or "
             f"hostile, or a giant model: if it really is one, raise the limit with {self.ENV[field]}=N in the "
             "environment of every process that reads it"
         )
@@ -193,8 +194,9 @@ class Manifest(_Strict):
             records = data.count(b'"xxh3"')
         else:
             records = data.count('"xxh3"')
-        if records > limits.max_tensors + limits.max_files:
-            raise limits.refuse(where, "tensor and file records", records, "max_tensors")
+        if records > limits.max_tensors + limits.max_files:  # more records than both limits allow together
+            together = f"{limits.max_tensors} tensors + {limits.max_files} files"
+            raise limits.refuse(where, "tensor and file records or more", records, "max_tensors", together)
         try:
             manifest = cls.model_validate_json(data)
         except ValidationError as e:
