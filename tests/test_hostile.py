@@ -105,6 +105,31 @@ def test_a_tensor_bigger_than_its_object_is_refused_before_it_is_allocated(store
         rl.load_shard(MODEL, str(store), 1, 0, device="cpu")
 
 
+def test_a_4_tib_tensor_stored_one_key_per_part_is_one_error_and_a_short_failure(redis_server, checkpoint: Path):
+    """On Redis (chunks in keys of key_part_bytes) a replicated tensor claiming 4 TiB: the manifest is physical
+    (below 2^63, 65536 keys), so load_shard tries its arena and says in one line that it cannot be allocated; verify
+    reads in bounded parts and reports the missing keys naming a few of them, not all 65536."""
+    redis_server.start()
+    with redis_server.client() as client:
+        client.flushdb()
+    url = redis_server.url
+    rl.publish(checkpoint, url, MODEL, max_tp=2)
+    with open_connector(url) as conn:
+        doc = json.loads(conn.read(f"{MODEL}/manifest.json"))
+        doc["tensors"]["model.norm.weight"]["shape"] = [2**40]
+        conn.write(f"{MODEL}/manifest.json", json.dumps(doc).encode())
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        rl.load_shard(MODEL, url, 1, 0, device="cpu", retries={"attempts": 1})
+    except RaydistError as e:  # the arena (4 TiB) cannot be allocated, or (overcommit) the first key is missing
+        assert "\n" not in str(e) and ("cannot allocate" in str(e) or "does not exist" in str(e)), e
+    else:
+        pytest.fail("a 4 TiB tensor loaded")
+    failures = rl.verify(url, MODEL).failures
+    assert [f["tensor"] for f in failures] == ["model.norm.weight"] and len(failures[0]["objects"]) <= 9
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1e3 < 500
+
+
 @pytest.mark.parametrize("field,value,pattern", [
     ("at_offset", 2**63 - 100, r"reaches past 2\^63"),
     ("at_offset", -1, "negative offset"),

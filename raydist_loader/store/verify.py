@@ -119,8 +119,14 @@ def verify(
     return result
 
 
+_MAX_NAMED = 8  # objects a failure names (a chunk stored in 65536 keys names its first ones and the count)
+
+
 def _objects(read: ChunkRead) -> list[str]:
-    return sorted({p.key for p in read.pieces})
+    keys = list(dict.fromkeys(p.key for p in read.pieces))
+    if len(keys) <= _MAX_NAMED:
+        return sorted(keys)
+    return [*keys[:_MAX_NAMED], f"... and {len(keys) - _MAX_NAMED} more"]
 
 
 def _check_files(conn, manifest: Manifest) -> list[dict]:
