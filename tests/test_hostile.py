@@ -357,6 +357,23 @@ def test_compare_and_swap_on_every_backend(store_url: str):
         assert not conn.compare_and_swap("x/manifest.json", b"two", b"three"), "it is gone: no swap"
 
 
+def test_compare_and_swap_on_a_file_system_that_cannot_lock_directories(tmp_path: Path, monkeypatch):
+    """NFS cannot flock a directory: the swap locks a hidden lock file beside the key, which listings skip."""
+    import errno
+
+    from raydist_loader.connectors import file as file_module
+
+    def no_directory_locks(fd, op):
+        raise OSError(errno.ENOLCK, "no locks available")
+
+    monkeypatch.setattr(file_module.fcntl, "flock", no_directory_locks)
+    with open_connector(str(tmp_path)) as conn:
+        assert conn.compare_and_swap("x/manifest.json", None, b"one")
+        assert not conn.compare_and_swap("x/manifest.json", b"stale", b"two")
+        assert conn.compare_and_swap("x/manifest.json", b"one", b"two")
+        assert list(conn.list("x/")) == ["x/manifest.json"] and conn.read("x/manifest.json") == b"two"
+
+
 def test_of_three_simultaneous_publishes_one_wins_and_the_others_say_so(store_url: str, checkpoint: Path,
                                                                       monkeypatch):
     """Three publishes of one model that all started from the same manifest: exactly one becomes current and
