@@ -122,6 +122,7 @@ class FileConnector(Connector):
                 fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
             except OSError:
                 os.close(fd)
+                fd = -1
                 fd = os.open(path.parent / f".{path.name}.lock.tmp", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
                 fcntl.lockf(fd, fcntl.LOCK_EX)
             if self._current(key) != expected:
@@ -129,7 +130,8 @@ class FileConnector(Connector):
             self.write(key, data)
             return True
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
