@@ -298,6 +298,13 @@ def test_pull_files_refuses_a_directory_where_a_file_goes(store: Path, tmp_path:
     assert sorted(p.name for p in dest.iterdir()) == ["config.json"]
 
 
+def test_pull_files_into_a_new_directory_creates_nothing_when_a_digest_is_wrong(store: Path, tmp_path: Path):
+    _edit(store, lambda d: d["files"]["config.json"].update(xxh3="0" * 32))
+    with pytest.raises(rl.VerificationError, match="config.json"):
+        rl.pull_files(str(store), MODEL, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
 def test_pull_files_writes_through_and_replaces_files_in_place(store: Path, tmp_path: Path, checkpoint: Path):
     dest = tmp_path / "dest"
     dest.mkdir()

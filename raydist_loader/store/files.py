@@ -52,15 +52,31 @@ def pull_files(
             raise ConfigError(f"refusing files {clash[0]!r} and {clash[1]!r}: one would be a directory of the other")
         if base.exists() and not base.is_dir():
             raise ConfigError(f"pull-files destination {str(base)!r} exists and is not a directory")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=base.parent, prefix=f".{base.name}.pull-"))
+        staging = _staging(base)
         try:
             for name, rec in manifest.files.items():
                 _fetch(conn, name, rec, staging / names[name])
             base.mkdir(exist_ok=True)
             return _move_in(staging, base, names)
+        except OSError as e:  # disk full, permissions: one line
+            raise ConfigError(f"pull-files into {str(base)!r}: {e.strerror or e}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging(base: Path) -> Path:
+    """A fresh temporary directory beside ``base`` (same file system: the final moves are renames), or hidden
+    inside ``base`` (then created) when its parent cannot be written."""
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=base.parent, prefix=f".{base.name}.pull-"))
+    except OSError:
+        pass
+    try:
+        base.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=base, prefix=f".{base.name}.pull-"))
+    except OSError as e:
+        raise ConfigError(f"pull-files cannot write into {str(base)!r}: {e.strerror or e}") from None
 
 
 def _fetch(conn: Connector, name: str, rec: FileRecord, path: Path) -> None:
