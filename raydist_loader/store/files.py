@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ..connectors import Connector, open_connector
 from ..digest import ChunkHash
-from ..errors import ConfigError, VerificationError
+from ..errors import ConfigError, RaydistError, VerificationError
 from .manifest import FileRecord, Manifest, file_name_clash, is_safe_file_name, read_manifest
 
 _BLOCK = 16 << 20  # a file is read, hashed and written in blocks of this size: memory stays bounded
@@ -58,6 +58,8 @@ def pull_files(
                 _fetch(conn, name, rec, staging / names[name])
             base.mkdir(exist_ok=True)
             return _move_in(staging, base, names)
+        except RaydistError:  # the store's errors (some are OSErrors) as they are
+            raise
         except OSError as e:  # disk full, permissions: one line
             raise ConfigError(f"pull-files into {str(base)!r}: {e.strerror or e}") from None
         finally:
