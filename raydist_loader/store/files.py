@@ -11,9 +11,9 @@ match are they moved in, each by one ``rename``, through directory descriptors o
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
@@ -126,7 +126,7 @@ def _move_in(staging: Path, base: Path, names: dict[str, PurePosixPath]) -> list
                 try:
                     fd = os.open(rel.name, _DIR_FLAGS, dir_fd=parent)
                 except OSError as e:
-                    why = "is a symlink" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
+                    why = _why_not_a_directory(rel.name, parent, e)
                     raise ConfigError(
                         f"refusing to write into {str(base / rel)!r}: it {why}; pull-files never follows links or "
                         "leaves the destination (remove it, or pull into an empty directory)"
@@ -139,7 +139,7 @@ def _move_in(staging: Path, base: Path, names: dict[str, PurePosixPath]) -> list
         for name, rel in names.items():
             parent = directory(rel.parent)
             try:
-                if os.stat(rel.name, dir_fd=parent, follow_symlinks=False).st_mode & 0o170000 == 0o040000:
+                if stat.S_ISDIR(os.stat(rel.name, dir_fd=parent, follow_symlinks=False).st_mode):
                     raise ConfigError(f"refusing to write {name!r}: {str(base / rel)!r} is a directory")
             except FileNotFoundError:
                 pass
@@ -150,3 +150,14 @@ def _move_in(staging: Path, base: Path, names: dict[str, PurePosixPath]) -> list
             except OSError as e:
                 raise ConfigError(f"cannot move {rel} into {str(base)!r}: {e.strerror or e}") from None
     return [base / rel for _, _, rel in moves]
+
+
+def _why_not_a_directory(name: str, parent: int, error: OSError) -> str:
+    """Why ``name`` (in the directory open as ``parent``) cannot be entered: a symlink, a file, or the OS's word."""
+    try:
+        mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+    except OSError:
+        return error.strerror or str(error)
+    if stat.S_ISLNK(mode):
+        return "is a symlink"
+    return "is not a directory" if not stat.S_ISDIR(mode) else (error.strerror or str(error))
