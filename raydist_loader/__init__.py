@@ -15,6 +15,7 @@ from .driver.held import release
 from .errors import (
     BackendError,
     ConfigError,
+    ConflictError,
     ManifestError,
     NotFoundError,
     PlacementError,
@@ -54,6 +55,7 @@ __all__ = [
     "ShardingError",
     "BackendError",
     "VerificationError",
+    "ConflictError",
     "PlacementError",
 ]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .bulk import bulk
-from .connectors import Connector, open_connector
+from .connectors import Connector, check_url, open_connector
 from .driver.coordinator import Coordinator
 from .driver.held import NAMESPACE
 from .driver.interrupt import InterruptGuard
@@ -25,10 +25,10 @@ from .options import DEFAULTS, Device, Placement, Verify, load_options
 from .report import LoadReport, PhaseClock, RankReport, check_verified
 from .retry import RetryPolicy
 from .store.experts import Experts
-from .store.manifest import Manifest, manifest_key, read_manifest_bytes
+from .store.manifest import Manifest, check_stored, manifest_key, read_manifest_bytes
 from .store.plan import Layout
 from .store.rules import RuleSet
-from .store.verify import check_manifest_sha256
+from .store.verify import check_manifest_sha256, check_pin
 
 
 class Replica:
@@ -147,6 +147,7 @@ def checked_manifest(
     """:func:`open_manifest` through a connector the caller keeps open (``load_shard`` then loads through it)."""
     manifest, raw = read_manifest_bytes(conn, model)  # validates, and explains a missing model
     check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {manifest_key(model)}")
+    check_stored(conn, manifest)  # nothing is allocated for spans the store does not hold
     if rules is not None:
         wanted = RuleSet.for_checkpoint(manifest.config, rules).fingerprint()
         if wanted != manifest.rules_fingerprint:
@@ -196,6 +197,8 @@ def load_across_cluster(
     """
     from .driver.cluster import connect
 
+    check_url(url)  # a bad URL, a malformed pin: refused before Ray starts or a byte is read
+    expect_manifest_sha256 = check_pin(expect_manifest_sha256)
     options = load_options(
         dict(
             device=device,
@@ -293,6 +296,7 @@ def load_shard(
     experts it holds are pulled whole, the others not at all (see :mod:`~raydist_loader.store.experts`).
     """
     options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
+    expect_manifest_sha256 = check_pin(expect_manifest_sha256)
     t0 = time.perf_counter()
     conn = open_connector(url, **(connector_options or {}))  # one connection set-up for manifest and shard
     try:

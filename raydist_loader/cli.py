@@ -28,11 +28,12 @@ from pydantic.fields import FieldInfo
 
 from .config import LoadSection
 from .errors import ConfigError, RaydistError, VerificationError, describe_failures
-from .options import DEFAULTS, LoadOptions, RetriesOptions
+from .options import DEFAULTS, MAX_CONCURRENCY, MAX_TP, LoadOptions, RetriesOptions
 from .redact import redact_text, redact_url, url_password
 from .report import LoadReport
 from .store.repo import DEFAULT_MAX_FILE_BYTES
 from .store.summary import human_bytes
+from .validation import bounds_text
 
 PROG = "raydist-loader"
 EXIT_OK, EXIT_VERIFY, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -100,23 +101,30 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def _number(kind: type, low: float, strict: bool, what: str):
-    """An argparse type: ``kind`` parsed from text, > ``low`` (``strict``) or >= ``low``, with a clear message."""
+def _number(kind: type, low: float, strict: bool, what: str, high: float | None = None):
+    """An argparse type: ``kind`` parsed from text, > ``low`` (``strict``) or >= ``low``, and <= ``high`` when
+    given, with a clear message (``what`` says the accepted range)."""
 
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low or (strict and value == low):
+        if value != value or value < low or (strict and value == low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
 
     return parse
 
 
+def _int_range(low: int, high: int):
+    return _number(int, low, False, f"an integer in [{low}, {high}]", high)
+
+
 _positive_int = _number(int, 1, False, "an integer >= 1")
 _nonneg_float = _number(float, 0, False, "a number >= 0")
+_tp = _int_range(1, MAX_TP)
+_concurrency = _int_range(1, MAX_CONCURRENCY)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,7 +153,7 @@ def _store_args(p: argparse.ArgumentParser, *, url_optional: str | None = None) 
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tp", type=_positive_int, default=8, metavar="N",
+    p.add_argument("--max-tp", type=_tp, default=8, metavar="N",
                    help="finest tensor-parallel size the store will serve (default 8)")
     p.add_argument("--rules", metavar="FILE", help="sharding rules YAML overriding the model_type preset")
     p.add_argument("--blake3", action="store_true", help="also record blake3 digests (tamper evidence)")
@@ -191,16 +199,20 @@ def _shown(default: Any) -> str:
 
 
 def _bounded(field: FieldInfo):
-    """An argparse type for a numeric option: its type and its ge/gt bound, from the option's definition."""
+    """An argparse type for a numeric option: its type and its range, from the option's definition."""
     kind = int if int in (field.annotation, *get_args(field.annotation)) else float
-    low, strict = 0, False
+    low, strict, high = 0, False, None
     for rule in field.metadata:
         if isinstance(rule, annotated_types.Ge):
             low, strict = rule.ge, False
         elif isinstance(rule, annotated_types.Gt):
             low, strict = rule.gt, True
-    what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
-    return _number(kind, low, strict, what)
+        elif isinstance(rule, annotated_types.Le):
+            high = rule.le
+    noun = "an integer" if kind is int else "a number"
+    what = f"{noun} in {bounds_text(field.metadata)}" if high is not None else \
+        f"{noun} {'>' if strict else '>='} {low:g}"
+    return _number(kind, low, strict, what, high)
 
 
 def _retries(text: str) -> dict:
@@ -244,20 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Give URL --model NAME, or --config-only CONFIG.json to size a model that is "
                                    "not published yet (meta tensors built from its config; needs transformers).")
     _store_args(p, url_optional="--config-only")
-    p.add_argument("--tp", type=_positive_int, metavar="N", help="also show what each of N ranks moves")
-    p.add_argument("--ep", type=_positive_int, metavar="N", help="expert parallelism: what each of N ranks moves "
+    p.add_argument("--tp", type=_tp, metavar="N", help="also show what each of N ranks moves")
+    p.add_argument("--ep", type=_tp, metavar="N", help="expert parallelism: what each of N ranks moves "
                    "when it holds its routed experts whole (vLLM's linear placement) and its other tensors as TP "
                    "rank r %% tp (--tp defaults to N; N = tp x data-parallel size)")
     p.add_argument("--config-only", metavar="CONFIG.json",
                    help="size the model a Hugging Face config.json describes: per-rank bytes and what is refused")
-    p.add_argument("--max-tp", type=_positive_int, metavar="N", help="with --config-only: the max_tp to publish "
+    p.add_argument("--max-tp", type=_tp, metavar="N", help="with --config-only: the max_tp to publish "
                    "with (default 8, or --tp when it does not divide 8)")
     p.add_argument("--rules", metavar="FILE", help="with --config-only: sharding rules YAML over the preset")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     p = sub.add_parser("verify", help="re-read every chunk and file and check the recorded digests")
     _store_args(p)
-    p.add_argument("--concurrency", type=_positive_int, default=4, metavar="N", help="reads in flight")
+    p.add_argument("--concurrency", type=_concurrency, default=4, metavar="N", help="reads in flight")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("gc", help="delete versions the manifest no longer names, older than the grace period")
@@ -277,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Give URL --model NAME --tp N, or --config FILE (flags then override it).")
     _store_args(p, url_optional="--config")
     p.add_argument("--config", metavar="FILE", help="deployment config YAML (see configs/)")
-    p.add_argument("--tp", type=_positive_int, metavar="N", help="tensor-parallel size")
+    p.add_argument("--tp", type=_tp, metavar="N", help="tensor-parallel size")
     _option_args(p)
     p.add_argument("--rules", metavar="FILE", help="check the store's recorded rules against this rules YAML")
     p.add_argument("--expect-manifest-sha256", metavar="HEX", help="refuse a manifest with another sha256")
@@ -307,6 +319,9 @@ def _connector_options(args: argparse.Namespace, out: _Out, base: dict | None = 
         out.add_secret(str(options["password"]))
     url = getattr(args, "url", None)
     if url:
+        from .connectors import check_url
+
+        check_url(url)  # one line for a URL that cannot be parsed or carries credentials in an option
         inline = url_password(url)
         if inline:
             out.add_secret(inline)
@@ -449,6 +464,8 @@ def _cmd_pull_files(args: argparse.Namespace, out: _Out) -> int:
 
 def _cmd_load(args: argparse.Namespace, out: _Out) -> int:
     kwargs, report_path, hold = _load_settings(args, out)
+    if report_path:
+        _check_writable(report_path)  # minutes of loading must not end in "cannot write the report"
     from . import api  # imports Ray: only here
 
     if kwargs["progress"] is None:
@@ -547,6 +564,26 @@ def _validated_section(settings: dict) -> LoadSection:
         return LoadSection.model_validate(settings)
     except ValidationError as e:
         raise ConfigError(format_validation_error("load", e, LoadSection)) from None
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a report path that cannot be written, before anything is loaded (a new file is created and removed
+    again: the only test that also holds for root and read-only mounts)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--report {path}: is a directory; give the path of a file to write")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--report {path}: directory {str(target.parent)!r} does not exist; create it first")
+    try:
+        if target.exists():
+            with open(target, "a", encoding="utf-8"):
+                pass
+        else:
+            with open(target, "x", encoding="utf-8"):
+                pass
+            target.unlink()
+    except OSError as e:
+        raise ConfigError(f"--report {path}: cannot be written ({e.strerror or e})") from None
 
 
 def _write_report(path: str, report: dict, out: _Out) -> None:

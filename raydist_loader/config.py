@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .options import LoadOptions, RetriesOptions
+from .options import MAX_TP, LoadOptions, RetriesOptions
 from .validation import format_validation_error
 
 __all__ = ["StoreConfig", "RetriesSection", "LoadSection", "LoadConfig", "load_config", "resolve_secret"]
@@ -62,6 +62,9 @@ class StoreConfig(_Model):
             has_password = "://" in url and parts.password is not None
         except ValueError as e:
             raise ValueError(f"not a valid URL ({e})") from None
+        from .connectors import check_url
+
+        check_url(url)  # a bad port or IPv6 bracket, credentials in an option such as endpoint_url
         if has_password:
             raise ValueError(
                 "the URL carries an inline password, which `ray job list`, the dashboard and logs show; "
@@ -107,7 +110,7 @@ class LoadSection(LoadOptions):
     """``load:``: every knob of :class:`~raydist_loader.options.LoadOptions` (same names, defaults and checks),
     plus the tensor-parallel size and what this deployment pins."""
 
-    tp: int = Field(strict=True, ge=1)
+    tp: int = Field(strict=True, ge=1, le=MAX_TP)
     rules: str | None = None
     expect_manifest_sha256: str | None = None
     ray_address: str | None = None

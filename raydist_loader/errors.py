@@ -39,6 +39,10 @@ class BackendError(RaydistError, OSError):
         self.transient = transient
 
 
+class ConflictError(RaydistError):
+    """Another writer changed the store first (concurrent publishes of one model): this write did not take effect."""
+
+
 class VerificationError(RaydistError):
     """Bytes that landed differ from the digests recorded at publish time. ``failures`` holds one record per wrong
     chunk or file (``rank`` when known, ``tensor`` and ``chunk`` or ``file``, ``expected`` and ``got`` or

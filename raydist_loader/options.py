@@ -22,7 +22,8 @@ from .errors import ConfigError
 from .retry import RetryPolicy
 from .validation import format_validation_error
 
-__all__ = ["Device", "Placement", "Verify", "DEVICES", "PLACEMENTS", "RetriesOptions", "LoadOptions", "DEFAULTS",
+__all__ = ["MAX_TP", "MAX_CONCURRENCY", "Device", "Placement", "Verify", "DEVICES", "PLACEMENTS", "RetriesOptions",
+           "LoadOptions", "DEFAULTS", "check_range", "MAX_PART_BYTES",
            "load_options"]
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -35,6 +36,17 @@ PLACEMENTS: dict[str, str] = {name: name.upper() for name in get_args(Placement)
 
 _RETRY = RetryPolicy()  # the defaults of retries.* are RetryPolicy's own
 
+# Upper bounds of the numeric knobs (a value past them is a typo or an attack, never a setting: 10**30 requests in
+# flight would never finish; 1000 pinned staging buffers exhaust a GPU host's memory before the first read).
+MAX_TP = 1024  #: tensor-parallel size (a manifest's max_tp is bounded the same)
+MAX_CONCURRENCY = 1024  #: requests in flight per actor
+MAX_REPLICAS = 1024  #: data-parallel copies
+MAX_CPUS = 1024.0  #: CPUs one actor reserves
+MAX_RESTARTS = 100  #: restarts of one rank
+MAX_ATTEMPTS = 100  #: tries of one request batch
+MAX_DELAY_S = 3600.0  #: one backoff
+MAX_WAIT_S = 7 * 86400.0  #: any timeout or deadline (a week)
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -45,10 +57,13 @@ class RetriesOptions(_Model):
     retried: exponential backoff with full jitter, at most ``attempts`` tries and ``deadline_s`` seconds per request
     batch. Permanent errors (auth, missing key, bad manifest) are never retried."""
 
-    attempts: int = Field(default=_RETRY.attempts, strict=True, ge=1, description="tries per request batch")
-    base_delay_s: float = Field(default=_RETRY.base_delay_s, ge=0, description="first backoff (doubles per retry)")
-    max_delay_s: float = Field(default=_RETRY.max_delay_s, ge=0, description="longest backoff")
-    deadline_s: float = Field(default=_RETRY.deadline_s, gt=0, description="no retry starts after this long")
+    attempts: int = Field(default=_RETRY.attempts, strict=True, ge=1, le=MAX_ATTEMPTS,
+                          description="tries per request batch")
+    base_delay_s: float = Field(default=_RETRY.base_delay_s, ge=0, le=MAX_DELAY_S,
+                                description="first backoff (doubles per retry)")
+    max_delay_s: float = Field(default=_RETRY.max_delay_s, ge=0, le=MAX_DELAY_S, description="longest backoff")
+    deadline_s: float = Field(default=_RETRY.deadline_s, gt=0, le=MAX_WAIT_S,
+                              description="no retry starts after this long")
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(**self.model_dump())
@@ -61,20 +76,25 @@ class LoadOptions(_Model):
     device: Device = Field(default="auto", description="where tensors land; auto: GPU bundles when the cluster "
                            "has tp GPUs, cuda inside an actor that sees one")
     placement: Placement = Field(default="pack", description="placement-group strategy for the tp bundles")
-    replicas: int = Field(default=1, strict=True, ge=1, description="data-parallel copies of the TP group, one "
+    replicas: int = Field(default=1, strict=True, ge=1, le=MAX_REPLICAS,
+                          description="data-parallel copies of the TP group, one "
                           "placement group each; the store is read once and the copies share the bytes through "
                           "Ray's object store, every copy verified")
-    concurrency: int | None = Field(default=None, strict=True, ge=1,
+    concurrency: int | None = Field(default=None, strict=True, ge=1, le=MAX_CONCURRENCY,
                                     description="requests in flight per actor")
     verify: Verify = Field(default=True, description='true: hash chunks as they land; "full": also re-hash the '
                            "final device tensors; false: no check")
-    num_cpus_per_actor: float = Field(default=0.25, ge=0, description="CPUs each actor reserves (keep small on "
+    num_cpus_per_actor: float = Field(default=0.25, ge=0, le=MAX_CPUS,
+                                      description="CPUs each actor reserves (keep small on "
                                       "small machines: a default actor reserves 1)")
-    timeout_s: float = Field(default=600.0, gt=0, description="seconds the pull may take once actors are up")
-    placement_timeout_s: float = Field(default=60.0, gt=0, description="seconds to wait for the placement group")
-    actor_start_timeout_s: float = Field(default=120.0, gt=0, description="seconds for every actor to start "
+    timeout_s: float = Field(default=600.0, gt=0, le=MAX_WAIT_S,
+                             description="seconds the pull may take once actors are up")
+    placement_timeout_s: float = Field(default=60.0, gt=0, le=MAX_WAIT_S,
+                                       description="seconds to wait for the placement group")
+    actor_start_timeout_s: float = Field(default=120.0, gt=0, le=MAX_WAIT_S,
+                                         description="seconds for every actor to start "
                                          "(a cold node importing torch and initialising CUDA can take a minute)")
-    max_restarts: int = Field(default=1, strict=True, ge=0,
+    max_restarts: int = Field(default=1, strict=True, ge=0, le=MAX_RESTARTS,
                               description="times a rank whose actor died mid-load is restarted in its bundle")
     retries: RetriesOptions = Field(default_factory=RetriesOptions,
                                     description="transient backend errors: attempts, base_delay_s, max_delay_s, "
@@ -93,6 +113,18 @@ class LoadOptions(_Model):
         if value is None:
             return {}
         return asdict(value) if isinstance(value, RetryPolicy) else value
+
+
+MAX_PART_BYTES = 1 << 40  #: a publish's part size, a recorded file's size cap
+
+
+def check_range(where: str, value: Any, low: int, high: int) -> int:
+    """An integer argument outside the load options (publish's ``max_tp``, ``part_bytes``, ``concurrency``,
+    verify's ``concurrency``) checked as they are: one error naming it, the value and its range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        raise ConfigError(f"{where}: got {shown}; expected an integer in [{low}, {high}]")
+    return value
 
 
 #: The defaults, for keyword defaults elsewhere (``device: str = DEFAULTS.device``).

@@ -13,7 +13,8 @@ T = TypeVar("T")
 def run_all(fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int, name: str = "raydist") -> list:
     """``fn`` over ``items`` on at most ``concurrency`` threads (I/O and hashing release the GIL); results in
     order. The first failure, whichever item raised it, cancels every item not yet started and is re-raised."""
-    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix=name) as pool:
+    items = list(items)
+    with ThreadPoolExecutor(max(1, min(concurrency, len(items))), thread_name_prefix=name) as pool:
         futures = [pool.submit(fn, item) for item in items]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in futures if f in done and f.exception() is not None), None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 # a query parameter whose name looks secret: stops at '&' and whitespace so free text around it survives
 _SECRET_QUERY = re.compile(r"(?i)(\b[\w-]*(?:password|secret|token|key|signature|credential)[\w-]*=)[^&\s]*")
@@ -48,3 +48,17 @@ def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+def nested_credentials(url: str) -> str | None:
+    """The query option of ``url`` whose value is a URL carrying credentials (``s3://b/p?endpoint_url=http://ak:sk@h``),
+    or None. boto3 and the like take such credentials from the environment or a profile; inside a URL they would
+    travel wherever the URL does (command lines, ``ray job list``, configs)."""
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return None
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            return key
+    return None

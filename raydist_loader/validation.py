@@ -7,15 +7,16 @@ lists the known keys of its level; with the YAML document's node tree, each line
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from .redact import redact_url
 
-__all__ = ["format_validation_error"]
+__all__ = ["format_validation_error", "field_range", "bounds_text"]
 
 
 def format_validation_error(
@@ -51,7 +52,43 @@ def _format_one(where: str, root: yaml.Node | None, err: Mapping[str, Any], mode
         msg = "expected " + msg[len("Input should be "):]
     msg = msg.replace("expected greater than or equal to ", "expected a value >= ")
     msg = msg.replace("expected greater than ", "expected a value > ")
+    msg = msg.replace("expected less than or equal to ", "expected a value <= ")
+    msg = msg.replace("expected less than ", "expected a value < ")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        msg = f"expected a value in {field_range(model, loc) or msg[len('expected a value '):]}"
     return f"{prefix}{dotted}: got {received}; {msg}"
+
+
+def field_range(model: type[BaseModel], loc: tuple[str, ...]) -> str | None:
+    """The range a numeric field accepts, from its bounds, e.g. ``[1, 1024]`` or ``(0, 86400]``; None when the
+    path does not lead to a bounded field."""
+    field = None
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        if i < len(loc) - 1:
+            nested = [t for t in (field.annotation, *get_args(field.annotation)) if _is_model(t)]
+            if not nested:
+                return None
+            model = nested[0]
+    return bounds_text(field.metadata) if field is not None else None
+
+
+def bounds_text(metadata: Sequence[Any]) -> str | None:
+    """``[low, high]`` (``(`` / ``)`` for strict bounds) from a field's annotated-types metadata; None unless it
+    has both a lower and an upper bound."""
+    low = high = None
+    for rule in metadata:
+        if isinstance(rule, annotated_types.Ge):
+            low = f"[{rule.ge:g}"
+        elif isinstance(rule, annotated_types.Gt):
+            low = f"({rule.gt:g}"
+        elif isinstance(rule, annotated_types.Le):
+            high = f"{rule.le:g}]"
+        elif isinstance(rule, annotated_types.Lt):
+            high = f"{rule.lt:g})"
+    return f"{low}, {high}" if low and high else None
 
 
 def _received(value: Any) -> str:

@@ -220,7 +220,7 @@ def test_gc_dry_run_keeps_the_current_version(store: Path, capsys):
         ([], "required"),
         (["publish"], "required"),
         (["inspect", "/tmp/x"], "--model"),
-        (["inspect", "/tmp/x", "--model", MODEL, "--tp", "0"], "--tp: expected an integer >= 1"),
+        (["inspect", "/tmp/x", "--model", MODEL, "--tp", "0"], "--tp: expected an integer in [1, 1024]"),
         (["load"], "give URL --model NAME --tp N, or --config FILE"),
         (["load", "/tmp/x", "--model", MODEL], "missing --tp"),
         (["load", "--tp", "2", "--model", MODEL], "missing URL"),

@@ -14,12 +14,14 @@ from __future__ import annotations
 import importlib
 import sys
 from importlib.metadata import EntryPoint, entry_points
+from urllib.parse import urlsplit
 
 from ..errors import ConfigError, MissingDependencyError
-from ..redact import redact_url
+from ..redact import nested_credentials, redact_url
 from .base import Connector, ReadRequest
 
-__all__ = ["Connector", "ReadRequest", "open_connector", "register_connector", "known_schemes", "scheme_of"]
+__all__ = ["Connector", "ReadRequest", "open_connector", "check_url", "register_connector", "known_schemes",
+           "scheme_of"]
 
 ENTRY_POINT_GROUP = "raydist_loader.connectors"
 
@@ -117,6 +119,32 @@ def connector_class(url: str) -> type[Connector]:
     )
 
 
+def check_url(url: str) -> str:
+    """Refuse, in one line, a store URL that cannot be parsed (a bad host, port or IPv6 bracket) and one whose
+    options carry credentials (an S3 ``endpoint_url=http://key:secret@host``): before any connection is made."""
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"a store URL is a non-empty string, got {url!r}")
+    if "\x00" in url:
+        raise ConfigError(f"bad store URL {redact_url(url)!r}: it contains a NUL character")
+    if "://" in url:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - parses the port: a bad one raises here, not deep inside a backend
+        except ValueError as e:
+            raise ConfigError(
+                f"bad store URL {redact_url(url)!r}: {e} (expected e.g. redis://host:6379/0, s3://bucket/prefix, "
+                "file:///dir)"
+            ) from None
+    key = nested_credentials(url)
+    if key:
+        raise ConfigError(
+            f"store URL {redact_url(url)!r}: option {key} carries credentials (user:password@): remove them; an S3 "
+            "endpoint takes its keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+        )
+    return url
+
+
 def open_connector(url: str, **options: object) -> Connector:
-    """Open the connector for ``url``; ``options`` go to the backend (e.g. ``password=`` for Redis)."""
-    return connector_class(url)(url, **options)
+    """Open the connector for ``url`` (checked first: :func:`check_url`); ``options`` go to the backend (e.g.
+    ``password=`` for Redis)."""
+    return connector_class(check_url(url))(url, **options)

@@ -126,6 +126,28 @@ class Connector(abc.ABC):
             return None
         return bytes(buf) if self.stat(key) == size else None
 
+    def compare_and_swap(self, key: str, expected: bytes | None, data: Buffer) -> bool:
+        """Store ``data`` as ``key`` only if ``key`` still holds exactly ``expected`` (None: only if it does not
+        exist); False, with nothing written, when another writer changed it first. The manifest swap goes through
+        this, so of concurrent publishes only one becomes current and the others know it.
+
+        Built-in backends make the comparison and the write one atomic step (Redis: a server-side script; S3: a
+        conditional PUT, ``If-Match`` / ``If-None-Match``; files: an exclusive ``flock`` of the directory around
+        read, compare and rename). This default, for plug-ins, is best effort: it compares, writes, and reads back
+        (a writer landing between its read and its write goes unseen unless it lands after the write too).
+        """
+        if self._current(key) != expected:
+            return False
+        self.write(key, data)
+        return self._current(key) == bytes(data)
+
+    def _current(self, key: str) -> bytes | None:
+        """The whole object, or None when it does not exist."""
+        try:
+            return self.read(key)
+        except NotFoundError:
+            return None
+
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 import threading
@@ -108,6 +109,29 @@ class FileConnector(Connector):
             Path(tmp).unlink(missing_ok=True)
             raise
         self._forget(key)
+
+    def compare_and_swap(self, key: str, expected: bytes | None, data: Buffer) -> bool:
+        """Read, compare and rename into place under an exclusive ``flock`` of the key's directory (or, where the
+        file system cannot lock a directory, as NFS, of a hidden ``.<name>.lock.tmp`` file beside the key, which
+        listings skip): writers through this method take turns."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes
+            except OSError:
+                os.close(fd)
+                fd = -1
+                fd = os.open(path.parent / f".{path.name}.lock.tmp", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            if self._current(key) != expected:
+                return False
+            self.write(key, data)
+            return True
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root

@@ -187,6 +187,19 @@ def _error_code(exc: BaseException) -> str:
     return ""
 
 
+#: compare-and-swap of one key: ARGV[1] the sha1 of the value expected ('' = must not exist), ARGV[2] the new value
+_SWAP_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then
+  if cur then return 0 end
+elseif (not cur) or redis.sha1hex(cur) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
 class RedisConnector(Connector):
     """A Redis database as a store: each object is one string key holding raw bytes."""
 
@@ -305,6 +318,15 @@ class RedisConnector(Connector):
         if value is None:
             raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
         return value
+
+    def compare_and_swap(self, key: str, expected: bytes | None, data: Buffer) -> bool:
+        """One server-side script (atomic): SET only if the value's sha1 is still ``expected``'s (or it is
+        missing when ``expected`` is None)."""
+        import hashlib  # local: this method stays self-contained
+
+        want = "" if expected is None else hashlib.sha1(expected).hexdigest()
+        with self._errors(f"replacing {check_key(key)!r}"):
+            return bool(self._client.eval(_SWAP_SCRIPT, 1, key, want, bytes(data)))
 
     def list(self, prefix: str = "") -> Iterator[str]:
         with self._errors(f"listing {prefix!r}"):

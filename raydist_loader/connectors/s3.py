@@ -257,6 +257,36 @@ class S3Connector(Connector):
             else:
                 self._multipart(full, iter_parts(itertools.chain([head], blocks), PART_BYTES))
 
+    def compare_and_swap(self, key: str, expected: bytes | None, data: Buffer) -> bool:
+        """A conditional PUT (atomic on S3 and servers that honour it; moto does): ``If-None-Match: *`` when the
+        key must not exist, else ``If-Match`` the ETag of the value read and found equal to ``expected``. A server
+        that ignores the conditions degrades to last-writer-wins."""
+        from contextlib import closing  # local: this method stays self-contained
+
+        full = self._key(key)
+        with self._errors(f"replacing {key!r}", key):
+            if expected is None:
+                condition = {"IfNoneMatch": "*"}
+            else:
+                try:
+                    resp = self._s3.get_object(Bucket=self.bucket, Key=full)
+                except ClientError as e:
+                    if _code(e) in _MISSING_CODES:
+                        return False
+                    raise
+                with closing(resp["Body"]) as body:
+                    if body.read() != expected:
+                        return False
+                condition = {"IfMatch": resp["ETag"]}
+            try:
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), **condition)
+            except ClientError as e:  # 412: the condition failed; 409: a concurrent conditional write won
+                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                if status in (409, 412) or _code(e) in _MISSING_CODES:
+                    return False
+                raise
+        return True
+
     def _multipart(self, full: str, parts: Iterable[bytearray]) -> None:
         """Parts go up on the connector's upload pool while the next are produced (read, hashed, cut); at most
         ``UPLOAD_SLOTS`` parts are held at once, whatever the object's size; any failure aborts the upload."""

@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from ..connectors import check_url
 from ..errors import ConfigError, ShardingError
 from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
 from ..report import RankReport
 from ..store.experts import Experts
+from ..store.verify import check_pin
 
 _LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
 OPTIONS: dict[str, str] = {
@@ -65,6 +67,7 @@ class EngineOptions:
         for key in ("url", "model", "expect_manifest_sha256", "password_env"):
             if raw.get(key) is not None and not isinstance(raw[key], str):
                 raise ConfigError(f"{where}.{key} must be a string, got {type(raw[key]).__name__}")
+        check_url(raw["url"])  # a bad URL, credentials in its options: one line, before anything starts
         if url_password(raw["url"]):
             raise ConfigError(
                 f"{where}.url {redact_url(raw['url'])} carries an inline password, which engine logs and `ps` can "
@@ -74,7 +77,7 @@ class EngineOptions:
             url=raw["url"],
             model=raw["model"],
             load=load_options({k: raw[k] for k in _LOAD_KEYS if k in raw}, where),
-            expect_manifest_sha256=raw.get("expect_manifest_sha256"),
+            expect_manifest_sha256=check_pin(raw.get("expect_manifest_sha256"), f"{where}.expect_manifest_sha256"),
             password_env=raw.get("password_env"),
         )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from math import prod
 from typing import ClassVar
 
@@ -27,6 +27,7 @@ import torch
 from .. import dtypes
 from ..connectors import Connector, ReadRequest
 from ..digest import ChunkHash
+from ..errors import ConfigError, ShardingError
 from ..retry import RetryPolicy
 from ..retry import call as with_retries
 from ..store.chunks import (
@@ -106,7 +107,8 @@ class Transfer:
     def _rows(self, read: ChunkRead) -> tuple[int, int]:
         return rows_of(read, self.plan.tensors[read.tensor])
 
-    def _parts(self, group: list[ChunkRead]) -> list[tuple[int, int]]:
+    def _parts(self, group: list[ChunkRead]) -> Iterator[tuple[int, int]]:
+        """The group's parts, one at a time (never a list of them: a huge read has very many)."""
         return part_rows(group[0], self.plan.tensors[group[0].tensor], self.part_bytes)
 
     def _stage_size(self, group: list[ChunkRead], whole: int) -> int:
@@ -178,7 +180,14 @@ class Transfer:
         for slot in self.plan.tensors:
             self._offsets.append(size)
             size += -(-slot.nbytes // _ALIGN) * _ALIGN
-        self._arena = torch.empty(size, dtype=torch.uint8, device=self.device)  # one allocation per rank
+        try:
+            self._arena = torch.empty(size, dtype=torch.uint8, device=self.device)  # one allocation per rank
+        except (RuntimeError, MemoryError) as e:  # torch's allocator message is long and C++-framed: first line
+            raise ShardingError(
+                f"rank {self.rank}: cannot allocate its shard of {size} bytes on {self.device} "
+                f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): load at a larger tp, on a "
+                "device with more memory, or check that the manifest's shapes are the model's"
+            ) from None
         self._flat = [self._arena[o : o + s.nbytes] for o, s in zip(self._offsets, self.plan.tensors, strict=True)]
 
     def _stage(self, group: list[ChunkRead], stage: torch.Tensor, conn: Connector):
@@ -287,8 +296,14 @@ class Ring:
 
     def __init__(self, slots: int, size: int, *, pin: bool = True):
         self._free: queue.Queue = queue.Queue()
-        for _ in range(slots):
-            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
+        try:
+            for _ in range(slots):
+                self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
+        except (RuntimeError, MemoryError) as e:
+            raise ConfigError(
+                f"cannot allocate {slots} staging buffers of {size} bytes{' (pinned)' if pin else ''}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; lower concurrency"
+            ) from None
 
     def acquire(self) -> torch.Tensor:
         buf, event = self._free.get()

@@ -32,7 +32,9 @@ class GpuTransfer(Transfer):
     def _pull_on_device(self, reads: Sequence[ChunkRead], concurrency: int) -> dict[tuple[int, str], str]:
         conn = self.connector
         groups = self._groups(reads)
-        ring = Ring(concurrency + 1, max((self._stage_size(g, self._group_bytes(g)) for g in groups), default=0))
+        # as many staging buffers as reads can be in flight for this shard, not as the knob alone allows
+        slots = min(concurrency, len(groups)) + 1
+        ring = Ring(slots, max((self._stage_size(g, self._group_bytes(g)) for g in groups), default=0))
         local = threading.local()
 
         def one(group: list[ChunkRead]) -> list[str]:

@@ -72,13 +72,19 @@ def in_parts(group: Sequence[ChunkRead], part_bytes: int) -> bool:
     return group[0].read_bytes > part_bytes and all(r.pieces == group[0].pieces for r in group)
 
 
-def part_rows(read: ChunkRead, slot: TensorSlot, part_bytes: int) -> list[tuple[int, int]]:
-    """[first, last) rows of each part of the read: whole rows of at most ``part_bytes`` (or one row), half of that
-    for an in-place span, whose chunks are cut out into the buffer's other half."""
+def part_rows(read: ChunkRead, slot: TensorSlot, part_bytes: int) -> Iterator[tuple[int, int]]:
+    """[first, last) rows of each part of the read, produced one at a time (a huge read never lists its parts):
+    whole rows of at most ``part_bytes`` (or one row), half of that for an in-place span, whose chunks are cut out
+    into the buffer's other half."""
+    rows, per = _rows_per_part(read, slot, part_bytes)
+    return ((r, min(rows, r + per)) for r in range(0, rows, per))
+
+
+def _rows_per_part(read: ChunkRead, slot: TensorSlot, part_bytes: int) -> tuple[int, int]:
+    """(rows of the read, rows per part)."""
     rows, row = rows_of(read, slot)
     budget = part_bytes // (1 if read.extract is None else 2)
-    per = max(1, budget // max(1, row))
-    return [(r, min(rows, r + per)) for r in range(0, rows, per)]
+    return rows, max(1, budget // max(1, row))
 
 
 def stage_bytes(group: Sequence[ChunkRead], slot: TensorSlot, part_bytes: int, whole: int) -> int:
@@ -91,7 +97,8 @@ def parts_buffer_bytes(group: Sequence[ChunkRead], slot: TensorSlot, part_bytes:
     """The buffer :func:`read_in_parts` needs for a group: its largest part (twice that for an in-place span: the
     part, then each chunk's rows cut out of it)."""
     _, row = rows_of(group[0], slot)
-    part = min(group[0].read_bytes, max((b - a for a, b in part_rows(group[0], slot, part_bytes)), default=0) * row)
+    rows, per = _rows_per_part(group[0], slot, part_bytes)
+    part = min(group[0].read_bytes, min(rows, per) * row)  # the first part is the largest
     return part if group[0].extract is None else 2 * part
 
 

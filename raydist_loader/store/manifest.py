@@ -9,27 +9,80 @@ naming the field, and one whose chunks disagree with its shapes and dtypes is re
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .. import dtypes
 from ..bulk import bulk
-from ..errors import ManifestError, NotFoundError, ShardingError
+from ..errors import ConfigError, ManifestError, NotFoundError, ShardingError
+from ..options import MAX_TP
 from . import grid
 from .rules import TensorRule
 
 FORMAT = "raydist-loader/2"
 #: formats an older raydist-loader wrote, and how to move on from them
 _OLD_FORMATS = {"raydist-loader/1": "it was written by an older raydist-loader"}
-_MAX_TP = 1024
+_MAX_TP = MAX_TP
 VERSION_RE = re.compile(r"^v\d{17}-[0-9a-f]{8}$")  # vYYYYmmddHHMMSSmmm-<8 hex>: sorts by time
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 _HEX = {32: re.compile(r"(?:[0-9a-f]{32},)*"), 64: re.compile(r"(?:[0-9a-f]{64},)*")}
+#: no byte size, offset or span of a manifest reaches this (a signed 64-bit offset: what files, S3 and torch use)
+MAX_OFFSET = 1 << 63
+_MAX_DIMS = 64  # dimensions of one tensor (torch allows 64 too)
+
+
+@dataclass(frozen=True)
+class ManifestLimits:
+    """How big a manifest a reader accepts, checked before anything is allocated or listed: its own size (before
+    it is parsed), its tensors, its stored pieces (chunks, and parts of chunks stored one per key) and its files.
+    The defaults hold every real checkpoint with room to spare (MoE repos have 20k-150k tensors; a manifest costs
+    about 100-500 bytes per tensor, and 1e5 tensors parse in about a second); a rarer giant raises them through
+    the environment of every process that reads the manifest (the driver, and the engine's workers)."""
+
+    max_bytes: int = 128 << 20  # parsing holds about 20x this
+    max_tensors: int = 500_000
+    max_chunks: int = 4_000_000
+    max_files: int = 10_000
+
+    #: field -> the environment variable that overrides it
+    ENV: ClassVar[dict[str, str]] = {
+        "max_bytes": "RAYDIST_MAX_MANIFEST_BYTES",
+        "max_tensors": "RAYDIST_MAX_TENSORS",
+        "max_chunks": "RAYDIST_MAX_CHUNKS",
+        "max_files": "RAYDIST_MAX_FILES",
+    }
+
+    @classmethod
+    def from_env(cls) -> ManifestLimits:
+        """The defaults, each overridden by its environment variable when set (a positive integer)."""
+        values = {}
+        for name, var in cls.ENV.items():
+            text = os.environ.get(var)
+            if text is None:
+                continue
+            try:
+                values[name] = int(text.replace("_", ""))
+            except ValueError:
+                values[name] = 0
+            if values[name] < 1:
+                raise ConfigError(f"environment variable {var}={text!r}: expected a positive integer")
+        return cls(**values)
+
+    def refuse(self, where: str, what: str, count: int, field: str, limit: str | None = None) -> ManifestError:
+        """The error for ``count`` ``what`` over the limit ``field`` (``limit`` says it when it is not the field's
+        value alone)."""
+        return ManifestError(
+            f"{where}: {count} {what} is over the limit of {limit or getattr(self, field)}: a store that is damaged or "
+            f"hostile, or a giant model: if it really is one, raise the limit with {self.ENV[field]}=N in the "
+            "environment of every process that reads it"
+        )
 
 
 class _Strict(BaseModel):
@@ -120,13 +173,35 @@ class Manifest(_Strict):
 
     @classmethod
     @bulk
-    def from_json(cls, data: bytes | str, *, where: str = "manifest") -> Manifest:
-        """Parse and validate; any problem is a ManifestError naming the field."""
+    def from_json(
+        cls, data: bytes | str, *, where: str = "manifest", limits: ManifestLimits | None = None
+    ) -> Manifest:
+        """Parse and validate; any problem is a ManifestError naming the field or the limit. ``limits`` (default:
+        :meth:`ManifestLimits.from_env`) are checked before parsing where they can be: the manifest's size, and a
+        lower bound of its records (every tensor and file record has exactly one ``"xxh3"`` key)."""
+        limits = limits or ManifestLimits.from_env()
+        if len(data) > limits.max_bytes:
+            raise limits.refuse(where, "bytes of manifest", len(data), "max_bytes")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data = bytes(data)
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(
+                    f"{where} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}): it is not a "
+                    "manifest; re-publish or re-index the model"
+                ) from None
+            records = data.count(b'"xxh3"')
+        else:
+            records = data.count('"xxh3"')
+        if records > limits.max_tensors + limits.max_files:  # more records than both limits allow together
+            together = f"{limits.max_tensors} tensors + {limits.max_files} files"
+            raise limits.refuse(where, "tensor and file records or more", records, "max_tensors", together)
         try:
             manifest = cls.model_validate_json(data)
         except ValidationError as e:
             raise _explain(e, data, where) from None
-        manifest.check(where)
+        manifest.check(where, limits)
         return manifest
 
     # ---------------------------------------------------------------- access
@@ -172,11 +247,16 @@ class Manifest(_Strict):
         return None if t.source is None else (self.objects[t.source[0]], t.source[1])
 
     # ---------------------------------------------------------------- consistency
-    def check(self, where: str = "manifest") -> None:
+    def check(self, where: str = "manifest", limits: ManifestLimits | None = None) -> None:
         """Cross-field checks: dtypes known, rules fit the shapes, one digest (and one place) per chunk of each
         tensor's grid, and every object named lies inside this model's version (a manifest can never make a
         reader touch another model's keys or a path outside the store). Grid work is done once per distinct
         (rule, shape), object names once each, digests in one pass: ~20k tensors check in well under a second."""
+        limits = limits or ManifestLimits.from_env()
+        if len(self.tensors) > limits.max_tensors:
+            raise limits.refuse(where, "tensors", len(self.tensors), "max_tensors")
+        if len(self.files) > limits.max_files:
+            raise limits.refuse(where, "files", len(self.files), "max_files")
         if not VERSION_RE.match(self.version):
             raise ManifestError(f"{where}: field version: {self.version!r} is not a raydist-loader version id")
         if self.max_tp > _MAX_TP:
@@ -188,8 +268,15 @@ class Manifest(_Strict):
         own = self.layout == "chunked"
         for i, key in enumerate(self.objects):
             self._check_object(key, f"{where}: objects[{i}]", own_version=own)
+        pieces = total = 0
         for name, t in self.tensors.items():
-            self._check_tensor(name, t, f"{where}: tensors[{name!r}]")
+            n, nbytes = self._check_tensor(name, t, f"{where}: tensors[{name!r}]")
+            pieces += n
+            total += nbytes
+            if pieces > limits.max_chunks:
+                raise limits.refuse(where, "stored chunks (and parts) or more", pieces, "max_chunks")
+        if total >= MAX_OFFSET:
+            raise ManifestError(f"{where}: the tensors add up to {total} bytes, past 2^63: not a real model")
         for algo, width in (("xxh3", 32), ("blake3", 64)):
             digests = [d for t in self.tensors.values() for d in (getattr(t, algo) or ())]
             if not _HEX[width].fullmatch(",".join(digests) + ("," if digests else "")):
@@ -200,8 +287,16 @@ class Manifest(_Strict):
                 raise ManifestError(f"{where}: tensors[{bad[0]!r}].{algo}[{bad[1]}]: not {width} hex digits")
         for name, f in self.files.items():
             if not is_safe_file_name(name):
-                raise ManifestError(f"{where}: files[{name!r}]: not a plain relative file name")
+                raise ManifestError(
+                    f"{where}: files[{_short(name)}]: not a plain relative file name (no absolute path, '..', empty "
+                    "part, backslash, NUL or control character; parts of at most 255 bytes)"
+                )
+            if f.nbytes >= MAX_OFFSET:
+                raise ManifestError(f"{where}: files[{name!r}].nbytes: {f.nbytes} is past 2^63")
             self._check_object(f.object, f"{where}: files[{name!r}].object", own_version=own)
+        clash = file_name_clash(self.files)
+        if clash:
+            raise ManifestError(f"{where}: files[{clash[1]!r}]: file name {clash[0]!r} is also a directory of it")
 
     def _parse_rules(self, where: str) -> None:
         rules = []
@@ -212,48 +307,66 @@ class Manifest(_Strict):
                 raise ManifestError(f"{where}: tensor_rules[{i}]: {e}") from None
         self._rules[:] = rules
 
-    def _check_tensor(self, name: str, t: TensorRecord, at: str) -> None:
+    def _check_tensor(self, name: str, t: TensorRecord, at: str) -> tuple[int, int]:
+        """Check one tensor; returns (objects its chunks are stored in, or its chunks in place or packed; bytes)."""
         if not dtypes.known(t.dtype):
             raise ManifestError(f"{at}.dtype: unknown dtype {t.dtype!r}")
         if t.rule >= len(self._rules):
             raise ManifestError(f"{at}.rule: {t.rule} is not an index of tensor_rules ({len(self._rules)} rules)")
-        n = self._grid_size(t, at)
+        sizes = self._grid_sizes(t, at)
+        n = len(sizes)
         if len(t.xxh3) != n:
             raise ManifestError(f"{at}.xxh3: {len(t.xxh3)} digests for a chunk grid of {n} chunks")
         if t.blake3 is not None and len(t.blake3) != n:
             raise ManifestError(f"{at}.blake3: {len(t.blake3)} digests for a chunk grid of {n} chunks")
+        nbytes = sum(sizes)
         if self.layout == "inplace":
             if t.source is None or t.at is not None:
                 raise ManifestError(f"{at}.source: an in-place manifest reads each tensor from its source")
-            self._check_places(t.source, 1, at + ".source")
+            self._check_places(t.source, 1, at + ".source", nbytes)
         elif t.source is not None:
             raise ManifestError(f"{at}.source: a chunked manifest has no sources")
         elif t.at is not None:
-            self._check_places(t.at, n, at + ".at")
+            self._check_places(t.at, n, at + ".at", max(sizes, default=0))
         elif self.key_part_bytes is None:
             raise ManifestError(f"{at}.at: missing (a manifest without key_part_bytes packs every chunk)")
         else:  # each chunk is the object <model>/<version>/<name>::<chunk id>: it must stay inside the version
             self._check_object(f"{self.model}/{self.version}/{name}::", at, own_version=True)
+            return sum(-(-b // self.key_part_bytes) or 1 for b in sizes), nbytes
+        return n, nbytes
 
-    def _grid_size(self, t: TensorRecord, at: str) -> int:
-        """How many chunks the tensor's grid has; checks (once per rule and shape) that the rule fits the shape."""
-        key = (t.rule, tuple(t.shape))
-        n = self._grids.get(key)
-        if n is None:
-            rule, shape = self._rules[t.rule], key[1]
+    def _grid_sizes(self, t: TensorRecord, at: str) -> tuple[int, ...]:
+        """The bytes of each chunk of the tensor's grid; checks (once per rule, dtype and shape) that the shape is
+        physical (its bytes below 2^63) and that the rule fits it."""
+        key = (t.rule, t.dtype, tuple(t.shape))
+        sizes = self._grids.get(key)
+        if sizes is None:
+            rule, shape = self._rules[t.rule], key[2]
+            if len(shape) > _MAX_DIMS:
+                raise ManifestError(f"{at}.shape: {len(shape)} dimensions (at most {_MAX_DIMS})")
             if any(s < 0 for s in shape):
                 raise ManifestError(f"{at}.shape: negative size in {list(shape)}")
+            itemsize = dtypes.itemsize(t.dtype)
+            if prod(shape) * itemsize >= MAX_OFFSET:
+                raise ManifestError(
+                    f"{at}.shape: {_short(list(shape))} of {t.dtype} is 2^{(prod(shape) * itemsize).bit_length() - 1} "
+                    "bytes or more, past 2^63: no store holds such a tensor"
+                )
             if rule.dim is not None and not 0 <= rule.dim < len(shape):
                 raise ManifestError(f"{at}.rule: split dim {rule.dim} is outside a tensor of shape {list(shape)}")
             if rule.style in ("colwise", "rowwise") and rule.extent != shape[rule.dim]:
                 raise ManifestError(f"{at}.rule: segment sizes do not add up to dim {rule.dim} of shape {list(shape)}")
             if rule.style == "vocab" and len(rule.segments) != 1:
                 raise ManifestError(f"{at}.rule: a vocab rule has one segment")
-            n = self._grids[key] = len(grid.chunks(rule, shape, self.max_tp))
-        return n
+            sizes = self._grids[key] = tuple(
+                grid.chunk_nbytes(shape, rule.dim, c.start, c.end, itemsize)
+                for c in grid.chunks(rule, shape, self.max_tp)
+            )
+        return sizes
 
-    def _check_places(self, places: list[int], n: int, at: str) -> None:
-        """``[object, offset]`` pairs, flattened: ``n`` of them, objects in the table, offsets not negative."""
+    def _check_places(self, places: list[int], n: int, at: str, span: int) -> None:
+        """``[object, offset]`` pairs, flattened: ``n`` of them, objects in the table, offsets not negative, and a
+        span of ``span`` bytes from every offset still below 2^63."""
         if len(places) != 2 * n:
             raise ManifestError(f"{at}: {len(places) // 2} [object, offset] pairs for {n} chunk(s)")
         objects, offsets = places[0::2], places[1::2]
@@ -261,6 +374,33 @@ class Manifest(_Strict):
             raise ManifestError(
                 f"{at}: an object index outside objects[0..{len(self.objects) - 1}] or a negative offset"
             )
+        if n and max(offsets) + span >= MAX_OFFSET:
+            raise ManifestError(f"{at}: offset {max(offsets)} with {span} bytes reaches past 2^63")
+
+    def check_spans(self, sizes: Sequence[int | None], where: str = "manifest") -> None:
+        """Every chunk (packed) or tensor (in place) lies inside its object, given the objects' sizes (``stat``,
+        in the order of :attr:`objects`; None: missing). Before anything is allocated: a manifest can then never
+        make a reader allocate more than the store holds. The error reads as a damaged store's (it may be one)."""
+        for name, t in self.tensors.items():
+            places = t.at if t.at is not None else t.source
+            if places is None:
+                continue
+            grid_sizes = self._grid_sizes(t, f"{where}: tensors[{name!r}]")
+            spans = grid_sizes if t.at is not None else (sum(grid_sizes),)
+            for i, nbytes in enumerate(spans):
+                obj, offset = places[2 * i], places[2 * i + 1]
+                size = sizes[obj]
+                if size is None:
+                    raise NotFoundError(
+                        f"{self.objects[obj]!r} does not exist in {where} (tensor {name!r} is stored there): the "
+                        "store is incomplete: re-publish the model"
+                    )
+                if offset + nbytes > size:
+                    raise ManifestError(
+                        f"truncated object {self.objects[obj]!r} in {where}: tensor {name!r} needs bytes "
+                        f"[{offset}, {offset + nbytes}) of it and it holds {size}: the store is incomplete or was "
+                        "modified (or its manifest does not describe it): re-publish the model"
+                    )
 
     def _check_object(self, key: str, at: str, *, own_version: bool) -> None:
         prefix = version_prefix(self.model, self.version) if own_version else f"{self.model}/"
@@ -367,15 +507,35 @@ def new_version(seed: str) -> str:
     return f"v{stamp}-{hashlib.sha256(f'{seed}{now}'.encode()).hexdigest()[:8]}"
 
 
+#: longest file name component and whole relative name, in UTF-8 bytes (Linux NAME_MAX and PATH_MAX)
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096
+
+
 def is_safe_file_name(name: str) -> bool:
-    """A relative '/'-separated name with no empty, '.' or '..' part (it can only land inside a directory)."""
+    """A relative '/'-separated name with no empty, '.' or '..' part (it can only land inside a directory), no NUL
+    or other control character, each part at most 255 bytes and the whole at most 4096 (what a file system takes)."""
     parts = name.split("/")
     return (
         bool(name)
         and not name.startswith(("/", "~"))
         and "\\" not in name
-        and all(p not in ("", ".", "..") for p in parts)
+        and not any(ord(c) < 32 or c == "\x7f" for c in name)
+        and len(name.encode("utf-8", "surrogatepass")) <= MAX_PATH_BYTES
+        and all(p not in ("", ".", "..") and len(p.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+                for p in parts)
     )
+
+
+def file_name_clash(names) -> tuple[str, str] | None:
+    """(a name, a name below it) when one file name is a directory of another (``config.json`` and
+    ``config.json/x``): both cannot be written."""
+    names = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                return "/".join(parts[:i]), name
+    return None
 
 
 def version_prefix(model: str, version: str) -> str:
@@ -403,6 +563,14 @@ def read_manifest_bytes(connector, model: str) -> tuple[Manifest, bytes]:
         manifest = manifest.renamed(model)
         raw = manifest.to_json()
     return manifest, raw
+
+
+def check_stored(connector, manifest: Manifest) -> None:
+    """Every span the manifest names lies inside its object as stored now (one ``stat`` per object of the table:
+    packed files or checkpoint files; chunks stored one per key are read at their exact length). Loads call this
+    before they allocate: a manifest that claims more bytes than its objects hold is refused, never allocated."""
+    if manifest.objects:
+        manifest.check_spans(connector.stat_many(manifest.objects), connector.describe())
 
 
 def _missing_message(connector, model: str) -> str:

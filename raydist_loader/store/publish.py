@@ -18,7 +18,8 @@ import numpy as np
 from .. import digest, dtypes
 from ..bulk import bulk
 from ..connectors import Connector, open_connector
-from ..errors import BackendError, ConfigError, ManifestError, NotFoundError, RaydistError
+from ..errors import BackendError, ConfigError, ConflictError, ManifestError, NotFoundError, RaydistError
+from ..options import MAX_CONCURRENCY, MAX_PART_BYTES, MAX_TP, check_range
 from ..pool import batches, run_all
 from . import grid
 from . import manifest as mf
@@ -146,17 +147,39 @@ def _current(conn: Connector, model: str) -> mf.Manifest | None:
         return None
 
 
-def _finish(conn: Connector, manifest: mf.Manifest) -> mf.Manifest:
-    """Write the manifest last: the atomic switch that makes the new version visible. It records when the version
+def _stored(conn: Connector, model: str) -> bytes | None:
+    """The bytes of ``<model>/manifest.json`` as a publish starts (None: none yet): its swap replaces exactly these."""
+    try:
+        return conn.read(mf.manifest_key(model))
+    except NotFoundError:
+        return None
+
+
+def _finish(conn: Connector, manifest: mf.Manifest, start: bytes | None) -> mf.Manifest:
+    """Write the manifest last: the atomic switch that makes the new version visible, a compare-and-swap against
+    the manifest that was current when this publish started (``start``): when another publish or index replaced it
+    meanwhile, this one did not become current and says so (:class:`ConflictError`). It records when the version
     it replaces stopped being current (``retired``), which is when ``gc``'s grace period for that version starts."""
-    previous = _current(conn, manifest.model)
+    previous = None
+    if start is not None:
+        try:
+            previous = mf.Manifest.from_json(start)
+        except RaydistError:
+            previous = None
     now = time.time()
     retired = dict(previous.retired or {}) if previous else {}
     if previous and previous.version != manifest.version:
         retired[previous.version] = now
     retired = dict(sorted(retired.items(), key=lambda item: item[1])[-_MAX_RETIRED:])
     manifest = manifest.model_copy(update={"created": now, "retired": retired or None})
-    conn.write(mf.manifest_key(manifest.model), manifest.to_json())
+    if not conn.compare_and_swap(mf.manifest_key(manifest.model), start, manifest.to_json()):
+        current = _current(conn, manifest.model)
+        stays = f"version {current.version} is current" if current else "another writer's manifest is current"
+        raise ConflictError(
+            f"{manifest.model}/manifest.json in {conn.describe()} changed while this publish ran (another publish "
+            f"or index of {manifest.model!r}): version {manifest.version} was NOT made current ({stays}); its "
+            f"objects under {mf.version_prefix(manifest.model, manifest.version)} are left for `raydist-loader gc`"
+        )
     return manifest
 
 
@@ -261,6 +284,7 @@ def publish(
     """
     started = time.perf_counter()
     mf.check_model_name(model)
+    _check_sizes(max_tp=max_tp, part_bytes=part_bytes, concurrency=concurrency, max_file_bytes=max_file_bytes)
     src = Path(src_dir)
     repo = _read_checkpoint(src, max_file_bytes)
     config, files = repo.config, repo.files
@@ -270,6 +294,7 @@ def publish(
     version = mf.new_version(f"{model}{ruleset.fingerprint()}{max_tp}")
     prefix = mf.version_prefix(model, version)
     with open_connector(url, **(connector_options or {})) as conn:
+        start = _stored(conn, model)  # what the swap replaces: a publish landing meanwhile makes this one lose
         warnings = _eviction_check(conn, allow_eviction)
         out = WriteLedger(conn)
         try:
@@ -284,7 +309,9 @@ def publish(
                 key_part_bytes=key_part_bytes,
             )
             out.confirm()
-            manifest = _finish(conn, manifest)
+            manifest = _finish(conn, manifest, start)
+        except ConflictError:  # lost the race: its objects stay for gc (a reader may have seen their names)
+            raise
         except (RaydistError, OSError) as e:
             raise _failed(conn, model, version, out, e) from None
         except BaseException:  # Ctrl-C or a bug: still leave nothing behind
@@ -440,7 +467,9 @@ def index(
     """
     started = time.perf_counter()
     mf.check_model_name(model)
+    _check_sizes(max_tp=max_tp, max_file_bytes=max_file_bytes)
     with open_connector(url, **(connector_options or {})) as conn:
+        start = _stored(conn, model)
         repo = select(conn, f"{model}/", f"{conn.describe()}/{model}", max_file_bytes=max_file_bytes)
         config = repo.config
         entries = [e for key in repo.weights for e in _keyed(read_header(conn, key), key)]
@@ -461,7 +490,7 @@ def index(
             model, version, "inplace", max_tp, digests, ruleset, config, cuts, file_recs, objects=objects,
             sources=sources,
         )
-        manifest = _finish(conn, manifest)
+        manifest = _finish(conn, manifest, start)
         where = conn.describe()
     return PublishResult(
         model,
@@ -476,6 +505,13 @@ def index(
         files=sorted(repo.files),
         skipped=repo.skipped,
     )
+
+
+def _check_sizes(**values: int) -> None:
+    """publish's and index's numeric arguments, each within its range (one error naming it)."""
+    high = {"max_tp": MAX_TP, "concurrency": MAX_CONCURRENCY}
+    for name, value in values.items():
+        check_range(name, value, 1, high.get(name, MAX_PART_BYTES))
 
 
 def _keyed(entries: list[Entry], key: str) -> list[tuple[Entry, str]]:

@@ -4,12 +4,14 @@ verify``)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 
 from .. import digest
 from ..connectors import open_connector
-from ..errors import RaydistError, VerificationError, describe_failures
+from ..errors import ConfigError, RaydistError, VerificationError, describe_failures
+from ..options import MAX_CONCURRENCY, check_range
 from ..pool import run_all
 from .manifest import Manifest, read_manifest, read_manifest_bytes
 from .plan import ChunkRead, make_plan
@@ -39,8 +41,26 @@ def manifest_sha256(url: str, model: str, connector_options: dict | None = None)
         return hashlib.sha256(read_manifest_bytes(conn, model)[1]).hexdigest()
 
 
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def check_pin(expected: object, where: str = "expect_manifest_sha256") -> str | None:
+    """A manifest pin as given, lower-cased: None (no pin) or 64 hex digits. An empty or malformed pin is refused
+    before anything is read (it would turn the check off, or read later as tampering)."""
+    if expected is None:
+        return None
+    if not isinstance(expected, str) or not _SHA256.fullmatch(expected):
+        shown = repr(expected) if isinstance(expected, str) and len(expected) <= 80 else type(expected).__name__
+        raise ConfigError(
+            f"{where}: got {shown}; expected the manifest's sha256 as 64 hex digits (`raydist-loader inspect` and "
+            "manifest_sha256() print it); leave it unset to load without a pin"
+        )
+    return expected.lower()
+
+
 def check_manifest_sha256(raw: bytes, expected: str | None, where: str) -> None:
-    if expected and hashlib.sha256(raw).hexdigest() != expected.lower():
+    expected = check_pin(expected)
+    if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
         raise VerificationError(
             f"the manifest at {where} has sha256 {hashlib.sha256(raw).hexdigest()}, not the expected {expected}: "
             "the store was re-published or tampered with"
@@ -51,13 +71,14 @@ def verify(
     url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
 ) -> VerifyResult:
     """Read every chunk and file of ``model`` and compare with the manifest's digests."""
-    import torch  # imported only when bytes are read
-
-    from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, shared
-
+    check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:
-        manifest = read_manifest(conn, model)
+        manifest = read_manifest(conn, model)  # a manifest refused costs no torch import
+        import torch  # imported only when bytes are read
+
+        from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, shared
+
         plan = make_plan(manifest, 1, 0, coalesce_gap=conn.coalesce_gap)
 
         def check(group: list[ChunkRead]) -> list[dict]:
@@ -98,8 +119,14 @@ def verify(
     return result
 
 
+_MAX_NAMED = 8  # objects a failure names (a chunk stored in 65536 keys names its first ones and the count)
+
+
 def _objects(read: ChunkRead) -> list[str]:
-    return sorted({p.key for p in read.pieces})
+    keys = list(dict.fromkeys(p.key for p in read.pieces))
+    if len(keys) <= _MAX_NAMED:
+        return sorted(keys)
+    return [*keys[:_MAX_NAMED], f"... and {len(keys) - _MAX_NAMED} more"]
 
 
 def _check_files(conn, manifest: Manifest) -> list[dict]:
