@@ -183,7 +183,7 @@ def test_password_env(capsys, monkeypatch: pytest.MonkeyPatch):
 def test_password_env_reaches_the_connector(store: Path, capsys, monkeypatch: pytest.MonkeyPatch):
     seen = {}
 
-    def fake_inspect(url, model, *, tp=None, connector_options=None):
+    def fake_inspect(url, model, *, tp=None, connector_options=None, **_):
         seen.update(connector_options or {})
         return {"echo": connector_options["password"]}
 
