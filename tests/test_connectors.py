@@ -543,16 +543,26 @@ def test_redis_pipelined_writes_land_and_a_refused_set_is_named(redis_server) ->
         assert conn.read("w/again") == b"still usable" and conn.read("w/small") == b"ok"
 
 
-def test_redis_cluster_node_is_refused(start_redis) -> None:
+def test_redis_cluster_node_without_slots_is_one_clear_error(start_redis) -> None:
+    """A node in cluster mode whose cluster was never created: one permanent error naming the node and the fix;
+    a cluster URL naming another database than 0 is a ConfigError (a cluster has only db 0)."""
     node = start_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     with open_connector(node.url) as conn:
         for op in (lambda: conn.readinto("k", 0, memoryview(bytearray(1))), lambda: conn.write("k", b"v")):
-            with pytest.raises(BackendError, match="Redis Cluster is not supported") as info:
+            with pytest.raises(BackendError, match=f"127.0.0.1:{node.port} has no hash slots.*cluster create") as info:
                 op()
             assert not info.value.transient
-    with open_connector(node.url.replace("/0", "/1")) as conn:  # SELECT is refused in cluster mode
-        with pytest.raises(BackendError, match="Redis Cluster is not supported"):
+    node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    deadline = time.monotonic() + 10
+    while b"cluster_state:ok" not in node.client().execute_command("CLUSTER", "INFO"):
+        assert time.monotonic() < deadline, "the one-node cluster did not reach cluster_state:ok"
+        time.sleep(0.05)
+    with open_connector(node.url.replace("/0", "/1")) as conn:
+        with pytest.raises(ConfigError, match="names database 1.*only database 0: use /0"):
             conn.readinto("k", 0, memoryview(bytearray(1)))
+    with open_connector(node.url) as conn:  # one master holding every slot: a working cluster
+        conn.write("k", b"v")
+        assert conn.read("k") == b"v" and conn.masters() == [f"127.0.0.1:{node.port}"]
 
 
 def test_redis_tls(start_redis, tls_files) -> None:
