@@ -265,7 +265,13 @@ class RedisConnector(Connector):
     def _route(self, keys: Sequence[str | bytes]) -> dict[Addr, list[int]]:
         """Positions of ``keys`` grouped by the server that holds them."""
         slot_map = self._slot_map()
-        return {self._seed: list(range(len(keys)))} if slot_map is None else slot_map.route(keys)
+        if slot_map is None:
+            return {self._seed: list(range(len(keys)))}
+        try:
+            return slot_map.route(keys)
+        except BackendError:  # a slot without a master: read the map again on the next try
+            self._topology.invalidate()
+            raise
 
     def masters(self) -> list[str]:
         """``host:port`` of every server holding data: the cluster's masters, or the one server."""
