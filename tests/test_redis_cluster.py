@@ -174,6 +174,22 @@ def test_auth_and_database_behave_as_for_one_server(cluster, published):
             conn.read("m/manifest.json")
 
 
+def test_eviction_check_covers_every_master(cluster, published):
+    """A master that may evict keys is named by the check publish runs (the others are quiet)."""
+    masters = cluster.masters()
+    evicting = cluster.node(masters[-1]).client()
+    evicting.config_set("maxmemory", str(1 << 30))
+    evicting.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with rl.open_connector(cluster.url, **OPTS) as conn:
+            warning = conn.check_eviction_policy()
+        assert warning and f"node {masters[-1]})" in warning and "allkeys-lru" in warning, warning
+        assert not any(f"node {m})" in warning for m in masters[:-1]), warning
+    finally:
+        evicting.config_set("maxmemory-policy", "noeviction")
+        evicting.config_set("maxmemory", "0")
+
+
 def test_failover_during_a_load_then_the_next_load_verifies(cluster, published, ckpt):
     """A master (not the URL's node) dies mid-load; its replica is promoted within ~3 s. The load in flight either
     completes verified or fails with one clear error; the next load completes verified."""
