@@ -544,15 +544,27 @@ def test_redis_pipelined_writes_land_and_a_refused_set_is_named(redis_server) ->
 
 
 def test_redis_cluster_node_without_slots_is_one_clear_error(start_redis) -> None:
-    """A node in cluster mode whose cluster was never created: one permanent error naming the node and the fix;
-    a cluster URL naming another database than 0 is a ConfigError (a cluster has only db 0)."""
+    """A node in cluster mode whose cluster was never created: one permanent error naming the node and the fix; with
+    half its slots, CLUSTERDOWN names the node (transient: retried until the deadline) and a key of an unserved slot
+    names the slot; a cluster URL naming another database than 0 is a ConfigError (a cluster has only db 0)."""
     node = start_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     with open_connector(node.url) as conn:
         for op in (lambda: conn.readinto("k", 0, memoryview(bytearray(1))), lambda: conn.write("k", b"v")):
             with pytest.raises(BackendError, match=f"127.0.0.1:{node.port} has no hash slots.*cluster create") as info:
                 op()
             assert not info.value.transient
-    node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    from redis.crc import key_slot
+
+    low, high = (next(k for k in (f"k{i}" for i in range(999)) if test(key_slot(k.encode()))) for test in
+                 (lambda s: s < 8192, lambda s: s >= 8192))
+    node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 8191)  # half the slots: the cluster is down
+    with open_connector(node.url) as conn:
+        with pytest.raises(BackendError, match=f"cluster node 127.0.0.1:{node.port}.*CLUSTERDOWN") as info:
+            conn.readinto(low, 0, memoryview(bytearray(1)))
+        assert info.value.transient and info.value.until_deadline, "retried until the deadline (a failover)"
+        with pytest.raises(BackendError, match=f"hash slot {key_slot(high.encode())} .* has no master"):
+            conn.readinto(high, 0, memoryview(bytearray(1)))
+    node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
     deadline = time.monotonic() + 10
     while b"cluster_state:ok" not in node.client().execute_command("CLUSTER", "INFO"):
         assert time.monotonic() < deadline, "the one-node cluster did not reach cluster_state:ok"
