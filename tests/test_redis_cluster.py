@@ -178,6 +178,39 @@ def test_auth_and_database_behave_as_for_one_server(cluster, published):
             conn.read("m/manifest.json")
 
 
+def test_ask_during_a_slot_migration_then_moved_after_it(cluster, published):
+    """A chunk's slot being migrated: its old master answers ASK for the moved key and the read follows it (ASKING on
+    the importing master); once the slot is handed over, the connector's stale map meets MOVED, re-reads the map and
+    reads the key from its new master."""
+    from redis.crc import key_slot
+
+    with rl.open_connector(cluster.url, **OPTS) as conn:
+        manifest = read_manifest(conn, "m")
+        key = sorted(conn.list(f"m/{manifest.version}/"))[0]
+        want = conn.read(key)
+        (source,) = conn.nodes_of([key])
+        target = next(m for m in conn.masters() if m != source)
+        slot = key_slot(key.encode())
+        src, dst = cluster.node(source).client(), cluster.node(target).client()
+        src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        assert src.execute_command("MIGRATE", "127.0.0.1", cluster.node(target).port, key, 0, 5000) in (b"OK", "OK")
+        buf = bytearray(len(want))
+        asked = conn.traffic.get(target, [0, 0])[0]
+        conn.readinto(key, 0, memoryview(buf))  # the source answers ASK; the read follows it to the target
+        assert conn.traffic[target][0] == asked + 1, "the read went to the importing master"
+        assert bytes(buf) == want and conn.nodes_of([key]) == {source: [key]}, "ASK leaves the slot map as it was"
+        for name in cluster.masters():
+            cluster.node(name).client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        buf = bytearray(len(want))
+        conn.readinto(key, 0, memoryview(buf))  # the stale map sends it to the source: MOVED, map re-read
+        assert bytes(buf) == want and conn.nodes_of([key]) == {target: [key]}
+    assert dst.execute_command("WAIT", 1, 5000) == 1
+    check = rl.verify(cluster.url, "m", connector_options=OPTS)
+    assert not check.failures
+
+
 def test_tls_cluster_through_a_rediss_url(tmp_path, tls_files):
     """``rediss://`` of one node of a TLS-only cluster (3 masters): the slot map names each node's TLS port, every
     master is reached over TLS with the URL's CA; without the CA it is the certificate error of one server."""

@@ -300,13 +300,17 @@ class RedisConnector(Connector):
                 self._check_reply(req, got)
 
     def _exchange(self, items: list, how: _Pipeline, action: str) -> list:
-        """One reply per item, each item sent to the server that holds its key; items a cluster node redirects
-        (``MOVED``/``ASK``) go again after the slot map is refreshed."""
+        """One reply per item, each item sent to the server that holds its key. Items a cluster node moved
+        (``MOVED``) go again after the slot map is refreshed; an item of a slot being migrated (``ASK``) goes to the
+        node named, after ``ASKING``, and its slot keeps its owner."""
         replies: list = [None] * len(items)
         todo = list(range(len(items)))
         for _ in range(MAX_REDIRECTS):
             groups = self._route([items[i].key for i in todo])
             got = self._on_nodes({addr: [todo[p] for p in pos] for addr, pos in groups.items()}, items, how, action)
+            for i, (_addr, reply) in list(got.items()):
+                if isinstance(reply, RespError) and reply.code == "ASK":
+                    got[i] = self._ask(i, reply, items, how, action)
             redirected = []
             for i, (addr, reply) in got.items():
                 code = reply.code if isinstance(reply, RespError) else ""
@@ -321,6 +325,13 @@ class RedisConnector(Connector):
             self._topology.invalidate()
             todo = redirected
         raise self._node_error(got[todo[0]][1], got[todo[0]][0], action)
+
+    def _ask(self, i: int, ask: RespError, items: list, how: _Pipeline, action: str) -> tuple[Addr, Any]:
+        """Item ``i`` on the node an ``ASK slot host:port`` reply names, preceded by ``ASKING`` (which admits one
+        command for a slot that node is importing)."""
+        host, _, port = str(ask).split()[-1].rpartition(":")
+        asking = _Pipeline(lambda conn, sent: (conn.call(b"ASKING"), how.send(conn, sent)), how.receive, how.size)
+        return self._on_nodes({(host, int(port)): [i]}, items, asking, action)[i]
 
     def _on_nodes(
         self, groups: dict[Addr, list[int]], items: list, how: _Pipeline, action: str
