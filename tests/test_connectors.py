@@ -698,3 +698,28 @@ def test_s3_ranged_read_answered_with_the_whole_object_is_an_error(monkeypatch) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cluster_slot_maps_parse_shards_and_slots_replies() -> None:
+    """CLUSTER SHARDS (Redis 7: the online master owns its shard's ranges, a failed one is skipped, TLS ports when
+    asked) and CLUSTER SLOTS (Redis 6: the first node of a range owns it; an empty host is the node asked)."""
+    from raydist_loader.connectors._cluster import SLOTS, parse_shards, parse_slots
+
+    def node(port, role, health=b"online", tls_port=None):
+        extra = [b"tls-port", tls_port] if tls_port else []
+        return [b"id", b"x", b"port", port, *extra, b"ip", b"127.0.0.1", b"endpoint", b"127.0.0.1",
+                b"role", role, b"health", health]
+
+    shards = [
+        [b"slots", [0, 99, 200, 16383], b"nodes", [node(7001, b"master", tls_port=8001), node(7004, b"replica")]],
+        [b"slots", [100, 199], b"nodes", [node(7002, b"master", b"fail"), node(7005, b"master")]],
+        [b"slots", [], b"nodes", [node(7003, b"master", b"fail")]],  # a failed master that lost its slots
+    ]
+    found = parse_shards(shards, ("10.0.0.1", 7001), tls=False)
+    assert found.owners[0] == found.owners[16383] == ("127.0.0.1", 7001) and found.owners[150] == ("127.0.0.1", 7005)
+    assert found.masters == (("127.0.0.1", 7001), ("127.0.0.1", 7005)) and len(found.nodes) == 5
+    assert parse_shards(shards, ("10.0.0.1", 7001), tls=True).owners[0] == ("127.0.0.1", 8001)
+    slots = [[0, 8191, [b"", 7001, b"id1"], [b"127.0.0.1", 7004, b"id4"]], [8192, 16383, [b"10.0.0.2", 7002, b"i"]]]
+    found = parse_slots(slots, ("10.0.0.1", 7001))
+    assert found.owners[0] == ("10.0.0.1", 7001) and found.owners[SLOTS - 1] == ("10.0.0.2", 7002)
+    assert found.route(["a", "b", "c"]) and set(found.route(["k"] * 3)) <= set(found.masters)

@@ -21,8 +21,8 @@ from ._resp import Reply, RespConnection, RespError
 
 SLOTS = 16384
 Addr = tuple[str, int]
-#: Message of a node whose cluster support is off: a standalone server.
-_DISABLED = "cluster support disabled"
+#: Replies of a node that cannot answer now (not a sign of a standalone server).
+_BUSY = frozenset({"LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN"})
 _UNKNOWN = object()
 
 
@@ -117,17 +117,20 @@ def parse_slots(reply: Reply, seed: Addr) -> SlotMap:
 def fetch_map(conn: RespConnection, seed: Addr, tls: bool) -> SlotMap | None:
     """The slot map as ``conn``'s node sees it, or None when that node is a standalone server.
 
-    A user whose ACL denies the CLUSTER command is taken to be on a standalone server: if it is a cluster after
-    all, its first ``MOVED`` comes back and :class:`Topology` then names the missing permission.
+    A node that refuses the CLUSTER command (cluster support disabled; an ACL without it; the command renamed
+    away) is taken to be a standalone server: if it is a cluster node after all, its first ``MOVED`` comes back
+    and the connector then names the missing permission. A node that is busy (``LOADING``...) raises: retry.
     """
-    try:
-        return parse_shards(conn.call(b"CLUSTER", b"SHARDS"), seed, tls)
-    except RespError as e:
-        if _DISABLED in str(e) or e.code == "NOPERM":
-            return None
-        if "unknown subcommand" not in str(e).lower():
-            raise
-    return parse_slots(conn.call(b"CLUSTER", b"SLOTS"), seed)
+    parsers = ((b"SHARDS", lambda r: parse_shards(r, seed, tls)), (b"SLOTS", lambda r: parse_slots(r, seed)))
+    for command, parse in parsers:
+        try:
+            return parse(conn.call(b"CLUSTER", command))
+        except RespError as e:
+            if e.code in _BUSY:
+                raise
+            if command == b"SLOTS" or "unknown subcommand" not in str(e).lower():  # SHARDS is Redis >= 7
+                return None
+    return None
 
 
 class Topology:
