@@ -273,10 +273,13 @@ class RedisConnector(Connector):
             self._topology.invalidate()
             raise
 
+    def _masters(self) -> tuple[Addr, ...]:
+        slot_map = self._slot_map()
+        return slot_map.masters if slot_map else (self._seed,)
+
     def masters(self) -> list[str]:
         """``host:port`` of every server holding data: the cluster's masters, or the one server."""
-        slot_map = self._slot_map()
-        return [addr_name(a) for a in (slot_map.masters if slot_map else (self._seed,))]
+        return [addr_name(a) for a in self._masters()]
 
     def nodes_of(self, keys: Sequence[str]) -> dict[str, list[str]]:
         """``keys`` grouped by the server (``host:port``) that holds them."""
@@ -452,9 +455,7 @@ class RedisConnector(Connector):
     def list(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix``: a SCAN of the server, or of every master of a cluster."""
         found: set[str] = set()
-        for name in self.masters():
-            host, _, port = name.rpartition(":")
-            addr = (host, int(port))
+        for addr in self._masters():
             with self._errors(f"listing {prefix!r}", addr):
                 scan = self._node_client(addr).scan_iter(glob_escape(prefix) + "*", 1000)
                 found |= {k.decode("utf-8", "replace") for k in scan}
@@ -506,9 +507,7 @@ class RedisConnector(Connector):
         chunks), else None. A server with CONFIG disabled, renamed or not permitted to this user cannot be
         checked: None."""
         warnings = []
-        for name in self.masters():
-            host, _, port = name.rpartition(":")
-            addr = (host, int(port))
+        for addr in self._masters():
             with self._errors("reading the maxmemory settings", addr):
                 try:
                     config = self._node_client(addr).config_get("maxmemory*")
@@ -517,7 +516,7 @@ class RedisConnector(Connector):
             policy = config.get("maxmemory-policy", "noeviction")
             maxmemory = int(config.get("maxmemory", 0) or 0)
             if policy != "noeviction" and maxmemory:
-                where = self.describe() + (f" (node {name})" if self._topology.known_cluster else "")
+                where = self.describe() + (f" (node {addr_name(addr)})" if self._topology.known_cluster else "")
                 warnings.append(f"Redis at {where} has maxmemory={maxmemory} and maxmemory-policy={policy}")
         if not warnings:
             return None
