@@ -4,7 +4,8 @@ time.
 What is retried: a :class:`~raydist_loader.errors.BackendError` whose ``transient`` is True (connection reset or
 refused, timeouts, Redis LOADING/BUSY, S3 5xx/SlowDown: the connectors decide), and raw ``ConnectionError`` /
 ``TimeoutError`` that a plug-in connector may let through. Everything else (auth, a missing key, a bad manifest,
-a digest mismatch, a bug) is raised at once, unchanged.
+a digest mismatch, a bug) is raised at once, unchanged. A transient error marked ``until_deadline`` (a Redis Cluster
+promoting a replica) is retried until the deadline even past the attempt limit.
 
 When the attempts or the deadline run out, :func:`call` raises one ``BackendError`` that says how many attempts
 were made over how many seconds and what the last failure was. Reads are idempotent (they fill the same buffers
@@ -108,18 +109,21 @@ def call(
             if not is_transient(exc) or policy.attempts == 1:
                 raise
             elapsed = clock() - start
-            wait = policy.delay(attempt, rand) if attempt < policy.attempts else 0.0
-            if attempt >= policy.attempts or elapsed + wait >= policy.deadline_s:
-                raise _exhausted(exc, what, attempt, elapsed, policy) from exc
+            limited = attempt >= policy.attempts and not getattr(exc, "until_deadline", False)
+            wait = 0.0 if limited else policy.delay(attempt, rand)
+            if limited or elapsed + wait >= policy.deadline_s:
+                raise _exhausted(exc, what, attempt, elapsed, policy, limited) from exc
             if wait > 0:
                 sleep(wait)
 
 
-def _exhausted(exc: BaseException, what: str, attempts: int, elapsed: float, policy: RetryPolicy) -> BackendError:
+def _exhausted(
+    exc: BaseException, what: str, attempts: int, elapsed: float, policy: RetryPolicy, limited: bool
+) -> BackendError:
     last = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
     bound = (
         f"the retry limit of {policy.attempts} attempts"
-        if attempts >= policy.attempts
+        if limited
         else f"the retry deadline of {policy.deadline_s:g}s"
     )
     plural = "attempt" if attempts == 1 else "attempts"

@@ -543,16 +543,38 @@ def test_redis_pipelined_writes_land_and_a_refused_set_is_named(redis_server) ->
         assert conn.read("w/again") == b"still usable" and conn.read("w/small") == b"ok"
 
 
-def test_redis_cluster_node_is_refused(start_redis) -> None:
+def test_redis_cluster_node_without_slots_is_one_clear_error(start_redis) -> None:
+    """A node in cluster mode whose cluster was never created: one permanent error naming the node and the fix; with
+    half its slots, CLUSTERDOWN names the node (transient: retried until the deadline) and a key of an unserved slot
+    names the slot; a cluster URL naming another database than 0 is a ConfigError (a cluster has only db 0)."""
     node = start_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
     with open_connector(node.url) as conn:
         for op in (lambda: conn.readinto("k", 0, memoryview(bytearray(1))), lambda: conn.write("k", b"v")):
-            with pytest.raises(BackendError, match="Redis Cluster is not supported") as info:
+            with pytest.raises(BackendError, match=f"127.0.0.1:{node.port} has no hash slots.*cluster create") as info:
                 op()
             assert not info.value.transient
-    with open_connector(node.url.replace("/0", "/1")) as conn:  # SELECT is refused in cluster mode
-        with pytest.raises(BackendError, match="Redis Cluster is not supported"):
+    from redis.crc import key_slot
+
+    low, high = (next(k for k in (f"k{i}" for i in range(999)) if test(key_slot(k.encode()))) for test in
+                 (lambda s: s < 8192, lambda s: s >= 8192))
+    node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 8191)  # half the slots: the cluster is down
+    with open_connector(node.url) as conn:
+        with pytest.raises(BackendError, match=f"cluster node 127.0.0.1:{node.port}.*CLUSTERDOWN") as info:
+            conn.readinto(low, 0, memoryview(bytearray(1)))
+        assert info.value.transient and info.value.until_deadline, "retried until the deadline (a failover)"
+        with pytest.raises(BackendError, match=f"hash slot {key_slot(high.encode())} .* has no master"):
+            conn.readinto(high, 0, memoryview(bytearray(1)))
+    node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
+    deadline = time.monotonic() + 10
+    while b"cluster_state:ok" not in node.client().execute_command("CLUSTER", "INFO"):
+        assert time.monotonic() < deadline, "the one-node cluster did not reach cluster_state:ok"
+        time.sleep(0.05)
+    with open_connector(node.url.replace("/0", "/1")) as conn:
+        with pytest.raises(ConfigError, match="names database 1.*only database 0: use /0"):
             conn.readinto("k", 0, memoryview(bytearray(1)))
+    with open_connector(node.url) as conn:  # one master holding every slot: a working cluster
+        conn.write("k", b"v")
+        assert conn.read("k") == b"v" and conn.masters() == [f"127.0.0.1:{node.port}"]
 
 
 def test_redis_tls(start_redis, tls_files) -> None:
@@ -676,3 +698,28 @@ def test_s3_ranged_read_answered_with_the_whole_object_is_an_error(monkeypatch) 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cluster_slot_maps_parse_shards_and_slots_replies() -> None:
+    """CLUSTER SHARDS (Redis 7: the online master owns its shard's ranges, a failed one is skipped, TLS ports when
+    asked) and CLUSTER SLOTS (Redis 6: the first node of a range owns it; an empty host is the node asked)."""
+    from raydist_loader.connectors._cluster import SLOTS, parse_shards, parse_slots
+
+    def node(port, role, health=b"online", tls_port=None):
+        extra = [b"tls-port", tls_port] if tls_port else []
+        return [b"id", b"x", b"port", port, *extra, b"ip", b"127.0.0.1", b"endpoint", b"127.0.0.1",
+                b"role", role, b"health", health]
+
+    shards = [
+        [b"slots", [0, 99, 200, 16383], b"nodes", [node(7001, b"master", tls_port=8001), node(7004, b"replica")]],
+        [b"slots", [100, 199], b"nodes", [node(7002, b"master", b"fail"), node(7005, b"master")]],
+        [b"slots", [], b"nodes", [node(7003, b"master", b"fail")]],  # a failed master that lost its slots
+    ]
+    found = parse_shards(shards, ("10.0.0.1", 7001), tls=False)
+    assert found.owners[0] == found.owners[16383] == ("127.0.0.1", 7001) and found.owners[150] == ("127.0.0.1", 7005)
+    assert found.masters == (("127.0.0.1", 7001), ("127.0.0.1", 7005)) and len(found.nodes) == 5
+    assert parse_shards(shards, ("10.0.0.1", 7001), tls=True).owners[0] == ("127.0.0.1", 8001)
+    slots = [[0, 8191, [b"", 7001, b"id1"], [b"127.0.0.1", 7004, b"id4"]], [8192, 16383, [b"10.0.0.2", 7002, b"i"]]]
+    found = parse_slots(slots, ("10.0.0.1", 7001))
+    assert found.owners[0] == ("10.0.0.1", 7001) and found.owners[SLOTS - 1] == ("10.0.0.2", 7002)
+    assert found.route(["a", "b", "c"]) and set(found.route(["k"] * 3)) <= set(found.masters)

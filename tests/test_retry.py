@@ -127,6 +127,25 @@ def test_deadline_bounds_time_even_with_attempts_left():
     assert calls["n"] == 3 and clock.now < 4.0, "no wait runs past the deadline"
 
 
+def test_until_deadline_errors_are_retried_past_the_attempt_limit_until_the_deadline():
+    """A Redis Cluster promoting a replica: retried until the deadline whatever ``attempts`` says; success then."""
+    from raydist_loader.connectors._cluster import reconfiguring
+
+    clock = FakeClock()
+    failover = [reconfiguring("cannot reach Redis Cluster node 127.0.0.1:7001: refused") for _ in range(12)]
+    fn, calls = flaky(failover, clock=clock, cost=0.5)
+    assert run(fn, RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=1.0, deadline_s=30), clock) == "ok"
+    assert calls["n"] == 13 and clock.now < 30
+    clock = FakeClock()
+    fn, calls = flaky([reconfiguring("hash slot 7 has no master") for _ in range(100)], clock=clock, cost=0.5)
+    with pytest.raises(BackendError, match=r"attempts over \d+\.\ds \(the retry deadline of 10s\).*no master"):
+        run(fn, RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=1.0, deadline_s=10), clock)
+    assert calls["n"] > 3, "past the attempt limit"
+    with pytest.raises(BackendError, match="no master") as info:  # attempts=1: no retry at all, as asked
+        run(flaky([reconfiguring("hash slot 7 has no master")])[0], RetryPolicy(attempts=1), FakeClock())
+    assert info.value.transient
+
+
 def test_raw_os_errors_name_their_type_in_the_final_error():
     clock = FakeClock()
     fn, _ = flaky([ConnectionResetError(104, "Connection reset by peer")] * 5)

@@ -120,15 +120,31 @@ class RespConnection:
         Redis answers GETRANGE on a missing key with an empty string), None for a nil reply, or the server's
         error reply. Every reply is consumed even after an error reply, so the connection stays usable.
         """
+        self.send_getrange(reads)
+        return self.receive_getrange(reads)
+
+    def send_getrange(self, reads: Sequence[RangeRead]) -> None:
+        """The sending half of :meth:`getrange_into` (a caller with several servers sends to all, then receives)."""
         commands = [pack_command(b"GETRANGE", r.key, r.offset, r.offset + len(r.buf) - 1) for r in reads]
         self._sock.sendall(b"".join(commands))
+
+    def receive_getrange(self, reads: Sequence[RangeRead]) -> list[int | None | RespError]:
+        """The receiving half of :meth:`getrange_into`."""
         return [self._read_bulk_into(r.buf) for r in reads]
 
     def set_many(self, writes: Sequence[SetWrite]) -> list[Reply | RespError]:
         """Pipeline one SET per write, each value sent from its own buffer, then read every reply (``b"OK"``, or
         the server's error reply: all are consumed, so the connection stays usable)."""
+        self.send_set(writes)
+        return self.receive_replies(len(writes))
+
+    def send_set(self, writes: Sequence[SetWrite]) -> None:
+        """The sending half of :meth:`set_many`."""
         self._send(set_frames(writes))
-        return [self._read_reply() for _ in writes]
+
+    def receive_replies(self, count: int) -> list[Reply | RespError]:
+        """The next ``count`` replies, error replies returned (not raised)."""
+        return [self._read_reply() for _ in range(count)]
 
     def close(self) -> None:
         try:

@@ -5,9 +5,13 @@ Control operations (list, stat, delete) go through redis-py. The hot paths go th
 :mod:`._resp`: reads pipeline GETRANGE commands and receive each value straight into the caller's buffer
 (redis-py returns a new ``bytes`` per value: an extra copy and an allocation as large as the value); writes
 pipeline SETs sent straight from the caller's buffers (redis-py waits for each reply before the next SET). Each
-thread keeps its own raw connection, so a thread pool reads or writes over several sockets at once.
+thread keeps its own raw connection per server, so a thread pool reads or writes over several sockets at once.
 
-Redis Cluster is not supported: a cluster node answers with ``MOVED``/``ASK`` and gets a clear error.
+The same URL naming any node of a Redis Cluster serves the whole cluster (:mod:`._cluster` keeps the slot map): a
+batch is grouped by master, sent to every master before any reply is read (the masters work in parallel), and
+what a node redirects (``MOVED``/``ASK``) goes again after the map is refreshed; a node that stops answering
+invalidates the map and is retried until the retry deadline (its replica is promoted meanwhile). Control
+operations run on each master's own redis-py client; ``list`` scans every master.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
@@ -28,6 +33,7 @@ from redis.retry import Retry
 from ..errors import BackendError, ConfigError, NotFoundError, RaydistError
 from ..pool import batches
 from ..redact import redact_text
+from ._cluster import Addr, SlotMap, Topology, addr_name, reconfiguring
 from ._resp import Endpoint, RangeRead, RespConnection, RespError, SetWrite
 from .base import Buffer, Connector, ReadRequest, check_key, joined, short_read
 
@@ -54,6 +60,9 @@ _REDIS_PY_CODES: tuple[tuple[type[Exception], str], ...] = (
 )
 #: What a reused socket raises when the server closed it meanwhile (restart, idle timeout): worth one retry.
 _STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_REDIRECT_CODES = frozenset({"MOVED", "ASK"})
+#: Rounds of redirects one batch may take (a map refresh after each) before it is an error.
+MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -200,8 +209,24 @@ return 1
 """
 
 
+class _Pipeline(NamedTuple):
+    """How one kind of pipelined command goes over a raw connection: send a batch, receive its replies, and the
+    payload bytes of one item (for the traffic counters)."""
+
+    send: Callable[[RespConnection, list], None]
+    receive: Callable[[RespConnection, list], list]
+    size: Callable[[Any], int]
+
+
+_READS = _Pipeline(RespConnection.send_getrange, RespConnection.receive_getrange, lambda r: len(r.buf))
+_WRITES = _Pipeline(
+    RespConnection.send_set, lambda conn, writes: conn.receive_replies(len(writes)), lambda w: w.value.nbytes
+)
+T = TypeVar("T")
+
+
 class RedisConnector(Connector):
-    """A Redis database as a store: each object is one string key holding raw bytes."""
+    """A Redis database (or a Redis Cluster) as a store: each object is one string key holding raw bytes."""
 
     schemes = ("redis", "rediss")
     packs_files = False
@@ -224,43 +249,137 @@ class RedisConnector(Connector):
             url, username=username, password=password, ssl_ca_certs=ssl_ca_certs
         )
         self._endpoint = self._target.endpoint()
+        self._seed: Addr = (self._target.host, self._target.port)
         self._client = self._target.client()
+        self._clients: dict[Addr, redis.Redis] = {self._seed: self._client}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: set[RespConnection] = set()
+        self._topology = Topology(self._seed, self._open_node, self._target.tls)
+        #: ``host:port`` -> [requests, payload bytes] sent over the raw connections (reads and SETs), per server.
+        self.traffic: dict[str, list[int]] = {}
+
+    # ----------------------------------------------------------------- topology
+    def _open_node(self, addr: Addr) -> RespConnection:
+        """A raw connection to ``addr`` in database 0 (a cluster node, or the detection probe)."""
+        return RespConnection(replace(self._endpoint, host=addr[0], port=addr[1], db=0))
+
+    def _slot_map(self) -> SlotMap | None:
+        """The cluster's slot map, or None for a standalone server (asked once, on first use)."""
+        with self._errors("reading the cluster's slot map"):
+            found = self._topology.current()
+        if found is not None and self._target.db:
+            raise ConfigError(
+                f"{self.describe()} names database {self._target.db}, but it is a Redis Cluster node and a "
+                "cluster has only database 0: use /0 in the URL"
+            )
+        return found
+
+    def _route(self, keys: Sequence[str | bytes]) -> dict[Addr, list[int]]:
+        """Positions of ``keys`` grouped by the server that holds them."""
+        slot_map = self._slot_map()
+        if slot_map is None:
+            return {self._seed: list(range(len(keys)))}
+        try:
+            return slot_map.route(keys)
+        except BackendError:  # a slot without a master: read the map again on the next try
+            self._topology.invalidate()
+            raise
+
+    def _masters(self) -> tuple[Addr, ...]:
+        slot_map = self._slot_map()
+        return slot_map.masters if slot_map else (self._seed,)
+
+    def masters(self) -> list[str]:
+        """``host:port`` of every server holding data: the cluster's masters, or the one server."""
+        return [addr_name(a) for a in self._masters()]
+
+    def nodes_of(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        """``keys`` grouped by the server (``host:port``) that holds them."""
+        return {addr_name(addr): [keys[i] for i in pos] for addr, pos in self._route(keys).items()}
 
     # ----------------------------------------------------------------- reads (hot path, raw RESP)
     def readinto(self, key: str, offset: int, buf: memoryview) -> None:
         self.readinto_many([ReadRequest(key, offset, buf)])
 
     def readinto_many(self, requests: Sequence[ReadRequest]) -> None:
-        """Pipeline the reads over this thread's raw connection, at most ``MAX_INFLIGHT_BYTES`` per flush."""
+        """Pipeline the reads over this thread's raw connections (one per server), at most ``MAX_INFLIGHT_BYTES``
+        per flush."""
         for req in requests:
             check_key(req.key)
         for req in (r for r in requests if not len(r.buf)):
             self._require_exists(req.key)
         for batch in batches([r for r in requests if len(r.buf)], MAX_INFLIGHT_BYTES, _buf_bytes):
-            results = self._pipeline([RangeRead(r.key.encode(), r.offset, r.buf) for r in batch])
+            reads = [RangeRead(r.key.encode(), r.offset, r.buf) for r in batch]
+            results = self._exchange(reads, _READS, f"reading {batch[0].key!r}")
             for req, got in zip(batch, results, strict=True):
                 self._check_reply(req, got)
 
-    def _pipeline(self, reads: list[RangeRead]) -> list[int | None | RespError]:
-        """Run one pipelined batch of reads."""
-        return self._on_connection(lambda conn: conn.getrange_into(reads), f"reading {reads[0].key.decode()!r}")
+    def _exchange(self, items: list, how: _Pipeline, action: str) -> list:
+        """One reply per item, each item sent to the server that holds its key. Items a cluster node moved
+        (``MOVED``) go again after the slot map is refreshed; an item of a slot being migrated (``ASK``) goes to the
+        node named, after ``ASKING``, and its slot keeps its owner."""
+        replies: list = [None] * len(items)
+        todo = list(range(len(items)))
+        for _ in range(MAX_REDIRECTS):
+            groups = self._route([items[i].key for i in todo])
+            got = self._on_nodes({addr: [todo[p] for p in pos] for addr, pos in groups.items()}, items, how, action)
+            for i, (_addr, reply) in list(got.items()):
+                if isinstance(reply, RespError) and reply.code == "ASK":
+                    got[i] = self._ask(i, reply, items, how, action)
+            redirected = []
+            for i, (addr, reply) in got.items():
+                code = reply.code if isinstance(reply, RespError) else ""
+                if code in _REDIRECT_CODES:
+                    redirected.append(i)
+                elif code == "CLUSTERDOWN":
+                    raise self._node_error(reply, addr, action)
+                else:
+                    replies[i] = reply
+            if not redirected:
+                return replies
+            self._topology.invalidate()
+            todo = redirected
+        raise self._node_error(got[todo[0]][1], got[todo[0]][0], action)
 
-    def _on_connection(self, run: Callable[[RespConnection], list], action: str) -> list:
-        """``run`` on this thread's raw connection; a reused connection found dead (server restarted) is replaced
-        once (reads and SETs are idempotent, so repeating the batch is safe)."""
-        with self._errors(action):
-            for attempt in range(2):
-                conn, reused = self._connection()
-                try:
-                    return run(conn)
-                except OSError as e:
+    def _ask(self, i: int, ask: RespError, items: list, how: _Pipeline, action: str) -> tuple[Addr, Any]:
+        """Item ``i`` on the node an ``ASK slot host:port`` reply names, preceded by ``ASKING`` (which admits one
+        command for a slot that node is importing)."""
+        host, _, port = str(ask).split()[-1].rpartition(":")
+        asking = _Pipeline(lambda conn, sent: (conn.call(b"ASKING"), how.send(conn, sent)), how.receive, how.size)
+        return self._on_nodes({(host, int(port)): [i]}, items, asking, action)[i]
+
+    def _on_nodes(
+        self, groups: dict[Addr, list[int]], items: list, how: _Pipeline, action: str
+    ) -> dict[int, tuple[Addr, Any]]:
+        """Send every server its items, then receive each server's replies (the servers work in parallel);
+        ``{item: (server, reply)}``. A reused connection found dead (server restarted) is replaced once: reads and
+        SETs are idempotent, so repeating the batch is safe."""
+        for attempt in range(2):
+            used: list[tuple[RespConnection, bool]] = []
+            addr = self._seed
+            try:
+                for addr, pos in groups.items():
+                    conn, reused = self._connection(addr)
+                    used.append((conn, reused))
+                    how.send(conn, [items[i] for i in pos])
+                out: dict[int, tuple[Addr, Any]] = {}
+                for (addr, pos), (conn, _) in zip(groups.items(), used, strict=True):
+                    sent = [items[i] for i in pos]
+                    out.update(zip(pos, ((addr, r) for r in how.receive(conn, sent)), strict=True))
+                    self._count(addr, sent, how)
+                return out
+            except OSError as e:
+                for conn, _ in used:
                     self._discard(conn)
-                    if attempt or not reused or not isinstance(e, _STALE_ERRORS):
-                        raise
+                if attempt or not any(reused for _, reused in used) or not isinstance(e, _STALE_ERRORS):
+                    raise self._node_error(e, addr, action) from None
         raise AssertionError("unreachable")
+
+    def _count(self, addr: Addr, sent: list, how: _Pipeline) -> None:
+        stats = self.traffic.setdefault(addr_name(addr), [0, 0])
+        stats[0] += len(sent)
+        stats[1] += sum(how.size(item) for item in sent)
 
     def _check_reply(self, req: ReadRequest, got: int | None | RespError) -> None:
         if isinstance(got, RespError):
@@ -272,24 +391,25 @@ class RedisConnector(Connector):
             raise short_read(req.key, req.offset, len(req.buf), got, self.describe())
 
     def _require_exists(self, key: str) -> None:
-        with self._errors(f"checking {key!r}"):
-            found = self._client.exists(key)
-        if not found:
+        if not self._on_key(key, lambda client: client.exists(key), f"checking {key!r}"):
             raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
 
-    def _connection(self) -> tuple[RespConnection, bool]:
-        """This thread's raw connection (opened on first use) and whether it was used before."""
-        conn = getattr(self._local, "conn", None)
+    def _connection(self, addr: Addr) -> tuple[RespConnection, bool]:
+        """This thread's raw connection to ``addr`` (opened on first use) and whether it was used before."""
+        conns: dict[Addr, RespConnection] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get(addr)
         if conn is not None:
             return conn, True
-        conn = RespConnection(self._endpoint)
+        conn = RespConnection(self._endpoint) if addr == self._seed else self._open_node(addr)
         with self._lock:
             self._conns.add(conn)
-        self._local.conn = conn
+        conns[addr] = conn
         return conn, False
 
     def _discard(self, conn: RespConnection) -> None:
-        self._local.conn = None
+        conns: dict[Addr, RespConnection] = self._local.__dict__.setdefault("conns", {})
+        for addr in [a for a, c in conns.items() if c is conn]:
+            del conns[addr]
         with self._lock:
             self._conns.discard(conn)
         conn.close()
@@ -300,21 +420,47 @@ class RedisConnector(Connector):
         self.write_many([(key, joined(data))])
 
     def write_many(self, items: Sequence[tuple[str, Buffer]]) -> None:
-        """Pipelined SETs over this thread's raw connection, each value sent from its own buffer, at most
-        ``MAX_INFLIGHT_BYTES`` per flush; each SET is atomic on its own."""
+        """Pipelined SETs over this thread's raw connections (one per server), each value sent from its own
+        buffer, at most ``MAX_INFLIGHT_BYTES`` per flush; each SET is atomic on its own."""
         writes = [SetWrite(check_key(key).encode(), memoryview(value).cast("B")) for key, value in items]
         for batch in batches(writes, MAX_INFLIGHT_BYTES, _value_bytes):
-            replies = self._on_connection(lambda conn, b=batch: conn.set_many(b), f"writing {batch[0].key.decode()!r}")
+            replies = self._exchange(batch, _WRITES, f"writing {batch[0].key.decode()!r}")
             for write, reply in zip(batch, replies, strict=True):
                 if isinstance(reply, RespError):
                     raise self._backend_error(reply, f"writing {write.key.decode()!r}")
 
-    # ----------------------------------------------------------------- control (redis-py)
+    # ----------------------------------------------------------------- control (redis-py, one client per server)
+    def _node_client(self, addr: Addr) -> redis.Redis:
+        with self._lock:
+            client = self._clients.get(addr)
+            if client is None:
+                client = self._clients[addr] = replace(self._target, host=addr[0], port=addr[1], db=0).client()
+        return client
+
+    def _redirected(self, fn: Callable[[], T]) -> T:
+        """``fn()``, again after a slot map refresh when a cluster node redirected it."""
+        for attempt in range(MAX_REDIRECTS):
+            try:
+                return fn()
+            except BackendError as e:
+                if not getattr(e, "redirect", False) or attempt == MAX_REDIRECTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _on_key(self, key: str, fn: Callable[[redis.Redis], T], action: str) -> T:
+        """``fn(client)`` on the server that holds ``key``."""
+
+        def once() -> T:
+            (addr,) = self._route([key])
+            with self._errors(action, addr):
+                return fn(self._node_client(addr))
+
+        return self._redirected(once)
+
     def read(self, key: str) -> bytes:
         """One GET: the value as one SET left it, even while a publish replaces it."""
         check_key(key)
-        with self._errors(f"reading {key!r}"):
-            value = self._client.get(key)
+        value = self._on_key(key, lambda client: client.get(key), f"reading {key!r}")
         if value is None:
             raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
         return value
@@ -325,14 +471,17 @@ class RedisConnector(Connector):
         import hashlib  # local: this method stays self-contained
 
         want = "" if expected is None else hashlib.sha1(expected).hexdigest()
-        with self._errors(f"replacing {check_key(key)!r}"):
-            return bool(self._client.eval(_SWAP_SCRIPT, 1, key, want, bytes(data)))
+        check_key(key)  # on a cluster the script runs on the master that owns the key's slot
+        return bool(self._on_key(key, lambda client: client.eval(_SWAP_SCRIPT, 1, key, want, bytes(data)),
+                                 f"replacing {key!r}"))
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        with self._errors(f"listing {prefix!r}"):
-            found = {
-                k.decode("utf-8", "replace") for k in self._client.scan_iter(glob_escape(prefix) + "*", 1000)
-            }
+        """Every key under ``prefix``: a SCAN of the server, or of every master of a cluster."""
+        found: set[str] = set()
+        for addr in self._masters():
+            with self._errors(f"listing {prefix!r}", addr):
+                scan = self._node_client(addr).scan_iter(glob_escape(prefix) + "*", 1000)
+                found |= {k.decode("utf-8", "replace") for k in scan}
         yield from sorted(found)
 
     def stat(self, key: str) -> int | None:
@@ -341,78 +490,105 @@ class RedisConnector(Connector):
     def stat_many(self, keys: Sequence[str]) -> list[int | None]:
         """EXISTS + STRLEN of every key, pipelined (STRLEN alone cannot tell a missing key from an empty one)."""
         replies = self._pipelined(keys, lambda pipe, key: (pipe.exists(key), pipe.strlen(key)))
-        return [int(size) if exists else None for exists, size in zip(replies[::2], replies[1::2], strict=True)]
+        return [int(size) if exists else None for exists, size in replies]
 
     def modified(self, keys: Sequence[str]) -> list[float | None]:
         """Now minus ``OBJECT IDLETIME`` (seconds since the key was last touched, read or write: never earlier than
         its last write). A server with an LFU policy does not track idle time: None (undated)."""
         now = time.time()
         replies = self._pipelined(keys, lambda pipe, key: pipe.object("idletime", key), raise_on_error=False)
-        return [now - int(idle) if isinstance(idle, int) else None for idle in replies]
+        return [now - int(idle) if isinstance(idle, int) else None for (idle,) in replies]
 
-    def _pipelined(self, keys: Sequence[str], queue, *, raise_on_error: bool = True) -> list:
-        """Replies of ``queue(pipe, key)`` for every key, 1000 keys per round trip."""
-        replies: list = []
-        for start in range(0, len(keys), 1000):
-            batch = [check_key(k) for k in keys[start : start + 1000]]
-            more = f" and {len(batch) - 1} more keys" if len(batch) > 1 else ""
-            with self._errors(f"checking {batch[0]!r}{more}"):
-                pipe = self._client.pipeline(transaction=False)
-                for key in batch:
-                    queue(pipe, key)
-                replies += pipe.execute(raise_on_error=raise_on_error)
-        return replies
+    def _pipelined(self, keys: Sequence[str], queue, *, raise_on_error: bool = True) -> list[list]:
+        """The replies of ``queue(pipe, key)`` per key, on the server that holds it, 1000 keys per round trip."""
+        keys = [check_key(k) for k in keys]
+        return self._redirected(lambda: self._pipelined_once(keys, queue, raise_on_error))
+
+    def _pipelined_once(self, keys: list[str], queue, raise_on_error: bool) -> list[list]:
+        per_key: list[list] = [[] for _ in keys]
+        for addr, positions in self._route(keys).items():
+            client = self._node_client(addr)
+            for start in range(0, len(positions), 1000):
+                batch = positions[start : start + 1000]
+                more = f" and {len(batch) - 1} more keys" if len(batch) > 1 else ""
+                with self._errors(f"checking {keys[batch[0]]!r}{more}", addr):
+                    pipe = client.pipeline(transaction=False)
+                    for i in batch:
+                        queue(pipe, keys[i])
+                    replies = pipe.execute(raise_on_error=raise_on_error)
+                step = len(replies) // len(batch)
+                for j, i in enumerate(batch):
+                    per_key[i] = replies[j * step : (j + 1) * step]
+        return per_key
 
     def delete(self, key: str) -> None:
         check_key(key)
-        with self._errors(f"deleting {key!r}"):
-            self._client.unlink(key)
+        self._on_key(key, lambda client: client.unlink(key), f"deleting {key!r}")
 
     def check_eviction_policy(self) -> str | None:
-        """A warning when the server may evict keys (so a published model could lose chunks), else None.
-
-        A server with CONFIG disabled, renamed or not permitted to this user cannot be checked: None.
-        """
-        with self._errors("reading the maxmemory settings"):
-            try:
-                config = self._client.config_get("maxmemory*")
-            except rx.ResponseError:
-                return None
-        policy = config.get("maxmemory-policy", "noeviction")
-        maxmemory = int(config.get("maxmemory", 0) or 0)
-        if policy == "noeviction" or maxmemory == 0:
+        """A warning when a server (every master of a cluster) may evict keys (so a published model could lose
+        chunks), else None. A server with CONFIG disabled, renamed or not permitted to this user cannot be
+        checked: None."""
+        warnings = []
+        for addr in self._masters():
+            with self._errors("reading the maxmemory settings", addr):
+                try:
+                    config = self._node_client(addr).config_get("maxmemory*")
+                except rx.ResponseError:
+                    continue
+            policy = config.get("maxmemory-policy", "noeviction")
+            maxmemory = int(config.get("maxmemory", 0) or 0)
+            if policy != "noeviction" and maxmemory:
+                where = self.describe() + (f" (node {addr_name(addr)})" if self._topology.known_cluster else "")
+                warnings.append(f"Redis at {where} has maxmemory={maxmemory} and maxmemory-policy={policy}")
+        if not warnings:
             return None
         return (
-            f"Redis at {self.describe()} has maxmemory={maxmemory} and maxmemory-policy={policy}: it may "
-            "evict chunks of a published model, and loads would then fail; set maxmemory-policy to "
-            "noeviction (CONFIG SET maxmemory-policy noeviction) or use a server without a memory limit"
+            "; ".join(warnings) + ": it may evict chunks of a published model, and loads would then fail; set "
+            "maxmemory-policy to noeviction (CONFIG SET maxmemory-policy noeviction) or use a server without a "
+            "memory limit"
         )
 
     def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns), set()
+            clients = list(self._clients.values())
         for conn in conns:
             conn.close()
         self._local = threading.local()
-        self._client.close()
+        for client in clients:
+            client.close()
 
     # ----------------------------------------------------------------- errors
     @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
+    def _errors(self, action: str, addr: Addr | None = None) -> Iterator[None]:
         """Turn redis-py, RESP and socket failures into :class:`BackendError`; our own errors pass through."""
         try:
             yield
         except RaydistError:
             raise
         except (rx.RedisError, RespError, OSError) as e:
-            raise self._backend_error(e, action) from None
+            raise self._node_error(e, addr, action) from None
 
     def _backend_error(self, exc: BaseException, action: str) -> BackendError:
-        """A BackendError whose message says what failed where, without any secret."""
+        return self._node_error(exc, None, action)
+
+    def _node_error(self, exc: BaseException, addr: Addr | None, action: str) -> BackendError:
+        """A BackendError whose message says what failed where (the node, in a cluster), without any secret.
+
+        In a cluster, a redirect or a node that fails transiently invalidates the slot map; a transient failure is
+        then retried until the retry deadline (a master's replica is promoted meanwhile)."""
+        cluster = self._topology.known_cluster
+        where = self.describe() + (f" (cluster node {addr_name(addr)})" if cluster and addr else "")
         detail = redact_text(str(exc), (self._target.password or "",))
         user = self._target.username or "default"
-        message, transient = failure_message(exc, action, self.describe(), user, detail)
-        return BackendError(message, transient=transient)
+        message, transient = failure_message(exc, action, where, user, detail)
+        code = _error_code(exc)
+        if cluster and transient or code in _REDIRECT_CODES:
+            self._topology.invalidate()
+        error = reconfiguring(message) if cluster and transient else BackendError(message, transient=transient)
+        error.redirect = code in _REDIRECT_CODES  # type: ignore[attr-defined]
+        return error
 
 
 def _cert_failure(exc: BaseException, detail: str) -> bool:
@@ -429,11 +605,19 @@ def failure_message(exc: BaseException, action: str, where: str, user: str, deta
             f"authentication failed for user {user!r} at {where} ({detail}): check the username and "
             "password, and that the user's ACL allows this database's keys and commands"
         ), False
-    if code in _CLUSTER_CODES or "cluster mode" in detail.lower():
+    if code == "CLUSTERDOWN":
         return (
-            f"{where} is a Redis Cluster node ({detail}); Redis Cluster is not supported yet: point the URL "
-            "at a standalone Redis node"
-        ), False
+            f"the Redis Cluster at {where} is down while {action} ({detail}): a master and its replicas are "
+            "unreachable or a failover is still in progress; check `redis-cli cluster info` on that node"
+        ), True
+    if code in _REDIRECT_CODES:
+        return (
+            f"{where} keeps redirecting ({detail}) while {action}, although the slot map was read again: the "
+            "cluster is being resharded (retry when it is done), or this user may not run CLUSTER SHARDS / "
+            "CLUSTER SLOTS (grant +cluster|shards +cluster|slots)"
+        ), True
+    if code in _CLUSTER_CODES or "cluster mode" in detail.lower():
+        return f"{where} is a Redis Cluster node and refused {action} ({detail}); a cluster has only database 0", False
     if code in _BUSY_CODES:
         return f"Redis at {where} is busy while {action} ({detail}); retry shortly", True
     if _cert_failure(exc, detail):

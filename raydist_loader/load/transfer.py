@@ -276,8 +276,13 @@ class Transfer:
         return flat.view(outer, -1)[:, start : start + read.nbytes // outer]
 
     def _place(self, read: ChunkRead, chunk: torch.Tensor) -> None:
+        """A staged chunk into its place. Host to host with numpy, as :meth:`_place_rows`: a torch copy wakes the
+        intra-op thread pool, whose threads then spin for the CPU the store's server (on the same host) needs."""
         region = self._region(read)
-        region.copy_(chunk.view(region.shape), non_blocking=chunk.is_pinned())
+        if region.device.type == "cpu" and chunk.device.type == "cpu":
+            np.copyto(region.numpy(), chunk.view(region.shape).numpy())
+        else:
+            region.copy_(chunk.view(region.shape), non_blocking=chunk.is_pinned())
 
     def _expose(self) -> None:
         """The flat buffers viewed as the tensors the engine gets (no copy)."""

@@ -44,7 +44,11 @@ class CpuTransfer(Transfer):
         groups = shared([r for r in reads if not self._arena_run(r)])
         staged = [g for g in groups if g[0].read_bytes <= limit]
         big = [g for g in groups if g[0].read_bytes > limit]
-        slots = Ring(concurrency if staged else 0, limit, pin=False)
+        batches = _batches(direct, staged, limit)
+        # a slot holds one batch's staged chunks: sized to the most any batch stages, not to a whole batch (fresh
+        # staging pages cost a first touch each, as the arena's do)
+        need = max((sum(g[0].read_bytes for g in b.staged) for b in batches), default=0)
+        slots = Ring(min(concurrency, sum(1 for b in batches if b.staged)), need, pin=False)
         ring = Ring(min(2, len(big)), max((self._stage_size(g, g[0].read_bytes) for g in big), default=0), pin=False)
         digests: dict[tuple[int, str], str] = {}
 
@@ -54,7 +58,7 @@ class CpuTransfer(Transfer):
             else:
                 digests.update(self._run_batch(task, slots, conn))
 
-        run_all(run, [*_batches(direct, staged, limit), *big], concurrency, f"rank{self.rank}")
+        run_all(run, [*batches, *big], concurrency, f"rank{self.rank}")
         return digests
 
     def _run_batch(self, batch: _Batch, slots: Ring, conn: Connector) -> dict[tuple[int, str], str]:
