@@ -24,9 +24,11 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ShardingError
+from ..load.stream import ShardStream
 from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
 from ..report import RankReport
+from .direct import Capture, capture
 
 _LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
 OPTIONS: dict[str, str] = {
@@ -123,31 +125,86 @@ class Delivery:
 
     loaded: set[str] | None
     report: RankReport
+    capture: Capture | None = None  # where each tensor went: straight into parameters or through load_weights
 
 
-def rank_weights(
+def open_stream(
     options: EngineOptions, tp: int, rank: int, *, only: Callable[[str], bool] | None = None
-) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
-    """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
-    ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed.
-    The one way every engine takes weights from the store: how they are pulled (whole shard first, or streamed)
-    is decided here, for all engines at once."""
-    shard = pull_rank(options, tp, rank, only=only)
-    if not shard.tensors:
+) -> ShardStream:
+    """Rank ``rank`` of ``tp`` opened for streaming in the ``global`` layout on the host: the store opened, the
+    manifest checked, the plan made, no byte read yet. The caller closes it."""
+    from ..api import open_shard
+
+    loader = open_shard(
+        options.model,
+        options.url,
+        tp,
+        rank,
+        device="cpu",
+        concurrency=options.load.concurrency,
+        verify=options.load.verify,
+        expect_manifest_sha256=options.expect_manifest_sha256,
+        connector_options=options.connector_options(),
+        retries=options.load.retries.policy(),
+        only=only,
+        layout="global",
+    )
+    try:
+        stream = ShardStream(loader)
+    except BaseException:
+        loader.close()
+        raise
+    if not stream.plan.tensors:
+        stream.close()
         raise ShardingError(
             f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor names "
             "do not match the engine's model"
         )
-    report = shard.report
-    tensors = shard.tensors
-    del shard
+    return stream
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        while tensors:  # hand each tensor over once and drop it: the engine has copied it into its parameter
-            name = next(iter(tensors))
-            yield name, tensors.pop(name)
 
-    return weights(), lambda: report
+def rank_weights(
+    options: EngineOptions,
+    tp: int,
+    rank: int,
+    *,
+    only: Callable[[str], bool] | None = None,
+    whole: bool = False,
+) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
+    """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
+    ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed
+    (it raises unless the rank digest over every chunk is the expected one).
+
+    Streamed (default): each tensor is yielded as soon as its chunks have landed and verified, and dropped after;
+    a chunk still wrong after its re-pull raises out of the iterator, before the engine got that tensor (but after
+    it got earlier ones). ``whole=True`` (verify before write: reloads into a serving engine) pulls and verifies the
+    whole shard first, so a wrong byte raises before the engine got any tensor, at the cost of holding the shard
+    in host memory."""
+    if whole:
+        shard = pull_rank(options, tp, rank, only=only)
+        if not shard.tensors:
+            raise ShardingError(
+                f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor "
+                "names do not match the engine's model"
+            )
+        report, tensors = shard.report, shard.tensors
+        del shard
+
+        def held() -> Iterator[tuple[str, torch.Tensor]]:
+            while tensors:  # hand each tensor over once and drop it: the engine has copied it into its parameter
+                name = next(iter(tensors))
+                yield name, tensors.pop(name)
+
+        return held(), lambda: report
+    stream = open_stream(options, tp, rank, only=only)
+
+    def streamed() -> Iterator[tuple[str, torch.Tensor]]:
+        try:
+            yield from stream.weights()
+        finally:
+            stream.close()
+
+    return streamed(), stream.report
 
 
 def load_into(
@@ -157,12 +214,30 @@ def load_into(
     rank: int,
     *,
     only: Callable[[str], bool] | None = None,
+    direct: bool = True,
 ) -> Delivery:
-    """Pull rank ``rank`` of ``tp`` verified and feed it to ``model.load_weights`` (vLLM and SGLang models share
-    that method). Raises before the engine serves if a digest stays wrong after one re-pull."""
-    weights, report = rank_weights(options, tp, rank, only=only)
-    loaded = model.load_weights(weights)
-    return Delivery(set(loaded) if loaded is not None else None, report())
+    """Pull rank ``rank`` of ``tp`` verified into ``model`` (vLLM and SGLang models share ``load_weights``).
+
+    With ``direct`` (default), the model's ``load_weights`` is first run over probe tensors to learn, per checkpoint
+    tensor, which parameter region each of the rank's chunks is copied into (:mod:`.direct`); those chunks are
+    then read and hashed straight into the parameters, and only the other tensors (casts, transposes, anything
+    not provably a plain copy) are streamed through ``load_weights``, one group at a time. Raises before the
+    engine serves if a digest stays wrong after one re-pull; parameters written before that are left as they are
+    (the engine discards the model)."""
+    stream = open_stream(options, tp, rank, only=only)
+    try:
+        captured = capture(model, stream.plan) if direct else None
+        if captured is not None:
+            stream.land(captured.targets)
+        loaded = model.load_weights(stream.weights(skip=captured.direct if captured else ()))
+        report = stream.report()
+    finally:
+        stream.close()
+    if captured is not None:
+        report.phases["capture_s"] = captured.seconds
+        if loaded is not None and captured.loaded is not None:  # the probe run reported every tensor's parameters
+            loaded = set(loaded) | captured.loaded
+    return Delivery(set(loaded) if loaded is not None else None, report, captured)
 
 
 def missing_names(expected: set[str], delivered: set[str], what: str, limit: int = 20) -> str | None:

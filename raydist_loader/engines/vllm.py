@@ -32,6 +32,7 @@ from vllm.model_executor.models.utils import is_pp_missing_parameter
 from ..api import open_manifest
 from ..errors import ShardingError
 from ..report import RankReport
+from .direct import Capture
 from .handoff import EngineOptions, load_into, missing_names, rank_weights
 
 LOAD_FORMAT = "raydist"
@@ -74,13 +75,15 @@ class RaydistModelLoader(BaseModelLoader):
         seconds = time.perf_counter() - t0
         _check_all_loaded(model, delivery.loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
         model.raydist_report = delivery.report
-        logger.info(_describe(delivery.report, pp, seconds))
+        logger.info(_describe(delivery.report, pp, seconds, delivery.capture))
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the store's current
-        version of this worker's shard, verified, as full-size tensors."""
+        version of this worker's shard, verified, as full-size tensors. Verified *before* the first tensor is
+        handed over (``whole=True``): a reload whose bytes fail verification raises before vLLM changed any weight,
+        so a serving engine never holds a mix of two versions (the shard is held in host memory meanwhile)."""
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        weights, report = rank_weights(self.options, tp, rank, only=self._only(model))
+        weights, report = rank_weights(self.options, tp, rank, only=self._only(model), whole=True)
         yield from weights
         model.raydist_report = report()
 
@@ -115,12 +118,20 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
 
 
-def _describe(report: RankReport, pp, seconds: float) -> str:
+def _describe(report: RankReport, pp, seconds: float, capture: Capture | None = None) -> str:
     """One log line per rank."""
     stage = f", pp stage {pp.rank_in_group}/{pp.world_size}" if pp.world_size > 1 else ""
     verified = "verified" if report.verify else "NOT verified (verify=false)"
+    ways = ""
+    if capture is not None:
+        ph = report.phases
+        ways = (
+            f"; {len(capture.direct)} tensors read straight into parameters in {ph.get('land_s', 0):.3f} s, "
+            f"{len(capture.fallback)} through load_weights in {ph.get('stream_s', 0):.3f} s (capture "
+            f"{capture.seconds:.3f} s)"
+        )
     return (
         f"raydist: rank {report.rank}/{report.tp}{stage}: {report.model} version {report.version} "
         f"from {report.store}: {report.chunks} chunks, {report.bytes / 1e6:.1f} MB; pulled, verified and loaded "
-        f"into the model in {seconds:.2f} s ({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s), {verified}"
+        f"into the model in {seconds:.2f} s ({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s), {verified}{ways}"
     )
