@@ -243,3 +243,31 @@ def test_direct_false_streams_everything_through_load_weights(stores):
     delivery = load_into(model, _options(url, "llama"), 2, 1, direct=False)
     assert delivery.capture is None and delivery.report.verified
     assert all(torch.equal(model.param(n), reference.param(n)) for n in model.names)
+
+
+def test_a_reload_that_fails_verification_leaves_every_parameter_as_it_was(stores, tmp_path, monkeypatch):
+    """Reloads (vLLM ``get_all_weights``) verify before write (``whole=True``): a wrong byte in the new version
+    raises before the model's loaders got any tensor. Streamed, the same reload would have changed the tensors
+    before the wrong one: a mix of two versions."""
+    monkeypatch.setattr(Transfer, "part_bytes", 16 << 10)
+    url, ckpt = stores[("llama", "chunked")]
+    other = make_tiny_checkpoint("llama", tmp_path / "other", seed=5)
+    newer = f"file://{tmp_path}/newer"
+    rl.publish(other, newer, "llama", max_tp=MAX_TP)
+    bad = _flip_one_byte(tmp_path, newer, "llama", ROWWISE, "all.3")
+    model = VllmLikeLlama(_config(ckpt), 2, 1)
+    load_into(model, _options(url, "llama"), 2, 1)
+    before = {n: model.param(n).clone() for n in model.names}
+
+    def reload(whole: bool) -> None:
+        def get_all_weights():  # as vLLM's reload consumes the loader's iterator
+            weights, _ = rank_weights(_options(bad, "llama"), 2, 1, whole=whole)
+            yield from weights
+
+        with pytest.raises(VerificationError, match=f"rank 1: tensor {ROWWISE} chunk all.3"):
+            model.load_weights(get_all_weights())
+
+    reload(whole=True)
+    assert all(torch.equal(model.param(n), before[n]) for n in model.names)
+    reload(whole=False)
+    assert not all(torch.equal(model.param(n), before[n]) for n in model.names)
