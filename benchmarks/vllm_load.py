@@ -10,9 +10,10 @@ Then one vLLM engine per TP size (1, 2) is started with ``load_format="raydist"`
 vLLM's own ``safetensors`` loader on the checkpoint directory (page cache warm after the first round), and
 ``runai_streamer`` on the same directory when ``runai-model-streamer`` is installed in .venv-vllm. A TP group is
 loaded when its slowest worker is, so a sample is the max over workers; the table gives medians and the ratio to
-``safetensors`` at the same TP. Every timed load also records how much the worker's host memory grew at most above
-what it held before the load (``peak_hwm``: the kernel's high-water mark, file pages a loader maps included;
-``peak_anon``: anonymous memory sampled every ms), and raydist's log gives, per rank, how many tensors went straight
+``safetensors`` at the same TP. After the timed rounds, one more load per way, into a model whose parameters were
+written first (on CPU they are host memory), records how much the worker's host memory grew at most above what it
+held (``peak_hwm``: the kernel's high-water mark, file pages a loader maps included; ``peak_anon``: anonymous memory
+sampled every ms): the loader's own host memory. raydist's log gives, per rank, how many tensors went straight
 into vLLM's parameters and how many through ``load_weights``. Results: benchmarks/results/vllm.json.
 """
 

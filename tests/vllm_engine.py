@@ -13,8 +13,9 @@ fail (the error text is recorded); ``reloads``: ``{"label", "model"}``: vLLM's `
 safetensors loader from that checkpoint directory (without ``model``: with the engine's own load format), then the
 prompts again; ``reports``: collect every worker's
 ``model.raydist_report``; ``timed`` (entries as ``digests``) and ``rounds``: that many rounds, in alternating order,
-of a fresh load per entry, timing ``load_weights`` (benchmarks); ``memory``: also each timed load's host-memory
-growth (``peak_hwm``, ``peak_anon``: the worker that grew most). A run whose engine fails to start records the
+of a fresh load per entry, timing ``load_weights`` (benchmarks); ``memory``: then one more load per entry, untimed,
+into a model whose parameters were written first, recording how much host memory the loader itself took at most
+(``peak_hwm``, ``peak_anon``: the worker that grew most). A run whose engine fails to start records the
 error instead (the log has the root cause).
 OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "load_s", "error"}}``.
 vLLM spawns processes, so the body is guarded by ``if __name__ == "__main__"``.
@@ -67,7 +68,8 @@ def fresh_load(worker, load_format: str, extra: dict, model_dir: str | None, tag
                memory: bool = False) -> dict:
     """(in a worker) Build another instance of the served model and load it with ``load_format`` (``model_dir``:
     the directory the safetensors/Run:ai loaders read). Returns the seconds ``load_weights`` took, with ``memory``
-    the host memory it grew by at most (:class:`HostPeak`: ``peak_hwm``, ``peak_anon`` bytes) and, with
+    (the parameters written before, so their pages do not count) the host memory it grew by at most
+    (:class:`HostPeak`: ``peak_hwm``, ``peak_anon`` bytes) and, with
     ``hashes``, a sha256 of every parameter as loaded (before post-processing), keyed as vLLM's weight checksums:
     ``dp0:pp{p}:pcp0:tp{t}:<param>``."""
     import contextlib
@@ -91,6 +93,9 @@ def fresh_load(worker, load_format: str, extra: dict, model_dir: str | None, tag
             with torch.device("cpu"):
                 model = loader.create_model(vllm_config=worker.vllm_config, model_config=config, prefix=tag)
             gc.collect()
+            if memory:  # the parameters' pages committed first: what grows is the loader's own host memory
+                for p in model.parameters():
+                    p.data.zero_()
             with HostPeak() if memory else contextlib.nullcontext() as peak:
                 t0 = time.perf_counter()
                 loader.load_weights(model, config)
@@ -171,11 +176,12 @@ def exercise(llm, spec: dict, result: dict) -> None:
         result["reloads"][r["label"]] = generate(llm, spec["prompts"])
     for n in range(spec.get("rounds", 0)):  # interleaved; the slowest worker's time (the TP group waits for it)
         for i, d in enumerate(spec["timed"][:: 1 if n % 2 == 0 else -1]):
-            loads = fresh_loads(llm, f"timed{n}x{i}", d, False, spec.get("memory", False))
-            result["load_s"].setdefault(d["label"], []).append(max(r["seconds"] for r in loads))
-            if spec.get("memory"):  # the worker that grew most
-                for key in ("peak_hwm", "peak_anon"):
-                    result.setdefault(key, {}).setdefault(d["label"], []).append(max(r[key] for r in loads))
+            seconds = max(r["seconds"] for r in fresh_loads(llm, f"timed{n}x{i}", d, False))
+            result["load_s"].setdefault(d["label"], []).append(seconds)
+    for i, d in enumerate(spec.get("timed", []) if spec.get("memory") else []):  # untimed: the worker grown most
+        loads = fresh_loads(llm, f"memory{i}", d, False, True)
+        for key in ("peak_hwm", "peak_anon"):
+            result.setdefault(key, {})[d["label"]] = [max(r[key] for r in loads)]
     # last: with several workers, a failed collective_rpc can leave the other workers' replies queued
     for i, d in enumerate(spec.get("digests_failing", [])):
         try:
