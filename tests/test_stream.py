@@ -147,7 +147,9 @@ class VllmLikeLlama(torch.nn.Module):
     """A llama's parameters and ``load_weights`` as vLLM builds them for one TP rank: fused ``qkv_proj`` and
     ``gate_up_proj`` (segment narrows, kv heads replicated when tp > kv heads), row-parallel ``o_proj``/``down_proj``
     (narrow on dim 1), vocab-parallel embeddings (padding zero-filled), replicated norms; ``model.norm.weight`` is
-    float64 (``copy_`` casts: not a plain copy) and input layernorms go through ``clone()`` (not a view)."""
+    float64 (``copy_`` casts: not a plain copy), input layernorms go through ``clone()`` (not a view) and layer 1's
+    post-attention layernorm is checked with ``.item()`` (raises on a meta probe); layer 0's ``down_proj`` is
+    multiplied in place after its copy (a write over a copied region)."""
 
     STACKED = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"), ("v_proj", "qkv_proj", "v"),
                ("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", 1))
@@ -189,6 +191,8 @@ class VllmLikeLlama(torch.nn.Module):
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     cols = param.shape[1]
                     param.data.copy_(w.narrow(1, self.rank * cols, cols))
+                    if name == "model.layers.0.mlp.down_proj.weight":  # changed after its copy
+                        param.data.mul_(1.0)
                 elif name in ("model.embed_tokens.weight", "lm_head.weight"):
                     start, end = min(self.vocab, self.rank * self.per), min(self.vocab, (self.rank + 1) * self.per)
                     w = w.narrow(0, start, end - start)
@@ -196,6 +200,9 @@ class VllmLikeLlama(torch.nn.Module):
                     param[w.shape[0] :].data.fill_(0)
                 elif name.endswith("input_layernorm.weight"):
                     param.data.copy_(w.clone())
+                elif name == "model.layers.1.post_attention_layernorm.weight":  # .item() raises on a probe
+                    assert torch.isfinite(w).all().item()
+                    param.data.copy_(w)
                 else:
                     param.data.copy_(w)
             loaded.add(name)
@@ -227,10 +234,13 @@ def test_plain_copies_go_straight_into_parameters_the_rest_through_load_weights(
         for name in model.names:
             assert torch.equal(model.param(name), reference.param(name)), (name, rank)
         captured = delivery.capture
-        fallback = {"model.norm.weight"} | {n for n in full if n.endswith("input_layernorm.weight")}
+        raises, changed = "model.layers.1.post_attention_layernorm.weight", "model.layers.0.mlp.down_proj.weight"
+        fallback = {"model.norm.weight", raises, changed} | {n for n in full if n.endswith("input_layernorm.weight")}
         assert set(captured.fallback) == fallback
         assert "casts" in captured.fallback["model.norm.weight"]
         assert "not a view" in captured.fallback["model.layers.0.input_layernorm.weight"]
+        assert "raised RuntimeError on a probe" in captured.fallback[raises]
+        assert "overlaps its destination" in captured.fallback[changed]
         assert set(captured.direct_names) == set(full) - fallback
 
 

@@ -39,7 +39,8 @@ from torch.overrides import TorchFunctionMode
 from .. import dtypes
 from ..store.plan import ChunkRead, RankPlan
 
-_RESTARTS = 32  # probe runs restarted after a loader raised (each drops one tensor to the fallback)
+_RESTARTS = 32  # probe runs restarted after a loader raised (each drops one tensor to the fallback), and at most
+# about 4 passes over the tensors in all
 Box = tuple[tuple[int, int], ...]  # [start, end) per dim of the global tensor
 
 
@@ -75,14 +76,17 @@ def capture(model: torch.nn.Module, plan: RankPlan) -> Capture:
     slots = {s.name: s for s in plan.tensors}
     bad: dict[str, str] = {}
     saved = {n: (p, p.data) for n, p in model.named_parameters()}
-    recorder, loaded = None, None
+    recorder, loaded, fed = None, None, 0
     for _ in range(_RESTARTS):
+        if fed > 4 * len(names):  # restarts cost a pass each: past a few passes, stop learning
+            return _all_fallback(plan, f"load_weights raised on {len(bad)} probes", t0)
         recorder = _Recorder()
         try:
             with recorder:
                 loaded = model.load_weights(recorder.feed([(n, slots[n]) for n in names if n not in bad]))
             break
         except Exception as e:  # noqa: BLE001 - the tensor being loaded falls back; its real load will tell
+            fed += len(recorder.probes)
             if recorder.current is None:
                 return _all_fallback(plan, f"load_weights raised before the first tensor: {e}", t0)
             bad[recorder.current] = f"load_weights raised {type(e).__name__} on a probe: {str(e)[:200]}"
