@@ -6,9 +6,14 @@ and narrow it by the worker's TP rank themselves (vLLM's v2 parameters ignore ``
 MoE loaders never look at it). So each rank pulls only its shard, but lands it in the ``global`` layout
 (:data:`raydist_loader.store.plan.Layout`): every tensor is a full-size host tensor whose rank region (split dim,
 segments, kv replica) holds the verified bytes, read there directly with no copy in between. On CPU the pages
-outside the region are never touched, so never committed: a rank's memory is its shard. The engine's loaders then
-copy each region into its parameter on the worker's device, one tensor at a time, so a GPU never holds a second
-copy of the weights.
+outside the region are never touched, so never committed. The engine's loaders then copy each region into its
+parameter on the worker's device, one tensor at a time, so a GPU never holds a second copy of the weights.
+
+:func:`rank_weights` streams those tensors (:mod:`raydist_loader.load.stream`): each group is pulled and verified
+just before it is handed over and dropped after, so host memory is bounded by the staging parts plus one group,
+not by the shard (``whole=True``: the whole shard verified first, for reloads). :func:`load_into` goes further:
+where the model's weight loader is provably a plain narrow + copy (:mod:`.direct`), the chunks are read straight
+into the parameters, and only the other tensors are streamed through ``load_weights``.
 
 The options an engine passes (vLLM's ``model_loader_extra_config``) are parsed here too, so every engine accepts
 the same keys with the same errors.
@@ -156,11 +161,15 @@ def open_stream(
         raise
     if not stream.plan.tensors:
         stream.close()
-        raise ShardingError(
-            f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor names "
-            "do not match the engine's model"
-        )
+        raise _no_tensor(options, tp, rank)
     return stream
+
+
+def _no_tensor(options: EngineOptions, tp: int, rank: int) -> ShardingError:
+    return ShardingError(
+        f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor names "
+        "do not match the engine's model"
+    )
 
 
 def rank_weights(
@@ -183,10 +192,7 @@ def rank_weights(
     if whole:
         shard = pull_rank(options, tp, rank, only=only)
         if not shard.tensors:
-            raise ShardingError(
-                f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor "
-                "names do not match the engine's model"
-            )
+            raise _no_tensor(options, tp, rank)
         report, tensors = shard.report, shard.tensors
         del shard
 

@@ -8,11 +8,12 @@ Registered through the ``vllm.general_plugins`` entry point (see :func:`register
 
 ``DIR`` holds the model's config and tokenizer files (``raydist-loader pull-files URL --model NAME DIR``). Options
 are the keys of :data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world
-size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns; the shard lands in
-host memory as full-size tensors (see :mod:`.handoff`) and vLLM's own weight loaders narrow and copy each one into
-its parameter on the worker's device. Afterwards every parameter of the model must have been loaded, else the
-load fails with their names. The rank's load report is left on the model as ``model.raydist_report``. vLLM's
-in-place ``reload_weights`` (RL weight updates) pulls the store's current version the same way.
+size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns. Tensors whose vLLM
+weight loader is a plain narrow + copy are read straight into their parameters; the others are streamed as
+full-size host tensors through vLLM's own weight loaders, one group at a time (see :mod:`.handoff`). Afterwards
+every parameter of the model must have been loaded, else the load fails with their names. The rank's load report is
+left on the model as ``model.raydist_report``. vLLM's in-place ``reload_weights`` (RL weight updates) pulls the
+store's current version, verified before vLLM gets any of it.
 """
 
 from __future__ import annotations
