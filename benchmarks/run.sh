@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command of the benchmark: bash benchmarks/run.sh [--gb 1] [--runs 5] [--backends file,redis,s3]
-# The vLLM rows (load inside vLLM's workers): bash benchmarks/run.sh vllm [--mb 400] [--rounds 5]
+# The vLLM rows (load inside vLLM's workers): bash benchmarks/run.sh vllm [--mb 970] [--dtype bf16] [--rounds 5]
 # Sets up what it needs (repo venv, the peers, s3rver, redis-server), then runs python -m benchmarks.bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."

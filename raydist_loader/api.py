@@ -266,6 +266,45 @@ class Shard:
     report: RankReport
 
 
+def open_shard(
+    model: str,
+    url: str,
+    tp: int,
+    rank: int,
+    *,
+    device: str = DEFAULTS.device,
+    concurrency: int | None = DEFAULTS.concurrency,
+    verify: Verify = DEFAULTS.verify,
+    expect_manifest_sha256: str | None = None,
+    connector_options: dict | None = None,
+    retries: RetryPolicy | dict | None = None,
+    only: Callable[[str], bool] | None = None,
+    layout: Layout = "rank",
+    experts: Experts | None = None,
+) -> ShardLoader:
+    """One rank's loader, its store opened and the manifest read and checked once (``loader.opened_s`` says how
+    long that took), not loaded yet: :func:`load_shard` loads it whole, an engine hand-off streams it
+    (:mod:`raydist_loader.load.stream`). The caller closes it. Options as in :func:`load_shard`."""
+    options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
+    expect_manifest_sha256 = check_pin(expect_manifest_sha256)
+    t0 = time.perf_counter()
+    conn = open_connector(url, **(connector_options or {}))  # one connection set-up for manifest and shard
+    try:
+        manifest, _ = checked_manifest(  # parsed and checked once; the loader plans this rank from it
+            conn, model, expect_manifest_sha256=expect_manifest_sha256
+        )
+        loader = ShardLoader(
+            url, manifest, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
+            connector_options=connector_options, retries=options.retries.policy(), only=only, layout=layout,
+            connector=conn, experts=experts,
+        )
+    except BaseException:
+        conn.close()
+        raise
+    loader.opened_s = time.perf_counter() - t0
+    return loader
+
+
 @bulk
 def load_shard(
     model: str,
@@ -295,26 +334,14 @@ def load_shard(
     :data:`~raydist_loader.store.plan.Layout`); ``experts(name, expert)`` turns on expert parallelism: the routed
     experts it holds are pulled whole, the others not at all (see :mod:`~raydist_loader.store.experts`).
     """
-    options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
-    expect_manifest_sha256 = check_pin(expect_manifest_sha256)
-    t0 = time.perf_counter()
-    conn = open_connector(url, **(connector_options or {}))  # one connection set-up for manifest and shard
-    try:
-        manifest, _ = checked_manifest(  # parsed and checked once; the loader plans this rank from it
-            conn, model, expect_manifest_sha256=expect_manifest_sha256
-        )
-        opened = time.perf_counter() - t0
-        loader = ShardLoader(
-            url, manifest, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
-            connector_options=connector_options, retries=options.retries.policy(), only=only, layout=layout,
-            connector=conn, experts=experts,
-        )
-    except BaseException:
-        conn.close()
-        raise
+    loader = open_shard(
+        model, url, tp, rank, device=device, concurrency=concurrency, verify=verify,
+        expect_manifest_sha256=expect_manifest_sha256, connector_options=connector_options, retries=retries,
+        only=only, layout=layout, experts=experts,
+    )
     try:
         report = loader.load()
-        report.phases["manifest_s"] = opened  # the store opened, the manifest read and validated
+        report.phases["manifest_s"] = loader.opened_s  # the store opened, the manifest read and validated
         if verify:
             check_verified(model, [report])
         return Shard(loader.tensors, loader.metadata(), report)

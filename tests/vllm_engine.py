@@ -13,7 +13,9 @@ fail (the error text is recorded); ``reloads``: ``{"label", "model"}``: vLLM's `
 safetensors loader from that checkpoint directory (without ``model``: with the engine's own load format), then the
 prompts again; ``reports``: collect every worker's
 ``model.raydist_report``; ``timed`` (entries as ``digests``) and ``rounds``: that many rounds, in alternating order,
-of a fresh load per entry, timing ``load_weights`` (benchmarks). A run whose engine fails to start records the
+of a fresh load per entry, timing ``load_weights`` (benchmarks); ``memory``: then one more load per entry, untimed,
+into a model whose parameters were written first, recording how much host memory the loader itself took at most
+(``peak_hwm``, ``peak_anon``: the worker that grew most). A run whose engine fails to start records the
 error instead (the log has the root cause).
 OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "load_s", "error"}}``.
 vLLM spawns processes, so the body is guarded by ``if __name__ == "__main__"``.
@@ -29,11 +31,48 @@ import time
 import traceback
 
 
-def fresh_load(worker, load_format: str, extra: dict, model_dir: str | None, tag: str, hashes: bool) -> dict:
+class HostPeak:
+    """(in a worker) How much this process's host memory grows at most while a block runs, above what it held
+    when the block began: ``hwm`` from the kernel's high-water mark (reset through /proc/self/clear_refs; counts
+    file pages a loader maps too), ``anon`` from RssAnon sampled every millisecond (heap and staging only)."""
+
+    def __enter__(self) -> HostPeak:
+        import threading
+
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        self.base_rss, self.base_anon = _status("VmRSS"), _status("RssAnon")
+        self.peak_anon, self._stop = self.base_anon, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak_anon = max(self.peak_anon, _status("RssAnon"))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_anon = max(self.peak_anon, _status("RssAnon"))
+        self.hwm = _status("VmHWM") - self.base_rss
+        self.anon = self.peak_anon - self.base_anon
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def fresh_load(worker, load_format: str, extra: dict, model_dir: str | None, tag: str, hashes: bool,
+               memory: bool = False) -> dict:
     """(in a worker) Build another instance of the served model and load it with ``load_format`` (``model_dir``:
-    the directory the safetensors/Run:ai loaders read). Returns the seconds ``load_weights`` took and, with
+    the directory the safetensors/Run:ai loaders read). Returns the seconds ``load_weights`` took, with ``memory``
+    (the parameters written before, so their pages do not count) the host memory it grew by at most
+    (:class:`HostPeak`: ``peak_hwm``, ``peak_anon`` bytes) and, with
     ``hashes``, a sha256 of every parameter as loaded (before post-processing), keyed as vLLM's weight checksums:
     ``dp0:pp{p}:pcp0:tp{t}:<param>``."""
+    import contextlib
     import copy
 
     import torch
@@ -53,12 +92,20 @@ def fresh_load(worker, load_format: str, extra: dict, model_dir: str | None, tag
         with set_current_vllm_config(worker.vllm_config), set_default_torch_dtype(config.dtype):
             with torch.device("cpu"):
                 model = loader.create_model(vllm_config=worker.vllm_config, model_config=config, prefix=tag)
-            t0 = time.perf_counter()
-            loader.load_weights(model, config)
-            seconds = time.perf_counter() - t0
+            gc.collect()
+            if memory:  # the parameters' pages committed first: what grows is the loader's own host memory
+                for p in model.parameters():
+                    p.data.zero_()
+            with HostPeak() if memory else contextlib.nullcontext() as peak:
+                t0 = time.perf_counter()
+                loader.load_weights(model, config)
+                seconds = time.perf_counter() - t0
         prefix = worker._weight_checksum_prefix()
         digests = {prefix + n: d for n, d in compute_tensor_digests(model).items()} if hashes else None
-        return {"seconds": seconds, "digests": digests}
+        out = {"seconds": seconds, "digests": digests}
+        if peak is not None:
+            out |= {"peak_hwm": peak.hwm, "peak_anon": peak.anon}
+        return out
     finally:
         for key in set(context) - before:  # the copy's attention layers registered themselves under ``tag``
             del context[key]
@@ -103,9 +150,9 @@ def generate(llm, prompts: list[list[int]]) -> list[dict]:
     ]
 
 
-def fresh_loads(llm, tag: str, d: dict, hashes: bool) -> list[dict]:
+def fresh_loads(llm, tag: str, d: dict, hashes: bool, memory: bool = False) -> list[dict]:
     """``fresh_load`` in every worker; one result per worker."""
-    args = (d["load_format"], d.get("extra", {}), d.get("model"), tag, hashes)
+    args = (d["load_format"], d.get("extra", {}), d.get("model"), tag, hashes, memory)
     return llm.collective_rpc(fresh_load, args=args)
 
 
@@ -131,6 +178,10 @@ def exercise(llm, spec: dict, result: dict) -> None:
         for i, d in enumerate(spec["timed"][:: 1 if n % 2 == 0 else -1]):
             seconds = max(r["seconds"] for r in fresh_loads(llm, f"timed{n}x{i}", d, False))
             result["load_s"].setdefault(d["label"], []).append(seconds)
+    for i, d in enumerate(spec.get("timed", []) if spec.get("memory") else []):  # untimed: the worker grown most
+        loads = fresh_loads(llm, f"memory{i}", d, False, True)
+        for key in ("peak_hwm", "peak_anon"):
+            result.setdefault(key, {})[d["label"]] = [max(r[key] for r in loads)]
     # last: with several workers, a failed collective_rpc can leave the other workers' replies queued
     for i, d in enumerate(spec.get("digests_failing", [])):
         try:

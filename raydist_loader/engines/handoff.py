@@ -6,9 +6,14 @@ and narrow it by the worker's TP rank themselves (vLLM's v2 parameters ignore ``
 MoE loaders never look at it). So each rank pulls only its shard, but lands it in the ``global`` layout
 (:data:`raydist_loader.store.plan.Layout`): every tensor is a full-size host tensor whose rank region (split dim,
 segments, kv replica) holds the verified bytes, read there directly with no copy in between. On CPU the pages
-outside the region are never touched, so never committed: a rank's memory is its shard. The engine's loaders then
-copy each region into its parameter on the worker's device, one tensor at a time, so a GPU never holds a second
-copy of the weights.
+outside the region are never touched, so never committed. The engine's loaders then copy each region into its
+parameter on the worker's device, one tensor at a time, so a GPU never holds a second copy of the weights.
+
+:func:`rank_weights` streams those tensors (:mod:`raydist_loader.load.stream`): each group is pulled and verified
+just before it is handed over and dropped after, so host memory is bounded by the staging parts plus one group,
+not by the shard (``whole=True``: the whole shard verified first, for reloads). :func:`load_into` goes further:
+where the model's weight loader is provably a plain narrow + copy (:mod:`.direct`), the chunks are read straight
+into the parameters, and only the other tensors are streamed through ``load_weights``.
 
 The options an engine passes (vLLM's ``model_loader_extra_config``) are parsed here too, so every engine accepts
 the same keys with the same errors.
@@ -25,11 +30,13 @@ import torch
 
 from ..connectors import check_url
 from ..errors import ConfigError, ShardingError
+from ..load.stream import ShardStream
 from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
 from ..report import RankReport
 from ..store.experts import Experts
 from ..store.verify import check_pin
+from .direct import Capture, capture
 
 _LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
 OPTIONS: dict[str, str] = {
@@ -136,6 +143,52 @@ class Delivery:
 
     loaded: set[str] | None
     report: RankReport
+    capture: Capture | None = None  # where each tensor went: straight into parameters or through load_weights
+
+
+def open_stream(
+    options: EngineOptions,
+    tp: int,
+    rank: int,
+    *,
+    only: Callable[[str], bool] | None = None,
+    experts: Experts | None = None,
+) -> ShardStream:
+    """Rank ``rank`` of ``tp`` opened for streaming in the ``global`` layout on the host: the store opened, the
+    manifest checked, the plan made, no byte read yet. The caller closes it."""
+    from ..api import open_shard
+
+    loader = open_shard(
+        options.model,
+        options.url,
+        tp,
+        rank,
+        device="cpu",
+        concurrency=options.load.concurrency,
+        verify=options.load.verify,
+        expect_manifest_sha256=options.expect_manifest_sha256,
+        connector_options=options.connector_options(),
+        retries=options.load.retries.policy(),
+        only=only,
+        layout="global",
+        experts=experts,
+    )
+    try:
+        stream = ShardStream(loader)
+    except BaseException:
+        loader.close()
+        raise
+    if not stream.plan.tensors:
+        stream.close()
+        raise _no_tensor(options, tp, rank)
+    return stream
+
+
+def _no_tensor(options: EngineOptions, tp: int, rank: int) -> ShardingError:
+    return ShardingError(
+        f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor names "
+        "do not match the engine's model"
+    )
 
 
 def rank_weights(
@@ -145,27 +198,39 @@ def rank_weights(
     *,
     only: Callable[[str], bool] | None = None,
     experts: Experts | None = None,
+    whole: bool = False,
 ) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
     """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
-    ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed.
-    The one way every engine takes weights from the store: how they are pulled (whole shard first, or streamed)
-    is decided here, for all engines at once. ``only`` and ``experts`` as in :func:`pull_rank`."""
-    shard = pull_rank(options, tp, rank, only=only, experts=experts)
-    if not shard.tensors:
-        raise ShardingError(
-            f"model {options.model!r} has no tensor for this worker (rank {rank}/{tp}): the store's tensor names "
-            "do not match the engine's model"
-        )
-    report = shard.report
-    tensors = shard.tensors
-    del shard
+    ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed
+    (it raises unless the rank digest over every chunk is the expected one).
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        while tensors:  # hand each tensor over once and drop it: the engine has copied it into its parameter
-            name = next(iter(tensors))
-            yield name, tensors.pop(name)
+    Streamed (default): each tensor is yielded as soon as its chunks have landed and verified, and dropped after;
+    a chunk still wrong after its re-pull raises out of the iterator, before the engine got that tensor (but after
+    it got earlier ones). ``whole=True`` (verify before write: reloads into a serving engine) pulls and verifies the
+    whole shard first, so a wrong byte raises before the engine got any tensor, at the cost of holding the shard
+    in host memory."""
+    if whole:
+        shard = pull_rank(options, tp, rank, only=only, experts=experts)
+        if not shard.tensors:
+            raise _no_tensor(options, tp, rank)
+        report, tensors = shard.report, shard.tensors
+        del shard
 
-    return weights(), lambda: report
+        def held() -> Iterator[tuple[str, torch.Tensor]]:
+            while tensors:  # hand each tensor over once and drop it: the engine has copied it into its parameter
+                name = next(iter(tensors))
+                yield name, tensors.pop(name)
+
+        return held(), lambda: report
+    stream = open_stream(options, tp, rank, only=only, experts=experts)
+
+    def streamed() -> Iterator[tuple[str, torch.Tensor]]:
+        try:
+            yield from stream.weights()
+        finally:
+            stream.close()
+
+    return streamed(), stream.report
 
 
 def load_into(
@@ -176,12 +241,30 @@ def load_into(
     *,
     only: Callable[[str], bool] | None = None,
     experts: Experts | None = None,
+    direct: bool = True,
 ) -> Delivery:
-    """Pull rank ``rank`` of ``tp`` verified and feed it to ``model.load_weights`` (vLLM and SGLang models share
-    that method). Raises before the engine serves if a digest stays wrong after one re-pull."""
-    weights, report = rank_weights(options, tp, rank, only=only, experts=experts)
-    loaded = model.load_weights(weights)
-    return Delivery(set(loaded) if loaded is not None else None, report())
+    """Pull rank ``rank`` of ``tp`` verified into ``model`` (vLLM and SGLang models share ``load_weights``).
+
+    With ``direct`` (default), the model's ``load_weights`` is first run over probe tensors to learn, per checkpoint
+    tensor, which parameter region each of the rank's chunks is copied into (:mod:`.direct`); those chunks are
+    then read and hashed straight into the parameters, and only the other tensors (casts, transposes, anything
+    not provably a plain copy) are streamed through ``load_weights``, one group at a time. Raises before the
+    engine serves if a digest stays wrong after one re-pull; parameters written before that are left as they are
+    (the engine discards the model)."""
+    stream = open_stream(options, tp, rank, only=only, experts=experts)
+    try:
+        captured = capture(model, stream.plan) if direct else None
+        if captured is not None:
+            stream.land(captured.targets)
+        loaded = model.load_weights(stream.weights(skip=captured.direct if captured else ()))
+        report = stream.report()
+    finally:
+        stream.close()
+    if captured is not None:
+        report.phases["capture_s"] = captured.seconds
+        if loaded is not None and captured.loaded is not None:  # the probe run reported every tensor's parameters
+            loaded = set(loaded) | captured.loaded
+    return Delivery(set(loaded) if loaded is not None else None, report, captured)
 
 
 def missing_names(expected: set[str], delivered: set[str], what: str, limit: int = 20) -> str | None:

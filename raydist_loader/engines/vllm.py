@@ -8,15 +8,15 @@ Registered through the ``vllm.general_plugins`` entry point (see :func:`register
 
 ``DIR`` holds the model's config and tokenizer files (``raydist-loader pull-files URL --model NAME DIR``). Options
 are the keys of :data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world
-size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns; the shard lands in
-host memory as full-size tensors (see :mod:`.handoff`) and vLLM's own weight loaders narrow and copy each one into
-its parameter on the worker's device. With expert parallelism (``enable_expert_parallel``) each worker reads
-its MoE layers' own placement (``expert_map``) and pulls the routed experts it holds whole, and no other expert
-(:mod:`raydist_loader.store.experts`). Any parallel setting the hand-off does not model (see
-:func:`check_parallel`) is refused before a byte is loaded. Afterwards every parameter of the model must have been
-loaded, else the load fails with their names. The rank's load report is left on the model as
-``model.raydist_report``. vLLM's in-place ``reload_weights`` (RL weight updates) pulls the store's current version
-the same way.
+size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns. With expert parallelism
+(``enable_expert_parallel``) each worker reads its MoE layers' own placement (``expert_map``) and pulls the routed
+experts it holds whole, and no other expert (:mod:`raydist_loader.store.experts`). Any parallel setting the
+hand-off does not model (see :func:`check_parallel`) is refused before a byte is loaded. Tensors whose vLLM
+weight loader is a plain narrow + copy are read straight into their parameters; the others are streamed as
+full-size host tensors through vLLM's own weight loaders, one group at a time (see :mod:`.handoff`). Afterwards
+every parameter of the model must have been loaded, else the load fails with their names. The rank's load report is
+left on the model as ``model.raydist_report``. vLLM's in-place ``reload_weights`` (RL weight updates) pulls the
+store's current version, verified before vLLM gets any of it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ..api import open_manifest
 from ..errors import ConfigError, ShardingError
 from ..report import RankReport
 from ..store.experts import Experts, owned_by_layer
+from .direct import Capture
 from .handoff import EngineOptions, load_into, missing_names, rank_weights
 
 LOAD_FORMAT = "raydist"
@@ -80,14 +81,18 @@ class RaydistModelLoader(BaseModelLoader):
         seconds = time.perf_counter() - t0
         _check_all_loaded(model, delivery.loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
         model.raydist_report = delivery.report
-        logger.info(_describe(delivery.report, pp, seconds, experts is not None))
+        logger.info(_describe(delivery.report, pp, seconds, delivery.capture, experts is not None))
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the store's current
-        version of this worker's shard, verified, as full-size tensors."""
+        version of this worker's shard, verified, as full-size tensors. Verified *before* the first tensor is
+        handed over (``whole=True``): a reload whose bytes fail verification raises before vLLM changed any weight,
+        so a serving engine never holds a mix of two versions (the shard is held in host memory meanwhile)."""
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         experts = _placement(model, tp, rank)
-        weights, report = rank_weights(self.options, tp, rank, only=self._only(model), experts=experts)
+        weights, report = rank_weights(
+            self.options, tp, rank, only=self._only(model), experts=experts, whole=True
+        )
         yield from weights
         model.raydist_report = report()
 
@@ -199,13 +204,23 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
 
 
-def _describe(report: RankReport, pp, seconds: float, expert_parallel: bool = False) -> str:
+def _describe(
+    report: RankReport, pp, seconds: float, capture: Capture | None = None, expert_parallel: bool = False
+) -> str:
     """One log line per rank."""
     stage = f", pp stage {pp.rank_in_group}/{pp.world_size}" if pp.world_size > 1 else ""
     stage += ", expert parallel (its own experts whole)" if expert_parallel else ""
     verified = "verified" if report.verify else "NOT verified (verify=false)"
+    ways = ""
+    if capture is not None:
+        ph = report.phases
+        ways = (
+            f"; {len(capture.direct)} tensors read straight into parameters in {ph.get('land_s', 0):.3f} s, "
+            f"{len(capture.fallback)} through load_weights in {ph.get('stream_s', 0):.3f} s (capture "
+            f"{capture.seconds:.3f} s)"
+        )
     return (
         f"raydist: rank {report.rank}/{report.tp}{stage}: {report.model} version {report.version} "
         f"from {report.store}: {report.chunks} chunks, {report.bytes / 1e6:.1f} MB; pulled, verified and loaded "
-        f"into the model in {seconds:.2f} s ({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s), {verified}"
+        f"into the model in {seconds:.2f} s ({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s), {verified}{ways}"
     )

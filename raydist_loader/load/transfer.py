@@ -87,8 +87,8 @@ class Transfer:
         self._expose()
         return digests
 
-    def region(self, read: ChunkRead, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The chunk's place in the final tensors (``verify="full"`` re-hashes it there)."""
+    def region(self, read: ChunkRead, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The chunk's place in ``tensors`` (default: where it landed); ``verify="full"`` re-hashes it there."""
         return self._region(read, tensors)
 
     def _pull(self, reads: Sequence[ChunkRead], concurrency: int) -> Digests:

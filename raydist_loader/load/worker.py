@@ -81,6 +81,7 @@ class ShardLoader:
         self._connector = connector
         self._node: dict | None = None
         self._transfer: Transfer | None = None
+        self.opened_s = 0.0  # seconds the store's opening and the manifest's check took (set by api.open_shard)
 
     def __repr__(self) -> str:  # never show credentials handed in through connector_options
         return f"ShardLoader({redact_url(self._url)!r}, model={self._model!r}, rank={self.rank}/{self.tp})"
@@ -181,16 +182,23 @@ class ShardLoader:
     def _allocate(self) -> None:
         """A fresh arena on the final device and the copy path for it (CPU: reads land in place; GPU: pinned
         staging ring and H2D copies)."""
-        kind = GpuTransfer if self.device.type == "cuda" else CpuTransfer
-        self._transfer = kind(self.plan, self.device, self.connector, self.retry_policy, self.rank, self._hasher)
+        self._transfer = self.transfer_for(self.plan)
         self._digests: Digests = {}
 
-    def _pull(self, reads: Sequence[ChunkRead]) -> Digests:
-        """Read the chunks, hash each as it completes, place it. Returns (tensor index, chunk) -> digest."""
+    def transfer_for(self, plan: RankPlan) -> Transfer:
+        """A fresh arena for ``plan`` (this rank's, or part of it) on the loader's device, with its copy path."""
+        kind = GpuTransfer if self.device.type == "cuda" else CpuTransfer
+        return kind(plan, self.device, self.connector, self.retry_policy, self.rank, self._hasher)
+
+    def _pull(self, reads: Sequence[ChunkRead], transfer: Transfer | None = None) -> Digests:
+        """Read the chunks, hash each as it completes, place it (through ``transfer``: default, the load's own).
+        Returns (tensor index, chunk) -> digest."""
+        transfer = transfer or self._transfer
         concurrency = max(1, self._concurrency or self.connector.default_concurrency)
-        digests = self._transfer.pull(reads, concurrency)
+        digests = transfer.pull(reads, concurrency)
         if self.verify == "full":
-            digests = {(r.tensor, r.chunk): self._hash(self._transfer.region(r, self.tensors)) for r in reads}
+            tensors = self.tensors if transfer is self._transfer else None
+            digests = {(r.tensor, r.chunk): self._hash(transfer.region(r, tensors)) for r in reads}
         return digests
 
     def _hasher(self, read: ChunkRead | None = None) -> digest.ChunkHash:

@@ -49,6 +49,39 @@ def load_growth(
     return _run_probe(_PROBE, args, "load_shard", timeout_s)
 
 
+_STREAM_PROBE = """
+import json, os, sys
+import torch
+from raydist_loader.engines.handoff import EngineOptions, rank_weights
+from raydist_loader.load.transfer import Transfer
+
+url, model, tp, rank, part, concurrency = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+if part:
+    Transfer.part_bytes = part
+options = EngineOptions.parse({"url": url, "model": model, "concurrency": concurrency or None}, "probe")
+base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+weights, report = rank_weights(options, tp, rank)
+count = 0
+for name, tensor in weights:  # the engine copies each tensor into its parameter and drops it
+    count += 1
+    del tensor
+r = report()
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"base": base, "peak": peak, "shard": r.bytes, "verified": r.verified, "tensors": count,
+                  "seconds": r.seconds}))
+"""
+
+
+def stream_growth(
+    url: str, model: str, tp: int, rank: int = 0, *, part_bytes: int = 0, concurrency: int = 0, timeout_s: float = 600
+) -> dict:
+    """Stream one shard through the engine hand-off (:func:`~raydist_loader.engines.handoff.rank_weights`, each
+    tensor dropped once taken) in a fresh process; returns ``base``, ``peak``, ``growth``, ``shard`` bytes, whether
+    it ``verified``, the ``tensors`` handed over and the load ``seconds``. Options as in :func:`load_growth`."""
+    args = [url, model, str(tp), str(rank), str(part_bytes), str(concurrency)]
+    return _run_probe(_STREAM_PROBE, args, "rank_weights", timeout_s)
+
+
 _VERIFY_PROBE = """
 import json, os, sys
 import torch
