@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 # a query parameter whose name looks secret: stops at '&' and whitespace so free text around it survives
 _SECRET_QUERY = re.compile(r"(?i)(\b[\w-]*(?:password|secret|token|key|signature|credential)[\w-]*=)[^&\s]*")
@@ -26,7 +26,7 @@ def redact_url(url: str) -> str:
         userinfo, host = netloc.rsplit("@", 1)
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
-    query = _SECRET_QUERY.sub(r"\1***", parts.query)
+    query = _SECRET_QUERY.sub(r"\1***", _redact_nested(parts.query))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -50,6 +50,26 @@ def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     return text
 
 
+def _has_userinfo(value: str) -> bool:
+    """Whether ``value`` (decoded) is a URL that carries ``user:password@`` (or ``user@``) before its host."""
+    return "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]
+
+
+def _redact_nested(query: str) -> str:
+    """``query`` with the credentials of every option value that is itself a URL carrying them replaced by ``***``
+    (``endpoint_url=http://ak:sk@host`` -> ``endpoint_url=http://***@host``), percent-encoded or not."""
+    parts = []
+    for item in query.split("&"):
+        key, sep, value = item.partition("=")
+        decoded = unquote_plus(value)
+        if sep and _has_userinfo(decoded):
+            scheme, rest = decoded.split("://", 1)
+            netloc, slash, path = rest.partition("/")
+            item = f"{key}={scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+        parts.append(item)
+    return "&".join(parts)
+
+
 def nested_credentials(url: str) -> str | None:
     """The query option of ``url`` whose value is a URL carrying credentials (``s3://b/p?endpoint_url=http://ak:sk@h``),
     or None. boto3 and the like take such credentials from the environment or a profile; inside a URL they would
@@ -59,6 +79,6 @@ def nested_credentials(url: str) -> str | None:
     except ValueError:
         return None
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        if _has_userinfo(value):
             return key
     return None

@@ -351,6 +351,26 @@ def test_a_bad_url_or_credentials_in_it_are_one_line(url: str, pattern: str, cap
     assert code == 2 and "SECRETKEY" not in err and "Traceback" not in err
 
 
+
+@pytest.mark.parametrize("url", [
+    "s3://bucket/p?endpoint_url=http://ak:SECRETKEY@127.0.0.1:9000",
+    "s3://bucket/p?endpoint_url=http%3A%2F%2Fak%3ASECRETKEY%40127.0.0.1%3A9000",
+])
+def test_credentials_in_a_url_option_are_never_shown_by_the_api(url: str, tmp_path: Path):
+    """The API and the engines' options raise the same refusal as the CLI, without the secret in it (an engine
+    prints the exception; the CLI alone scrubbed its own output)."""
+    from raydist_loader.redact import redact_url
+
+    assert "SECRETKEY" not in redact_url(url)
+    for attempt in (
+        lambda: open_connector(url),
+        lambda: rl.load_shard(MODEL, url, 1, 0, device="cpu"),
+        lambda: EngineOptions.parse({"url": url, "model": MODEL}, "extra"),
+    ):
+        with pytest.raises(ConfigError, match="carries credentials") as caught:
+            attempt()
+        assert "SECRETKEY" not in str(caught.value), str(caught.value)
+
 # ------------------------------------------------------------------------------------------ 5. concurrent publishes
 def test_compare_and_swap_on_every_backend(store_url: str):
     with open_connector(store_url) as conn:
