@@ -281,3 +281,32 @@ def test_a_reload_that_fails_verification_leaves_every_parameter_as_it_was(store
     assert all(torch.equal(model.param(n), before[n]) for n in model.names)
     reload(whole=False)
     assert not all(torch.equal(model.param(n), before[n]) for n in model.names)
+
+
+def test_streaming_from_redis_keeps_a_bounded_number_of_connections(stores, redis_server, monkeypatch):
+    """Each streamed group is pulled on a fresh thread pool; every thread opened its own raw connection, and they
+    all stayed open until the end of the load (one socket per group and thread: a big model ran out of fds)."""
+    from raydist_loader.connectors.redis import RedisConnector
+
+    monkeypatch.setattr(Transfer, "part_bytes", 16 << 10)  # many small groups
+    redis_server.start()
+    with redis_server.client() as client:
+        client.flushdb()
+    _, ckpt = stores[("llama", "chunked")]
+    rl.publish(ckpt, redis_server.url, "llama", max_tp=MAX_TP)
+    opened = []
+    original = RedisConnector._connection
+
+    def counted(self, addr):
+        conn, reused = original(self, addr)
+        if not reused:
+            opened.append(conn)
+        return conn, reused
+
+    monkeypatch.setattr(RedisConnector, "_connection", counted)
+    weights, report = rank_weights(_options(redis_server.url, "llama"), 2, 1)
+    groups = 0
+    for _name, _tensor in weights:
+        groups += 1
+        assert sum(not c._sock._closed for c in opened) <= 8, f"{len(opened)} connections open after {groups}"
+    assert report().verified and groups > 8

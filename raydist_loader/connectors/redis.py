@@ -19,6 +19,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -253,7 +254,7 @@ class RedisConnector(Connector):
         self._client = self._target.client()
         self._clients: dict[Addr, redis.Redis] = {self._seed: self._client}
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # RLock: a thread's end closes its connections under it (finalizer)
         self._conns: set[RespConnection] = set()
         self._topology = Topology(self._seed, self._open_node, self._target.tls)
         #: ``host:port`` -> [requests, payload bytes] sent over the raw connections (reads and SETs), per server.
@@ -394,9 +395,19 @@ class RedisConnector(Connector):
         if not self._on_key(key, lambda client: client.exists(key), f"checking {key!r}"):
             raise NotFoundError(f"{key!r} does not exist in {self.describe()}")
 
+    def _thread_conns(self) -> dict[Addr, RespConnection]:
+        """This thread's raw connections by server. They are closed when the thread ends: a load pulls each
+        streamed group on a fresh thread pool, so connections kept to the connector's close would pile up, one per
+        group, thread and server."""
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = self._local.holder = _ThreadConns()
+            weakref.finalize(holder, _close_thread_conns, holder.conns, self._conns, self._lock)
+        return holder.conns
+
     def _connection(self, addr: Addr) -> tuple[RespConnection, bool]:
         """This thread's raw connection to ``addr`` (opened on first use) and whether it was used before."""
-        conns: dict[Addr, RespConnection] = self._local.__dict__.setdefault("conns", {})
+        conns = self._thread_conns()
         conn = conns.get(addr)
         if conn is not None:
             return conn, True
@@ -407,7 +418,7 @@ class RedisConnector(Connector):
         return conn, False
 
     def _discard(self, conn: RespConnection) -> None:
-        conns: dict[Addr, RespConnection] = self._local.__dict__.setdefault("conns", {})
+        conns = self._thread_conns()
         for addr in [a for a, c in conns.items() if c is conn]:
             del conns[addr]
         with self._lock:
@@ -589,6 +600,23 @@ class RedisConnector(Connector):
         error = reconfiguring(message) if cluster and transient else BackendError(message, transient=transient)
         error.redirect = code in _REDIRECT_CODES  # type: ignore[attr-defined]
         return error
+
+
+class _ThreadConns:
+    """One thread's raw connections (held by the connector's thread-local: freed, and closed, when the thread ends)."""
+
+    def __init__(self) -> None:
+        self.conns: dict[Addr, RespConnection] = {}
+
+
+def _close_thread_conns(conns: dict[Addr, RespConnection], alive: set, lock: threading.RLock) -> None:
+    """Close an ended thread's connections and forget them (the connector's ``close`` no longer needs to)."""
+    with lock:
+        for conn in conns.values():
+            alive.discard(conn)
+    for conn in conns.values():
+        conn.close()
+    conns.clear()
 
 
 def _cert_failure(exc: BaseException, detail: str) -> bool:
