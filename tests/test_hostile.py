@@ -459,6 +459,28 @@ def test_a_publish_that_lost_the_race_exits_non_zero_with_one_line(published: Pa
     assert code == 2 and "NOT made current" in _one_error_line(err)
 
 
+
+def test_a_swap_whose_reply_was_lost_is_not_taken_for_a_lost_race(published: Path, checkpoint: Path, tmp_path,
+                                                                 monkeypatch):
+    """A conditional write that went through but whose reply was lost is retried by the client (botocore retries a
+    PUT after a timeout; redis-py repeats a command once on a dropped connection): the retry finds the condition
+    false, because the first try made this manifest current. That publish won: it must not raise ConflictError."""
+    import shutil
+
+    from raydist_loader.connectors.file import FileConnector
+
+    store = tmp_path / "s"
+    shutil.copytree(published, store)
+    swap = FileConnector.compare_and_swap
+
+    def reply_lost(self, key, expected, data):
+        assert swap(self, key, expected, data)
+        return swap(self, key, expected, data)  # the client's retry: the value is ours now, not `expected`
+
+    monkeypatch.setattr(FileConnector, "compare_and_swap", reply_lost)
+    result = rl.publish(checkpoint, str(store), MODEL, max_tp=2)
+    assert rl.inspect(str(store), MODEL)["version"] == result.version
+
 # ------------------------------------------------------------------------------------------ 6. fuzz
 _VALUES = [None, "", -1, 0, 2**31, 2**63, 2**80, 10**30, 1.5, True, [], {}, "x" * 300, [2**40, 2**40], ["a"],
            {"a": 1}, "é", [-1], [0, 0, 0]]

@@ -172,7 +172,9 @@ def _finish(conn: Connector, manifest: mf.Manifest, start: bytes | None) -> mf.M
         retired[previous.version] = now
     retired = dict(sorted(retired.items(), key=lambda item: item[1])[-_MAX_RETIRED:])
     manifest = manifest.model_copy(update={"created": now, "retired": retired or None})
-    if not conn.compare_and_swap(mf.manifest_key(manifest.model), start, manifest.to_json()):
+    data, key = manifest.to_json(), mf.manifest_key(manifest.model)
+    # a client that retried a swap whose reply was lost (botocore, redis-py) finds its own manifest current: it won
+    if not conn.compare_and_swap(key, start, data) and _stored(conn, manifest.model) != data:
         current = _current(conn, manifest.model)
         stays = f"version {current.version} is current" if current else "another writer's manifest is current"
         raise ConflictError(
