@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,9 +12,27 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raydist_loader.store.grid import padded_vocab
-from raydist_loader.testing.tiny_models import TINY_DEFAULTS
+from raydist_loader.testing.tiny_models import TINY_DEFAULTS, make_tiny_checkpoint
 
 _EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tp_llama.py"
+
+
+def publish_cases(root: Path, cases, max_tp: int) -> dict[tuple[str, str], tuple[str, Path]]:
+    """Each (model_type, layout) of ``cases`` as a tiny checkpoint in a file store under ``root``: published
+    ("chunked") or copied and indexed ("in-place"). Returns (model_type, layout) -> (store url, checkpoint dir)."""
+    import raydist_loader as rl
+
+    out = {}
+    for model_type, layout in cases:
+        ckpt = make_tiny_checkpoint(model_type, root / f"ckpt-{model_type}-{layout}")
+        url = f"file://{root}/store-{layout}"
+        if layout == "in-place":
+            shutil.copytree(ckpt, root / f"store-{layout}" / model_type)
+            rl.index(url, model_type, max_tp=max_tp)
+        else:
+            rl.publish(ckpt, url, model_type, max_tp=max_tp)
+        out[(model_type, layout)] = (url, ckpt)
+    return out
 
 
 def original_tensors(ckpt) -> dict[str, torch.Tensor]:

@@ -7,17 +7,15 @@ cut the presets make; the reads, the digests and the report stay those of the ra
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import raydist_loader as rl
 from raydist_loader.api import load_shard
 from raydist_loader.engines.handoff import OPTIONS, EngineOptions, missing_names, pull_rank
 from raydist_loader.errors import ConfigError, ShardingError
-from raydist_loader.testing.tiny_models import make_tiny_checkpoint
+
+from .shards import publish_cases
 
 MAX_TP = 4
 # fused qkv/gate_up (phi3), MQA with tied embeddings (gemma), Conv1D [in, out] (gpt2), MoE experts (mixtral),
@@ -29,18 +27,8 @@ CASES = [("llama", "chunked"), ("phi3", "chunked"), ("gemma", "chunked"), ("gpt2
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[str, dict]]:
     """(model_type, layout) -> (store url, the checkpoint's tensors)."""
-    root = tmp_path_factory.mktemp("handoff")
-    out = {}
-    for model_type, layout in CASES:
-        ckpt = make_tiny_checkpoint(model_type, root / f"ckpt-{model_type}-{layout}")
-        url = f"file://{root}/store-{layout}"
-        if layout == "in-place":
-            shutil.copytree(ckpt, root / f"store-{layout}" / model_type)
-            rl.index(url, model_type, max_tp=MAX_TP)
-        else:
-            rl.publish(ckpt, url, model_type, max_tp=MAX_TP)
-        out[(model_type, layout)] = (url, load_file(ckpt / "model.safetensors"))
-    return out
+    cases = publish_cases(tmp_path_factory.mktemp("handoff"), CASES, MAX_TP)
+    return {case: (url, load_file(ckpt / "model.safetensors")) for case, (url, ckpt) in cases.items()}
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -28,6 +28,8 @@ from raydist_loader.testing.faulty import FaultyConnector
 from raydist_loader.testing.memory import stream_growth
 from raydist_loader.testing.tiny_models import make_big_llama, make_tiny_checkpoint
 
+from .shards import publish_cases
+
 MAX_TP = 4
 CASES = [("llama", "chunked"), ("phi3", "chunked"), ("gemma", "chunked"), ("mixtral", "chunked"),
          ("llama", "in-place")]
@@ -37,18 +39,7 @@ ROWWISE = "model.layers.1.mlp.down_proj.weight"
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[str, Path]]:
     """(model_type, layout) -> (store url, checkpoint directory)."""
-    root = tmp_path_factory.mktemp("stream")
-    out = {}
-    for model_type, layout in CASES:
-        ckpt = make_tiny_checkpoint(model_type, root / f"ckpt-{model_type}-{layout}")
-        url = f"file://{root}/store-{layout}"
-        if layout == "in-place":
-            shutil.copytree(ckpt, root / f"store-{layout}" / model_type)
-            rl.index(url, model_type, max_tp=MAX_TP)
-        else:
-            rl.publish(ckpt, url, model_type, max_tp=MAX_TP)
-        out[(model_type, layout)] = (url, ckpt)
-    return out
+    return publish_cases(tmp_path_factory.mktemp("stream"), CASES, MAX_TP)
 
 
 def _options(url: str, model: str, **more) -> EngineOptions:

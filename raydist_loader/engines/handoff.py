@@ -119,11 +119,12 @@ def pull_rank(
     Returns the :class:`~raydist_loader.api.Shard`."""
     from ..api import load_shard
 
-    return load_shard(
-        options.model,
-        options.url,
-        tp,
-        rank,
+    return load_shard(options.model, options.url, tp, rank, **_shard_args(options, only, experts))
+
+
+def _shard_args(options: EngineOptions, only: Callable[[str], bool] | None, experts: Experts | None) -> dict:
+    """The keyword arguments of ``load_shard`` / ``open_shard`` for a hand-off: host memory, ``global`` layout."""
+    return dict(
         device="cpu",
         concurrency=options.load.concurrency,
         verify=options.load.verify,
@@ -158,21 +159,7 @@ def open_stream(
     manifest checked, the plan made, no byte read yet. The caller closes it."""
     from ..api import open_shard
 
-    loader = open_shard(
-        options.model,
-        options.url,
-        tp,
-        rank,
-        device="cpu",
-        concurrency=options.load.concurrency,
-        verify=options.load.verify,
-        expect_manifest_sha256=options.expect_manifest_sha256,
-        connector_options=options.connector_options(),
-        retries=options.load.retries.policy(),
-        only=only,
-        layout="global",
-        experts=experts,
-    )
+    loader = open_shard(options.model, options.url, tp, rank, **_shard_args(options, only, experts))
     try:
         stream = ShardStream(loader)
     except BaseException:
