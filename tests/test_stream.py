@@ -301,3 +301,37 @@ def test_streaming_from_redis_keeps_a_bounded_number_of_connections(stores, redi
         groups += 1
         assert sum(not c._sock._closed for c in opened) <= 8, f"{len(opened)} connections open after {groups}"
     assert report().verified and groups > 8
+
+
+class AdvancedIndexLoader(torch.nn.Module):
+    """Every tensor replicated whole (tp=1), written through ``param.data[rows] = w``: advanced indexing on the left
+    is a write through ``__setitem__``, but ``param.data[rows]`` read alone is a new tensor, not a view."""
+
+    def __init__(self, full: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = list(full)
+        for name, t in full.items():
+            self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(
+                torch.full(t.shape, float("nan"), dtype=t.dtype), requires_grad=False))
+
+    def param(self, name: str) -> torch.nn.Parameter:
+        return getattr(self, name.replace(".", "__"))
+
+    def load_weights(self, weights):
+        for name, w in weights:
+            param = self.param(name)
+            param.data[list(range(param.shape[0]))] = w
+        return set(self.names)
+
+
+def test_a_write_through_advanced_indexing_is_not_read_into_a_temporary(stores):
+    """The capture must not take the temporary that ``param[index]`` makes for the parameter's region: bytes read
+    there would be lost, and the parameter left as it was while the load reports verified."""
+    url, ckpt = stores[("llama", "chunked")]
+    full = load_file(ckpt / "model.safetensors")
+    model = AdvancedIndexLoader(full)
+    delivery = load_into(model, _options(url, "llama"), 1, 0)
+    assert delivery.report.verified
+    wrong = [n for n in model.names if not torch.equal(model.param(n), full[n])]
+    assert not wrong, f"{len(wrong)} parameters not written, e.g. {wrong[0]}"
+    assert not delivery.capture.direct and all("index" in why for why in delivery.capture.fallback.values())

@@ -260,7 +260,12 @@ class _Recorder(TorchFunctionMode):
             self._copy(args[0], args[1])
             return args[0]
         if name == "__setitem__" and len(args) == 3 and _meta(args[2]) and not _meta(args[0]):
-            self._copy(args[0][args[1]], args[2])
+            dest = args[0][args[1]]
+            if not _aliases(dest, args[0]):  # advanced indexing: a new tensor, not a region of args[0]
+                owner = self._owner(args[2]) or self.current or ""
+                self.bad.setdefault(owner, "a weight loader writes it through advanced indexing (not a view)")
+                return None
+            self._copy(dest, args[2])
             return None
         result = func(*args, **kwargs)
         inplace = (name.endswith("_") and not name.startswith("_")) or name == "__setitem__"
@@ -301,6 +306,11 @@ class _Recorder(TorchFunctionMode):
             return
         box, dims = found
         self.copies.append(_Copy(self._seq, name, box, dims, dest.detach(), _span(dest)))
+
+
+def _aliases(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` is a view of ``base``'s memory (basic indexing), not a new tensor (advanced indexing)."""
+    return view._is_view() and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 def _meta(t: Any) -> bool:
