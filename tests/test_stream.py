@@ -335,3 +335,26 @@ def test_a_write_through_advanced_indexing_is_not_read_into_a_temporary(stores):
     wrong = [n for n in model.names if not torch.equal(model.param(n), full[n])]
     assert not wrong, f"{len(wrong)} parameters not written, e.g. {wrong[0]}"
     assert not delivery.capture.direct and all("index" in why for why in delivery.capture.fallback.values())
+
+
+class ThroughATemporary(AdvancedIndexLoader):
+    """Each tensor copied into a temporary first (a plain copy, as seen alone), then from it into the parameter."""
+
+    def load_weights(self, weights):
+        for name, w in weights:
+            tmp = torch.empty(w.shape, dtype=w.dtype)
+            tmp.copy_(w)
+            self.param(name).data.copy_(tmp)
+        return set(self.names)
+
+
+def test_a_copy_into_a_tensor_that_is_not_the_models_is_not_read_into(stores):
+    """A copy whose destination is not the model's (a loader's temporary, copied on later) goes through
+    ``load_weights``: read straight into the temporary, the parameter would never get the bytes."""
+    url, ckpt = stores[("llama", "chunked")]
+    full = load_file(ckpt / "model.safetensors")
+    model = ThroughATemporary(full)
+    delivery = load_into(model, _options(url, "llama"), 1, 0)
+    wrong = [n for n in model.names if not torch.equal(model.param(n), full[n])]
+    assert not wrong, f"{len(wrong)} parameters not written, e.g. {wrong[0]}"
+    assert not delivery.capture.direct and delivery.report.verified

@@ -13,6 +13,8 @@ global tensor. A tensor goes **direct** only when the capture proves it a plain 
   (not transposed or merged);
 - each of the rank's chunks lies inside exactly one copied box and meets no other; each copied box is covered by
   the rank's chunks (a loader reading bytes outside the rank's region would read what the store did not send);
+- the destination is a region of the model's own parameters or buffers (not a loader's temporary, nor the new
+  tensor advanced indexing makes: ``param[rows] = w``);
 - the destination is on the host (GPU parameters stream through ``load_weights``: not direct yet), its region of
   each chunk is contiguous or a [rows, columns] block, and nothing else the loaders do writes over it (an
   in-place op on any real tensor is recorded with its byte span; one overlapping a direct copy's destination,
@@ -27,6 +29,7 @@ as they would in the real load. Not detected: a loader that *reads* a parameter 
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,11 +106,12 @@ def capture(model: torch.nn.Module, plan: RankPlan) -> Capture:
     for c in recorder.copies:
         copies.setdefault(c.name, []).append(c)
     clobbered = _clobbered(recorder)
+    owned = _memory_of(model)
     reads: dict[int, list[ChunkRead]] = {}
     for r in plan.reads:
         reads.setdefault(r.tensor, []).append(r)
     for index, slot in enumerate(plan.tensors):
-        why = bad.get(slot.name) or _why_not(slot.name, copies.get(slot.name), clobbered)
+        why = bad.get(slot.name) or _why_not(slot.name, copies.get(slot.name), clobbered, owned)
         targets = None if why else _targets(slot, copies[slot.name], reads.get(index, []))
         if isinstance(targets, str) or why:
             out.fallback[slot.name] = why or targets
@@ -123,14 +127,35 @@ def _all_fallback(plan: RankPlan, why: str, t0: float) -> Capture:
     return Capture(fallback={s.name: why for s in plan.tensors}, seconds=time.perf_counter() - t0)
 
 
-def _why_not(name: str, copies: list[_Copy] | None, clobbered: set[int]) -> str | None:
+def _why_not(
+    name: str, copies: list[_Copy] | None, clobbered: set[int], owned: list[tuple[int, int]]
+) -> str | None:
     if not copies:
         return "load_weights copied nothing of it (skipped, or not a plain copy)"
+    if not all(_inside(c.span, owned) for c in copies):
+        return "a weight loader copies it into a tensor that is not the model's (a temporary, copied on later)"
     if any(c.seq in clobbered for c in copies):
         return "another write of the weight loaders overlaps its destination"
     if any(c.dest.device.type != "cpu" for c in copies):
         return f"its parameter is on {copies[0].dest.device} (only host parameters are read into directly)"
     return None
+
+
+def _memory_of(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """The memory [lo, hi) of every parameter and buffer of ``model`` (their whole storages), sorted: the only
+    places a chunk may be read into."""
+    spans = set()
+    for t in (*model.parameters(), *model.buffers()):
+        storage = t.untyped_storage()
+        spans.add((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    return sorted(spans)
+
+
+def _inside(span: tuple[int, int], owned: list[tuple[int, int]]) -> bool:
+    """Whether ``span`` lies inside one of the ``owned`` spans (sorted by start; distinct storages never overlap,
+    so only the last one starting at or before ``span`` can hold it)."""
+    i = bisect.bisect_right(owned, (span[0], float("inf"))) - 1
+    return i >= 0 and span[1] <= owned[i][1]
 
 
 def _clobbered(recorder: _Recorder) -> set[int]:
