@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -382,6 +383,28 @@ def test_compare_and_swap_on_every_backend(store_url: str):
         assert conn.read("x/manifest.json") == b"two"
         conn.delete("x/manifest.json")
         assert not conn.compare_and_swap("x/manifest.json", b"two", b"three"), "it is gone: no swap"
+
+
+def test_an_s3_server_without_conditional_writes_degrades_to_last_writer_wins(s3_server):
+    """A server that answers If-None-Match / If-Match with 501 Not Implemented (some S3-compatible stores) still
+    takes a publish's manifest swap, as the README says, instead of failing every publish."""
+    from botocore.exceptions import ClientError
+
+    url = f"s3://{s3_server.make_bucket(f'cas-{uuid.uuid4().hex[:8]}')}/store"
+    with open_connector(url) as conn:
+        put = conn._s3.put_object
+
+        def no_conditions(**kwargs):
+            if "IfNoneMatch" in kwargs or "IfMatch" in kwargs:
+                raise ClientError({"Error": {"Code": "NotImplemented", "Message": "not implemented"},
+                                   "ResponseMetadata": {"HTTPStatusCode": 501}}, "PutObject")
+            return put(**kwargs)
+
+        conn._s3.put_object = no_conditions
+        assert conn.compare_and_swap("x/manifest.json", None, b"one")
+        assert conn.compare_and_swap("x/manifest.json", b"one", b"two")
+        assert conn.read("x/manifest.json") == b"two"
+        assert not conn.compare_and_swap("x/manifest.json", b"stale", b"three"), "a changed value is still seen"
 
 
 def test_compare_and_swap_on_a_file_system_that_cannot_lock_directories(tmp_path: Path, monkeypatch):

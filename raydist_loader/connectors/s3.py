@@ -260,7 +260,7 @@ class S3Connector(Connector):
     def compare_and_swap(self, key: str, expected: bytes | None, data: Buffer) -> bool:
         """A conditional PUT (atomic on S3 and servers that honour it; moto does): ``If-None-Match: *`` when the
         key must not exist, else ``If-Match`` the ETag of the value read and found equal to ``expected``. A server
-        that ignores the conditions degrades to last-writer-wins."""
+        that ignores the conditions, or answers them 501 Not Implemented, degrades to last-writer-wins."""
         from contextlib import closing  # local: this method stays self-contained
 
         full = self._key(key)
@@ -284,7 +284,10 @@ class S3Connector(Connector):
                 status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
                 if status in (409, 412) or _code(e) in _MISSING_CODES:
                     return False
-                raise
+                if status != 501 and _code(e) != "NotImplemented":
+                    raise
+                # a server without conditional writes: last writer wins, as documented
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
         return True
 
     def _multipart(self, full: str, parts: Iterable[bytearray]) -> None:
