@@ -10,8 +10,9 @@ outside the region are never touched, so never committed: a rank's memory is its
 copy each region into its parameter on the worker's device, one tensor at a time, so a GPU never holds a second
 copy of the weights.
 
-The options an engine passes (vLLM's ``model_loader_extra_config``) are parsed here too, so every engine accepts
-the same keys with the same errors.
+The options an engine passes (vLLM's and SGLang's ``model_loader_extra_config``) are parsed here too, so every
+engine accepts the same keys with the same errors; with no options, the model directory's ``raydist.json`` (written
+by ``pull-files``, :mod:`raydist_loader.store.locator`) names the store.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..errors import ConfigError, ShardingError
 from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
 from ..report import RankReport
+from ..store.locator import LOCATOR_FILE, read_locator
 
 _LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
 OPTIONS: dict[str, str] = {
@@ -76,6 +78,21 @@ class EngineOptions:
             expect_manifest_sha256=raw.get("expect_manifest_sha256"),
             password_env=raw.get("password_env"),
         )
+
+    @classmethod
+    def resolve(cls, raw: Mapping[str, Any] | None, where: str, model_dir: str | os.PathLike | None) -> EngineOptions:
+        """``raw`` when an engine was given options; else the locator ``raydist.json`` in ``model_dir`` (the
+        engine's model path), as ``pull-files`` wrote it."""
+        if raw:
+            return cls.parse(raw, where)
+        locator = read_locator(model_dir) if model_dir else None
+        if locator is None:
+            raise ConfigError(
+                f"load format raydist needs the store: {where} is empty and {model_dir}/{LOCATOR_FILE} does not "
+                f'exist; give {where} = {{"url": "redis://host:6379/0", "model": "NAME"}}, or write the model '
+                f"directory with `raydist-loader pull-files URL --model NAME {model_dir}`"
+            )
+        return cls.parse(locator, f"{model_dir}/{LOCATOR_FILE}")
 
     def connector_options(self) -> dict[str, Any]:
         """The connector's options: the password read from ``password_env`` in this (worker) process."""
@@ -132,6 +149,14 @@ def rank_weights(
     ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed.
     The one way every engine takes weights from the store: how they are pulled (whole shard first, or streamed)
     is decided here, for all engines at once."""
+    return verified_rank_weights(options, tp, rank, only=only)
+
+
+def verified_rank_weights(
+    options: EngineOptions, tp: int, rank: int, *, only: Callable[[str], bool] | None = None
+) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
+    """As :func:`rank_weights`, but the whole shard is pulled and verified when this returns, before the engine
+    sees the first tensor: for a weight update into a serving model, which a bad byte must leave untouched."""
     shard = pull_rank(options, tp, rank, only=only)
     if not shard.tensors:
         raise ShardingError(

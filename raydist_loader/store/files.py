@@ -1,5 +1,5 @@
 """Layer 2 (store): Config and tokenizer files stored beside the weights: ``pull_files`` writes them to a local
-directory."""
+directory, and the locator ``raydist.json`` (:mod:`.locator`) that tells an engine which store the weights are in."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 from .. import digest
 from ..connectors import open_connector
 from ..errors import ConfigError, VerificationError
+from .locator import write_locator
 from .manifest import Manifest, is_safe_file_name, read_manifest
 
 
@@ -21,9 +22,17 @@ def safe_name(name: str) -> PurePosixPath:
 
 
 def pull_files(
-    url: str, model: str, dest: str | Path, *, manifest: Manifest | None = None, connector_options: dict | None = None
+    url: str,
+    model: str,
+    dest: str | Path,
+    *,
+    manifest: Manifest | None = None,
+    connector_options: dict | None = None,
+    password_env: str | None = None,
 ) -> list[Path]:
-    """Write the model's config/tokenizer files into ``dest`` (created), each checked against its digest."""
+    """Write the model's config/tokenizer files into ``dest`` (created), each checked against its digest, then the
+    locator ``raydist.json`` (the URL without secrets, the model, ``password_env`` when given: the name of the
+    environment variable that holds the store's password). Returns the model's files written (not the locator)."""
     base = Path(dest).resolve()
     written = []
     with open_connector(url, **(connector_options or {})) as conn:
@@ -42,4 +51,5 @@ def pull_files(
                 f.write(data)
             os.replace(tmp, target)  # atomic: a reader never sees half a file, concurrent pulls never collide
             written.append(target)
+    write_locator(base, url, model, password_env=password_env)
     return written

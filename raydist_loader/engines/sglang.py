@@ -1,0 +1,210 @@
+"""Layer 5 (entry points): SGLang load format ``raydist``: every TP worker pulls and verifies only its own shard before
+SGLang sees a weight.
+
+Registered through SGLang's general plugin entry point (group ``sglang.srt.plugins``, see :func:`register`), so it
+needs no fork and no patch of SGLang's files:
+
+    python -m sglang.launch_server --model-path DIR --load-format raydist --tp 2 \\
+        --model-loader-extra-config '{"url": "redis://host:6379/0", "model": "NAME"}'
+
+``DIR`` holds the model's config and tokenizer files and ``raydist.json`` (``raydist-loader pull-files URL --model
+NAME DIR``); without ``--model-loader-extra-config`` the store is the one ``raydist.json`` names. Options are the
+keys of :data:`raydist_loader.engines.handoff.OPTIONS`, parsed exactly as for vLLM. In each worker: tp and rank are
+SGLang's (``runtime_context.get_parallel()``); the shard lands in host memory as full-size tensors (see
+:mod:`.handoff`), SGLang's own weight loaders narrow and copy each one into its parameter, then SGLang's
+quantization post-processing runs as in its default loader. Every parameter must have been written, else the load
+fails with their names. ``Engine.update_weights_from_disk(DIR, load_format="raydist")`` (RL weight updates) pulls
+the store's current version, verified in full before the first weight is written: a bad byte leaves the previous
+weights serving and the update returns the error. Parallel settings the store's cut does not model (pipeline,
+expert, attention data/context parallelism, ...) are refused, by name, before a byte is pulled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from sglang.srt.configs.device_config import DeviceConfig
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.model_loader.loader import (
+    BaseModelLoader,
+    DefaultModelLoader,
+    _get_quantization_config,
+    _initialize_model,
+)
+from sglang.srt.model_loader.utils import set_default_torch_dtype
+
+from ..errors import ConfigError, ShardingError
+from ..report import RankReport
+from .handoff import EngineOptions, missing_names, rank_weights, verified_rank_weights
+
+LOAD_FORMAT = "raydist"
+OPTIONS_NAME = "model_loader_extra_config"
+VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
+logger = logging.getLogger("sglang.raydist_loader")  # under "sglang", so SGLang's log configuration shows it
+_registered = False
+
+# SGLang's parallel settings that change which part of a tensor a worker holds, beyond tensor parallelism:
+# (how it is set, the name in SGLang's parallel context, the only value this loader serves).
+UNMODELLED: tuple[tuple[str, str, Any], ...] = (
+    ("--pp-size (pipeline parallelism)", "pp_size", 1),
+    ("--ep-size (expert parallelism)", "moe_ep_size", 1),
+    ("--moe-data-parallel-size", "moe_dp_size", 1),
+    ("--attention-data-parallel-size / --enable-dp-attention (data-parallel attention)", "attn_dp_size", 1),
+    ("--attention-context-parallel-size", "attn_cp_size", 1),
+    ("--decode-context-parallel-size", "dcp_size", 1),
+    ("--dwdp-size", "dwdp_size", 1),
+    ("--moe-dense-tp-size", "moe_dense_tp_size", None),
+    ("--enable-dp-lm-head", "enable_dp_lm_head", False),
+    ("--shared-experts-tp-size", "shared_experts_tp_size", None),
+)
+
+
+def register() -> None:
+    """The ``sglang.srt.plugins`` entry point: add load format ``raydist`` to SGLang's choices and hook
+    ``LoadConfig._verify_load_format`` so the string becomes :class:`RaydistModelLoader`. SGLang calls plugins in
+    the launcher, every scheduler (TP worker) and the detokenizer: it is cheap (no store is touched) and done
+    once per process."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.arg_groups.choices import LOAD_FORMAT_CHOICES
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
+        LOAD_FORMAT_CHOICES.append(LOAD_FORMAT)  # what add_load_format_choices does, without a duplicate
+    HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
+    _registered = True
+
+
+def _verify_load_format(original, self: LoadConfig, *args, **kwargs):
+    """AROUND ``LoadConfig._verify_load_format``: ``"raydist"`` becomes the loader class (SGLang's
+    ``get_model_loader`` instantiates a class given as load format); everything else is SGLang's."""
+    if isinstance(self.load_format, str) and self.load_format.lower() == LOAD_FORMAT:
+        self.load_format = RaydistModelLoader
+    return original(self, *args, **kwargs)
+
+
+class RaydistModelLoader(DefaultModelLoader):
+    """Loads weights from a raydist_loader store: this worker's TP shard only, verified before it is used.
+
+    A :class:`DefaultModelLoader` so that SGLang's ``update_weights_from_disk`` accepts it (it reads weights
+    through :meth:`_get_weights_iterator`); nothing of the default loader's file handling is used."""
+
+    def __init__(self, load_config: LoadConfig):
+        BaseModelLoader.__init__(self, load_config)  # DefaultModelLoader's own refuses every option but its two
+        self.raw_options = load_config.model_loader_extra_config or {}
+        if self.raw_options:  # bad options fail here, before the model is built
+            EngineOptions.parse(self.raw_options, OPTIONS_NAME)
+
+    def options(self, model_path: str | None) -> EngineOptions:
+        """The options given, else those of ``raydist.json`` in the model directory."""
+        return EngineOptions.resolve(self.raw_options, OPTIONS_NAME, model_path)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Nothing is downloaded ahead: the weights stream into the workers."""
+
+    def load_model(self, *, model_config: ModelConfig, device_config: DeviceConfig) -> torch.nn.Module:
+        """Build SGLang's model as its default loader does, load this worker's verified shard into it, check every
+        parameter was written, then run SGLang's quantization post-processing."""
+        t0 = time.perf_counter()
+        tp, rank = tensor_parallel()
+        options = self.options(model_config.model_path)
+        if getattr(model_config, "modelopt_quant", None):
+            raise ConfigError("load format raydist does not run ModelOpt quantization (--modelopt-quant): "
+                              "publish the quantized checkpoint instead")
+        target_device = torch.device(device_config.device)
+        quant_config = _get_quantization_config(model_config, self.load_config)
+        checked = model_config.quantization is None  # quantized models may legitimately lack some (scales)
+        with set_default_torch_dtype(model_config.dtype):
+            with target_device:
+                model = _initialize_model(model_config, self.load_config, quant_config)
+            if checked:
+                _mark_unwritten(model)
+            weights, report = rank_weights(options, tp, rank)
+            self.load_weights_only(model, weights, target_device)
+            if checked:
+                what = f"{options.model!r} (rank {rank}/{tp})"
+                message = missing_names(_all_parameters(model), _written(model), what)
+                if message:
+                    raise ShardingError(f"{message}; the store's model does not match the config SGLang was "
+                                        "started with")
+            self.postprocess_weights(model, target_device)
+        self.counter_after_loading_weights = time.perf_counter()
+        model.raydist_report = report()
+        logger.info(_describe(model.raydist_report, time.perf_counter() - t0))
+        return model.eval()
+
+    def _get_weights_iterator(self, source: DefaultModelLoader.Source, **_: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """What SGLang's ``update_weights_from_disk`` reads: the store's current version of this worker's shard,
+        pulled and verified in full HERE, before SGLang writes the first weight (SGLang reports an error raised
+        here as a failed update and leaves the model untouched)."""
+        tp, rank = tensor_parallel()
+        weights, report = verified_rank_weights(self.options(source.model_or_path), tp, rank)
+        logger.info(_describe(report(), None))
+        return weights
+
+
+def tensor_parallel() -> tuple[int, int]:
+    """This worker's (tp_size, tp_rank) from SGLang's parallel context, after refusing every parallel setting the
+    store's per-rank cut does not model (see :data:`UNMODELLED`)."""
+    from sglang.srt.runtime_context import get_model, get_parallel
+
+    parallel = get_parallel()
+    tp, rank = int(parallel.tp_size), int(parallel.tp_rank)
+    refused = []
+    for flag, name, served in UNMODELLED:
+        value = _read(parallel, name, served)
+        if value != served and not (name == "moe_dense_tp_size" and value == tp):
+            refused.append(f"{flag} = {value}")
+    if _read(parallel, "attn_tp_size", tp) != tp:
+        refused.append(f"attention tensor-parallel size {parallel.attn_tp_size} != tp_size {tp}")
+    if _read(get_model(), "is_startup_weight_load_overlap", False):
+        refused.append("--startup-weight-load-mode overlap")
+    if refused:
+        raise ConfigError(
+            f"load format raydist serves tensor parallelism alone (tp_size={tp}, each worker pulls its tp shard); "
+            f"it does not model SGLang's {'; '.join(refused)}: start SGLang without them, or use another load format"
+        )
+    return tp, rank
+
+
+def _read(context: Any, name: str, default: Any) -> Any:
+    """``context.name``, or ``default`` when this SGLang has no such setting."""
+    try:
+        return getattr(context, name)
+    except (AttributeError, KeyError, ValueError, RuntimeError):
+        return default
+
+
+def _mark_unwritten(model: torch.nn.Module) -> None:
+    """Fill every floating-point parameter with NaN, so a parameter no weight loader wrote stays NaN."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data.fill_(float("nan"))
+
+
+def _all_parameters(model: torch.nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.is_floating_point()}
+
+
+def _written(model: torch.nn.Module) -> set[str]:
+    """The floating-point parameters with no NaN left (a partly written one, e.g. a fused q/k/v missing k, is not)."""
+    with torch.no_grad():
+        return {name for name, param in model.named_parameters()
+                if param.is_floating_point() and not torch.isnan(param.data).any()}
+
+
+def _describe(report: RankReport, seconds: float | None) -> str:
+    """One log line per rank."""
+    verified = "verified" if report.verify else "NOT verified (verify=false)"
+    timing = (f"; pulled, verified and loaded into the model in {seconds:.2f} s "
+              f"({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s)" if seconds is not None else
+              "; pulled and verified for a weight update")
+    return (f"raydist: rank {report.rank}/{report.tp}: {report.model} version {report.version} from {report.store}: "
+            f"{report.chunks} chunks, {report.bytes / 1e6:.1f} MB{timing}, {verified}")

@@ -1,0 +1,103 @@
+"""Runs SGLang engines for tests/test_sglang.py (and benchmarks/sglang_load.py) inside the SGLang venv.
+
+    .venv-sglang/bin/python tests/sglang_engine.py SPEC.json OUT.json
+
+SPEC: ``{"runs": [RUN, ...]}``, run one after another in this process (one engine each). A RUN: ``name``; ``env``
+(set before the engine starts: its processes inherit it); ``engine`` (keyword arguments of ``sglang.Engine``, on top
+of :data:`CPU`); ``prompts`` (token id lists: greedy tokens and top-5 logprobs are recorded); ``steps``, in order:
+``{"label", "publish": {"ckpt", "url", "model", "max_tp"}}`` publishes a checkpoint (a new version of the model),
+``"corrupt": {"url", "model", "tensor", "chunk"}`` then flips one byte of that chunk in the store;
+``{"label", "update": {"model_path", "load_format"}}`` is SGLang's ``update_weights_from_disk``, then the prompts
+again; ``{"label", "save_remote": URL}`` is ``Engine.save_remote_model(url=URL)``. A run whose engine fails to start
+records the error instead (the log has the root cause); ``start_s`` is the seconds ``sglang.Engine(...)`` took.
+OUT: ``{name: {"outputs", "steps": {label: {"ok", "message", "outputs"}}, "start_s", "error"}}``.
+SGLang spawns processes, and SIGKILLs its parent when a child fails at start-up: run this in a subprocess, and keep
+the body under ``if __name__ == "__main__"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+CPU = {"device": "cpu", "attention_backend": "torch_native", "disable_cuda_graph": True, "skip_tokenizer_init": True,
+       "dtype": "float32", "mem_fraction_static": 0.05, "max_total_tokens": 2048, "chunked_prefill_size": 256,
+       "max_running_requests": 4, "random_seed": 0, "log_level": "info"}
+"""The Engine arguments SGLang's CPU path runs with here (see scripts/sglang_cpu/README.md)."""
+
+
+def generate(engine, prompts: list[list[int]]) -> list[dict]:
+    """Greedy, 8 tokens, top-5 logprobs per step (``[[logprob, token id], ...]``)."""
+    outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 8, "temperature": 0.0},
+                           return_logprob=True, top_logprobs_num=5)
+    return [{"tokens": list(o["output_ids"]),
+             "logprobs": [[[lp, tok] for lp, tok, *_ in step] for step in o["meta_info"]["output_top_logprobs"]]}
+            for o in outs]
+
+
+def step(engine, spec: dict, one: dict) -> dict:
+    """One step of a run (see the module docstring)."""
+    if "publish" in one:
+        import raydist_loader as rl
+
+        p = one["publish"]
+        version = rl.publish(p["ckpt"], p["url"], p["model"], max_tp=p["max_tp"]).version
+        if "corrupt" in one:
+            from tests.shards import flip_one_byte
+
+            c = one["corrupt"]
+            flip_one_byte(c["url"], c["model"], c["tensor"], c["chunk"])
+        return {"ok": True, "message": version, "outputs": None}
+    if "save_remote" in one:
+        engine.save_remote_model(url=one["save_remote"])
+        return {"ok": True, "message": None, "outputs": None}
+    u = one["update"]
+    t0 = time.perf_counter()
+    ok, message, *_ = engine.update_weights_from_disk(u["model_path"], load_format=u.get("load_format"))
+    seconds = time.perf_counter() - t0
+    return {"ok": bool(ok), "message": message, "seconds": seconds, "outputs": generate(engine, spec["prompts"])}
+
+
+def run(spec: dict) -> dict:
+    import sglang
+
+    result: dict = {"outputs": None, "steps": {}, "start_s": None, "error": None}
+    os.environ.update(spec.get("env", {}))
+    t0 = time.perf_counter()
+    try:
+        engine = sglang.Engine(**{**CPU, **spec["engine"]})
+    except BaseException as e:  # noqa: BLE001 - the test asserts on it (and on the log)
+        result["error"] = f"{type(e).__name__}: {e}"
+        return result
+    result["start_s"] = time.perf_counter() - t0
+    try:
+        if spec.get("prompts"):
+            result["outputs"] = generate(engine, spec["prompts"])
+        for one in spec.get("steps", []):
+            result["steps"][one["label"]] = step(engine, spec, one)
+    except Exception:  # noqa: BLE001
+        result["error"] = traceback.format_exc()
+    finally:
+        engine.shutdown()
+    return result
+
+
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    results = {}
+    for one in spec["runs"]:
+        t0 = time.perf_counter()
+        results[one["name"]] = run(one)
+        results[one["name"]]["engine_s"] = time.perf_counter() - t0
+        print(f"[sglang_engine] {one['name']}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        with open(out_path, "w") as f:  # after every run: a later crash keeps the earlier results
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
