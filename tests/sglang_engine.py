@@ -25,8 +25,10 @@ import traceback
 
 CPU = {"device": "cpu", "attention_backend": "torch_native", "disable_cuda_graph": True, "skip_tokenizer_init": True,
        "dtype": "float32", "mem_fraction_static": 0.05, "max_total_tokens": 2048, "chunked_prefill_size": 256,
-       "max_running_requests": 4, "random_seed": 0, "log_level": "info"}
-"""The Engine arguments SGLang's CPU path runs with here (see scripts/sglang_cpu/README.md)."""
+       "max_running_requests": 4, "random_seed": 0, "log_level": "info", "disable_radix_cache": True}
+"""The Engine arguments SGLang's CPU path runs with here (see scripts/sglang_cpu/README.md). No prefix cache: a
+prompt computed again after a failed update (which keeps the cache) must take the same path as after a successful
+one (which flushes it), so that equal weights give equal logprobs."""
 
 
 def generate(engine, prompts: list[list[int]]) -> list[dict]:
@@ -61,10 +63,45 @@ def step(engine, spec: dict, one: dict) -> dict:
     return {"ok": bool(ok), "message": message, "seconds": seconds, "outputs": generate(engine, spec["prompts"])}
 
 
+def refusals(overrides: list[dict]) -> dict:
+    """(no engine) The loader's refusal of each set of parallel settings (on top of tp=2 with nothing else), with
+    SGLang's parallel context stood in; and the names it checks that SGLang's parallel context does not know."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from sglang.srt import runtime_context
+
+    from raydist_loader.engines import sglang as plugin
+
+    messages = []
+    for override in overrides:
+        parallel = SimpleNamespace(**{"tp_size": 2, "tp_rank": 0, "attn_tp_size": 2, **override})
+        model = SimpleNamespace(is_startup_weight_load_overlap=False)
+        with mock.patch.object(runtime_context, "get_parallel", lambda p=parallel: p), \
+                mock.patch.object(runtime_context, "get_model", lambda m=model: m):
+            try:
+                plugin.tensor_parallel()
+                messages.append(None)
+            except Exception as e:  # noqa: BLE001 - the test reads the message
+                messages.append(str(e))
+    try:  # SGLang's CPU path padded one kv head to two at tp=2 (as gemma's MQA gets)
+        config = SimpleNamespace(original_num_attention_heads=4, num_attention_heads=8,
+                                 original_total_num_kv_heads=1, num_key_value_heads=2)
+        plugin.refuse_padded_heads(config, 2)
+        messages.append(None)
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        messages.append(str(e))
+    names = [name for _, name, _ in plugin.UNMODELLED] + ["attn_tp_size", "tp_size", "tp_rank"]
+    known = runtime_context._parallel_fields() | {"tp_rank"}
+    return {"refusals": messages, "unknown_names": [n for n in names if n not in known]}
+
+
 def run(spec: dict) -> dict:
     import sglang
 
     result: dict = {"outputs": None, "steps": {}, "start_s": None, "error": None}
+    if "refusals" in spec:
+        return {**result, **refusals(spec["refusals"])}
     os.environ.update(spec.get("env", {}))
     t0 = time.perf_counter()
     try:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from sglang.srt.configs.device_config import DeviceConfig
@@ -38,7 +38,7 @@ from sglang.srt.model_loader.loader import (
 )
 from sglang.srt.model_loader.utils import set_default_torch_dtype
 
-from ..errors import ConfigError, ShardingError
+from ..errors import ConfigError, RaydistError, ShardingError
 from ..report import RankReport
 from .handoff import EngineOptions, missing_names, rank_weights, verified_rank_weights
 
@@ -47,6 +47,7 @@ OPTIONS_NAME = "model_loader_extra_config"
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
 logger = logging.getLogger("sglang.raydist_loader")  # under "sglang", so SGLang's log configuration shows it
 _registered = False
+_T = TypeVar("_T")
 
 # SGLang's parallel settings that change which part of a tensor a worker holds, beyond tensor parallelism:
 # (how it is set, the name in SGLang's parallel context, the only value this loader serves).
@@ -113,6 +114,7 @@ class RaydistModelLoader(DefaultModelLoader):
         parameter was written, then run SGLang's quantization post-processing."""
         t0 = time.perf_counter()
         tp, rank = tensor_parallel()
+        refuse_padded_heads(model_config.hf_config, tp)
         options = self.options(model_config.model_path)
         if getattr(model_config, "modelopt_quant", None):
             raise ConfigError("load format raydist does not run ModelOpt quantization (--modelopt-quant): "
@@ -144,9 +146,31 @@ class RaydistModelLoader(DefaultModelLoader):
         pulled and verified in full HERE, before SGLang writes the first weight (SGLang reports an error raised
         here as a failed update and leaves the model untouched)."""
         tp, rank = tensor_parallel()
-        weights, report = verified_rank_weights(self.options(source.model_or_path), tp, rank)
+        if source.model_config is not None:
+            refuse_padded_heads(source.model_config.hf_config, tp)
+        weights, report = _on_every_rank(lambda: verified_rank_weights(self.options(source.model_or_path), tp, rank))
         logger.info(_describe(report(), None))
         return weights
+
+
+def _on_every_rank(pull: Callable[[], _T]) -> _T:
+    """``pull()`` on this rank, then agree across the TP group: if any rank failed (a bad byte is read by one rank
+    only), every rank raises with every rank's error, so no rank writes a weight and the TP group keeps serving
+    one version."""
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        result, error, cause = pull(), None, None
+    except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised below
+        result, error, cause = None, f"{type(e).__name__}: {e}", e
+    group = get_parallel().tp_group
+    errors = group.all_gather_object(error) if group.world_size > 1 else [error]
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if failed:
+        kind = type(cause) if isinstance(cause, RaydistError) else RaydistError
+        raise kind("weight update refused on every rank, the previous weights keep serving: " + "; ".join(failed)) \
+            from cause
+    return result
 
 
 def tensor_parallel() -> tuple[int, int]:
@@ -171,6 +195,22 @@ def tensor_parallel() -> tuple[int, int]:
             f"it does not model SGLang's {'; '.join(refused)}: start SGLang without them, or use another load format"
         )
     return tp, rank
+
+
+def refuse_padded_heads(hf_config: Any, tp: int) -> None:
+    """SGLang's CPU path pads the attention heads when tp does not divide them (e.g. one kv head at tp=2 becomes
+    two, and the q heads double): its workers then read other rows of q/k/v/o than the store's cut gives them.
+    Refuse that, naming the heads, rather than serve a wrong model."""
+    padded = [(what, getattr(hf_config, original, None), getattr(hf_config, name, None))
+              for what, original, name in (("attention heads", "original_num_attention_heads", "num_attention_heads"),
+                                           ("kv heads", "original_total_num_kv_heads", "num_key_value_heads"))]
+    changed = [f"{what} {was} -> {now}" for what, was, now in padded if was is not None and was != now]
+    if changed:
+        raise ConfigError(
+            f"SGLang padded the model's {', '.join(changed)} for tp_size={tp} (its CPU path does this when tp does not "
+            "divide the heads), so its workers cut q/k/v/o differently from the store: load format raydist does not "
+            "serve that; use a tp that divides the kv heads"
+        )
 
 
 def _read(context: Any, name: str, default: Any) -> Any:

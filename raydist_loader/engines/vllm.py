@@ -6,13 +6,14 @@ Registered through the ``vllm.general_plugins`` entry point (see :func:`register
     vllm serve DIR --load-format raydist \\
         --model-loader-extra-config '{"url": "redis://host:6379/0", "model": "NAME"}' --tensor-parallel-size 2
 
-``DIR`` holds the model's config and tokenizer files (``raydist-loader pull-files URL --model NAME DIR``). Options
-are the keys of :data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world
-size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns; the shard lands in
-host memory as full-size tensors (see :mod:`.handoff`) and vLLM's own weight loaders narrow and copy each one into
-its parameter on the worker's device. Afterwards every parameter of the model must have been loaded, else the
-load fails with their names. The rank's load report is left on the model as ``model.raydist_report``. vLLM's
-in-place ``reload_weights`` (RL weight updates) pulls the store's current version the same way.
+``DIR`` holds the model's config and tokenizer files (``raydist-loader pull-files URL --model NAME DIR``) and
+``raydist.json``, which names the store when no options are given. Options are the keys of
+:data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world size and rank; with
+pipeline parallelism a stage pulls only the tensors of the modules it owns; the shard lands in host memory as full-size
+tensors (see :mod:`.handoff`) and vLLM's own weight loaders narrow and copy each one into its parameter on the worker's
+device. Afterwards every parameter of the model must have been loaded, else the load fails with their names. The rank's
+load report is left on the model as ``model.raydist_report``. vLLM's in-place ``reload_weights`` (RL weight updates)
+pulls the store's current version the same way.
 """
 
 from __future__ import annotations
@@ -55,24 +56,32 @@ class RaydistModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
-        self.options = EngineOptions.parse(load_config.model_loader_extra_config, OPTIONS_NAME)
+        self.raw_options = load_config.model_loader_extra_config or {}
+        if self.raw_options:  # bad options fail here; without any, the model directory's raydist.json is read
+            EngineOptions.parse(self.raw_options, OPTIONS_NAME)
+
+    def options(self, model_config: ModelConfig) -> EngineOptions:
+        """The options given, else those of ``raydist.json`` in the model directory (``pull-files`` writes it)."""
+        return EngineOptions.resolve(self.raw_options, OPTIONS_NAME, model_config.model)
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing is downloaded ahead (the weights stream into the workers); check that the store answers and
         holds a valid manifest for the model, so a wrong URL or name fails early."""
+        options = self.options(model_config)
         open_manifest(
-            self.options.url,
-            self.options.model,
-            expect_manifest_sha256=self.options.expect_manifest_sha256,
-            connector_options=self.options.connector_options(),
+            options.url,
+            options.model,
+            expect_manifest_sha256=options.expect_manifest_sha256,
+            connector_options=options.connector_options(),
         )
 
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
-        delivery = load_into(model, self.options, tp, rank, only=self._only(model))
+        options = self.options(model_config)
+        delivery = load_into(model, options, tp, rank, only=self._only(model))
         seconds = time.perf_counter() - t0
-        _check_all_loaded(model, delivery.loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
+        _check_all_loaded(model, delivery.loaded, model_config, f"{options.model!r} (rank {rank}/{tp})")
         model.raydist_report = delivery.report
         logger.info(_describe(delivery.report, pp, seconds))
 
@@ -80,7 +89,7 @@ class RaydistModelLoader(BaseModelLoader):
         """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the store's current
         version of this worker's shard, verified, as full-size tensors."""
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        weights, report = rank_weights(self.options, tp, rank, only=self._only(model))
+        weights, report = rank_weights(self.options(model_config), tp, rank, only=self._only(model))
         yield from weights
         model.raydist_report = report()
 
