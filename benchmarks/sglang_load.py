@@ -33,7 +33,7 @@ ROOT = HERE.parent
 DATA = HERE / ".data"
 SGLANG_PY = ROOT / ".venv-sglang" / "bin" / "python"
 MODEL = "bench-sglang-llama"
-ENGINE = {"dtype": "bfloat16", "max_total_tokens": 512}
+ENGINE = {"dtype": "bfloat16", "max_total_tokens": 512, "mem_fraction_static": 0.15}  # room for 0.97 GB of weights
 _LOAD_END = re.compile(r"^\[[^\]]*?(?: TP(\d+))?\] Load weight end\. elapsed=([\d.]+) s", re.M)
 
 
@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         rows, held = [], {}
         for tp in args.tp:
             for run in runs_for(tp, ckpt, cfg, stores, remote):
-                seconds, error = one_engine(scratch, run)
-                rows.append({"tp": tp, "way": run["name"].split(" ", 1)[1], "load_s": seconds, "error": error})
-                log(f"{run['name']}: {seconds} s" + (f" ERROR {error[:300]}" if error else ""))
+                seconds, error, phases = one_engine(scratch, run)
+                rows.append({"tp": tp, "way": run["name"].split(" ", 1)[1], "load_s": seconds, "error": error,
+                             "raydist_phases": phases})
+                log(f"{run['name']}: {seconds} s {phases}" + (f" ERROR {error[:300]}" if error else ""))
             held[f"sglang remote (tp={tp}, one copy per rank)"] = redis_bytes(redis.port, f"{MODEL}-remote-tp{tp}/")
         held["raydist redis (any tp)"] = redis_bytes(redis.port, f"{MODEL}/")
         held["raydist file (any tp)"] = sum(f.stat().st_size for f in (scratch / "store").rglob("*") if f.is_file())
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def one_engine(scratch: Path, run: dict) -> tuple[float | None, str | None]:
-    """Start one engine (tests/sglang_engine.py, its own process) and read its load time from its log."""
+def one_engine(scratch: Path, run: dict) -> tuple[float | None, str | None, list[str]]:
+    """Start one engine (tests/sglang_engine.py, its own process) and read its load time from its log (and the
+    raydist loader's seconds per phase, one entry per rank)."""
     tag = re.sub(r"\W+", "-", run["name"])
     spec, out, engine_log = scratch / f"{tag}.json", scratch / f"{tag}-out.json", scratch / f"{tag}.log"
     spec.write_text(json.dumps({"runs": [run]}))
@@ -147,7 +149,8 @@ def one_engine(scratch: Path, run: dict) -> tuple[float | None, str | None]:
     text = engine_log.read_text(errors="replace")
     result = json.loads(out.read_text()).get(run["name"], {}) if out.exists() else {}
     error = result.get("error") if result else f"no result; end of log: {text[-1500:]}"
-    return load_seconds(text), error
+    phases = re.findall(r"s per phase: ([^)]*)\)", text)
+    return load_seconds(text), error, phases
 
 
 def render(rows: list[dict], held: dict[str, int], nbytes: int) -> str:

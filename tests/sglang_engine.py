@@ -93,7 +93,28 @@ def refusals(overrides: list[dict]) -> dict:
         messages.append(str(e))
     names = [name for _, name, _ in plugin.UNMODELLED] + ["attn_tp_size", "tp_size", "tp_rank"]
     known = runtime_context._parallel_fields() | {"tp_rank"}
-    return {"refusals": messages, "unknown_names": [n for n in names if n not in known]}
+    return {"refusals": messages, "unknown_names": [n for n in names if n not in known],
+            "registered": registered_twice()}
+
+
+def registered_twice() -> dict:
+    """(no engine) After SGLang's own load_plugins() and two more register() calls: how often load format
+    ``raydist`` is among SGLang's choices and how many hooks the plugin holds on its target; and whether a
+    ``LoadConfig(load_format="raydist")`` resolves to the loader class."""
+    from sglang.srt.arg_groups.choices import LOAD_FORMAT_CHOICES
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from raydist_loader.engines import sglang as plugin
+
+    load_plugins()
+    plugin.register()
+    plugin.register()
+    hooks = [h for _, h, _ in HookRegistry._hooks[plugin.VERIFY_TARGET] if h is plugin._verify_load_format]
+    resolved = LoadConfig(load_format="raydist").load_format
+    return {"choices": LOAD_FORMAT_CHOICES.count(plugin.LOAD_FORMAT), "hooks": len(hooks),
+            "resolves_to": getattr(resolved, "__name__", str(resolved))}
 
 
 def run(spec: dict) -> dict:

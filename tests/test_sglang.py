@@ -215,9 +215,10 @@ def test_a_flipped_byte_stops_sglang_naming_rank_tensor_and_chunk(sglang):
 
 
 @pytest.mark.slow
-def test_parallel_settings_the_cut_does_not_model_are_refused_by_name(sglang):
+def test_registration_is_idempotent_and_unmodelled_parallel_settings_are_refused_by_name(sglang):
     result = _ok(sglang, "refusals")
     assert result["unknown_names"] == [], "every setting checked must exist in SGLang's parallel context"
+    assert result["registered"] == {"choices": 1, "hooks": 1, "resolves_to": "RaydistModelLoader"}  # idempotent
     pp, ep, dp_attention, padded = result["refusals"]
     assert "does not model SGLang's --pp-size (pipeline parallelism) = 2" in pp
     assert "--ep-size (expert parallelism) = 2" in ep

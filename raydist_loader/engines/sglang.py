@@ -73,11 +73,11 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from sglang.srt.arg_groups.choices import LOAD_FORMAT_CHOICES
+    from sglang.srt.arg_groups.choices import LOAD_FORMAT_CHOICES, add_load_format_choices
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:
-        LOAD_FORMAT_CHOICES.append(LOAD_FORMAT)  # what add_load_format_choices does, without a duplicate
+    if LOAD_FORMAT not in LOAD_FORMAT_CHOICES:  # add_load_format_choices appends, duplicates included
+        add_load_format_choices([LOAD_FORMAT])
     HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
     _registered = True
 
@@ -112,7 +112,7 @@ class RaydistModelLoader(DefaultModelLoader):
     def load_model(self, *, model_config: ModelConfig, device_config: DeviceConfig) -> torch.nn.Module:
         """Build SGLang's model as its default loader does, load this worker's verified shard into it, check every
         parameter was written, then run SGLang's quantization post-processing."""
-        t0 = time.perf_counter()
+        clock = _Phases()
         tp, rank = tensor_parallel()
         refuse_padded_heads(model_config.hf_config, tp)
         options = self.options(model_config.model_path)
@@ -125,20 +125,26 @@ class RaydistModelLoader(DefaultModelLoader):
         with set_default_torch_dtype(model_config.dtype):
             with target_device:
                 model = _initialize_model(model_config, self.load_config, quant_config)
+            clock.lap("init")
             if checked:
                 _mark_unwritten(model)
+                clock.lap("mark")
             weights, report = rank_weights(options, tp, rank)
+            clock.lap("pull")
             self.load_weights_only(model, weights, target_device)
+            clock.lap("into model")
             if checked:
                 what = f"{options.model!r} (rank {rank}/{tp})"
                 message = missing_names(_all_parameters(model), _written(model), what)
                 if message:
                     raise ShardingError(f"{message}; the store's model does not match the config SGLang was "
                                         "started with")
+                clock.lap("check")
             self.postprocess_weights(model, target_device)
+            clock.lap("post")
         self.counter_after_loading_weights = time.perf_counter()
         model.raydist_report = report()
-        logger.info(_describe(model.raydist_report, time.perf_counter() - t0))
+        logger.info(_describe(model.raydist_report, clock))
         return model.eval()
 
     def _get_weights_iterator(self, source: DefaultModelLoader.Source, **_: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -192,7 +198,8 @@ def tensor_parallel() -> tuple[int, int]:
     if refused:
         raise ConfigError(
             f"load format raydist serves tensor parallelism alone (tp_size={tp}, each worker pulls its tp shard); "
-            f"it does not model SGLang's {'; '.join(refused)}: start SGLang without them, or use another load format"
+            f"it does not model SGLang's {'; '.join(refused)}: start SGLang without these settings, or use another "
+            "load format"
         )
     return tp, rank
 
@@ -221,12 +228,24 @@ def _read(context: Any, name: str, default: Any) -> Any:
         return default
 
 
+def _edges(data: torch.Tensor) -> list[torch.Tensor]:
+    """The first and the last element along the last dim, for every index of the other dims (a 1-D tensor: all
+    of it). A weight loader writes whole blocks of a parameter cut along one dim (rows of a fused q/k/v or
+    gate/up, an expert, a vocab range) and full along the last dim (or along every other dim when it cuts the
+    last): a block it skipped contains one of these elements."""
+    if data.dim() <= 1:
+        return [data]
+    return [data[..., 0], data[..., -1]]
+
+
 def _mark_unwritten(model: torch.nn.Module) -> None:
-    """Fill every floating-point parameter with NaN, so a parameter no weight loader wrote stays NaN."""
+    """Set the :func:`_edges` of every floating-point parameter to NaN, so a block no weight loader wrote keeps
+    some (a few elements per row: nothing like a pass over the weights)."""
     with torch.no_grad():
         for param in model.parameters():
             if param.is_floating_point():
-                param.data.fill_(float("nan"))
+                for edge in _edges(param.data):
+                    edge.fill_(float("nan"))
 
 
 def _all_parameters(model: torch.nn.Module) -> set[str]:
@@ -234,17 +253,38 @@ def _all_parameters(model: torch.nn.Module) -> set[str]:
 
 
 def _written(model: torch.nn.Module) -> set[str]:
-    """The floating-point parameters with no NaN left (a partly written one, e.g. a fused q/k/v missing k, is not)."""
+    """The floating-point parameters with no block left unwritten (a partly written one, e.g. a fused q/k/v
+    missing k, is not)."""
     with torch.no_grad():
         return {name for name, param in model.named_parameters()
-                if param.is_floating_point() and not torch.isnan(param.data).any()}
+                if param.is_floating_point() and not any(bool(torch.isnan(e).any()) for e in _edges(param.data))}
 
 
-def _describe(report: RankReport, seconds: float | None) -> str:
+class _Phases:
+    """Seconds per phase of a load, for the log line."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.last
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start
+
+
+def _describe(report: RankReport, clock: _Phases | None) -> str:
     """One log line per rank."""
     verified = "verified" if report.verify else "NOT verified (verify=false)"
-    timing = (f"; pulled, verified and loaded into the model in {seconds:.2f} s "
-              f"({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s)" if seconds is not None else
-              "; pulled and verified for a weight update")
+    if clock is None:
+        timing = "; pulled and verified for a weight update"
+    else:
+        phases = ", ".join(f"{name} {s:.2f}" for name, s in clock.seconds.items())
+        timing = (f"; pulled, verified and loaded into the model in {clock.total:.2f} s "
+                  f"({report.bytes / max(clock.total, 1e-9) / 1e9:.2f} GB/s; s per phase: {phases})")
     return (f"raydist: rank {report.rank}/{report.tp}: {report.model} version {report.version} from {report.store}: "
             f"{report.chunks} chunks, {report.bytes / 1e6:.1f} MB{timing}, {verified}")
