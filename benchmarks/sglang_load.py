@@ -9,7 +9,7 @@ loader on the checkpoint directory (page cache warm: the publish read it), which
 copy to the same Redis (``Engine.save_remote_model``); raydist from Redis; raydist from the file store; SGLang's
 ``remote`` loader from Redis. Each is one engine start; a way's load time is SGLang's own ``Load weight end.
 elapsed=`` (model init + weights), per TP group the slowest worker. Also the bytes each store holds for the model
-(SGLang's remote store holds one copy per tp). Results: benchmarks/results/sglang.json.
+(SGLang's remote store holds each rank's state dict: one set per tp it serves). Results: benchmarks/results/sglang.json.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"tp": tp, "way": run["name"].split(" ", 1)[1], "load_s": seconds, "error": error,
                              "raydist_phases": phases})
                 log(f"{run['name']}: {seconds} s {phases}" + (f" ERROR {error[:300]}" if error else ""))
-            held[f"sglang remote (tp={tp}, one copy per rank)"] = redis_bytes(redis.port, f"{MODEL}-remote-tp{tp}/")
+            remote_bytes = redis_bytes(redis.port, f"{MODEL}-remote-tp{tp}/")
+            held[f"sglang remote (per-rank state dicts, serves tp={tp} only)"] = remote_bytes
         held["raydist redis (any tp)"] = redis_bytes(redis.port, f"{MODEL}/")
         held["raydist file (any tp)"] = sum(f.stat().st_size for f in (scratch / "store").rglob("*") if f.is_file())
         for row in rows:
