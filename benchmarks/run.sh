@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command of the benchmark: bash benchmarks/run.sh [--gb 1] [--runs 5] [--backends file,redis,s3]
 # The vLLM rows (load inside vLLM's workers): bash benchmarks/run.sh vllm [--mb 970] [--dtype bf16] [--rounds 5]
+# The SGLang rows (load inside SGLang's workers, vs its `remote` loader): bash benchmarks/run.sh sglang [--mb 970]
 # Sets up what it needs (repo venv, the peers, s3rver, redis-server), then runs python -m benchmarks.bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,5 +46,10 @@ if [ "${1:-}" = "vllm" ]; then
   .venv-vllm/bin/python -c "import runai_model_streamer" 2>/dev/null \
     || .venv-vllm/bin/python -m pip install -q runai-model-streamer
   exec .venv/bin/python -m benchmarks.vllm_load "$@"
+fi
+if [ "${1:-}" = "sglang" ]; then
+  shift
+  [ -x .venv-sglang/bin/python ] || bash scripts/setup.sh   # .venv-sglang: SGLang's CPU path (scripts/sglang_cpu)
+  exec .venv/bin/python -m benchmarks.sglang_load "$@"
 fi
 exec .venv/bin/python -m benchmarks.bench "$@"

@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("pull-files", help="write the model's config/tokenizer files (never weights) into DIR, "
-                       "e.g. the directory an engine is started on")
+                       "e.g. the directory an engine is started on, and DIR/raydist.json (store URL without its "
+                       "password, model name) from which load format raydist finds the store")
     _store_args(p)
     p.add_argument("dest", metavar="DIR", help="directory to write into (created; files are replaced atomically)")
     p.add_argument("--json", action="store_true", help="print the written paths as JSON")
@@ -452,13 +453,15 @@ def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
 
 def _cmd_pull_files(args: argparse.Namespace, out: _Out) -> int:
     from .store.files import pull_files
+    from .store.locator import LOCATOR_FILE
 
-    written = pull_files(args.url, args.model, args.dest, connector_options=_connector_options(args, out))
+    written = pull_files(args.url, args.model, args.dest, connector_options=_connector_options(args, out),
+                         password_env=args.password_env)
     if args.json:
         out.json([str(p) for p in written])
     else:
         out.print(f"wrote {len(written)} file(s) of {args.model} to {Path(args.dest).resolve()}: "
-                  + ", ".join(p.name for p in written))
+                  + ", ".join(p.name for p in written) + f"; and {LOCATOR_FILE} (where the weights are)")
     return EXIT_OK
 
 

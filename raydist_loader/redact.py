@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 # a query parameter whose name looks secret: stops at '&' and whitespace so free text around it survives
 _SECRET_QUERY = re.compile(r"(?i)(\b[\w-]*(?:password|secret|token|key|signature|credential)[\w-]*=)[^&\s]*")
@@ -27,6 +27,22 @@ def redact_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
     query = _SECRET_QUERY.sub(r"\1***", _redact_nested(parts.query))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_without_secrets(url: str) -> str:
+    """``url`` with its password and secret-looking query parameters removed (not masked), for a URL that is
+    stored and used again: ``redis://u:pw@h:6379/0?password=x`` -> ``redis://u@h:6379/0``. Paths pass through."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{host}" if user else host
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = urlencode([(k, v) for k, v in pairs if not _SECRET_QUERY.fullmatch(f"{k}=")])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

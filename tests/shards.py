@@ -135,3 +135,18 @@ def rerandomise(ckpt: Path, seed: int) -> None:
             new = noise * (1.5 / math.sqrt(t.shape[1]))
         state[name] = new.to(t.dtype).contiguous()
     save_file(state, path, metadata={"format": "pt"})
+
+
+def flip_one_byte(url: str, model: str, tensor: str, chunk: str) -> str:
+    """Flip one byte in the middle of ``tensor``'s chunk ``chunk`` of the model's current version, in place, in any
+    store (the object is read and written back whole); returns the object's name."""
+    from raydist_loader.connectors import open_connector
+    from raydist_loader.store.manifest import read_manifest
+
+    with open_connector(url) as conn:
+        record = next(c for c in read_manifest(conn, model).chunks(tensor) if c.id == chunk)
+        part = record.parts[0]
+        data = bytearray(conn.read(part.object))
+        data[part.offset + part.nbytes // 2] ^= 0x01
+        conn.write(part.object, bytes(data))
+    return part.object

@@ -337,8 +337,10 @@ def test_pull_files_writes_config_and_tokenizer_never_weights(store: Path, check
     code, out, err = run(capsys, "pull-files", f"file://{store}", "--model", MODEL, str(dest))
     assert code == 0, err
     expected = sorted(p.name for p in checkpoint.iterdir() if not p.name.endswith(".safetensors"))
-    assert sorted(p.name for p in dest.iterdir()) == expected and "config.json" in expected
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*expected, "raydist.json"]) and "config.json" in expected
     assert all((dest / n).read_bytes() == (checkpoint / n).read_bytes() for n in expected)
     assert out.startswith(f"wrote {len(expected)} file(s) of {MODEL} to {dest}: ")
+    assert out.rstrip().endswith("; and raydist.json (where the weights are)")
+    assert json.loads((dest / "raydist.json").read_text()) == {"url": f"file://{store}", "model": MODEL}
     code, _, err = run(capsys, "pull-files", str(store), "--model", "nope", str(tmp_path / "other"))
     assert code == 2 and err.startswith("raydist-loader: error: model 'nope' not found")

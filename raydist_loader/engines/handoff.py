@@ -15,8 +15,9 @@ not by the shard (``whole=True``: the whole shard verified first, for reloads). 
 where the model's weight loader is provably a plain narrow + copy (:mod:`.direct`), the chunks are read straight
 into the parameters, and only the other tensors are streamed through ``load_weights``.
 
-The options an engine passes (vLLM's ``model_loader_extra_config``) are parsed here too, so every engine accepts
-the same keys with the same errors.
+The options an engine passes (vLLM's and SGLang's ``model_loader_extra_config``) are parsed here too, so every
+engine accepts the same keys with the same errors; with no options, the model directory's ``raydist.json`` (written
+by ``pull-files``, :mod:`raydist_loader.store.locator`) names the store.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
 from ..report import RankReport
 from ..store.experts import Experts
+from ..store.locator import LOCATOR_FILE, read_locator
 from ..store.verify import check_pin
 from .direct import Capture, capture
 
@@ -87,6 +89,21 @@ class EngineOptions:
             expect_manifest_sha256=check_pin(raw.get("expect_manifest_sha256"), f"{where}.expect_manifest_sha256"),
             password_env=raw.get("password_env"),
         )
+
+    @classmethod
+    def resolve(cls, raw: Mapping[str, Any] | None, where: str, model_dir: str | os.PathLike | None) -> EngineOptions:
+        """``raw`` when an engine was given options; else the locator ``raydist.json`` in ``model_dir`` (the
+        engine's model path), as ``pull-files`` wrote it."""
+        if raw:
+            return cls.parse(raw, where)
+        locator = read_locator(model_dir) if model_dir else None
+        if locator is None:
+            raise ConfigError(
+                f"load format raydist needs the store: {where} is empty and {model_dir}/{LOCATOR_FILE} does not "
+                f'exist; give {where} = {{"url": "redis://host:6379/0", "model": "NAME"}}, or write the model '
+                f"directory with `raydist-loader pull-files URL --model NAME {model_dir}`"
+            )
+        return cls.parse(locator, f"{model_dir}/{LOCATOR_FILE}")
 
     def connector_options(self) -> dict[str, Any]:
         """The connector's options: the password read from ``password_env`` in this (worker) process."""

@@ -6,9 +6,10 @@ Registered through the ``vllm.general_plugins`` entry point (see :func:`register
     vllm serve DIR --load-format raydist \\
         --model-loader-extra-config '{"url": "redis://host:6379/0", "model": "NAME"}' --tensor-parallel-size 2
 
-``DIR`` holds the model's config and tokenizer files (``raydist-loader pull-files URL --model NAME DIR``). Options
-are the keys of :data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world
-size and rank; with pipeline parallelism a stage pulls only the tensors of the modules it owns. With expert parallelism
+``DIR`` holds the model's config and tokenizer files (``raydist-loader pull-files URL --model NAME DIR``) and
+``raydist.json``, which names the store when no options are given. Options are the keys of
+:data:`raydist_loader.engines.handoff.OPTIONS`. In each worker: tp and rank are vLLM's TP world size and rank; with
+pipeline parallelism a stage pulls only the tensors of the modules it owns. With expert parallelism
 (``enable_expert_parallel``) each worker reads its MoE layers' own placement (``expert_map``) and pulls the routed
 experts it holds whole, and no other expert (:mod:`raydist_loader.store.experts`). Any parallel setting the
 hand-off does not model (see :func:`check_parallel`) is refused before a byte is loaded. Tensors whose vLLM
@@ -61,25 +62,33 @@ class RaydistModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
-        self.options = EngineOptions.parse(load_config.model_loader_extra_config, OPTIONS_NAME)
+        self.raw_options = load_config.model_loader_extra_config or {}
+        if self.raw_options:  # bad options fail here; without any, the model directory's raydist.json is read
+            EngineOptions.parse(self.raw_options, OPTIONS_NAME)
+
+    def options(self, model_config: ModelConfig) -> EngineOptions:
+        """The options given, else those of ``raydist.json`` in the model directory (``pull-files`` writes it)."""
+        return EngineOptions.resolve(self.raw_options, OPTIONS_NAME, model_config.model)
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing is downloaded ahead (the weights stream into the workers); check that the store answers and
         holds a valid manifest for the model, so a wrong URL or name fails early."""
+        options = self.options(model_config)
         open_manifest(
-            self.options.url,
-            self.options.model,
-            expect_manifest_sha256=self.options.expect_manifest_sha256,
-            connector_options=self.options.connector_options(),
+            options.url,
+            options.model,
+            expect_manifest_sha256=options.expect_manifest_sha256,
+            connector_options=options.connector_options(),
         )
 
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
+        options = self.options(model_config)
         experts = _placement(model, tp, rank)
-        delivery = load_into(model, self.options, tp, rank, only=self._only(model), experts=experts)
+        delivery = load_into(model, options, tp, rank, only=self._only(model), experts=experts)
         seconds = time.perf_counter() - t0
-        _check_all_loaded(model, delivery.loaded, model_config, f"{self.options.model!r} (rank {rank}/{tp})")
+        _check_all_loaded(model, delivery.loaded, model_config, f"{options.model!r} (rank {rank}/{tp})")
         model.raydist_report = delivery.report
         logger.info(_describe(delivery.report, pp, seconds, delivery.capture, experts is not None))
 
@@ -91,7 +100,7 @@ class RaydistModelLoader(BaseModelLoader):
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         experts = _placement(model, tp, rank)
         weights, report = rank_weights(
-            self.options, tp, rank, only=self._only(model), experts=experts, whole=True
+            self.options(model_config), tp, rank, only=self._only(model), experts=experts, whole=True
         )
         yield from weights
         model.raydist_report = report()

@@ -1,5 +1,6 @@
 """Layer 2 (store): Config and tokenizer files stored beside the weights: ``pull_files`` writes them to a local
-directory, confined and whole.
+directory, confined and whole, and the locator ``raydist.json`` (:mod:`.locator`) that tells an engine
+which store the weights are in.
 
 A store may be damaged or hostile, so a pull never leaves the destination and never leaves it half-written: every
 name is checked first (the manifest's rules: relative, no ``..``, NUL or control characters, parts of at most 255
@@ -21,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from ..connectors import Connector, open_connector
 from ..digest import ChunkHash
 from ..errors import ConfigError, RaydistError, VerificationError
+from .locator import write_locator
 from .manifest import FileRecord, Manifest, file_name_clash, is_safe_file_name, read_manifest
 
 _BLOCK = 16 << 20  # a file is read, hashed and written in blocks of this size: memory stays bounded
@@ -39,10 +41,18 @@ def safe_name(name: str) -> PurePosixPath:
 
 
 def pull_files(
-    url: str, model: str, dest: str | Path, *, manifest: Manifest | None = None, connector_options: dict | None = None
+    url: str,
+    model: str,
+    dest: str | Path,
+    *,
+    manifest: Manifest | None = None,
+    connector_options: dict | None = None,
+    password_env: str | None = None,
 ) -> list[Path]:
     """Write the model's config/tokenizer files into ``dest`` (created), each checked against its digest; either all
-    of them land or none does. Returns the paths written."""
+    of them land or none does. Then the locator ``raydist.json`` (the URL without secrets, the model,
+    ``password_env`` when given: the name of the environment variable that holds the store's password). Returns the
+    model's files written (not the locator)."""
     base = Path(dest).resolve()  # resolved once: everything below goes through descriptors of this directory
     with open_connector(url, **(connector_options or {})) as conn:
         manifest = manifest or read_manifest(conn, model)
@@ -57,7 +67,9 @@ def pull_files(
             for name, rec in manifest.files.items():
                 _fetch(conn, name, rec, staging / names[name])
             base.mkdir(exist_ok=True)
-            return _move_in(staging, base, names)
+            written = _move_in(staging, base, names)
+            write_locator(base, url, model, password_env=password_env)
+            return written
         except RaydistError:  # the store's errors (some are OSErrors) as they are
             raise
         except OSError as e:  # disk full, permissions: one line
