@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import raydist_loader as rl
+from raydist_loader import connectors
 from raydist_loader.api import load_shard
 from raydist_loader.connectors import open_connector
 from raydist_loader.engines.handoff import EngineOptions, load_into, rank_weights
@@ -102,7 +103,8 @@ def test_a_chunk_wrong_in_the_store_raises_from_the_iterator_naming_rank_tensor_
         load_into(model, _options(bad, "llama"), 2, 1)
 
 
-def test_a_chunk_corrupted_in_transit_heals_on_its_re_pull(stores):
+def test_a_chunk_corrupted_in_transit_heals_on_its_re_pull(stores, monkeypatch):
+    monkeypatch.setattr(connectors, "_registered", dict(connectors._registered))  # faulty+ for this test only
     FaultyConnector.register()
     url, _ = stores[("llama", "chunked")]
     faulty = "faulty+" + url + "?corrupt=.safetensors"  # every object, once: each chunk read first arrives wrong
