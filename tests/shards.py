@@ -150,3 +150,12 @@ def flip_one_byte(url: str, model: str, tensor: str, chunk: str) -> str:
         data[part.offset + part.nbytes // 2] ^= 0x01
         conn.write(part.object, bytes(data))
     return part.object
+
+
+def corrupt_copy(tmp: Path, src_url: str, model: str, tensor: str, chunk: str) -> str:
+    """A copy of the file store ``src_url`` (in ``tmp/corrupt-store``) with one byte flipped inside ``tensor``'s
+    chunk ``chunk``; returns the copy's URL."""
+    dst = Path(tmp) / "corrupt-store"
+    shutil.copytree(Path(src_url.removeprefix("file://")), dst)
+    flip_one_byte(f"file://{dst}", model, tensor, chunk)
+    return f"file://{dst}"

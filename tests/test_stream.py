@@ -10,7 +10,6 @@ parameters and streams the rest; the result equals the model's own ``load_weight
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,14 @@ from safetensors.torch import load_file
 import raydist_loader as rl
 from raydist_loader import connectors
 from raydist_loader.api import load_shard
-from raydist_loader.connectors import open_connector
 from raydist_loader.engines.handoff import EngineOptions, load_into, rank_weights
 from raydist_loader.errors import VerificationError
 from raydist_loader.load.transfer import Transfer
-from raydist_loader.store.manifest import read_manifest
 from raydist_loader.testing.faulty import FaultyConnector
 from raydist_loader.testing.memory import stream_growth
 from raydist_loader.testing.tiny_models import make_big_llama, make_tiny_checkpoint
 
-from .shards import publish_cases
+from .shards import corrupt_copy, publish_cases
 
 MAX_TP = 4
 CASES = [("llama", "chunked"), ("phi3", "chunked"), ("gemma", "chunked"), ("mixtral", "chunked"),
@@ -70,23 +67,11 @@ def test_streamed_tensors_equal_the_global_layout(stores, model_type, layout, tp
         assert got.digest == got.expected_digest == glob.report.digest and got.bytes == glob.report.bytes
 
 
-def _flip_one_byte(root: Path, src_url: str, model: str, tensor: str, chunk: str) -> str:
-    src = Path(src_url.removeprefix("file://"))
-    dst = root / "corrupt-store"
-    shutil.copytree(src, dst)
-    with open_connector(f"file://{dst}") as conn:
-        record = next(c for c in read_manifest(conn, model).chunks(tensor) if c.id == chunk)
-    part = record.parts[0]
-    data = bytearray((dst / part.object).read_bytes())
-    data[part.offset + part.nbytes // 2] ^= 0x01
-    (dst / part.object).write_bytes(bytes(data))
-    return f"file://{dst}"
-
 
 def test_a_chunk_wrong_in_the_store_raises_from_the_iterator_naming_rank_tensor_chunk(stores, tmp_path, monkeypatch):
     monkeypatch.setattr(Transfer, "part_bytes", 16 << 10)  # tensors handed over in groups of 16 KiB (and read so)
     url, _ = stores[("llama", "chunked")]
-    bad = _flip_one_byte(tmp_path, url, "llama", ROWWISE, "all.3")  # rank 1 of tp=2 reads it
+    bad = corrupt_copy(tmp_path, url, "llama", ROWWISE, "all.3")  # rank 1 of tp=2 reads it
     weights, _ = rank_weights(_options(bad, "llama"), 2, 1)
     before = []
     with pytest.raises(VerificationError) as e:
@@ -257,7 +242,7 @@ def test_a_reload_that_fails_verification_leaves_every_parameter_as_it_was(store
     other = make_tiny_checkpoint("llama", tmp_path / "other", seed=5)
     newer = f"file://{tmp_path}/newer"
     rl.publish(other, newer, "llama", max_tp=MAX_TP)
-    bad = _flip_one_byte(tmp_path, newer, "llama", ROWWISE, "all.3")
+    bad = corrupt_copy(tmp_path, newer, "llama", ROWWISE, "all.3")
     model = VllmLikeLlama(_config(ckpt), 2, 1)
     load_into(model, _options(url, "llama"), 2, 1)
     before = {n: model.param(n).clone() for n in model.names}

@@ -33,7 +33,7 @@ from raydist_loader.store.manifest import read_manifest
 from raydist_loader.store.plan import make_plan
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
-from .shards import rerandomise
+from .shards import corrupt_copy, rerandomise
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -84,20 +84,6 @@ def _publish(tmp: Path, redis_url: str) -> dict[str, dict]:
         out[model_type] = {"ckpt": str(ckpt), "other": str(other), "cfg": str(cfg), "stores": stores}
     return out
 
-
-def _flip_one_byte(tmp: Path, src_url: str, model: str, tensor: str, chunk: str) -> str:
-    """A copy of the file store with one byte flipped inside ``tensor``'s chunk ``chunk``; returns its URL."""
-    src = Path(src_url.removeprefix("file://"))
-    dst = tmp / "corrupt-store"
-    shutil.copytree(src, dst)
-    with open_connector(f"file://{dst}") as conn:
-        record = next(c for c in read_manifest(conn, model).chunks(tensor) if c.id == chunk)
-    part = record.parts[0]
-    path = dst / part.object
-    data = bytearray(path.read_bytes())
-    data[part.offset + part.nbytes // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    return f"file://{dst}"
 
 
 def _publish_without(tmp: Path, m: dict, dropped: str) -> dict:
@@ -150,7 +136,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
         client.flushdb()
     models = _publish(tmp, redis_server.url)
     llama = models["llama"]
-    corrupt = _flip_one_byte(tmp, llama["stores"]["file"]["url"], "llama", CORRUPT_TENSOR, CORRUPT_CHUNK)
+    corrupt = corrupt_copy(tmp, llama["stores"]["file"]["url"], "llama", CORRUPT_TENSOR, CORRUPT_CHUNK)
     bad_extra = {**llama["stores"]["file"], "revision": "main"}
     incomplete = _publish_without(tmp, llama, DROPPED)
     runs = [
