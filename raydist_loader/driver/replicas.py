@@ -9,9 +9,10 @@ nodes, the store read once, the bytes moved between the replicas' same ranks thr
   (one object per part: the object manager moves it between nodes, readers on the same node map it zero-copy) and
   yields only the ObjectRef, nested in a list so that nobody resolves it on the way. The driver hands each ref to
   the same rank of the other replicas (:meth:`ReplicaActor.take`), which ``ray.get`` it, place and hash it. The
-  driver never gets a part; once every peer has a part the driver drops its ref and the object is freed (the
-  owner already dropped its own). An owner runs at most :data:`AHEAD` parts ahead of its peers (generator
-  backpressure), which bounds the object store's use whatever the model's size.
+  driver never gets a part; once every peer has a part the driver drops its ref and tells the owner to drop its
+  own (:meth:`ReplicaActor.drop`; :meth:`ReplicaActor.complete` drops any left), and the object is freed. An owner
+  runs at most :data:`AHEAD` parts ahead of its peers (generator backpressure), which bounds the object store's
+  use whatever the model's size.
 - Trust: each rank's :meth:`~raydist_loader.load.share.ReplicaShard.complete` reads from the store what never arrived
   and re-pulls once what arrived wrong; the coordinator checks every replica's rank digests as for one replica.
 - Faults: an actor that dies is restarted in its bundle (``max_restarts``) and loads its whole shard from the
@@ -40,8 +41,8 @@ AHEAD = 2
 
 
 class ReplicaActor(ReplicaShard):
-    """The actor class of a shared load: :class:`~raydist_loader.load.share.ReplicaShard` plus the two calls that move
-    parts through Ray's object store."""
+    """The actor class of a shared load: :class:`~raydist_loader.load.share.ReplicaShard` plus the calls that move
+    parts through Ray's object store (and release them)."""
 
     def stripe(self):
         """Ray generator: for each part of this replica's stripe, read it from the store, put it in the object
@@ -53,8 +54,18 @@ class ReplicaActor(ReplicaShard):
             t0 = time.perf_counter()
             ref = ray.put(self.export_part(part))
             self._spend("put_s", time.perf_counter() - t0)
+            # the owner keeps its ref until the driver says every peer has the part (drop) or the load ends
+            # (complete): a ref nested in a generator's item is not reliably borrowed yet when the generator moves
+            # on or ends, and a part freed early is re-read from the store by every peer
+            with self._share_lock:
+                self._exported[part] = ref
             yield part, [ref]
-            del ref  # the driver and the peers hold it now; the object goes when they drop it
+            del ref
+
+    def drop(self, part: int) -> None:
+        """Every peer has part ``part`` (or gave up on it): release this owner's ref, the object store frees it."""
+        with self._share_lock:
+            self._exported.pop(part, None)
 
     def take(self, owner: int, part: int, wrapped: list) -> int | str:
         """Get part ``part`` of replica ``owner`` from the object store and place it. Returns the number of wrong
@@ -236,9 +247,13 @@ class _Exchange:
             self._settle(key)
 
     def _settle(self, key: tuple[int, int, int]) -> None:
-        """Drop the driver's ref to a part every peer has (the object store frees it)."""
+        """Drop the driver's ref to a part every peer has, and tell its owner to drop its own (the object store
+        frees it then)."""
         if key in self.parts and not self.parts[key][1]:
             del self.parts[key]
+            rank, owner, part = key
+            if (owner, rank) not in self.reloads:  # a restarted owner holds no part of the old one
+                self.groups[owner].actors[rank].drop.remote(part)
 
     def _failed(self, replica: int, rank: int, error: BaseException) -> None:
         """An actor of the exchange failed: a dead one is restarted (it then loads its shard alone), any other

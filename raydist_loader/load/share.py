@@ -97,6 +97,9 @@ class ReplicaShard(ShardLoader):
         # seconds: reading own parts from the store; placing and hashing the peers' parts (+ the transport's own)
         self._spent = {"pull_s": 0.0, "take_s": 0.0}
         self._clock: tuple[float, float] | None = None  # (wall clock, perf counter) when the share started
+        # part -> the transport's handle of it (driver.replicas: its ObjectRef), held until every peer has it
+        # (``_exported.pop(part)``) or the load ends: complete() and load() release any left, success or failure
+        self._exported: dict[int, object] = {}
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, replica={self.replica}/{self.replicas})"
@@ -114,6 +117,8 @@ class ReplicaShard(ShardLoader):
 
     def load(self) -> RankReport:
         """The whole shard from the store, alone (a restarted actor; peers are not waited for)."""
+        with self._share_lock:
+            self._exported.clear()
         return self._tag(super().load(), from_store=None)
 
     def pull_part(self, part: int) -> None:
@@ -160,7 +165,15 @@ class ReplicaShard(ShardLoader):
 
     def complete(self) -> RankReport:
         """Read from the store every chunk that never arrived (a peer died, an object was lost), re-pull once
-        every chunk whose digest is wrong (from a peer or the store), and report as a plain load does."""
+        every chunk whose digest is wrong (from a peer or the store), and report as a plain load does. Every part
+        still exported is released, whatever happens."""
+        try:
+            return self._complete()
+        finally:
+            with self._share_lock:
+                self._exported.clear()
+
+    def _complete(self) -> RankReport:
         self._begin()
         t0 = time.perf_counter()
         plan = self.plan
