@@ -2,7 +2,8 @@
 
 Entry points: ``load_across_cluster``, ``load_shard`` (Ray imported on first use), ``publish``, ``index``,
 ``inspect``, ``inspect_config`` (size a model from its config.json alone), ``verify``, ``pull_files``, ``gc``,
-``release`` (end a held load's actors from any driver).
+``release`` (end a held load's actors from any driver), ``versions`` (every version of a model, current, leased,
+when gc may delete it), ``promote`` (make a version current again: a rollback), ``resolve_version``.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ from .errors import (
     VerificationError,
 )
 from .store.files import pull_files
-from .store.gc import gc
+from .store.gc import gc, versions
 from .store.publish import index, publish
 from .store.sizing import inspect_config
 from .store.summary import inspect
 from .store.verify import manifest_sha256, verify
+from .store.versions import promote
 
 __version__ = "0.1.0"
 
 # Ray is imported only when a load starts.
-_LAZY = {"load_across_cluster": "api", "load_shard": "api", "LoadedModel": "api", "Shard": "api"}
+_LAZY = {"load_across_cluster": "api", "load_shard": "api", "resolve_version": "api", "LoadedModel": "api",
+         "Shard": "api"}
 
 __all__ = [
     *_LAZY,
@@ -45,6 +48,8 @@ __all__ = [
     "manifest_sha256",
     "pull_files",
     "gc",
+    "versions",
+    "promote",
     "release",
     "open_connector",
     "register_connector",

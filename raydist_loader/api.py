@@ -3,6 +3,7 @@ an engine's worker)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -22,13 +23,18 @@ from .driver.replicas import load_groups, make_groups, run_groups, start_groups
 from .errors import ConfigError
 from .load.worker import ShardLoader
 from .options import DEFAULTS, Device, Placement, Verify, load_options
+from .redact import redact_text
 from .report import LoadReport, PhaseClock, RankReport, check_verified
 from .retry import RetryPolicy
 from .store.experts import Experts
-from .store.manifest import Manifest, check_stored, manifest_key, read_manifest_bytes
+from .store.leases import Lease
+from .store.manifest import Manifest, check_stored
 from .store.plan import Layout
 from .store.rules import RuleSet
 from .store.verify import check_manifest_sha256, check_pin
+from .store.versions import VersionRef, read_manifest_bytes, resolve
+
+log = logging.getLogger(__name__)
 
 
 class Replica:
@@ -104,10 +110,19 @@ class LoadedModel:
             return False
         return True
 
+    lease: Lease | None = None  # this load's claim on its version (gc keeps it), released at shutdown
+
+    @property
+    def version(self) -> str:
+        """The version every rank of every replica loaded (one, always)."""
+        return self.report.version
+
     def shutdown(self) -> None:
-        """End every actor and remove every placement group."""
+        """End every actor and remove every placement group; release the lease on the version."""
         for group in self._groups:
             group.shutdown()
+        if self.lease is not None:
+            self.lease.release()
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -128,25 +143,42 @@ def open_manifest(
     url: str,
     model: str,
     *,
+    model_version: str | None = None,
     expect_manifest_sha256: str | None = None,
     rules: str | Path | dict | None = None,
     connector_options: dict | None = None,
+    manifest_sha256: str | None = None,
 ) -> tuple[Manifest, bytes]:
-    """Read the manifest once (the whole load then reads only its version) and check what the caller pinned."""
+    """Read the manifest of one version once (``model_version``, else the current one: the whole load then reads
+    only that version) and check what the caller pinned. ``manifest_sha256``: what the stored manifest's sha256
+    must be (an engine's ranks check the one their rank 0 resolved)."""
     with open_connector(url, **(connector_options or {})) as conn:
-        return checked_manifest(conn, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules)
+        return checked_manifest(conn, model, model_version=model_version, manifest_sha256=manifest_sha256,
+                                expect_manifest_sha256=expect_manifest_sha256, rules=rules)
+
+
+def resolve_version(
+    url: str, model: str, *, model_version: str | None = None, connector_options: dict | None = None
+) -> VersionRef:
+    """The version a load would read now (``model_version`` when pinned: it must exist; else the current one) and
+    its manifest's sha256, from the current pointer alone: what an engine's rank 0 hands to every rank."""
+    with open_connector(url, **(connector_options or {})) as conn:
+        return resolve(conn, model, model_version)
 
 
 def checked_manifest(
     conn: Connector,
     model: str,
     *,
+    model_version: str | None = None,
+    manifest_sha256: str | None = None,
     expect_manifest_sha256: str | None = None,
     rules: str | Path | dict | None = None,
 ) -> tuple[Manifest, bytes]:
     """:func:`open_manifest` through a connector the caller keeps open (``load_shard`` then loads through it)."""
-    manifest, raw = read_manifest_bytes(conn, model)  # validates, and explains a missing model
-    check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {manifest_key(model)}")
+    # validates, and explains a missing model or version
+    manifest, raw = read_manifest_bytes(conn, model, model_version, manifest_sha256=manifest_sha256)
+    check_manifest_sha256(raw, expect_manifest_sha256, f"{conn.describe()} {model}/{manifest.version}/manifest.json")
     check_stored(conn, manifest)  # nothing is allocated for spans the store does not hold
     if rules is not None:
         wanted = RuleSet.for_checkpoint(manifest.config, rules).fingerprint()
@@ -180,6 +212,7 @@ def load_across_cluster(
     hold: bool = False,
     retries: RetryPolicy | dict | None = None,
     max_restarts: int = DEFAULTS.max_restarts,
+    model_version: str | None = DEFAULTS.model_version,
 ) -> LoadedModel:
     """Load ``model`` from store ``url`` across ``tp`` Ray actors (one per GPU), verified before it returns.
 
@@ -193,7 +226,10 @@ def load_across_cluster(
     (unless ``verify=False``). ``device="auto"`` uses GPU bundles when the cluster has ``tp`` GPUs. Transient
     backend errors are retried per ``retries`` (a RetryPolicy or dict: attempts, base_delay_s, max_delay_s,
     deadline_s; None: the defaults); an actor that dies mid-load is restarted in its bundle up to ``max_restarts``
-    times. Every option, its default and its bounds: :class:`~raydist_loader.options.LoadOptions`.
+    times. ``model_version`` loads that version, current or not (default: the current one). The manifest is read
+    once, here: every rank of every replica loads the one version it names, whatever is published meanwhile, and
+    the load holds a lease on it (gc keeps it) until :meth:`LoadedModel.shutdown`. Every option, its default and
+    its bounds: :class:`~raydist_loader.options.LoadOptions`.
     """
     from .driver.cluster import connect
 
@@ -212,14 +248,17 @@ def load_across_cluster(
             actor_start_timeout_s=actor_start_timeout_s,
             max_restarts=max_restarts,
             retries=retries,
+            model_version=model_version,
         )
     )
     clock = PhaseClock()
     # the manifest first: a wrong URL, model or tp is refused before any Ray starts
     manifest, raw = open_manifest(
-        url, model, expect_manifest_sha256=expect_manifest_sha256, rules=rules, connector_options=connector_options
+        url, model, model_version=options.model_version, expect_manifest_sha256=expect_manifest_sha256, rules=rules,
+        connector_options=connector_options,
     )
     manifest.check_tp(tp)
+    lease = take_lease(url, model, manifest.version, f"ray load tp={tp} replicas={replicas}", connector_options)
 
     def plan() -> list[Coordinator]:
         """One coordinator per replica; each computes its ranks' plans and expected digests (the rest of the
@@ -231,30 +270,50 @@ def load_across_cluster(
         clock.span("manifest", 0.0, clock.now())
         return groups
 
-    with InterruptGuard() as interrupts:  # Ctrl-C stops the load at any point, and nothing is left running
-        with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:  # planned while Ray connects
-            planned = pool.submit(plan)
-            with clock.phase("connect"):
-                connect(ray_address)
-            groups = planned.result()
-        try:
-            started = clock.now()
-            start_groups(groups)
-            ready = clock.now()
-            reports = load_groups(groups)
-            interrupts.check()
-            placed = clock.since(max(group.marks["placement"] for group in groups))
-            clock.span("placement", started, placed)
-            clock.span("actors", placed, ready)
-            pulls = (r.started + sum(r.phases.get(k, 0.0) for k in ("plan_s", "alloc_s", "pull_s")) for r in reports)
-            clock.span("pull", ready, max(ready, clock.since(max(pulls))))
-            clock.span("verify", clock.spans["pull"][1], clock.now())  # rank compares, re-pulls, the digest check
-            return LoadedModel(groups, LoadReport.gather(reports, ready, bool(verify), clock.phases()))
-        except BaseException:  # nothing may outlive a failed call: whatever raised, the actors go
-            with interrupts.shielded():
-                for group in groups:
-                    group.shutdown()
-            raise
+    try:
+        with InterruptGuard() as interrupts:  # Ctrl-C stops the load at any point, and nothing is left running
+            with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:  # planned while Ray connects
+                planned = pool.submit(plan)
+                with clock.phase("connect"):
+                    connect(ray_address)
+                groups = planned.result()
+            try:
+                started = clock.now()
+                start_groups(groups)
+                ready = clock.now()
+                reports = load_groups(groups)
+                interrupts.check()
+                placed = clock.since(max(group.marks["placement"] for group in groups))
+                clock.span("placement", started, placed)
+                clock.span("actors", placed, ready)
+                pulls = (r.started + sum(r.phases.get(k, 0.0) for k in ("plan_s", "alloc_s", "pull_s"))
+                         for r in reports)
+                clock.span("pull", ready, max(ready, clock.since(max(pulls))))
+                clock.span("verify", clock.spans["pull"][1], clock.now())  # rank compares, re-pulls, digest check
+                loaded = LoadedModel(groups, LoadReport.gather(reports, ready, bool(verify), clock.phases()))
+                loaded.lease = lease
+                return loaded
+            except BaseException:  # nothing may outlive a failed call: whatever raised, the actors go
+                with interrupts.shielded():
+                    for group in groups:
+                        group.shutdown()
+                raise
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+
+
+def take_lease(url: str, model: str, version: str, holder: str, connector_options: dict | None = None,
+               ) -> Lease | None:
+    """A lease on ``version`` for this process (:mod:`raydist_loader.store.leases`: gc keeps a leased version), or
+    None with a warning when the store cannot take one (read-only credentials): a lease never fails a load."""
+    try:
+        return Lease.take(url, model, version, holder, connector_options=connector_options)
+    except Exception as e:  # noqa: BLE001 - the load goes on unprotected; the warning says so
+        log.warning("raydist: no lease on %s version %s (%s): gc does not know this load uses it",
+                    model, version, redact_text(str(e)))
+        return None
 
 
 @dataclass
@@ -281,17 +340,20 @@ def open_shard(
     only: Callable[[str], bool] | None = None,
     layout: Layout = "rank",
     experts: Experts | None = None,
+    model_version: str | None = DEFAULTS.model_version,
+    manifest_sha256: str | None = None,
 ) -> ShardLoader:
     """One rank's loader, its store opened and the manifest read and checked once (``loader.opened_s`` says how
     long that took), not loaded yet: :func:`load_shard` loads it whole, an engine hand-off streams it
     (:mod:`raydist_loader.load.stream`). The caller closes it. Options as in :func:`load_shard`."""
-    options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries))
+    options = load_options(dict(concurrency=concurrency, verify=verify, retries=retries, model_version=model_version))
     expect_manifest_sha256 = check_pin(expect_manifest_sha256)
     t0 = time.perf_counter()
     conn = open_connector(url, **(connector_options or {}))  # one connection set-up for manifest and shard
     try:
         manifest, _ = checked_manifest(  # parsed and checked once; the loader plans this rank from it
-            conn, model, expect_manifest_sha256=expect_manifest_sha256
+            conn, model, model_version=options.model_version, manifest_sha256=manifest_sha256,
+            expect_manifest_sha256=expect_manifest_sha256,
         )
         loader = ShardLoader(
             url, manifest, tp, rank, device=device, concurrency=options.concurrency, verify=options.verify,
@@ -321,6 +383,8 @@ def load_shard(
     only: Callable[[str], bool] | None = None,
     layout: Layout = "rank",
     experts: Experts | None = None,
+    model_version: str | None = DEFAULTS.model_version,
+    manifest_sha256: str | None = None,
 ) -> Shard:
     """Load one rank's shard inside the calling process (an engine's own TP worker; no Ray needed).
 
@@ -333,11 +397,14 @@ def load_shard(
     in its region of a full-size tensor (engine weight loaders that narrow by rank; see
     :data:`~raydist_loader.store.plan.Layout`); ``experts(name, expert)`` turns on expert parallelism: the routed
     experts it holds are pulled whole, the others not at all (see :mod:`~raydist_loader.store.experts`).
+    ``model_version`` loads that version, current or not (default: the current one); ``manifest_sha256`` is the
+    sha256 its stored manifest must have (:func:`resolve_version` gives both: what an engine's rank 0 hands to its
+    other ranks, so that every rank loads one version).
     """
     loader = open_shard(
         model, url, tp, rank, device=device, concurrency=concurrency, verify=verify,
         expect_manifest_sha256=expect_manifest_sha256, connector_options=connector_options, retries=retries,
-        only=only, layout=layout, experts=experts,
+        only=only, layout=layout, experts=experts, model_version=model_version, manifest_sha256=manifest_sha256,
     )
     try:
         report = loader.load()

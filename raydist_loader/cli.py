@@ -1,4 +1,5 @@
-"""Layer 5 (entry points): ``raydist-loader``: publish | index | inspect | verify | gc | load | release | pull-files.
+"""Layer 5 (entry points): ``raydist-loader``: publish | index | inspect | verify | versions | promote | gc | load |
+release | pull-files.
 
 Exit status: 0 success, 1 verification failed (a digest differs), 2 a usage or store error (one line
 on stderr, no traceback), 3 an unexpected internal error (traceback, redacted), 130 interrupted. Everything
@@ -163,6 +164,18 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _version_arg(p: argparse.ArgumentParser, more: str = "") -> None:
+    p.add_argument("--model-version", metavar="VERSION",
+                   help=f"that version of the model (default: the current one){more}")
+
+
+def _gc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grace", type=_nonneg_float, default=3600.0, metavar="S",
+                   help="a version that stopped being current goes S seconds later (default 3600)")
+    p.add_argument("--keep", type=_int_range(0, 10_000), default=0, metavar="N",
+                   help="also keep the N most recently current versions (rollback targets)")
+
+
 def _option_args(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`~raydist_loader.options.LoadOptions` field (``max_restarts`` -> ``--max-restarts``),
     with its choices, bounds and help from there. Every flag defaults to None: unset flags leave the config file's
@@ -181,6 +194,8 @@ def _option_args(p: argparse.ArgumentParser) -> None:
         flags = [f"--{name.replace('_', '-')}", *_ALIASES.get(name, ())]
         if get_origin(field.annotation) is Literal:
             p.add_argument(*flags, dest=name, choices=get_args(field.annotation), help=help_text)
+        elif name == "model_version":
+            p.add_argument(*flags, dest=name, metavar="VERSION", help=help_text)
         elif name == "retries":
             p.add_argument(*flags, dest=name, type=_retries, metavar="N|K=V,...",
                            help=f"{help_text}; N alone sets attempts")
@@ -260,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=_tp, metavar="N", help="expert parallelism: what each of N ranks moves "
                    "when it holds its routed experts whole (vLLM's linear placement) and its other tensors as TP "
                    "rank r %% tp (--tp defaults to N; N = tp x data-parallel size)")
+    _version_arg(p)
     p.add_argument("--config-only", metavar="CONFIG.json",
                    help="size the model a Hugging Face config.json describes: per-rank bytes and what is refused")
     p.add_argument("--max-tp", type=_tp, metavar="N", help="with --config-only: the max_tp to publish "
@@ -269,13 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-read every chunk and file and check the recorded digests")
     _store_args(p)
+    _version_arg(p)
     p.add_argument("--concurrency", type=_concurrency, default=4, metavar="N", help="reads in flight")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("gc", help="delete versions the manifest no longer names, older than the grace period")
+    p = sub.add_parser("versions", help="list every version of a model: current, complete, size, who holds a "
+                       "lease on it, when gc may delete it")
     _store_args(p)
-    p.add_argument("--grace", type=_nonneg_float, default=3600.0, metavar="S",
-                   help="keep versions younger than S seconds (default 3600)")
+    _gc_args(p)
+    p.add_argument("--json", action="store_true", help="print the versions as a JSON list")
+
+    p = sub.add_parser("promote", help="make an existing complete version current again (a rollback)")
+    _store_args(p)
+    p.add_argument("version", metavar="VERSION", help="the version id (`versions` lists them)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("gc", help="delete versions that are not current, not leased and past their grace period")
+    _store_args(p)
+    _gc_args(p)
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -283,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "e.g. the directory an engine is started on, and DIR/raydist.json (store URL without its "
                        "password, model name) from which load format raydist finds the store")
     _store_args(p)
+    _version_arg(p, " (and raydist.json pins it: an engine started on DIR, or updated from it, loads it)")
     p.add_argument("dest", metavar="DIR", help="directory to write into (created; files are replaced atomically)")
     p.add_argument("--json", action="store_true", help="print the written paths as JSON")
 
@@ -399,7 +427,8 @@ def _cmd_inspect(args: argparse.Namespace, out: _Out) -> int:
             raise ConfigError(f"inspect: missing {', '.join(missing)}" if missing else
                               "inspect: --max-tp and --rules go with --config-only (a store records its own)")
         summary = inspect(
-            args.url, args.model, tp=args.tp, connector_options=_connector_options(args, out), ep=args.ep
+            args.url, args.model, tp=args.tp, connector_options=_connector_options(args, out), ep=args.ep,
+            model_version=args.model_version,
         )
     if args.json:
         out.json(summary)
@@ -415,7 +444,7 @@ def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
     from .store.verify import verify
 
     result = verify(args.url, args.model, concurrency=args.concurrency,
-                    connector_options=_connector_options(args, out))
+                    connector_options=_connector_options(args, out), model_version=args.model_version)
     if args.json:
         out.json(result)
     elif result.ok:
@@ -434,7 +463,7 @@ def _cmd_verify(args: argparse.Namespace, out: _Out) -> int:
 def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
     from .store.gc import gc
 
-    result = gc(args.url, args.model, grace_s=args.grace, dry_run=args.dry_run,
+    result = gc(args.url, args.model, grace_s=args.grace, keep=args.keep, dry_run=args.dry_run,
                 connector_options=_connector_options(args, out))
     if args.json:
         out.json(result)
@@ -447,7 +476,44 @@ def _cmd_gc(args: argparse.Namespace, out: _Out) -> int:
     for prefix in deleted:
         out.print(f"  {verb}: {prefix}")
     for prefix in kept:
-        out.print(f"  kept: {prefix}")
+        out.print(f"  kept: {prefix} ({result['reasons'][prefix]})")
+    return EXIT_OK
+
+
+def _cmd_versions(args: argparse.Namespace, out: _Out) -> int:
+    from .store.gc import versions
+
+    listed = versions(args.url, args.model, grace_s=args.grace, keep=args.keep,
+                      connector_options=_connector_options(args, out))
+    if args.json:
+        out.json(listed)
+        return EXIT_OK
+    out.print(f"{args.model}: {len(listed)} version(s), newest first")
+    for v in listed:
+        size = human_bytes(v["bytes"]) if v["bytes"] is not None else "-"
+        state = "CURRENT" if v["current"] else "complete" if v["complete"] else "INCOMPLETE"
+        gc_when = f"kept: {v['kept']}" if v["kept"] else f"gc may delete it after {_when(v['gc_after'])}"
+        out.print(f"  {v['version']}  {state:<10}  {size:>10}  published {_when(v['published_at'])}  {gc_when}")
+    return EXIT_OK
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _cmd_promote(args: argparse.Namespace, out: _Out) -> int:
+    from .store.versions import promote
+
+    result = promote(args.url, args.model, args.version, connector_options=_connector_options(args, out))
+    if args.json:
+        out.json(result)
+    elif result.changed:
+        out.print(f"{args.model}: version {result.version} is current (was {result.previous}); engines load it at "
+                  "their next start or update")
+    else:
+        out.print(f"{args.model}: version {result.version} is already current; nothing changed")
     return EXIT_OK
 
 
@@ -456,7 +522,7 @@ def _cmd_pull_files(args: argparse.Namespace, out: _Out) -> int:
     from .store.locator import LOCATOR_FILE
 
     written = pull_files(args.url, args.model, args.dest, connector_options=_connector_options(args, out),
-                         password_env=args.password_env)
+                         password_env=args.password_env, model_version=args.model_version)
     if args.json:
         out.json([str(p) for p in written])
     else:
@@ -674,7 +740,7 @@ def _use_rich() -> bool:
 
 
 _COMMANDS = {"publish": _cmd_publish, "index": _cmd_index, "inspect": _cmd_inspect, "verify": _cmd_verify,
-             "gc": _cmd_gc, "load": _cmd_load, "release": _cmd_release, "pull-files": _cmd_pull_files}
+             "gc": _cmd_gc, "versions": _cmd_versions, "promote": _cmd_promote, "load": _cmd_load, "release": _cmd_release, "pull-files": _cmd_pull_files}
 
 
 # ------------------------------------------------------------------------------------------ main

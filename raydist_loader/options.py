@@ -22,7 +22,8 @@ from .errors import ConfigError
 from .retry import RetryPolicy
 from .validation import format_validation_error
 
-__all__ = ["MAX_TP", "MAX_CONCURRENCY", "Device", "Placement", "Verify", "DEVICES", "PLACEMENTS", "RetriesOptions",
+__all__ = ["VERSION_PATTERN", "MAX_TP", "MAX_CONCURRENCY", "Device", "Placement", "Verify", "DEVICES", "PLACEMENTS",
+           "RetriesOptions",
            "LoadOptions", "DEFAULTS", "check_range", "MAX_PART_BYTES",
            "load_options"]
 
@@ -46,6 +47,8 @@ MAX_RESTARTS = 100  #: restarts of one rank
 MAX_ATTEMPTS = 100  #: tries of one request batch
 MAX_DELAY_S = 3600.0  #: one backoff
 MAX_WAIT_S = 7 * 86400.0  #: any timeout or deadline (a week)
+#: a version id: ``vYYYYmmddHHMMSSmmm-<8 hex>`` (UTC publish time, milliseconds): ids sort in publish order
+VERSION_PATTERN = r"^v\d{17}-[0-9a-f]{8}$"
 
 
 class _Model(BaseModel):
@@ -96,6 +99,9 @@ class LoadOptions(_Model):
                                          "(a cold node importing torch and initialising CUDA can take a minute)")
     max_restarts: int = Field(default=1, strict=True, ge=0, le=MAX_RESTARTS,
                               description="times a rank whose actor died mid-load is restarted in its bundle")
+    model_version: str | None = Field(default=None, pattern=VERSION_PATTERN,
+                                      description="load this version of the model (`raydist-loader versions` "
+                                      "lists them), current or not; unset: the current version")
     retries: RetriesOptions = Field(default_factory=RetriesOptions,
                                     description="transient backend errors: attempts, base_delay_s, max_delay_s, "
                                     "deadline_s")

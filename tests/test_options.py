@@ -27,6 +27,7 @@ KNOBS = {
     "placement_timeout_s": (7.5, "7.5", 7.5),
     "actor_start_timeout_s": (90, "90", 90.0),
     "max_restarts": (3, "3", 3),
+    "model_version": ("v20261204183000123-1a2b3c4d", "v20261204183000123-1a2b3c4d", "v20261204183000123-1a2b3c4d"),
     "retries": ({"attempts": 2, "deadline_s": 9}, "attempts=2,deadline_s=9", RetriesOptions(attempts=2, deadline_s=9)),
 }
 BASE = {"model": "m", "store": {"url": "/tmp/store"}}

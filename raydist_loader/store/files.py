@@ -23,7 +23,8 @@ from ..connectors import Connector, open_connector
 from ..digest import ChunkHash
 from ..errors import ConfigError, RaydistError, VerificationError
 from .locator import write_locator
-from .manifest import FileRecord, Manifest, file_name_clash, is_safe_file_name, read_manifest
+from .manifest import FileRecord, Manifest, file_name_clash, is_safe_file_name
+from .versions import read_manifest
 
 _BLOCK = 16 << 20  # a file is read, hashed and written in blocks of this size: memory stays bounded
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -48,14 +49,16 @@ def pull_files(
     manifest: Manifest | None = None,
     connector_options: dict | None = None,
     password_env: str | None = None,
+    model_version: str | None = None,
 ) -> list[Path]:
     """Write the model's config/tokenizer files into ``dest`` (created), each checked against its digest; either all
     of them land or none does. Then the locator ``raydist.json`` (the URL without secrets, the model,
     ``password_env`` when given: the name of the environment variable that holds the store's password). Returns the
-    model's files written (not the locator)."""
+    model's files written (not the locator). ``model_version``: that version's files, and the locator pins it (an
+    engine started on ``dest``, or updated from it, loads that version)."""
     base = Path(dest).resolve()  # resolved once: everything below goes through descriptors of this directory
     with open_connector(url, **(connector_options or {})) as conn:
-        manifest = manifest or read_manifest(conn, model)
+        manifest = manifest or read_manifest(conn, model, model_version)
         names = {name: safe_name(name) for name in manifest.files}  # every name checked before anything is written
         clash = file_name_clash(names)
         if clash:
@@ -68,7 +71,7 @@ def pull_files(
                 _fetch(conn, name, rec, staging / names[name])
             base.mkdir(exist_ok=True)
             written = _move_in(staging, base, names)
-            write_locator(base, url, model, password_env=password_env)
+            write_locator(base, url, model, password_env=password_env, model_version=model_version)
             return written
         except RaydistError:  # the store's errors (some are OSErrors) as they are
             raise

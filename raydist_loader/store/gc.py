@@ -1,28 +1,136 @@
-"""Layer 3 (store commands): ``gc``: delete versions of a model that its manifest no longer names, once no reader or
-writer can need them.
+"""Layer 2 (store commands): ``gc`` and ``versions``: every version a store holds for a model, what gc does with
+each, and the deletion itself.
 
 Only prefixes that look like our version ids (``vYYYYmmddHHMMSSmmm-xxxxxxxx``) are ever touched, so original
-checkpoint files indexed in place and anything else an operator keeps under the model's name are left alone. The
-grace period never counts from a version id (stamped when its publish *started*, possibly hours before its swap):
+checkpoint files indexed in place, leases and anything else an operator keeps under the model's name are left
+alone. A version is kept when it is current; when a live lease names it (a loading or serving engine, a held Ray
+load: :mod:`.leases`); when it is among the ``keep`` most recently current ones; or when the current version names
+its objects. Otherwise the grace period never counts from a version id (stamped when its publish *started*,
+possibly hours before its swap):
 
-* a version that was current is deleted ``grace_s`` after it stopped being current, as recorded by the manifest
-  swap that replaced it (``retired`` in the manifest): a reader that read the old manifest just before the swap can
-  finish its load;
-* any other version (a publish that died, or one still writing; or one whose record is lost) is deleted once nothing
-  has written to it for ``grace_s`` AND the current version has been current for ``grace_s`` (it may have been
-  current until then). A version whose objects the store cannot date (a Redis with an LFU policy) is kept.
+* a version that was current is deleted ``grace_s`` after it last stopped being current, as recorded by the swap
+  that replaced it (``retired`` in the current pointer): a reader that resolved it just before the swap can finish;
+* any other version (a publish that died, one still writing, one that lost a publish race, or one whose record
+  is lost) is deleted once nothing has written to it for ``grace_s`` AND the current version has been current for
+  ``grace_s`` (it may have been current until then). A version whose objects the store cannot date (a Redis with
+  an LFU policy) is kept.
 
-Times come from the clocks of the publishing host (``retired``) and of the store (object write times).
+A version's manifest is deleted first, so a version half deleted is never listed (or promoted) as complete. Times
+come from the clocks of the publishing host (``retired``), of the lease holders, and of the store (write times).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field
 
 from ..connectors import Connector, open_connector
-from .manifest import VERSION_RE, Manifest, check_model_name, manifest_key, read_manifest
+from ..errors import ManifestError, RaydistError
+from . import versions as vs
+from .leases import LeaseInfo, read_leases
+from .manifest import VERSION_RE, Manifest, check_model_name, manifest_key
 
 DEFAULT_GRACE_S = 3600.0
+
+
+@dataclass
+class VersionState:
+    """One version as the store holds it, and what gc does with it (``versions`` prints these)."""
+
+    version: str
+    current: bool
+    complete: bool  # its manifest is there and every object it names
+    published_at: float | None  # from its manifest (None: no manifest: a publish that died or is writing)
+    bytes: int | None
+    tensors: int | None
+    layout: str | None
+    retired_at: float | None  # when it last stopped being current (None: current, or never was)
+    objects: int  # objects under its prefix
+    leases: list[dict] = field(default_factory=list)  # live leases: holder, host, pid, started, expires
+    kept: str | None = None  # why gc keeps it (None: gc may delete it from ``gc_after`` on)
+    gc_after: float | None = None  # when gc (at the grace it was asked with) may delete it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, keep: int = 0,
+           now: float | None = None) -> tuple[vs.Current, list[VersionState], dict[str, list[str]]]:
+    """Every version of ``model`` in the store (newest first), with gc's decision at ``grace_s`` / ``keep``, and
+    each version's keys."""
+    check_model_name(model)
+    now = time.time() if now is None else now
+    cur = vs.read_current(conn, model)
+    current_manifest = vs.read_manifest(conn, model)
+    keys: dict[str, list[str]] = {}
+    listed: set[str] = set()
+    for key in conn.list(f"{model}/"):
+        listed.add(key)
+        head = key[len(model) + 1:].split("/", 1)[0]
+        if VERSION_RE.match(head) and key != manifest_key(model):
+            keys.setdefault(head, []).append(key)
+    keys.setdefault(cur.version, [])
+    leases = {v: [x for x in ls if x.live(now)] for v, ls in read_leases(conn, model).items()}
+    in_use = {key.split("/")[len(model.split("/"))] for key in current_manifest.all_objects()}
+    recent = sorted(cur.retired, key=cur.retired.get, reverse=True)[:keep]
+    states = []
+    for version in sorted(keys, reverse=True):
+        manifest = current_manifest if version == cur.version else _manifest(conn, model, version, keys[version])
+        complete = manifest is not None and manifest.all_objects() <= listed
+        state = VersionState(
+            version, version == cur.version, complete,
+            manifest.created if manifest else None, manifest.total_bytes if manifest else None,
+            len(manifest.tensors) if manifest else None, manifest.layout if manifest else None,
+            cur.retired.get(version), len(keys[version]),
+            [_lease_dict(x) for x in leases.get(version, [])],
+        )
+        if state.current:
+            state.kept = "current"
+        elif state.leases:
+            state.kept = "leased: " + "; ".join(x.describe() for x in leases[version])
+        elif version in recent:
+            state.kept = f"one of the {keep} most recently current (--keep {keep})"
+        elif version in in_use:
+            state.kept = "the current version names its objects"
+        else:
+            quiet = _unused_since(conn, cur, version, keys[version])
+            if quiet is None:
+                state.kept = "its objects cannot be dated by this store"
+            else:
+                state.gc_after = quiet + grace_s
+        states.append(state)
+    return cur, states, keys
+
+
+def _manifest(conn: Connector, model: str, version: str, keys: list[str]) -> Manifest | None:
+    if vs.version_manifest_key(model, version) not in keys:
+        return None
+    try:
+        return vs.read_manifest(conn, model, version)
+    except (RaydistError, ManifestError):
+        return None  # damaged: listed as incomplete
+
+
+def _lease_dict(x: LeaseInfo) -> dict:
+    return {"holder": x.holder, "host": x.host, "pid": x.pid, "started": x.started, "expires": x.expires}
+
+
+def _unused_since(conn: Connector, cur: vs.Current, version: str, keys: list[str]) -> float | None:
+    """Since when nothing can use ``version`` (seconds since the epoch), or None when that cannot be told."""
+    retired = cur.retired.get(version)
+    if retired is not None:
+        return retired
+    written = [t for t in conn.modified(keys) if t is not None]
+    return max(max(written), cur.since) if written else None
+
+
+def versions(url: str, model: str, *, grace_s: float = DEFAULT_GRACE_S, keep: int = 0,
+             connector_options: dict | None = None) -> list[dict]:
+    """Every version of ``model`` in the store, newest first: ``version``, ``current``, ``published_at``, ``bytes``,
+    ``complete``, ``retired_at``, ``leases`` (who holds it), ``kept`` (why gc keeps it) or ``gc_after`` (when gc at
+    ``grace_s`` may delete it)."""
+    with open_connector(url, **(connector_options or {})) as conn:
+        return [s.to_dict() for s in survey(conn, model, grace_s=grace_s, keep=keep)[1]]
 
 
 def gc(
@@ -30,40 +138,27 @@ def gc(
     model: str,
     *,
     grace_s: float = DEFAULT_GRACE_S,
+    keep: int = 0,
     dry_run: bool = False,
     connector_options: dict | None = None,
 ) -> dict:
-    """Returns ``{"current": version, "deleted": [prefix...], "kept": [prefix...], "objects": n}``."""
-    check_model_name(model)
+    """Delete the versions gc may delete now (see the module). Returns ``{"current": version, "deleted":
+    [prefix...], "kept": [prefix...], "reasons": {prefix: why kept}, "objects": n, "dry_run": bool}``."""
     with open_connector(url, **(connector_options or {})) as conn:
-        manifest = read_manifest(conn, model)
-        current = manifest.version
-        in_use = {key.split("/")[len(model.split("/"))] for key in manifest.all_objects()}
-        versions: dict[str, list[str]] = {}
-        for key in conn.list(f"{model}/"):
-            head = key[len(model) + 1 :].split("/", 1)[0]
-            if VERSION_RE.match(head) and key != manifest_key(model):
-                versions.setdefault(head, []).append(key)
+        cur, states, keys = survey(conn, model, grace_s=grace_s, keep=keep)
         now = time.time()
-        deleted, kept, n = [], [], 0
-        for version, keys in sorted(versions.items()):
-            prefix = f"{model}/{version}/"
-            quiet = None if version == current or version in in_use else _unused_since(conn, manifest, version, keys)
-            if quiet is None or now - quiet < grace_s:
+        deleted, kept, reasons, n = [], [], {}, 0
+        for state in sorted(states, key=lambda s: s.version):
+            prefix = f"{model}/{state.version}/"
+            if state.kept is not None or state.gc_after is None or now < state.gc_after:
                 kept.append(prefix)
+                reasons[prefix] = state.kept or "within its grace period"
                 continue
             deleted.append(prefix)
             if not dry_run:
-                for key in keys:
+                first = vs.version_manifest_key(model, state.version)  # never listed as complete once half gone
+                for key in sorted(keys[state.version], key=lambda k: k != first):
                     conn.delete(key)
-                n += len(keys)
-    return {"current": current, "deleted": deleted, "kept": kept, "objects": n, "dry_run": dry_run}
-
-
-def _unused_since(conn: Connector, manifest: Manifest, version: str, keys: list[str]) -> float | None:
-    """Since when nothing can use ``version`` (seconds since the epoch), or None when that cannot be told."""
-    retired = (manifest.retired or {}).get(version)
-    if retired is not None:
-        return retired
-    written = [t for t in conn.modified(keys) if t is not None]
-    return max(max(written), manifest.created) if written else None
+                n += len(keys[state.version])
+    return {"current": cur.version, "deleted": deleted, "kept": kept, "reasons": reasons, "objects": n,
+            "dry_run": dry_run}

@@ -20,12 +20,16 @@ LOCATOR_FILE = "raydist.json"
 """The locator's file name inside the model directory."""
 
 
-def write_locator(dest: str | Path, url: str, model: str, *, password_env: str | None = None) -> Path:
-    """Write ``dest/raydist.json`` (atomically): the store URL without secrets, the model name, and the name of the
-    environment variable that holds the store's password (when given). Returns its path."""
+def write_locator(dest: str | Path, url: str, model: str, *, password_env: str | None = None,
+                  model_version: str | None = None) -> Path:
+    """Write ``dest/raydist.json`` (atomically): the store URL without secrets, the model name, the name of the
+    environment variable that holds the store's password (when given) and the version the directory pins (when
+    given: an engine started on it, or updated from it, loads that version). Returns its path."""
     body: dict[str, str] = {"url": url_without_secrets(url), "model": model}
     if password_env:
         body["password_env"] = password_env
+    if model_version:
+        body["model_version"] = model_version
     base = Path(dest)
     base.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=base, prefix=f".{LOCATOR_FILE}.", suffix=".tmp")

@@ -1,9 +1,11 @@
 """Layer 2 (store): The store's manifest (format ``raydist-loader/2``): what a model is, how it is cut, where each chunk
 lives.
 
-A manifest is JSON at ``<model>/manifest.json``; every object it names lives under ``<model>/<version>/`` (chunked
-layout) or is an original checkpoint file (in-place layout). It is validated on read: a garbled manifest is an error
-naming the field, and one whose chunks disagree with its shapes and dtypes is refused before any byte is read.
+A manifest is JSON at ``<model>/<version>/manifest.json`` (one per version, never changed; ``<model>/manifest.json``
+is the pointer that names the current one, :mod:`.versions`); every object it names lives under
+``<model>/<version>/`` (chunked layout) or is an original checkpoint file (in-place layout). It is validated on read:
+a garbled manifest is an error naming the field, and one whose chunks disagree with its shapes and dtypes is refused
+before any byte is read.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from .. import dtypes
 from ..bulk import bulk
 from ..errors import ConfigError, ManifestError, NotFoundError, ShardingError
-from ..options import MAX_TP
+from ..options import MAX_TP, VERSION_PATTERN
 from . import grid
 from .rules import TensorRule
 
@@ -30,7 +32,7 @@ FORMAT = "raydist-loader/2"
 #: formats an older raydist-loader wrote, and how to move on from them
 _OLD_FORMATS = {"raydist-loader/1": "it was written by an older raydist-loader"}
 _MAX_TP = MAX_TP
-VERSION_RE = re.compile(r"^v\d{17}-[0-9a-f]{8}$")  # vYYYYmmddHHMMSSmmm-<8 hex>: sorts by time
+VERSION_RE = re.compile(VERSION_PATTERN)  # vYYYYmmddHHMMSSmmm-<8 hex>: sorts by time
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 _HEX = {32: re.compile(r"(?:[0-9a-f]{32},)*"), 64: re.compile(r"(?:[0-9a-f]{64},)*")}
 #: no byte size, offset or span of a manifest reaches this (a signed 64-bit offset: what files, S3 and torch use)
@@ -150,7 +152,7 @@ class Manifest(_Strict):
     model: str
     version: str
     layout: Literal["chunked", "inplace"]
-    created: float  # when this manifest became current (written just before the swap)
+    created: float  # when this version was published (written just before the swap that made it current)
     max_tp: int = Field(ge=1)
     digests: list[str] = Field(default_factory=lambda: ["xxh3_128"])
     rules: dict
@@ -161,7 +163,8 @@ class Manifest(_Strict):
     key_part_bytes: int | None = Field(default=None, ge=1)  # chunks stored one per object: largest part
     tensors: dict[str, TensorRecord]
     files: dict[str, FileRecord] = Field(default_factory=dict)
-    #: earlier versions -> when each stopped being current (the swap that replaced it); ``gc`` counts from it
+    #: stores of the layout before versions: earlier versions -> when each stopped being current (the current
+    #: pointer, :mod:`.versions`, holds this now)
     retired: dict[str, float] | None = None
 
     _rules: list[TensorRule] = PrivateAttr(default_factory=list)
@@ -542,29 +545,6 @@ def version_prefix(model: str, version: str) -> str:
     return f"{model}/{version}/"
 
 
-def read_manifest(connector, model: str) -> Manifest:
-    """Read and validate ``<model>/manifest.json``; a missing one says how to publish or index."""
-    return read_manifest_bytes(connector, model)[0]
-
-
-def read_manifest_bytes(connector, model: str) -> tuple[Manifest, bytes]:
-    """The validated manifest and the exact bytes it was parsed from (to pin with a sha256, or hand to actors).
-
-    A manifest that names another model (the model was copied to this name) is re-rooted under ``model`` and
-    its bytes re-serialised: the load, and a sha256 pinned for this name, cover the manifest as read here.
-    """
-    key = manifest_key(model)
-    try:
-        raw = connector.read(key)
-    except NotFoundError:
-        raise NotFoundError(_missing_message(connector, model)) from None
-    manifest = Manifest.from_json(raw, where=f"{connector.describe()} {key}")
-    if manifest.model != model:
-        manifest = manifest.renamed(model)
-        raw = manifest.to_json()
-    return manifest, raw
-
-
 def check_stored(connector, manifest: Manifest) -> None:
     """Every span the manifest names lies inside its object as stored now (one ``stat`` per object of the table:
     packed files or checkpoint files; chunks stored one per key are read at their exact length). Loads call this
@@ -573,7 +553,8 @@ def check_stored(connector, manifest: Manifest) -> None:
         manifest.check_spans(connector.stat_many(manifest.objects), connector.describe())
 
 
-def _missing_message(connector, model: str) -> str:
+def missing_message(connector, model: str) -> str:
+    """Why ``model`` has no manifest in the store, and the command that gives it one."""
     where = connector.describe()
     top_level = (k for k in _take(connector.list(f"{model}/"), 10000) if "/" not in k[len(model) + 1 :])
     has_checkpoint = any(k.endswith(".safetensors") for k in top_level)

@@ -18,10 +18,10 @@ import numpy as np
 from .. import digest, dtypes
 from ..bulk import bulk
 from ..connectors import Connector, open_connector
-from ..errors import BackendError, ConfigError, ConflictError, ManifestError, NotFoundError, RaydistError
+from ..errors import BackendError, ConfigError, ConflictError, RaydistError
 from ..options import MAX_CONCURRENCY, MAX_PART_BYTES, MAX_TP, check_range
 from ..pool import batches, run_all
-from . import grid
+from . import grid, versions
 from . import manifest as mf
 from .ledger import WriteLedger
 from .repo import DEFAULT_MAX_FILE_BYTES, RepoFiles, SkippedFile, select
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TP = 8
 DEFAULT_PART_BYTES = 1536 << 20
-# retired versions a manifest remembers for gc (older ones fall back to the current version's swap time)
-_MAX_RETIRED = 256
 #: Tensor bytes per ``write_many`` when each chunk is its own object (Redis): enough to pipeline many small
 #: tensors, small enough that a few batches in flight overlap hashing with sending.
 OBJECT_BATCH_BYTES = 16 << 20
@@ -139,57 +137,25 @@ def _file_records(out: WriteLedger, files: dict[str, bytes], prefix: str, algos)
     return records
 
 
-def _current(conn: Connector, model: str) -> mf.Manifest | None:
-    """The model's current manifest, or None when there is none or it cannot be read as one."""
+def _finish(conn: Connector, manifest: mf.Manifest, start: bytes | None, out: WriteLedger | None = None) -> mf.Manifest:
+    """Write the version's own manifest, then swap the current pointer to it last: the atomic switch that makes the
+    new version visible, a compare-and-swap against the pointer as it was when this publish started (``start``):
+    when another publish, index or promote changed it meanwhile, this one did not become current and says so
+    (:class:`ConflictError`; the version stays complete, for ``promote``). The version it replaces is retired now,
+    which is when ``gc``'s grace period for it starts."""
     try:
-        return mf.read_manifest(conn, model)
-    except (NotFoundError, ManifestError):
-        return None
-
-
-def _stored(conn: Connector, model: str) -> bytes | None:
-    """The bytes of ``<model>/manifest.json`` as a publish starts (None: none yet): its swap replaces exactly these."""
-    try:
-        return conn.read(mf.manifest_key(model))
-    except NotFoundError:
-        return None
-
-
-def _finish(conn: Connector, manifest: mf.Manifest, start: bytes | None) -> mf.Manifest:
-    """Write the manifest last: the atomic switch that makes the new version visible, a compare-and-swap against
-    the manifest that was current when this publish started (``start``): when another publish or index replaced it
-    meanwhile, this one did not become current and says so (:class:`ConflictError`). It records when the version
-    it replaces stopped being current (``retired``), which is when ``gc``'s grace period for that version starts."""
-    previous = None
-    if start is not None:
-        try:
-            previous = mf.Manifest.from_json(start)
-        except RaydistError:
-            previous = None
-    now = time.time()
-    retired = dict(previous.retired or {}) if previous else {}
-    if previous and previous.version != manifest.version:
-        retired[previous.version] = now
-    retired = dict(sorted(retired.items(), key=lambda item: item[1])[-_MAX_RETIRED:])
-    manifest = manifest.model_copy(update={"created": now, "retired": retired or None})
-    data, key = manifest.to_json(), mf.manifest_key(manifest.model)
-    # a client that retried a swap whose reply was lost (botocore, redis-py) finds its own manifest current: it won
-    if not conn.compare_and_swap(key, start, data) and _stored(conn, manifest.model) != data:
-        current = _current(conn, manifest.model)
-        stays = f"version {current.version} is current" if current else "another writer's manifest is current"
-        raise ConflictError(
-            f"{manifest.model}/manifest.json in {conn.describe()} changed while this publish ran (another publish "
-            f"or index of {manifest.model!r}): version {manifest.version} was NOT made current ({stays}); its "
-            f"objects under {mf.version_prefix(manifest.model, manifest.version)} are left for `raydist-loader gc`"
-        )
-    return manifest
+        return versions.write_version(conn, manifest, start, what="publish", write=out.write if out else None)[0]
+    except ConflictError as e:
+        raise ConflictError(f"{e}; its objects under {mf.version_prefix(manifest.model, manifest.version)} stay "
+                            "complete: `raydist-loader promote` makes it current, `raydist-loader gc` deletes it "
+                            "after its grace") from None
 
 
 def _failed(conn: Connector, model: str, version: str, out: WriteLedger, error: BaseException) -> BackendError:
     """One line for a publish that failed: the store, the cause, what was removed and what stays current."""
     where = conn.describe()
     try:
-        current = _current(conn, model)
+        current = versions.current_or_none(conn, model)
         stays = f"version {current.version} stays current" if current else f"no version of {model!r} is current"
     except RaydistError:
         current, stays = None, "the previous manifest, if any, stays current"
@@ -296,7 +262,7 @@ def publish(
     version = mf.new_version(f"{model}{ruleset.fingerprint()}{max_tp}")
     prefix = mf.version_prefix(model, version)
     with open_connector(url, **(connector_options or {})) as conn:
-        start = _stored(conn, model)  # what the swap replaces: a publish landing meanwhile makes this one lose
+        start = versions.stored_pointer(conn, model)  # what the swap replaces: a publish landing meanwhile loses
         warnings = _eviction_check(conn, allow_eviction)
         out = WriteLedger(conn)
         try:
@@ -311,7 +277,7 @@ def publish(
                 key_part_bytes=key_part_bytes,
             )
             out.confirm()
-            manifest = _finish(conn, manifest, start)
+            manifest = _finish(conn, manifest, start, out)
         except ConflictError:  # lost the race: its objects stay for gc (a reader may have seen their names)
             raise
         except (RaydistError, OSError) as e:
@@ -471,7 +437,7 @@ def index(
     mf.check_model_name(model)
     _check_sizes(max_tp=max_tp, max_file_bytes=max_file_bytes)
     with open_connector(url, **(connector_options or {})) as conn:
-        start = _stored(conn, model)
+        start = versions.stored_pointer(conn, model)
         repo = select(conn, f"{model}/", f"{conn.describe()}/{model}", max_file_bytes=max_file_bytes)
         config = repo.config
         entries = [e for key in repo.weights for e in _keyed(read_header(conn, key), key)]

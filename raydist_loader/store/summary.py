@@ -5,19 +5,21 @@ from __future__ import annotations
 from ..bulk import bulk
 from ..connectors import open_connector
 from .experts import check_ep, linear
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest
 from .plan import RankPlan, make_plan, make_plans
+from .versions import read_manifest
 
 
 @bulk
 def inspect(
-    url: str, model: str, *, tp: int | None = None, connector_options: dict | None = None, ep: int | None = None
+    url: str, model: str, *, tp: int | None = None, connector_options: dict | None = None, ep: int | None = None,
+    model_version: str | None = None,
 ) -> dict:
     """A JSON-able summary: version, layout, tensors (dtype, shape, style, chunks) and, with ``tp``, per-rank bytes
     (with ``ep`` too: each of ``ep`` expert-parallel ranks, holding its experts whole under vLLM's linear
     placement, its other tensors as TP rank ``r % tp``)."""
     with open_connector(url, **(connector_options or {})) as conn:
-        manifest = read_manifest(conn, model)
+        manifest = read_manifest(conn, model, model_version)
         where = conn.describe()
         gap = conn.coalesce_gap
     return summarize(manifest, where, tp, gap, ep=ep)

@@ -13,8 +13,9 @@ from ..connectors import open_connector
 from ..errors import ConfigError, RaydistError, VerificationError, describe_failures
 from ..options import MAX_CONCURRENCY, check_range
 from ..pool import run_all
-from .manifest import Manifest, read_manifest, read_manifest_bytes
+from .manifest import Manifest
 from .plan import ChunkRead, make_plan
+from .versions import read_manifest, read_manifest_bytes
 
 
 @dataclass
@@ -34,11 +35,13 @@ class VerifyResult:
         return not self.failures
 
 
-def manifest_sha256(url: str, model: str, connector_options: dict | None = None) -> str:
-    """sha256 of the manifest bytes a load of ``model`` uses (the stored bytes, re-rooted for a copied model): pin it
-    with ``expect_manifest_sha256=`` to detect a swapped store."""
+def manifest_sha256(url: str, model: str, connector_options: dict | None = None, *,
+                    model_version: str | None = None) -> str:
+    """sha256 of the manifest bytes a load of ``model`` (``model_version``: that version; default the current one)
+    uses (the stored bytes, re-rooted for a copied model): pin it with ``expect_manifest_sha256=`` to detect a
+    swapped store."""
     with open_connector(url, **(connector_options or {})) as conn:
-        return hashlib.sha256(read_manifest_bytes(conn, model)[1]).hexdigest()
+        return hashlib.sha256(read_manifest_bytes(conn, model, model_version)[1]).hexdigest()
 
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -68,13 +71,15 @@ def check_manifest_sha256(raw: bytes, expected: str | None, where: str) -> None:
 
 
 def verify(
-    url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False, connector_options: dict | None = None
+    url: str, model: str, *, concurrency: int = 4, raise_on_failure: bool = False,
+    connector_options: dict | None = None, model_version: str | None = None,
 ) -> VerifyResult:
-    """Read every chunk and file of ``model`` and compare with the manifest's digests."""
+    """Read every chunk and file of ``model`` (``model_version``: that version; default the current one) and compare
+    with the manifest's digests."""
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     t0 = time.perf_counter()
     with open_connector(url, **(connector_options or {})) as conn:
-        manifest = read_manifest(conn, model)  # a manifest refused costs no torch import
+        manifest = read_manifest(conn, model, model_version)  # a manifest refused costs no torch import
         import torch  # imported only when bytes are read
 
         from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, shared
