@@ -740,7 +740,8 @@ def _use_rich() -> bool:
 
 
 _COMMANDS = {"publish": _cmd_publish, "index": _cmd_index, "inspect": _cmd_inspect, "verify": _cmd_verify,
-             "gc": _cmd_gc, "versions": _cmd_versions, "promote": _cmd_promote, "load": _cmd_load, "release": _cmd_release, "pull-files": _cmd_pull_files}
+             "gc": _cmd_gc, "versions": _cmd_versions, "promote": _cmd_promote, "load": _cmd_load,
+             "release": _cmd_release, "pull-files": _cmd_pull_files}
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -38,13 +38,17 @@ from ..report import RankReport
 from ..store.experts import Experts
 from ..store.locator import LOCATOR_FILE, read_locator
 from ..store.verify import check_pin
+from ..store.versions import VersionRef
 from .direct import Capture, capture
 
-_LOAD_KEYS = ("verify", "concurrency", "retries")  # validated as the load options of every other entry point
+# validated as the load options of every other entry point
+_LOAD_KEYS = ("verify", "concurrency", "retries", "model_version")
 OPTIONS: dict[str, str] = {
     "url": "store URL (redis://host:port/db, rediss://..., s3://bucket/prefix, file:///dir or a path); required",
     "model": "model name inside the store; required",
     **{key: LoadOptions.model_fields[key].description or "" for key in _LOAD_KEYS},
+    "model_version": "load this version (`raydist-loader versions` lists them), current or not, at the first load "
+                     "and at every update; unset: the current version, resolved once for the whole engine",
     "expect_manifest_sha256": "refuse a manifest whose sha256 differs (hex)",
     "password_env": "name of the environment variable that holds the store's password",
 }
@@ -57,9 +61,13 @@ class EngineOptions:
 
     url: str
     model: str
-    load: LoadOptions  # verify, concurrency, retries (the rest of LoadOptions is Ray's and unused here)
+    load: LoadOptions  # verify, concurrency, retries, model_version (the rest of LoadOptions is Ray's)
     expect_manifest_sha256: str | None = None
     password_env: str | None = None
+
+    @property
+    def model_version(self) -> str | None:
+        return self.load.model_version
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None, where: str) -> EngineOptions:
@@ -73,7 +81,7 @@ class EngineOptions:
         missing = [k for k in ("url", "model") if not raw.get(k)]
         if missing:
             raise ConfigError(f"{where} lacks {', '.join(missing)}: give at least {example}")
-        for key in ("url", "model", "expect_manifest_sha256", "password_env"):
+        for key in ("url", "model", "expect_manifest_sha256", "password_env", "model_version"):
             if raw.get(key) is not None and not isinstance(raw[key], str):
                 raise ConfigError(f"{where}.{key} must be a string, got {type(raw[key]).__name__}")
         check_url(raw["url"])  # a bad URL, credentials in its options: one line, before anything starts
@@ -105,6 +113,20 @@ class EngineOptions:
             )
         return cls.parse(locator, f"{model_dir}/{LOCATOR_FILE}")
 
+    @classmethod
+    def for_update(cls, raw: Mapping[str, Any] | None, where: str, start_dir: str | os.PathLike | None,
+                   update_dir: str | os.PathLike | None) -> EngineOptions:
+        """The options of a weight update from ``update_dir`` (vLLM's ``reload_weights(weights_path=DIR)``,
+        SGLang's ``update_weights_from_disk(DIR)``): the engine's own (as at its start), except that a directory
+        other than the one the engine started on that holds a ``raydist.json`` names the store, the model and the
+        version for this update (``raydist-loader pull-files URL --model M --model-version V DIR``: an update
+        to a named version)."""
+        if update_dir and start_dir and os.path.realpath(update_dir) != os.path.realpath(start_dir):
+            locator = read_locator(update_dir)
+            if locator is not None:
+                return cls.parse({**(raw or {}), **locator}, f"{update_dir}/{LOCATOR_FILE}")
+        return cls.resolve(raw, where, start_dir)
+
     def connector_options(self) -> dict[str, Any]:
         """The connector's options: the password read from ``password_env`` in this (worker) process."""
         if not self.password_env:
@@ -119,7 +141,8 @@ class EngineOptions:
         return {"password": value}
 
     def __repr__(self) -> str:
-        return f"EngineOptions(url={redact_url(self.url)!r}, model={self.model!r}, verify={self.load.verify!r})"
+        return (f"EngineOptions(url={redact_url(self.url)!r}, model={self.model!r}, verify={self.load.verify!r}, "
+                f"model_version={self.model_version!r})")
 
 
 def pull_rank(
@@ -129,6 +152,7 @@ def pull_rank(
     *,
     only: Callable[[str], bool] | None = None,
     experts: Experts | None = None,
+    version: VersionRef | None = None,
 ):
     """Pull and verify rank ``rank`` of ``tp`` in the ``global`` layout (host memory); raises before the engine
     sees any weight if a digest stays wrong after one re-pull. ``only`` keeps a pipeline stage's tensors;
@@ -136,12 +160,16 @@ def pull_rank(
     Returns the :class:`~raydist_loader.api.Shard`."""
     from ..api import load_shard
 
-    return load_shard(options.model, options.url, tp, rank, **_shard_args(options, only, experts))
+    return load_shard(options.model, options.url, tp, rank, **_shard_args(options, only, experts, version))
 
 
-def _shard_args(options: EngineOptions, only: Callable[[str], bool] | None, experts: Experts | None) -> dict:
-    """The keyword arguments of ``load_shard`` / ``open_shard`` for a hand-off: host memory, ``global`` layout."""
+def _shard_args(options: EngineOptions, only: Callable[[str], bool] | None, experts: Experts | None,
+                version: VersionRef | None) -> dict:
+    """The keyword arguments of ``load_shard`` / ``open_shard`` for a hand-off: host memory, ``global`` layout;
+    ``version`` (what the engine agreed on, :func:`agree_version`) else the options' pin else the current one."""
     return dict(
+        model_version=version.version if version else options.model_version,
+        manifest_sha256=version.manifest_sha256 if version else None,
         device="cpu",
         concurrency=options.load.concurrency,
         verify=options.load.verify,
@@ -171,12 +199,13 @@ def open_stream(
     *,
     only: Callable[[str], bool] | None = None,
     experts: Experts | None = None,
+    version: VersionRef | None = None,
 ) -> ShardStream:
     """Rank ``rank`` of ``tp`` opened for streaming in the ``global`` layout on the host: the store opened, the
     manifest checked, the plan made, no byte read yet. The caller closes it."""
     from ..api import open_shard
 
-    loader = open_shard(options.model, options.url, tp, rank, **_shard_args(options, only, experts))
+    loader = open_shard(options.model, options.url, tp, rank, **_shard_args(options, only, experts, version))
     try:
         stream = ShardStream(loader)
     except BaseException:
@@ -203,6 +232,7 @@ def rank_weights(
     only: Callable[[str], bool] | None = None,
     experts: Experts | None = None,
     whole: bool = False,
+    version: VersionRef | None = None,
 ) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
     """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
     ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed
@@ -214,7 +244,7 @@ def rank_weights(
     whole shard first, so a wrong byte raises before the engine got any tensor, at the cost of holding the shard
     in host memory."""
     if whole:
-        shard = pull_rank(options, tp, rank, only=only, experts=experts)
+        shard = pull_rank(options, tp, rank, only=only, experts=experts, version=version)
         if not shard.tensors:
             raise _no_tensor(options, tp, rank)
         report, tensors = shard.report, shard.tensors
@@ -226,7 +256,7 @@ def rank_weights(
                 yield name, tensors.pop(name)
 
         return held(), lambda: report
-    stream = open_stream(options, tp, rank, only=only, experts=experts)
+    stream = open_stream(options, tp, rank, only=only, experts=experts, version=version)
 
     def streamed() -> Iterator[tuple[str, torch.Tensor]]:
         try:
@@ -246,6 +276,7 @@ def load_into(
     only: Callable[[str], bool] | None = None,
     experts: Experts | None = None,
     direct: bool = True,
+    version: VersionRef | None = None,
 ) -> Delivery:
     """Pull rank ``rank`` of ``tp`` verified into ``model`` (vLLM and SGLang models share ``load_weights``).
 
@@ -255,7 +286,7 @@ def load_into(
     not provably a plain copy) are streamed through ``load_weights``, one group at a time. Raises before the
     engine serves if a digest stays wrong after one re-pull; parameters written before that are left as they are
     (the engine discards the model)."""
-    stream = open_stream(options, tp, rank, only=only, experts=experts)
+    stream = open_stream(options, tp, rank, only=only, experts=experts, version=version)
     try:
         captured = capture(model, stream.plan) if direct else None
         if captured is not None:

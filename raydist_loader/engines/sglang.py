@@ -14,8 +14,12 @@ SGLang's (``runtime_context.get_parallel()``); the shard lands in host memory as
 :mod:`.handoff`), SGLang's own weight loaders narrow and copy each one into its parameter, then SGLang's
 quantization post-processing runs as in its default loader. Every parameter must have been written, else the load
 fails with their names. ``Engine.update_weights_from_disk(DIR, load_format="raydist")`` (RL weight updates) pulls
-the store's current version, verified in full before the first weight is written: a bad byte leaves the previous
-weights serving and the update returns the error. Parallel settings the store's cut does not model (pipeline,
+the store's current version (or the one ``DIR/raydist.json`` pins), verified in full before the first weight is
+written: a bad byte leaves the previous weights serving and the update returns the error. One version per engine
+(:mod:`.agreement`): rank 0 of SGLang's world group resolves and leases the version, every rank loads that version,
+and the load or update completes only when every rank reports it, verified; the version is SGLang's
+``weight_version`` from the first load on. SGLang's ``--dp`` replicas are separate engines: pin them to one version
+(``model_version``). Parallel settings the store's cut does not model (pipeline,
 expert, attention data/context parallelism, ...) are refused, by name, before a byte is pulled.
 """
 
@@ -23,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from sglang.srt.configs.device_config import DeviceConfig
@@ -38,8 +42,9 @@ from sglang.srt.model_loader.loader import (
 )
 from sglang.srt.model_loader.utils import set_default_torch_dtype
 
-from ..errors import ConfigError, RaydistError, ShardingError
+from ..errors import ConfigError, ShardingError
 from ..report import RankReport
+from .agreement import RankGroup, TorchGroup, agree_version, on_every_rank
 from .handoff import EngineOptions, load_into, missing_names, rank_weights
 
 LOAD_FORMAT = "raydist"
@@ -47,7 +52,7 @@ OPTIONS_NAME = "model_loader_extra_config"
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
 logger = logging.getLogger("sglang.raydist_loader")  # under "sglang", so SGLang's log configuration shows it
 _registered = False
-_T = TypeVar("_T")
+HOLDER = "sglang engine tp={tp}"
 
 # SGLang's parallel settings that change which part of a tensor a worker holds, beyond tensor parallelism:
 # (how it is set, the name in SGLang's parallel context, the only value this loader serves).
@@ -129,20 +134,28 @@ class RaydistModelLoader(DefaultModelLoader):
             if checked:
                 _mark_unwritten(model)
                 clock.lap("mark")
-            if quant_config is None:  # plain copies read straight into the parameters, the rest streamed
-                report = load_into(model, options, tp, rank).report
-            else:  # SGLang's own path for quantized weights (renames, online quantization), streamed
-                weights, reported = rank_weights(options, tp, rank)
-                self.load_weights_only(model, weights, target_device)
-                report = reported()
-            clock.lap("pull into model")
-            if checked:
-                what = f"{options.model!r} (rank {rank}/{tp})"
-                message = missing_names(_all_parameters(model), _written(model), what)
-                if message:
-                    raise ShardingError(f"{message}; the store's model does not match the config SGLang was "
-                                        "started with")
-                clock.lap("check")
+            group = _world()
+            agreed = agree_version(options, group, HOLDER.format(tp=tp))
+
+            def load() -> tuple[RankReport, RankReport]:
+                if quant_config is None:  # plain copies read straight into the parameters, the rest streamed
+                    report = load_into(model, options, tp, rank, version=agreed.ref).report
+                else:  # SGLang's own path for quantized weights (renames, online quantization), streamed
+                    weights, reported = rank_weights(options, tp, rank, version=agreed.ref)
+                    self.load_weights_only(model, weights, target_device)
+                    report = reported()
+                clock.lap("pull into model")
+                if checked:
+                    what = f"{options.model!r} (rank {rank}/{tp})"
+                    message = missing_names(_all_parameters(model), _written(model), what)
+                    if message:
+                        raise ShardingError(f"{message}; the store's model does not match the config SGLang was "
+                                            "started with")
+                    clock.lap("check")
+                return report, report
+
+            report = on_every_rank(options, group, agreed, "load", load)
+            _serve_as(agreed.ref.version)
             self.postprocess_weights(model, target_device)
             clock.lap("post")
         self.counter_after_loading_weights = time.perf_counter()
@@ -151,37 +164,44 @@ class RaydistModelLoader(DefaultModelLoader):
         return model.eval()
 
     def _get_weights_iterator(self, source: DefaultModelLoader.Source, **_: Any) -> Iterator[tuple[str, torch.Tensor]]:
-        """What SGLang's ``update_weights_from_disk`` reads: the store's current version of this worker's shard,
-        pulled and verified in full HERE, before SGLang writes the first weight (SGLang reports an error raised
-        here as a failed update and leaves the model untouched)."""
+        """What SGLang's ``update_weights_from_disk(DIR, load_format="raydist")`` reads: the version the engine
+        agrees on (the one ``DIR/raydist.json`` pins with ``model_version``, else the current one: SGLang hands an
+        update no options, only DIR) of this worker's shard, pulled and verified in full HERE on every rank, before
+        SGLang writes the first weight: if any rank fails, or would not get the same version, every rank raises
+        (SGLang reports it as a failed update and leaves the model untouched)."""
         tp, rank = tensor_parallel()
         if source.model_config is not None:
             refuse_padded_heads(source.model_config.hf_config, tp)
-        weights, report = _on_every_rank(
-            lambda: rank_weights(self.options(source.model_or_path), tp, rank, whole=True)
-        )
+        options = self.options(source.model_or_path)  # SGLang passes no options to an update: DIR's raydist.json
+        group = _world()
+        agreed = agree_version(options, group, HOLDER.format(tp=tp))
+
+        def pull():
+            weights, report = rank_weights(options, tp, rank, whole=True, version=agreed.ref)
+            return (weights, report), report()
+
+        weights, report = on_every_rank(options, group, agreed, "update", pull)
         logger.info(_describe(report(), None))
         return weights
 
 
-def _on_every_rank(pull: Callable[[], _T]) -> _T:
-    """``pull()`` on this rank, then agree across the TP group: if any rank failed (a bad byte is read by one rank
-    only), every rank raises with every rank's error, so no rank writes a weight and the TP group keeps serving
-    one version."""
-    from sglang.srt.runtime_context import get_parallel
+def _world() -> RankGroup:
+    """SGLang's world group (its CPU group): every rank of this engine."""
+    from sglang.srt.distributed import get_world_group
 
+    return TorchGroup.of(get_world_group())
+
+
+def _serve_as(version: str) -> None:
+    """Report the store version as SGLang's ``weight_version`` (in every response's ``meta_info``) from the first
+    load on, through SGLang's runtime context (no patch); an update's caller sets it with
+    ``update_weights_from_disk(..., weight_version=...)``. Skipped where this SGLang has no such setting."""
     try:
-        result, error, cause = pull(), None, None
-    except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised below
-        result, error, cause = None, f"{type(e).__name__}: {e}", e
-    group = get_parallel().tp_group
-    errors = group.all_gather_object(error) if group.world_size > 1 else [error]
-    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
-    if failed:
-        kind = type(cause) if isinstance(cause, RaydistError) else RaydistError
-        raise kind("weight update refused on every rank, the previous weights keep serving: " + "; ".join(failed)) \
-            from cause
-    return result
+        from sglang.srt.runtime_context import get_context
+
+        get_context().override("scheduler.weight_version", weight_version=version)
+    except Exception:  # noqa: BLE001 - an SGLang without weight versions: nothing to report
+        logger.debug("raydist: SGLang has no scheduler.weight_version to set", exc_info=True)
 
 
 def tensor_parallel() -> tuple[int, int]:

@@ -17,7 +17,12 @@ weight loader is a plain narrow + copy are read straight into their parameters; 
 full-size host tensors through vLLM's own weight loaders, one group at a time (see :mod:`.handoff`). Afterwards
 every parameter of the model must have been loaded, else the load fails with their names. The rank's load report is
 left on the model as ``model.raydist_report``. vLLM's in-place ``reload_weights`` (RL weight updates) pulls the
-store's current version, verified before vLLM gets any of it.
+store's current version (or the options' ``model_version``; ``reload_weights(weights_path=DIR)`` with a DIR whose
+``raydist.json`` names a version: that version), verified on every rank before vLLM gets any of it.
+
+One version per engine (:mod:`.agreement`): world rank 0 (vLLM's world group spans TP, PP and the data-parallel
+ranks of one server) resolves the version and leases it; every worker loads that version's own manifest; the load or
+reload completes only when every worker reports that version, verified.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ from collections.abc import Callable, Iterator
 import torch
 from vllm.config import ModelConfig, ParallelConfig, get_current_vllm_config_or_none
 from vllm.config.load import LoadConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    get_world_group,
+)
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
@@ -38,6 +48,7 @@ from ..api import open_manifest
 from ..errors import ConfigError, ShardingError
 from ..report import RankReport
 from ..store.experts import Experts, owned_by_layer
+from .agreement import TorchGroup, agree_version, on_every_rank
 from .direct import Capture
 from .handoff import EngineOptions, load_into, missing_names, rank_weights
 
@@ -86,22 +97,41 @@ class RaydistModelLoader(BaseModelLoader):
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
         options = self.options(model_config)
         experts = _placement(model, tp, rank)
-        delivery = load_into(model, options, tp, rank, only=self._only(model), experts=experts)
-        seconds = time.perf_counter() - t0
-        _check_all_loaded(model, delivery.loaded, model_config, f"{options.model!r} (rank {rank}/{tp})")
-        model.raydist_report = delivery.report
-        logger.info(_describe(delivery.report, pp, seconds, delivery.capture, experts is not None))
+        group = TorchGroup.of(get_world_group())
+        agreed = agree_version(options, group, _holder(tp, pp))
+
+        def load():
+            delivery = load_into(model, options, tp, rank, only=self._only(model), experts=experts,
+                                 version=agreed.ref)
+            _check_all_loaded(model, delivery.loaded, model_config, f"{options.model!r} (rank {rank}/{tp})")
+            return delivery, delivery.report
+
+        delivery = on_every_rank(options, group, agreed, "load", load)
+        model.raydist_report, model.raydist_model_dir = delivery.report, model_config.model
+        logger.info(_describe(delivery.report, pp, time.perf_counter() - t0, delivery.capture, experts is not None,
+                              group.size))
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the store's current
-        version of this worker's shard, verified, as full-size tensors. Verified *before* the first tensor is
-        handed over (``whole=True``): a reload whose bytes fail verification raises before vLLM changed any weight,
-        so a serving engine never holds a mix of two versions (the shard is held in host memory meanwhile)."""
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the agreed version
+        (current, or pinned) of this worker's shard, verified, as full-size tensors. Pulled and verified *before*
+        the first tensor is handed over (``whole=True``) on every worker: a reload that any worker fails to pull
+        or verify, or that would not give every worker the same version, raises on every worker before vLLM
+        changed any weight (the shard is held in host memory meanwhile)."""
+        tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
+        start_dir = getattr(model, "raydist_model_dir", model_config.model)  # reload(weights_path=) changes the model
+        options = EngineOptions.for_update(self.raw_options, OPTIONS_NAME, start_dir, model_config.model)
         experts = _placement(model, tp, rank)
-        weights, report = rank_weights(
-            self.options(model_config), tp, rank, only=self._only(model), experts=experts, whole=True
-        )
+        group = TorchGroup.of(get_world_group())
+        agreed = agree_version(options, group, _holder(tp, pp))
+
+        def pull():
+            weights, report = rank_weights(options, tp, rank, only=self._only(model), experts=experts, whole=True,
+                                           version=agreed.ref)
+            return (weights, report), report()
+
+        weights, report = on_every_rank(options, group, agreed, "update", pull)
+        logger.info(f"raydist: rank {rank}/{tp}: update to {options.model} version {agreed.ref.version} pulled and "
+                    f"verified on every worker ({group.size})")
         yield from weights
         model.raydist_report = report()
 
@@ -213,8 +243,14 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
 
 
+def _holder(tp: int, pp) -> str:
+    """Who holds a lease: this engine, as ``versions`` shows it."""
+    return f"vllm engine tp={tp} pp={pp.world_size}"
+
+
 def _describe(
-    report: RankReport, pp, seconds: float, capture: Capture | None = None, expert_parallel: bool = False
+    report: RankReport, pp, seconds: float, capture: Capture | None = None, expert_parallel: bool = False,
+    workers: int = 1,
 ) -> str:
     """One log line per rank."""
     stage = f", pp stage {pp.rank_in_group}/{pp.world_size}" if pp.world_size > 1 else ""
@@ -230,6 +266,7 @@ def _describe(
         )
     return (
         f"raydist: rank {report.rank}/{report.tp}{stage}: {report.model} version {report.version} "
-        f"from {report.store}: {report.chunks} chunks, {report.bytes / 1e6:.1f} MB; pulled, verified and loaded "
-        f"into the model in {seconds:.2f} s ({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s), {verified}{ways}"
+        f"(the version of all {workers} workers) from {report.store}: {report.chunks} chunks, "
+        f"{report.bytes / 1e6:.1f} MB; pulled, verified and loaded into the model in {seconds:.2f} s "
+        f"({report.bytes / max(seconds, 1e-9) / 1e9:.2f} GB/s), {verified}{ways}"
     )

@@ -18,6 +18,8 @@ instance. Parameters (all optional; the others go to the wrapped URL untouched):
     concurrency=C     requests in flight per loader when the caller does not choose
     manifest=1        let faults hit ``<model>/manifest.json`` reads too (off by default: the driver reads it)
     full_after=W      the store fills up after W writes: every later write raises ``OSError`` ENOSPC
+    hold=DIR          hold every process but the first at its first read of a ``manifest.json`` until DIR/release
+                      exists (:mod:`.hold`: deterministic races between an engine's ranks)
 
 Example: ``faulty+redis://127.0.0.1:6379/0?fail=2&fail_error=loading&delay_ms=20``.
 
@@ -45,6 +47,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..connectors import open_connector, register_connector
 from ..connectors.base import Buffer, Connector, ReadRequest
 from ..errors import BackendError, ConfigError, NotFoundError
+from .hold import ManifestHold
 
 PREFIX = "faulty+"
 SCHEMES = ("file", "redis", "rediss", "s3")
@@ -52,7 +55,7 @@ ERROR_KINDS = ("reset", "timeout", "refused", "loading", "slowdown", "auth", "mi
 _INT_PARAMS = (
     "fail", "fail_after", "corrupt_times", "seed", "request_bytes", "concurrency", "manifest", "full_after"
 )
-_STR_PARAMS = ("fail_error", "fail_key", "corrupt")
+_STR_PARAMS = ("fail_error", "fail_key", "corrupt", "hold")
 _FLOAT_PARAMS = ("delay_ms",)
 _PARAMS = frozenset(_INT_PARAMS + _STR_PARAMS + _FLOAT_PARAMS)
 
@@ -92,6 +95,7 @@ class FaultPlan:
             raise ConfigError(f"fail_error={self.fail_error!r} is not one of {', '.join(ERROR_KINDS)}")
         self.fail_key = params.get("fail_key") or ""
         self.corrupt = params.get("corrupt") or None
+        self.hold = ManifestHold(params["hold"]) if params.get("hold") else None
 
 
 class FaultyConnector(Connector):
@@ -137,6 +141,8 @@ class FaultyConnector(Connector):
 
     def read(self, key: str) -> bytes:
         """The inner backend's whole-object read (atomic there), faulted like one range read of ``key``."""
+        if self.plan.hold is not None:
+            self.plan.hold.before_read(key)
         targeted = self._before([ReadRequest(key, 0, memoryview(b""))])
         data = bytearray(self.inner.read(key))
         if targeted:
