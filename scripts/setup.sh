@@ -112,7 +112,9 @@ sglang() {
   fi
   step "installing SGLang's CPU path into .venv-sglang (scripts/sglang_cpu/install.sh)" \
     bash scripts/sglang_cpu/install.sh .venv-sglang
-  SGLANG_USE_CPU_ENGINE=1 .venv-sglang/bin/python -c "import importlib.metadata as m, sglang, \
+  # SGLang warns at import that AWQ and GGUF need CUDA (not used here): those two warnings are silenced by name.
+  SGLANG_USE_CPU_ENGINE=1 PYTHONWARNINGS="ignore:Only CUDA:UserWarning" .venv-sglang/bin/python -c "import \
+importlib.metadata as m, sglang, \
 sglang.srt.model_loader.loader; print('[setup] sglang venv ok: sglang', sglang.__version__, 'raydist plugin', \
 [e.value for e in m.entry_points(group='sglang.srt.plugins') if e.name == 'raydist'])"
   echo "$stamp" > .venv-sglang/.raydist-setup
