@@ -88,7 +88,7 @@ def traffic(url: str) -> dict[str, dict[str, int]]:
     the connector kept so its counters can be read)."""
     from raydist_loader.connectors import open_connector
     from raydist_loader.load.worker import ShardLoader
-    from raydist_loader.store.manifest import read_manifest
+    from raydist_loader.store.versions import read_manifest
 
     with open_connector(url) as conn:
         loader = ShardLoader(url, read_manifest(conn, MODEL), 1, 0, device="cpu", connector=conn)

@@ -215,10 +215,11 @@ def load_shards_in_process(url: str, model: str, tp: int) -> tuple[list[dict], l
     """Every rank's (tensors, metadata) loaded in this process, plus the config: no Ray needed."""
     from raydist_loader.connectors import open_connector
     from raydist_loader.load.worker import ShardLoader
-    from raydist_loader.store.manifest import Manifest, manifest_key
+    from raydist_loader.store.manifest import Manifest
+    from raydist_loader.store.versions import read_manifest_bytes
 
     with open_connector(url) as conn:
-        raw = conn.read(manifest_key(model))
+        raw = read_manifest_bytes(conn, model)[1]
     shards, metas = [], []
     for rank in range(tp):
         loader = ShardLoader(url, raw, tp, rank, device="cpu")

@@ -8,9 +8,14 @@ of :data:`CPU`); ``prompts`` (token id lists: greedy tokens and top-5 logprobs a
 ``{"label", "publish": {"ckpt", "url", "model", "max_tp"}}`` publishes a checkpoint (a new version of the model),
 ``"corrupt": {"url", "model", "tensor", "chunk"}`` then flips one byte of that chunk in the store;
 ``{"label", "update": {"model_path", "load_format"}}`` is SGLang's ``update_weights_from_disk``, then the prompts
-again; ``{"label", "save_remote": URL}`` is ``Engine.save_remote_model(url=URL)``. A run whose engine fails to start
-records the error instead (the log has the root cause); ``start_s`` is the seconds ``sglang.Engine(...)`` took.
-OUT: ``{name: {"outputs", "steps": {label: {"ok", "message", "outputs"}}, "start_s", "error"}}``.
+again; ``{"label", "save_remote": URL}`` is ``Engine.save_remote_model(url=URL)``. ``race`` (a run's, or an update
+step's): ``{"hold", "publish": {...}}``: a publish lands while one rank is held at its first manifest read
+(:class:`raydist_loader.testing.hold.PublishWhenHeld`); what happened is in ``races`` (``start`` or the step's
+label). ``weight_versions``: SGLang's ``meta_info["weight_version"]`` of each first output. A run whose engine fails
+to start records the error instead (the log has the root cause); ``start_s`` is the seconds ``sglang.Engine(...)``
+took.
+OUT: ``{name: {"outputs", "steps": {label: {"ok", "message", "outputs"}}, "races", "weight_versions", "start_s",
+"error"}}``.
 SGLang spawns processes, and SIGKILLs its parent when a child fails at start-up: run this in a subprocess, and keep
 the body under ``if __name__ == "__main__"``.
 """
@@ -23,6 +28,8 @@ import sys
 import time
 import traceback
 
+from raydist_loader.testing.hold import PublishWhenHeld
+
 CPU = {"device": "cpu", "attention_backend": "torch_native", "disable_cuda_graph": True, "skip_tokenizer_init": True,
        "dtype": "float32", "mem_fraction_static": 0.05, "max_total_tokens": 2048, "chunked_prefill_size": 256,
        "max_running_requests": 4, "random_seed": 0, "log_level": "info", "disable_radix_cache": True}
@@ -31,16 +38,20 @@ prompt computed again after a failed update (which keeps the cache) must take th
 one (which flushes it), so that equal weights give equal logprobs."""
 
 
+LAST_META: list[dict] = []  # meta_info of the last generate's outputs
+
+
 def generate(engine, prompts: list[list[int]]) -> list[dict]:
     """Greedy, 8 tokens, top-5 logprobs per step (``[[logprob, token id], ...]``)."""
     outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 8, "temperature": 0.0},
                            return_logprob=True, top_logprobs_num=5)
+    LAST_META[:] = [o["meta_info"] for o in outs]
     return [{"tokens": list(o["output_ids"]),
              "logprobs": [[[lp, tok] for lp, tok, *_ in step] for step in o["meta_info"]["output_top_logprobs"]]}
             for o in outs]
 
 
-def step(engine, spec: dict, one: dict) -> dict:
+def step(engine, spec: dict, one: dict, races: dict) -> dict:
     """One step of a run (see the module docstring)."""
     if "publish" in one:
         import raydist_loader as rl
@@ -57,9 +68,12 @@ def step(engine, spec: dict, one: dict) -> dict:
         engine.save_remote_model(url=one["save_remote"])
         return {"ok": True, "message": None, "outputs": None}
     u = one["update"]
+    race = PublishWhenHeld(one["race"]) if one.get("race") else None
     t0 = time.perf_counter()
     ok, message, *_ = engine.update_weights_from_disk(u["model_path"], load_format=u.get("load_format"))
     seconds = time.perf_counter() - t0
+    if race is not None:
+        races[one["label"]] = race.done()
     return {"ok": bool(ok), "message": message, "seconds": seconds, "outputs": generate(engine, spec["prompts"])}
 
 
@@ -120,22 +134,28 @@ def registered_twice() -> dict:
 def run(spec: dict) -> dict:
     import sglang
 
-    result: dict = {"outputs": None, "steps": {}, "start_s": None, "error": None}
+    result: dict = {"outputs": None, "steps": {}, "races": {}, "weight_versions": None, "start_s": None,
+                    "error": None}
     if "refusals" in spec:
         return {**result, **refusals(spec["refusals"])}
     os.environ.update(spec.get("env", {}))
+    race = PublishWhenHeld(spec["race"]) if spec.get("race") else None
     t0 = time.perf_counter()
     try:
         engine = sglang.Engine(**{**CPU, **spec["engine"]})
     except BaseException as e:  # noqa: BLE001 - the test asserts on it (and on the log)
         result["error"] = f"{type(e).__name__}: {e}"
         return result
+    finally:
+        if race is not None:
+            result["races"]["start"] = race.done()
     result["start_s"] = time.perf_counter() - t0
     try:
         if spec.get("prompts"):
             result["outputs"] = generate(engine, spec["prompts"])
+            result["weight_versions"] = [m.get("weight_version") for m in LAST_META]
         for one in spec.get("steps", []):
-            result["steps"][one["label"]] = step(engine, spec, one)
+            result["steps"][one["label"]] = step(engine, spec, one, result["races"])
     except Exception:  # noqa: BLE001
         result["error"] = traceback.format_exc()
     finally:

@@ -141,7 +141,7 @@ def flip_one_byte(url: str, model: str, tensor: str, chunk: str) -> str:
     """Flip one byte in the middle of ``tensor``'s chunk ``chunk`` of the model's current version, in place, in any
     store (the object is read and written back whole); returns the object's name."""
     from raydist_loader.connectors import open_connector
-    from raydist_loader.store.manifest import read_manifest
+    from raydist_loader.store.versions import read_manifest
 
     with open_connector(url) as conn:
         record = next(c for c in read_manifest(conn, model).chunks(tensor) if c.id == chunk)
@@ -159,3 +159,38 @@ def corrupt_copy(tmp: Path, src_url: str, model: str, tensor: str, chunk: str) -
     shutil.copytree(Path(src_url.removeprefix("file://")), dst)
     flip_one_byte(f"file://{dst}", model, tensor, chunk)
     return f"file://{dst}"
+
+
+def stored_manifest(url: str, model: str) -> bytes:
+    """The current version's manifest exactly as stored (``<model>/<version>/manifest.json``; in a store of the
+    layout before versions, ``<model>/manifest.json``)."""
+    from raydist_loader.connectors import open_connector
+    from raydist_loader.store.versions import read_current, version_manifest_key
+
+    with open_connector(url) as conn:
+        cur = read_current(conn, model)
+        return cur.legacy if cur.legacy is not None else conn.read(version_manifest_key(model, cur.version))
+
+
+def single_manifest_layout(url: str, model: str) -> str:
+    """Turn the model's store into the layout raydist-loader wrote before versions: the current version's manifest
+    (with the swap time and retired versions it recorded then) at ``<model>/manifest.json``, no pointer, no
+    manifest object of any version. Tests that edit a manifest in place (hostile stores) edit it there: nothing
+    else (a pointer's sha256) has to follow the edit. Returns the version."""
+    import json
+
+    from raydist_loader.connectors import open_connector
+    from raydist_loader.store.manifest import manifest_key
+    from raydist_loader.store.versions import read_current, version_manifest_key
+
+    with open_connector(url) as conn:
+        cur = read_current(conn, model)
+        if cur.legacy is not None:
+            return cur.version
+        doc = json.loads(conn.read(version_manifest_key(model, cur.version)))
+        doc["created"], doc["retired"] = cur.since, cur.retired or None
+        conn.write(manifest_key(model), json.dumps({k: v for k, v in doc.items() if v is not None}).encode())
+        for version in [cur.version, *cur.retired]:
+            if conn.exists(version_manifest_key(model, version)):
+                conn.delete(version_manifest_key(model, version))
+    return cur.version

@@ -17,6 +17,7 @@ from raydist_loader.report import PHASES, LoadReport, Phase, RankReport
 from raydist_loader.store.manifest import Manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 from tests.conftest import free_port
+from tests.shards import stored_manifest
 
 MODEL = "tiny-llama"
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_publish_json(checkpoint: Path, tmp_path: Path, capsys):
     result = json.loads(out)
     assert result["model"] == MODEL and result["layout"] == "chunked" and result["tensors"] > 0
     assert result["bytes"] > 0 and "gbps" in result and result["version"].startswith("v")
-    manifest = json.loads((tmp_path / "s" / MODEL / "manifest.json").read_text())
+    manifest = json.loads(stored_manifest(f"file://{tmp_path}/s", MODEL))
     assert "blake3" in manifest["digests"]
 
 
@@ -113,7 +114,7 @@ def test_verify_ok(store: Path, capsys):
 
 
 def _flip_one_byte(store: Path, tensor: str) -> str:
-    manifest = Manifest.from_json((store / MODEL / "manifest.json").read_bytes())
+    manifest = Manifest.from_json(stored_manifest(str(store), MODEL))
     chunk = manifest.chunks(tensor)[-1]
     part = chunk.parts[0]
     path = store / part.object

@@ -12,6 +12,8 @@ from raydist_loader.errors import ConfigError
 from raydist_loader.load.worker import ShardLoader, _resolve_device
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
+from .shards import stored_manifest
+
 
 @pytest.fixture
 def four_gpus_current_2(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,7 +55,7 @@ def test_load_shard_resolves_before_any_read(tmp_path, four_gpus_current_2, monk
     ckpt = make_tiny_checkpoint("llama", tmp_path / "llama")
     url = f"file://{tmp_path}/store"
     rl.publish(ckpt, url, "m", max_tp=2)
-    raw = (tmp_path / "store" / "m" / "manifest.json").read_bytes()
+    raw = stored_manifest(url, "m")
     assert ShardLoader(url, raw, 2, 1, device="cuda").device == torch.device("cuda", 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="sees no CUDA device"):

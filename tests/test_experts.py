@@ -17,6 +17,7 @@ from raydist_loader.load.worker import ShardLoader
 from raydist_loader.store.experts import contiguous, expert_of, is_fused, layer_of, owned_by_layer, pull_whole
 from raydist_loader.store.manifest import Manifest
 from raydist_loader.store.plan import make_plan
+from raydist_loader.store.versions import read_manifest_bytes
 from raydist_loader.testing.tiny_models import TINY_DEFAULTS, make_tiny_checkpoint
 
 from .shards import original_tensors, vllm_cut
@@ -51,7 +52,7 @@ def moe(tmp_path_factory):
 
 def _manifest(url: str, model: str) -> Manifest:
     with open_connector(url) as conn:
-        return Manifest.from_json(conn.read(f"{model}/manifest.json"))
+        return Manifest.from_json(read_manifest_bytes(conn, model)[1])
 
 
 def _holds(rank: int):

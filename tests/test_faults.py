@@ -22,8 +22,9 @@ import raydist_loader as rl
 from raydist_loader import connectors
 from raydist_loader.errors import BackendError, RaydistError, VerificationError
 from raydist_loader.load.worker import ShardLoader
-from raydist_loader.store.manifest import Manifest, manifest_key, read_manifest
+from raydist_loader.store.manifest import Manifest
 from raydist_loader.store.plan import expected_digests, make_plan
+from raydist_loader.store.versions import read_manifest, read_manifest_bytes
 from raydist_loader.testing import faulty
 
 from .shards import assert_shards_match, expected_slice, original_tensors
@@ -73,7 +74,7 @@ def loader(url, raw, tp, rank, **kw) -> ShardLoader:
 
 def manifest_raw(url, model="m", **options) -> bytes:
     with rl.open_connector(url, **options) as conn:
-        return conn.read(manifest_key(model))
+        return read_manifest_bytes(conn, model)[1]
 
 
 def assert_rank_matches(original, tensors, metadata):
@@ -321,7 +322,7 @@ def test_every_stored_byte_flip_is_detected_naming_rank_tensor_chunk(backend, tm
     caught = 0
     with rl.open_connector(url) as conn:
         manifest = read_manifest(conn, "m")
-        raw = conn.read(manifest_key("m"))
+        raw = read_manifest_bytes(conn, "m")[1]
         chunks = [(name, c) for name in manifest.tensors for c in manifest.chunks(name) if c.nbytes]
         readers = {(tp, n, c.id): _ranks_reading(manifest, tp, n, c.id) for tp in (1, 2) for n, c in chunks}
         for _ in range(100):

@@ -27,6 +27,8 @@ from raydist_loader.store.ledger import WriteLedger
 from raydist_loader.store.manifest import Manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
+from .shards import single_manifest_layout
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "m"
 
@@ -46,10 +48,12 @@ def published(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture
 def store(published: Path, tmp_path: Path) -> Path:
-    """A private copy of the published store."""
+    """A private copy of the published store, its manifest at <model>/manifest.json to edit in place (the layout
+    before versions: no pointer's sha256 has to follow an edit)."""
     import shutil
 
     shutil.copytree(published, tmp_path / "store")
+    single_manifest_layout(str(tmp_path / "store"), MODEL)
     return tmp_path / "store"
 
 
@@ -115,6 +119,7 @@ def test_a_4_tib_tensor_stored_one_key_per_part_is_one_error_and_a_short_failure
         client.flushdb()
     url = redis_server.url
     rl.publish(checkpoint, url, MODEL, max_tp=2)
+    single_manifest_layout(url, MODEL)
     with open_connector(url) as conn:
         doc = json.loads(conn.read(f"{MODEL}/manifest.json"))
         doc["tensors"]["model.norm.weight"]["shape"] = [2**40]
@@ -472,10 +477,10 @@ def test_a_publish_that_lost_the_race_exits_non_zero_with_one_line(published: Pa
 
     finish = publish_module._finish
 
-    def someone_else_first(conn, manifest, start):
+    def someone_else_first(conn, manifest, start, *rest):
         key = f"{MODEL}/manifest.json"
         conn.write(key, conn.read(key) + b" ")  # another publish's swap lands first
-        return finish(conn, manifest, start)
+        return finish(conn, manifest, start, *rest)
 
     monkeypatch.setattr(publish_module, "_finish", someone_else_first)
     code, err = _cli(capsys, "publish", str(checkpoint), str(store), "--model", MODEL, "--max-tp", "2")
@@ -542,12 +547,14 @@ def fuzz_store(request, published: Path, checkpoint: Path, tmp_path: Path) -> st
         import shutil
 
         shutil.copytree(published, tmp_path / "store")
+        single_manifest_layout(str(tmp_path / "store"), MODEL)
         return str(tmp_path / "store")
     server = request.getfixturevalue("redis_server")
     server.start()
     with server.client() as client:
         client.flushdb()
     rl.publish(checkpoint, server.url, MODEL, max_tp=2, part_bytes=4096)  # big chunks stored in several keys
+    single_manifest_layout(server.url, MODEL)
     return server.url
 
 

@@ -10,7 +10,7 @@ import torch
 
 import raydist_loader as rl
 from raydist_loader.errors import ConfigError, PlacementError, ShardingError, VerificationError
-from raydist_loader.store.manifest import read_manifest
+from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .shards import assert_shards_match, original_tensors

@@ -95,14 +95,14 @@ def test_gc_grace_counts_from_the_swap_and_dead_publishes_go(store_url, llama, m
     assert rl.verify(store_url, "m").ok
 
 
-def test_manifest_records_when_each_version_stopped_being_current(tmp_path, llama):
+def test_the_pointer_records_when_each_version_stopped_being_current(tmp_path, llama):
     url = f"file://{tmp_path}/store"
     first = rl.publish(llama, url, "m", max_tp=2)
     second = rl.publish(llama, url, "m", max_tp=2)
     third = rl.publish(llama, url, "m", max_tp=2)
     raw = json.loads((tmp_path / "store" / "m" / "manifest.json").read_bytes())
     assert raw["version"] == third.version and list(raw["retired"]) == [first.version, second.version]
-    assert raw["retired"][first.version] <= raw["retired"][second.version] == raw["created"]
+    assert raw["retired"][first.version] <= raw["retired"][second.version] == raw["since"]
 
 
 # ------------------------------------------------------------------------------------------ copied models

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from raydist_loader import index, publish
-from raydist_loader.connectors import open_connector
 from raydist_loader.errors import ShardingError
 from raydist_loader.load.transfer import Transfer
 from raydist_loader.load.transfer_gpu import GpuTransfer
@@ -18,7 +17,7 @@ from raydist_loader.store.manifest import Manifest
 from raydist_loader.store.plan import make_plan
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
-from .shards import assert_shards_match, original_tensors
+from .shards import assert_shards_match, original_tensors, stored_manifest
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def llama(tmp_path_factory):
 
 
 def _load(url: str, model: str, tp: int) -> list[ShardLoader]:
-    raw = open_connector(url).read(f"{model}/manifest.json")
+    raw = stored_manifest(url, model)
     loaders = [ShardLoader(url, raw, tp, rank, device="cpu") for rank in range(tp)]
     for w in loaders:
         report = w.load()
@@ -54,7 +53,7 @@ def test_shards_reassemble_every_tensor(llama, model, tp):
 def test_cuts_follow_vllm(llama, tp):
     """q heads split evenly, kv heads as QKVParallelLinear (replicated past 2 ranks), vocab as vLLM pads it."""
     url, original = llama
-    manifest = Manifest.from_json(open_connector(url).read("chunked/manifest.json"))
+    manifest = Manifest.from_json(stored_manifest(url, "chunked"))
     vocab, head_dim, kv_heads = 250, 8, 2
     per = padded_vocab(vocab) // tp
     for rank in range(tp):
@@ -80,7 +79,7 @@ def test_cuts_follow_vllm(llama, tp):
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_chunked_layout_reads_only_kept_bytes(llama, tp):
     url, _ = llama
-    manifest = Manifest.from_json(open_connector(url).read("chunked/manifest.json"))
+    manifest = Manifest.from_json(stored_manifest(url, "chunked"))
     for rank in range(tp):
         plan = make_plan(manifest, tp, rank)
         assert plan.bytes_read == plan.bytes_kept
@@ -91,7 +90,7 @@ def test_inplace_reads_each_span_once(llama):
     """A rank's run of strided chunks shares one span: at tp=1 every byte is read exactly once; below, a rank reads
     its row-parallel tensors' rows whole (the gaps are small) and everything else exactly."""
     url, _ = llama
-    manifest = Manifest.from_json(open_connector(url).read("inplace/manifest.json"))
+    manifest = Manifest.from_json(stored_manifest(url, "inplace"))
     assert make_plan(manifest, 1, 0).bytes_read == make_plan(manifest, 1, 0).bytes_kept == manifest.total_bytes
     for rank in range(2):
         plan = make_plan(manifest, 2, rank)
@@ -111,7 +110,7 @@ def test_inplace_rowwise_reads_are_coalesced_and_reported(llama):
 
 def test_unserved_tp_lists_the_served_ones(llama):
     url, _ = llama
-    manifest = Manifest.from_json(open_connector(url).read("chunked/manifest.json"))
+    manifest = Manifest.from_json(stored_manifest(url, "chunked"))
     with pytest.raises(ShardingError, match=r"tp=3.*serves tp in \[1, 2, 4, 8\].*--max-tp"):
         make_plan(manifest, 3, 0)
     with pytest.raises(ValueError, match="outside tp=2"):
@@ -136,7 +135,7 @@ def test_gpu_copy_groups_never_cover_bytes_outside_them(llama, tp):
     """The GPU path sends each group with one H2D copy: runs must be truly adjacent in the arena, column-block
     groups must hold all of a tensor's blocks, and a re-pull of some chunks must not drag others along."""
     url, _ = llama
-    raw = open_connector(url).read("chunked/manifest.json")
+    raw = stored_manifest(url, "chunked")
     loader = ShardLoader(url, raw, tp, 0, device="cpu")
     loader.prepare()
     # the GPU path's grouping, on a CPU arena (grouping never touches CUDA)
@@ -182,7 +181,7 @@ def test_gpu_staging_buffers_stay_within_a_part(llama, monkeypatch):
     column-block tensors are assembled only when they fit, bigger chunks are read in parts."""
     monkeypatch.setattr(Transfer, "part_bytes", 1024)
     url, _ = llama
-    raw = open_connector(url).read("chunked/manifest.json")
+    raw = stored_manifest(url, "chunked")
     loader = ShardLoader(url, raw, 1, 0, device="cpu")
     loader.prepare()
     w = GpuTransfer(loader.plan, torch.device("cpu"), loader.connector, loader.retry_policy, 0, loader._hasher)

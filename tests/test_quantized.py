@@ -16,7 +16,7 @@ from raydist_loader.connectors import open_connector
 from raydist_loader.errors import ShardingError
 from raydist_loader.testing.quantized import make_tiny_quantized_checkpoint
 
-from .shards import original_tensors
+from .shards import original_tensors, stored_manifest
 
 BLOCK = 16
 # name -> (model_type, make_tiny_quantized_checkpoint options, max_tp it publishes at, the tps it serves)
@@ -151,7 +151,7 @@ def test_block_scales_cut_in_whole_blocks_are_recorded_with_their_weight(stores)
     assert (scale["global_shape"], scale["shape"], scale["segments"]) == ([12, 2], [3, 2], {"all": [9, 12]})
     down = shard.metadata["model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"]
     assert (down["dim"], down["global_shape"], down["segments"]) == (1, [4, 4], {"all": [3, 4]})
-    manifest = json.loads(open_connector(url).read("deepseek-fp8-chunked/manifest.json"))
+    manifest = json.loads(stored_manifest(url, "deepseek-fp8-chunked"))
     rule = manifest["tensor_rules"][manifest["tensors"][f"{q_b}_scale_inv"]["rule"]]
     assert rule["block_scale"] == BLOCK and rule["segments"][0] == {
         "name": "all", "size": 192, "heads": "q", "unit": 24, "block": BLOCK}

@@ -15,7 +15,7 @@ import torch
 
 import raydist_loader as rl
 from raydist_loader.errors import BackendError, ConfigError
-from raydist_loader.store.manifest import read_manifest
+from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing import faulty
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 

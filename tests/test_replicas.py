@@ -19,9 +19,10 @@ from raydist_loader.errors import RaydistError, VerificationError
 from raydist_loader.load import share
 from raydist_loader.load.share import ReplicaShard, stripes
 from raydist_loader.report import LoadReport, check_verified
-from raydist_loader.store.manifest import Manifest, manifest_key
+from raydist_loader.store.manifest import Manifest
 from raydist_loader.store.plan import make_plan
 from raydist_loader.store.summary import human_bytes
+from raydist_loader.store.versions import read_manifest_bytes
 from raydist_loader.testing import faulty
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
@@ -57,13 +58,13 @@ def sent_by(server) -> int:
 def one_copy(url: str, tp: int) -> int:
     """What one replica reads from the store at ``tp`` (every rank's plan), the model once."""
     with rl.open_connector(url) as conn:
-        manifest = Manifest.from_json(conn.read(manifest_key("m")))
+        manifest = Manifest.from_json(read_manifest_bytes(conn, "m")[1])
     return sum(make_plan(manifest, tp, r).bytes_read for r in range(tp))
 
 
 def manifest_bytes(url: str) -> bytes:
     with rl.open_connector(url) as conn:
-        return conn.read(manifest_key("m"))
+        return read_manifest_bytes(conn, "m")[1]
 
 
 def assert_rank_matches(original, tensors, metadata):

@@ -22,10 +22,11 @@ from raydist_loader.connectors.redis import RedisConnector
 from raydist_loader.driver.coordinator import Coordinator, LoadOptions
 from raydist_loader.errors import BackendError, VerificationError
 from raydist_loader.load.worker import ShardLoader
-from raydist_loader.store.manifest import Manifest, manifest_key, read_manifest
+from raydist_loader.store.manifest import Manifest, manifest_key
+from raydist_loader.store.versions import read_manifest, read_manifest_bytes
 from raydist_loader.testing import faulty
 
-from .shards import assert_shards_match, original_tensors
+from .shards import assert_shards_match, original_tensors, single_manifest_layout
 
 PACKAGE = Path(rl.__file__).resolve().parent
 PW = "Tr0ub4dor-s3cret-91d2"
@@ -162,7 +163,7 @@ def test_reprs_never_show_the_password(acl_server):
     server, base = acl_server
     inline = f"redis://loader:{PW}@127.0.0.1:{server.port}/0"
     with RedisConnector(inline) as conn:
-        raw = conn.read(manifest_key("m"))
+        raw = read_manifest_bytes(conn, "m")[1]
         assert PW not in repr(conn) and PW not in conn.describe()
         assert PW not in repr(conn._target) and PW not in repr(conn._endpoint)
     with RedisConnector(base, password=PW) as conn:
@@ -322,7 +323,7 @@ def test_a_pinned_manifest_sha256_refuses_a_swapped_or_rewritten_store(tmp_path,
 
     # or rewrites one chunk and patches its digests in the manifest to match
     with rl.open_connector(url) as conn:
-        raw = conn.read(manifest_key("m"))
+        raw = read_manifest_bytes(conn, "m")[1]
         doc = json.loads(raw)
         name = "model.layers.0.self_attn.q_proj.weight"
         chunk = Manifest.from_json(raw).chunks(name)[0]
@@ -345,6 +346,7 @@ def test_a_load_checks_blake3_where_the_manifest_records_it(tmp_path, ckpts):
 
     url = f"file://{tmp_path}/store"
     rl.publish(ckpts[0], url, "m", max_tp=2, digests=("xxh3_128", "blake3"))
+    single_manifest_layout(url, "m")  # the manifest edited in place at <model>/manifest.json
     path = tmp_path / "store" / "m" / "manifest.json"
     raw = json.loads(path.read_text())
     name = "model.layers.0.mlp.up_proj.weight"

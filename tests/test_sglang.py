@@ -7,8 +7,11 @@ after generating, the engine reloads the checkpoint with ``update_weights_from_d
 and generates again; greedy tokens and top-5 logprobs must be equal, exactly. The RL weight update is checked in
 the same engine: a new version published to the store, ``update_weights_from_disk(DIR, load_format="raydist")``,
 equal to SGLang's own loader on that checkpoint; then a version with a flipped byte: the update fails naming rank,
-tensor and chunk, and the previous weights keep serving. An engine start costs ~15-30 s here, so all engines run
-in one script (tests/sglang_engine.py) at module start, and the tests below assert on its results and log.
+tensor and chunk, and the previous weights keep serving. One version per engine: llama-tp2-redis starts, and
+later updates, while a publish lands with one rank held at its first manifest read (``faulty+...?hold=DIR``);
+every rank stays on one version, its tokens and logprobs SGLang's own loader's for that checkpoint. An engine start
+costs ~15-30 s here, so all engines run in one script (tests/sglang_engine.py) at module start, and the tests below
+assert on its results and log.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pytest
 
 import raydist_loader as rl
 from raydist_loader.connectors import open_connector
-from raydist_loader.store.manifest import read_manifest
+from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .conftest import RedisServer, free_port
@@ -93,19 +96,53 @@ def sglang(tmp_path_factory: pytest.TempPathFactory) -> dict:
         redis.stop()
 
 
+def _race_store(tmp: Path, llama: dict, redis_url: str) -> dict:
+    """llama v1 published as ``llama-race``, loaded through ``faulty+`` with a hold; a model directory whose
+    ``raydist.json`` names it (for updates)."""
+    v1 = rl.publish(llama["ckpts"]["v1"], redis_url, "llama-race", max_tp=MAX_TP).version
+    hold = tmp / "hold"
+    hold.mkdir()
+    url = f"faulty+{redis_url}?hold={hold}"
+    directory = tmp / "llama-race-dir"
+    shutil.copytree(llama["dirs"]["redis"], directory)
+    (directory / "raydist.json").write_text(json.dumps({"url": url, "model": "llama-race"}))
+    return {"url": url, "v1": v1, "hold": str(hold), "dir": str(directory)}
+
+
+def _race(race: dict, ckpt: str, redis_url: str) -> dict:
+    return {"hold": race["hold"], "publish": {"ckpt": ckpt, "url": redis_url, "model": "llama-race", "max_tp": MAX_TP}}
+
+
+def _site_hook(tmp: Path) -> str:
+    """A directory with a ``sitecustomize`` that registers ``faulty+`` in every process SGLang starts."""
+    site = tmp / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "try:\n    from raydist_loader.testing.faulty import FaultyConnector\n    FaultyConnector.register()\n"
+        "except Exception:\n    pass\n"
+    )
+    return str(site)
+
+
 def _run_engines(tmp: Path, redis_url: str) -> dict:
     models = _publish(tmp, redis_url)
     llama = models["llama"]
+    race = _race_store(tmp, llama, redis_url)
     corrupt = tmp / "corrupt-store"
     shutil.copytree(tmp / "store", corrupt)
     flip_one_byte(f"file://{corrupt}", "llama", CORRUPT_TENSOR, CORRUPT_CHUNK)
     runs = [_exact_run(*spec, models[spec[1]]) for spec in EXACT]
+    # llama-tp2-redis starts from the raced store while v2 is published, then updates from it while v3 is
+    runs[0]["engine"]["model_loader_extra_config"] = json.dumps({"url": race["url"], "model": "llama-race"})
+    runs[0]["race"] = _race(race, llama["ckpts"]["v2"], redis_url)
     runs[0]["steps"] += [  # llama-tp2-redis, after its exact check: RL weight updates from the store
         {"label": "no-locator", "update": {"model_path": llama["ckpts"]["v1"], "load_format": "raydist"}},
         {"label": "publish-v2", "publish": {"ckpt": llama["ckpts"]["v2"], "url": redis_url, "model": "llama",
                                             "max_tp": MAX_TP}},
         {"label": "v2", "update": {"model_path": llama["dirs"]["redis"], "load_format": "raydist"}},
         {"label": "v2-sglang", "update": {"model_path": llama["ckpts"]["v2"], "load_format": "auto"}},
+        {"label": "race-update", "update": {"model_path": race["dir"], "load_format": "raydist"},
+         "race": _race(race, llama["ckpts"]["v3"], redis_url)},
         {"label": "v2-again", "update": {"model_path": llama["dirs"]["redis"], "load_format": "raydist"}},
         {"label": "publish-v3", "publish": {"ckpt": llama["ckpts"]["v3"], "url": redis_url, "model": "llama",
                                             "max_tp": MAX_TP},
@@ -121,7 +158,7 @@ def _run_engines(tmp: Path, redis_url: str) -> dict:
                               "model_loader_extra_config": json.dumps({"url": f"file://{corrupt}", "model": "llama"})}}
     corrupt_results, corrupt_log = _engines(tmp, "corrupt", [corrupt_run], must_exit_cleanly=False)
     return {"results": results, "log": log, "corrupt": corrupt_results.get("llama-tp2-corrupt"),
-            "corrupt_log": corrupt_log, "models": models}
+            "corrupt_log": corrupt_log, "models": models, "race": race}
 
 
 def _engines(tmp: Path, tag: str, runs: list[dict], must_exit_cleanly: bool = True) -> tuple[dict, str]:
@@ -129,7 +166,7 @@ def _engines(tmp: Path, tag: str, runs: list[dict], must_exit_cleanly: bool = Tr
     spec, out, log = tmp / f"{tag}.json", tmp / f"{tag}-out.json", tmp / f"{tag}.log"
     spec.write_text(json.dumps({"runs": runs}))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SGLANG_USE_CPU_ENGINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), _site_hook(tmp), os.environ.get("PYTHONPATH")]))}
     with open(log, "wb") as f:
         proc = subprocess.run([str(SGLANG_PY), str(ROOT / "tests" / "sglang_engine.py"), str(spec), str(out)],
                               stdout=f, stderr=subprocess.STDOUT, env=env, timeout=900, check=False, cwd=tmp)
@@ -226,3 +263,35 @@ def test_registration_is_idempotent_and_unmodelled_parallel_settings_are_refused
     assert "data-parallel attention) = 2" in dp_attention and "attention tensor-parallel size 1 != tp_size 2" in (
         dp_attention
     )
+
+
+def _rank_versions(log: str, model: str) -> list[tuple[str, str]]:
+    """(rank, version) of every per-rank log line of ``model``."""
+    return [(line.split("raydist: rank ")[1].split(":")[0], line.split(f": {model} version ")[1].split()[0])
+            for line in log.splitlines() if "raydist: rank " in line and f": {model} version " in line]
+
+
+@pytest.mark.slow
+def test_a_publish_racing_the_engine_start_leaves_every_rank_on_one_version(sglang):
+    """Rank 1 is held at its first manifest read until v2 is published: both ranks still load v1 (before, each
+    rank read the current manifest on its own: rank 1 got v2), SGLang reports v1 as its weight_version, and the
+    tokens and logprobs are SGLang's own loader's on the v1 checkpoint."""
+    result, v1 = _ok(sglang, "llama-tp2-redis"), sglang["race"]["v1"]
+    race = result["races"]["start"]
+    assert race["error"] is None and race["held"] and race["published"] not in (None, v1)
+    assert _rank_versions(sglang["log"], "llama-race")[:2] in ([("0/2", v1), ("1/2", v1)], [("1/2", v1), ("0/2", v1)])
+    assert result["weight_versions"] == [v1] * len(PROMPTS)
+    assert _generated(result["outputs"]) == _generated(result["steps"]["sglang"]["outputs"])
+
+
+@pytest.mark.slow
+def test_a_publish_racing_an_update_leaves_every_rank_on_one_version(sglang):
+    """update_weights_from_disk(DIR, "raydist") with v3 published while rank 1 is held: both ranks update to v2
+    (current when the update began), exactly SGLang's own loader on the v2 checkpoint."""
+    result = _ok(sglang, "llama-tp2-redis")
+    race, v2 = result["races"]["race-update"], result["races"]["start"]["published"]
+    assert race["error"] is None and race["held"] and race["published"] not in (None, v2)
+    step = result["steps"]["race-update"]
+    assert step["ok"], step["message"]
+    assert sorted(_rank_versions(sglang["log"], "llama-race")[2:]) == [("0/2", v2), ("1/2", v2)]
+    assert _generated(step["outputs"]) == _generated(result["steps"]["v2-sglang"]["outputs"])

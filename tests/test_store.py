@@ -13,8 +13,11 @@ from raydist_loader import connectors
 from raydist_loader.connectors import Connector, open_connector, register_connector
 from raydist_loader.connectors.file import FileConnector
 from raydist_loader.errors import BackendError, ConfigError, ManifestError, NotFoundError, ShardingError
-from raydist_loader.store.manifest import Manifest, read_manifest
+from raydist_loader.store.manifest import Manifest
+from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
+
+from .shards import single_manifest_layout
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,9 @@ def test_index_in_place_leaves_the_checkpoint_untouched(store_url, checkpoints):
     assert result.layout == "inplace"
     assert rl.verify(store_url, "hf").ok
     with open_connector(store_url) as conn:
-        assert {k: conn.read(k) for k in conn.list("hf/") if k != "hf/manifest.json"} == before
+        after = {k: conn.read(k) for k in conn.list("hf/")
+                 if k != "hf/manifest.json" and k != f"hf/{result.version}/manifest.json"}
+        assert after == before
     weights = next(k for k in before if k.endswith(".safetensors"))
     _flip_byte(store_url, weights, len(before[weights]) - 1)
     failures = rl.verify(store_url, "hf").failures
@@ -108,6 +113,7 @@ def test_pull_files_writes_config_and_tokenizer_byte_for_byte(tmp_path, checkpoi
 def test_pull_files_refuses_names_outside_dest(tmp_path, checkpoints, name):
     url = f"file://{tmp_path}/store"
     rl.publish(checkpoints["llama"], url, "m", max_tp=2)
+    single_manifest_layout(url, "m")  # the manifest edited in place at <model>/manifest.json
     raw = json.loads((tmp_path / "store" / "m" / "manifest.json").read_bytes())
     raw["files"][name] = raw["files"]["config.json"]
     (tmp_path / "store" / "m" / "manifest.json").write_text(json.dumps(raw))
@@ -194,6 +200,7 @@ def test_checkpoint_without_manifest_says_to_index(tmp_path, checkpoints):
 def test_garbled_manifest_names_the_field(tmp_path, checkpoints, edit, pattern):
     url = f"file://{tmp_path}/store"
     rl.publish(checkpoints["llama"], url, "m", max_tp=2)
+    single_manifest_layout(url, "m")  # the manifest edited in place at <model>/manifest.json
     path = tmp_path / "store" / "m" / "manifest.json"
     raw = json.loads(path.read_bytes())
     edit(raw)

@@ -11,7 +11,10 @@ references are vLLM's own safetensors loader on the same checkpoint at the same 
   for raydist from a file store, from Redis, and for vLLM's safetensors loader: the dicts are equal. With expert
   parallelism (which the CPU build cannot generate with, whatever the loader) this is the check, and each rank's
   bytes are its half of the experts, whole;
-- a parallel setting the hand-off does not model (decode context parallelism) stops vLLM, naming it.
+- a parallel setting the hand-off does not model (decode context parallelism) stops vLLM, naming it;
+- one version per engine: a publish that lands while one rank is held at its first manifest read (tp=2 from
+  Redis, pp=2 from a directory; the engine's start and a reload) leaves every rank on one version, the tokens and
+  logprobs those of that version.
 An engine start costs ~40 s here, so all engines run in one script (tests/vllm_engine.py) at module start, and
 the tests below assert on its results and log.
 """
@@ -29,8 +32,8 @@ import pytest
 import raydist_loader as rl
 from raydist_loader.connectors import open_connector
 from raydist_loader.store.experts import expert_of
-from raydist_loader.store.manifest import read_manifest
 from raydist_loader.store.plan import make_plan
+from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .shards import corrupt_copy, rerandomise
@@ -56,6 +59,7 @@ ENGINE = {"enforce_eager": True, "dtype": "float32", "skip_tokenizer_init": True
 TP2 = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # two workers on two cores, one NUMA node
 CORRUPT_TENSOR, CORRUPT_CHUNK = "model.layers.1.mlp.down_proj.weight", "all.3"  # rowwise: rank 1 of tp=2 reads it
 DROPPED = "model.layers.1.post_attention_layernorm.weight"
+RACED = {"llama-tp2-redis": "race", "llama-pp2-file": "race-pp"}  # run -> its store of a raced model
 DENSE = ["llama-tp2-redis", "phi3-tp2-file-inplace", "gemma-tp2-redis", "gpt2-tp2-redis", "llama-tp1-file"]
 EP_RUNS = ["mixtral-ep-tp2-file", "qwen2_moe-ep-tp2-file"]
 
@@ -101,6 +105,34 @@ def _publish_without(tmp: Path, m: dict, dropped: str) -> dict:
     return {"url": url, "model": "llama-incomplete"}
 
 
+def _race_store(tmp: Path, m: dict, url: str, model: str) -> dict:
+    """``m``'s checkpoint published as ``model`` at ``url``; its loader options go through ``faulty+`` with a hold
+    (:mod:`raydist_loader.testing.hold`) so that a rank can be held at its first manifest read. Returns the options,
+    the version published (``v1``), the plain URL and the hold directory."""
+    v1 = rl.publish(m["ckpt"], url, model, max_tp=MAX_TP).version
+    hold = tmp / f"hold-{model}"
+    hold.mkdir()
+    return {"url": f"faulty+{url}?hold={hold}", "model": model, "v1": v1, "plain": url, "hold": str(hold)}
+
+
+def _race(store: dict, ckpt: str) -> dict:
+    """A harness race: publish ``ckpt`` as the next version of the store's model while a rank is held."""
+    return {"hold": store["hold"], "publish": {"ckpt": ckpt, "url": store["plain"], "model": store["model"],
+                                               "max_tp": MAX_TP}}
+
+
+def _site_packages_hook(tmp: Path) -> str:
+    """A directory with a ``sitecustomize`` that registers ``faulty+`` in every process of the engine (vLLM spawns
+    its workers; they inherit ``PYTHONPATH``)."""
+    site = tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "try:\n    from raydist_loader.testing.faulty import FaultyConnector\n    FaultyConnector.register()\n"
+        "except Exception:\n    pass\n"
+    )
+    return str(site)
+
+
 def _raydist_run(name: str, m: dict, store: str, tp: int, pp: int = 1, *, generate: bool = True,
                  reloads: bool = True, **llm) -> dict:
     """An engine started with load_format="raydist" from ``store`` (``llm``: more of vLLM's settings): tokens,
@@ -139,8 +171,18 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     corrupt = corrupt_copy(tmp, llama["stores"]["file"]["url"], "llama", CORRUPT_TENSOR, CORRUPT_CHUNK)
     bad_extra = {**llama["stores"]["file"], "revision": "main"}
     incomplete = _publish_without(tmp, llama, DROPPED)
+    races = {"race": _race_store(tmp, llama, redis_server.url, "llama-race"),
+             "race-pp": _race_store(tmp, llama, llama["stores"]["file"]["url"], "llama-race-pp")}
+    raced = {**llama, "stores": {**llama["stores"], **{k: {"url": s["url"], "model": s["model"]}
+                                                       for k, s in races.items()}}}
+    tp2_race = _raydist_run("llama-tp2-redis", raced, "race", 2)
+    # the start races a publish of "other" (v2); the last reload races a publish of the checkpoint again (v3)
+    tp2_race["race"] = _race(races["race"], llama["other"])
+    tp2_race["reloads"].append({"label": "raydist-race", "model": None, "race": _race(races["race"], llama["ckpt"])})
+    pp2_race = _raydist_run("llama-pp2-file", raced, "race-pp", 1, 2, generate=False)
+    pp2_race["race"] = _race(races["race-pp"], llama["other"])
     runs = [
-        _raydist_run("llama-tp2-redis", llama, "redis", 2),
+        tp2_race,
         _raydist_run("phi3-tp2-file-inplace", models["phi3"], "file", 2),
         _raydist_run("gemma-tp2-redis", models["gemma"], "redis", 2),
         # vLLM's in-place reload does not redo FusedMoE's CPU post-processing exactly: for MoE the reference is an
@@ -150,7 +192,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
          "llm": {"model": models["mixtral"]["ckpt"], "load_format": "safetensors", "tensor_parallel_size": 2,
                  **ENGINE}},
         _raydist_run("gpt2-tp2-redis", models["gpt2"], "redis", 2),
-        _raydist_run("llama-pp2-file", llama, "file", 1, 2, generate=False),
+        pp2_race,
         # expert parallelism: vLLM's CPU build crashes in generate with EP whatever the loader: digests only
         _raydist_run("mixtral-ep-tp2-file", models["mixtral"], "file", 2, generate=False, **EP),
         _raydist_run("qwen2_moe-ep-tp2-file", models["qwen2_moe"], "file", 2, generate=False, **EP),
@@ -173,14 +215,15 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     ]
     spec, out, log = tmp / "spec.json", tmp / "out.json", tmp / "engines.log"
     spec.write_text(json.dumps({"runs": runs}))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (_site_packages_hook(tmp), os.environ.get("PYTHONPATH")) if p)}
     with open(log, "wb") as f:
         proc = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_engine.py"), str(spec), str(out)],
                               stdout=f, stderr=subprocess.STDOUT, env=env, timeout=1500, check=False)
     text = log.read_text(errors="replace")
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"tests/vllm_engine.py exited {proc.returncode}; end of its log:\n{text[-6000:]}", pytrace=False)
-    return {"results": json.loads(out.read_text()), "log": text, "models": models}
+    return {"results": json.loads(out.read_text()), "log": text, "models": models, "races": races}
 
 
 def _ok(vllm: dict, name: str) -> dict:
@@ -285,3 +328,27 @@ def test_option_and_completeness_errors_inside_vllm(vllm):
     missing = errors["missing-tensors"]
     assert "1 parameter(s) of 'llama-incomplete' (rank " in missing and f"from the store: {DROPPED};" in missing
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RACED)
+def test_a_publish_racing_the_engine_start_leaves_every_rank_on_one_version(vllm, name):
+    """Rank 1 (or the second stage) is held at its first manifest read until a new version is published: every
+    rank still loads the version the engine resolved first (before, rank 0 got the old one and rank 1 the new)."""
+    result = _ok(vllm, name)
+    race, v1 = result["races"]["start"], vllm["races"][RACED[name]]["v1"]
+    assert race["error"] is None and race["held"], "a rank was held at a manifest read while a version was published"
+    assert race["published"] not in (None, v1)
+    assert [r["version"] for r in result["reports"]] == [v1, v1]
+    assert f"{vllm['races'][RACED[name]]['model']} version {v1} (the version of all 2 workers)" in vllm["log"]
+
+
+@pytest.mark.slow
+def test_a_publish_racing_a_reload_leaves_every_rank_on_one_version(vllm):
+    """vLLM's reload_weights with a publish landing while one rank is held: both ranks reload the version current
+    when the reload began (v2, the "other" checkpoint), the outputs exactly those of that checkpoint."""
+    result = _ok(vllm, "llama-tp2-redis")
+    race, v2 = result["races"]["raydist-race"], result["races"]["start"]["published"]
+    assert race["error"] is None and race["held"] and race["published"] not in (None, v2)
+    assert [r["version"] for r in result["reload_reports"]["raydist-race"]] == [v2, v2]
+    assert result["reloads"]["raydist-race"] == result["reloads"]["other"]

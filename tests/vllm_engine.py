@@ -15,9 +15,14 @@ prompts again; ``reports``: collect every worker's
 ``model.raydist_report``; ``timed`` (entries as ``digests``) and ``rounds``: that many rounds, in alternating order,
 of a fresh load per entry, timing ``load_weights`` (benchmarks); ``memory``: then one more load per entry, untimed,
 into a model whose parameters were written first, recording how much host memory the loader itself took at most
-(``peak_hwm``, ``peak_anon``: the worker that grew most). A run whose engine fails to start records the
-error instead (the log has the root cause).
-OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "load_s", "error"}}``.
+(``peak_hwm``, ``peak_anon``: the worker that grew most). ``race`` (a run's, or a reload's): ``{"hold", "publish":
+{"ckpt", "url", "model", "max_tp"}}``: while the engine starts (or reloads), a thread waits until a rank is held at
+its first manifest read (``faulty+...?hold=DIR``, :mod:`raydist_loader.testing.hold`), publishes that checkpoint as
+a new version, then releases the rank (a publish landing between two ranks' reads, deterministically); a raced
+reload also records every worker's report after it (``reload_reports``). A run whose engine fails to start records
+the error instead (the log has the root cause).
+OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "reload_reports", "races", "load_s",
+"error"}}``.
 vLLM spawns processes, so the body is guarded by ``if __name__ == "__main__"``.
 """
 
@@ -29,6 +34,8 @@ import os
 import sys
 import time
 import traceback
+
+from raydist_loader.testing.hold import PublishWhenHeld
 
 
 class HostPeak:
@@ -169,10 +176,14 @@ def exercise(llm, spec: dict, result: dict) -> None:
     if spec.get("reports"):
         result["reports"] = llm.collective_rpc(raydist_report)
     for r in spec.get("reloads", []):
+        race = PublishWhenHeld(r["race"]) if r.get("race") else None
         if r.get("model"):
             llm.collective_rpc(reload_safetensors, args=(r["model"],))
         else:  # the engine's own load format (raydist: its get_all_weights)
             llm.collective_rpc("reload_weights")
+        if race is not None:
+            result["races"][r["label"]] = race.done()
+            result["reload_reports"][r["label"]] = llm.collective_rpc(raydist_report)
         result["reloads"][r["label"]] = generate(llm, spec["prompts"])
     for n in range(spec.get("rounds", 0)):  # interleaved; the slowest worker's time (the TP group waits for it)
         for i, d in enumerate(spec["timed"][:: 1 if n % 2 == 0 else -1]):
@@ -195,13 +206,17 @@ def run(spec: dict) -> dict:
     from vllm import LLM
 
     result: dict = {"outputs": None, "reloads": {}, "digests": {}, "digests_failing": {}, "reports": None,
-                    "load_s": {}, "error": None}
+                    "reload_reports": {}, "races": {}, "load_s": {}, "error": None}
     os.environ.update(spec.get("env", {}))
+    race = PublishWhenHeld(spec["race"]) if spec.get("race") else None
     try:
         llm = LLM(**spec["llm"])
     except Exception as e:  # noqa: BLE001 - the test asserts on it (and on the log)
         result["error"] = f"{type(e).__name__}: {e}"
         return result
+    finally:
+        if race is not None:
+            result["races"]["start"] = race.done()
     try:
         exercise(llm, spec, result)
     except Exception:  # noqa: BLE001

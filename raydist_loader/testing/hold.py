@@ -12,6 +12,7 @@ polls a file, and gives up (raising) after ``timeout_s``.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -63,3 +64,37 @@ def new_round(directory: str | Path) -> None:
     """Empty ``directory``: the next manifest read takes the ticket again, the others are held again."""
     for p in Path(directory).iterdir():
         p.unlink()
+
+
+class PublishWhenHeld:
+    """A race, in a thread of the test (or of an engine test's harness): ``race = {"hold": DIR, "publish": {"ckpt",
+    "url", "model", "max_tp"}}``: start a new round of DIR, wait until some process is held there, publish the
+    checkpoint (a new version), then release the held process. :meth:`done` joins and says what happened."""
+
+    def __init__(self, race: dict, timeout_s: float = 300.0):
+        self.race, self.timeout_s = race, timeout_s
+        self.out: dict = {"held": [], "published": None, "error": None}
+        new_round(race["hold"])
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from .. import publish
+
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while not held(self.race["hold"]):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no process was held at a manifest read")
+                time.sleep(0.01)
+            self.out["held"] = held(self.race["hold"])
+            p = self.race["publish"]
+            self.out["published"] = publish(p["ckpt"], p["url"], p["model"], max_tp=p["max_tp"]).version
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.out["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            release(self.race["hold"])
+
+    def done(self) -> dict:
+        self.thread.join(timeout=self.timeout_s + 30)
+        return self.out
