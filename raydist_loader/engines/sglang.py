@@ -187,9 +187,9 @@ class RaydistModelLoader(DefaultModelLoader):
 
 def _world() -> RankGroup:
     """SGLang's world group (its CPU group): every rank of this engine."""
-    from sglang.srt.distributed import get_world_group
+    from sglang.srt.runtime_context import get_parallel
 
-    return TorchGroup.of(get_world_group())
+    return TorchGroup.of(get_parallel().world_group)
 
 
 def _serve_as(version: str) -> None:
