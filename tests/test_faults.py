@@ -581,3 +581,33 @@ def test_ray_corruption_in_transit_is_healed_by_the_coordinators_re_pull(ray_fau
         assert report.verified and all(r.repulled > 0 for r in report.ranks)
         assert all(not r.failures and r.digest == r.expected_digest for r in report.ranks)
         assert_shards_match(originals[0], [(loaded.state_dict(r), loaded.metadata(r)) for r in range(2)])
+
+
+@pytest.mark.ray
+def test_ray_a_publish_racing_a_load_with_replicas_leaves_every_rank_on_one_version(ray_faults, redis_server, ckpts,
+                                                                                     originals, tmp_path):
+    """The Ray path reads the manifest once, in the driver: with the first chunk read of all actors but one held
+    until a new version is published, every rank of both replicas still loads the version the driver read, and the
+    load holds a lease on it (gc keeps it though it is no longer current) until shutdown."""
+    from raydist_loader.testing.hold import PublishWhenHeld
+
+    url = fresh_redis(redis_server)
+    v1 = rl.publish(ckpts[0], url, "m", max_tp=2).version
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    race = PublishWhenHeld({"hold": str(hold), "publish": {"ckpt": str(ckpts[1]), "url": url, "model": "m",
+                                                           "max_tp": 2}})
+    with rl.load_across_cluster("m", with_query(url, hold=hold, hold_key="::"), tp=2, replicas=2,
+                                progress=False, num_cpus_per_actor=0.1) as loaded:
+        raced = race.done()
+        assert raced["error"] is None and raced["held"] and raced["published"] not in (None, v1)
+        assert loaded.version == v1 and {r.version for r in loaded.report.ranks} == {v1}
+        assert len(loaded.report.ranks) == 4 and loaded.report.verified
+        for i in range(2):
+            replica = loaded.replica(i)
+            assert_shards_match(originals[0], [(replica.state_dict(r), replica.metadata(r)) for r in range(2)])
+        (old,) = [v for v in rl.versions(url, "m") if v["version"] == v1]
+        assert not old["current"] and [x["holder"] for x in old["leases"]] == ["ray load tp=2 replicas=2"]
+        assert rl.gc(url, "m", grace_s=0)["deleted"] == [], "a version a load holds is never deleted"
+    assert [v["leases"] for v in rl.versions(url, "m") if v["version"] == v1] == [[]], "released at shutdown"
+    assert rl.gc(url, "m", grace_s=0)["deleted"] == [f"m/{v1}/"]

@@ -20,6 +20,7 @@ instance. Parameters (all optional; the others go to the wrapped URL untouched):
     full_after=W      the store fills up after W writes: every later write raises ``OSError`` ENOSPC
     hold=DIR          hold every process but the first at its first read of a ``manifest.json`` until DIR/release
                       exists (:mod:`.hold`: deterministic races between an engine's ranks)
+    hold_key=SUB      with ``hold``: hold at the first read of a key containing SUB instead
 
 Example: ``faulty+redis://127.0.0.1:6379/0?fail=2&fail_error=loading&delay_ms=20``.
 
@@ -55,7 +56,7 @@ ERROR_KINDS = ("reset", "timeout", "refused", "loading", "slowdown", "auth", "mi
 _INT_PARAMS = (
     "fail", "fail_after", "corrupt_times", "seed", "request_bytes", "concurrency", "manifest", "full_after"
 )
-_STR_PARAMS = ("fail_error", "fail_key", "corrupt", "hold")
+_STR_PARAMS = ("fail_error", "fail_key", "corrupt", "hold", "hold_key")
 _FLOAT_PARAMS = ("delay_ms",)
 _PARAMS = frozenset(_INT_PARAMS + _STR_PARAMS + _FLOAT_PARAMS)
 
@@ -95,7 +96,7 @@ class FaultPlan:
             raise ConfigError(f"fail_error={self.fail_error!r} is not one of {', '.join(ERROR_KINDS)}")
         self.fail_key = params.get("fail_key") or ""
         self.corrupt = params.get("corrupt") or None
-        self.hold = ManifestHold(params["hold"]) if params.get("hold") else None
+        self.hold = ManifestHold(params["hold"], params.get("hold_key")) if params.get("hold") else None
 
 
 class FaultyConnector(Connector):
@@ -134,6 +135,8 @@ class FaultyConnector(Connector):
     def readinto_many(self, requests: Sequence[ReadRequest]) -> None:
         if not requests:
             return
+        if self.plan.hold is not None:
+            self.plan.hold.before_read(requests[0].key)
         targeted = self._before(requests)
         self.inner.readinto_many(requests)
         if targeted:

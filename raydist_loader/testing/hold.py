@@ -1,9 +1,9 @@
 """Aside (testing): a cross-process hold on manifest reads, for deterministic races between the ranks of an engine.
 
-``faulty+<scheme>://...?hold=DIR`` (see :mod:`.faulty`) routes every whole-object read of a key ending in
-``manifest.json`` (the current pointer and the versions' manifests) through :class:`ManifestHold`: the first process
-that reads one takes the ticket (``DIR/ticket``, created exclusively) and is never held; every other process is held
-at its first such read: it writes ``DIR/held-<pid>`` and waits until ``DIR/release`` exists. A test waits for a
+``faulty+<scheme>://...?hold=DIR`` (see :mod:`.faulty`) routes every read of a key ending in ``manifest.json``
+(the current pointer and the versions' manifests; ``hold_key=SUB``: of a key containing SUB instead, e.g. the
+chunks a Ray actor reads) through :class:`ManifestHold`: the first process that reads one takes the ticket
+(``DIR/ticket``, created exclusively) and is never held; every other process is held at its first such read: it writes ``DIR/held-<pid>`` and waits until ``DIR/release`` exists. A test waits for a
 ``held-*`` file, publishes a new version, then creates ``release``: the held rank then reads the store as it is
 after that publish. Emptying DIR starts a new round (an engine's reload). No sleeps in the test: the held process
 polls a file, and gives up (raising) after ``timeout_s``.
@@ -24,11 +24,12 @@ TICKET, RELEASE, HELD = "ticket", "release", "held-"
 class ManifestHold:
     """The hold of one directory (see the module)."""
 
-    def __init__(self, directory: str, timeout_s: float = 300.0):
-        self.dir, self.timeout_s = Path(directory), timeout_s
+    def __init__(self, directory: str, key: str | None = None, timeout_s: float = 300.0):
+        self.dir, self.key, self.timeout_s = Path(directory), key, timeout_s
 
     def before_read(self, key: str) -> None:
-        if not key.endswith("manifest.json") or not self.dir.is_dir():
+        matches = key.endswith("manifest.json") if self.key is None else self.key in key
+        if not matches or not self.dir.is_dir():
             return
         pid = str(os.getpid())
         if self._holds_ticket(pid) or (self.dir / f"passed-{pid}").exists():
