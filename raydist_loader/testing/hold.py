@@ -3,7 +3,8 @@
 ``faulty+<scheme>://...?hold=DIR`` (see :mod:`.faulty`) routes every read of a key ending in ``manifest.json``
 (the current pointer and the versions' manifests; ``hold_key=SUB``: of a key containing SUB instead, e.g. the
 chunks a Ray actor reads) through :class:`ManifestHold`: the first process that reads one takes the ticket
-(``DIR/ticket``, created exclusively) and is never held; every other process is held at its first such read: it writes ``DIR/held-<pid>`` and waits until ``DIR/release`` exists. A test waits for a
+(``DIR/ticket``, created exclusively) and is never held; every other process is held at its first such read:
+it writes ``DIR/held-<pid>`` and waits until ``DIR/release`` exists. A test waits for a
 ``held-*`` file, publishes a new version, then creates ``release``: the held rank then reads the store as it is
 after that publish. Emptying DIR starts a new round (an engine's reload). No sleeps in the test: the held process
 polls a file, and gives up (raising) after ``timeout_s``.
