@@ -1,6 +1,7 @@
 """Layer 5 (entry points): raydist_loader: a Ray-distributed, verified loader for tensor-parallel model weights.
 
 Entry points: ``load_across_cluster``, ``load_shard`` (Ray imported on first use), ``publish``, ``index``,
+``publish_state_dict`` (a state dict from memory; ``open_version`` for one version published by several processes),
 ``inspect``, ``inspect_config`` (size a model from its config.json alone), ``verify``, ``pull_files``, ``gc``,
 ``release`` (end a held load's actors from any driver), ``versions`` (every version of a model, current, leased,
 when gc may delete it), ``promote`` (make a version current again: a rollback), ``resolve_version``.
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .store.files import pull_files
 from .store.gc import gc, versions
+from .store.memory import open_version, publish_state_dict
 from .store.publish import index, publish
 from .store.sizing import inspect_config
 from .store.summary import inspect
@@ -42,6 +44,8 @@ __all__ = [
     *_LAZY,
     "publish",
     "index",
+    "publish_state_dict",
+    "open_version",
     "inspect",
     "inspect_config",
     "verify",

@@ -3,13 +3,17 @@ place).
 
 Both apply the sharding rules once, cut every tensor on the chunk grid, hash each chunk, and write the manifest
 last, so a half-written model is never taken for a complete one (a reader sees the old manifest or the new one).
+The chunked pipeline (:func:`publish_cuts`: write, confirm, swap; :func:`write_chunks`, :func:`removed_on_failure`)
+takes its bytes from a :data:`ChunkBytes` function, so a checkpoint's mapped files and tensors in memory
+(:mod:`.memory`) go through the same code.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +57,7 @@ class PublishResult:
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # recorded for pull_files
     skipped: list[SkippedFile] = field(default_factory=list)  # repo entries neither weights nor recorded
+    current: bool = True  # the version is current (False: a part of a version whose other parts are not all in)
 
     @property
     def gbps(self) -> float:
@@ -60,7 +65,7 @@ class PublishResult:
 
 
 @dataclass
-class _Cut:
+class Cut:
     """One tensor as it will be stored: its source entry, its rule and its chunks; then, as publish or index
     hashes the chunks, their digests (and, packed, where each landed), by grid index."""
 
@@ -88,13 +93,26 @@ class _Cut:
             self.at[2 * i : 2 * i + 2] = place
 
 
+#: A chunk's row-major bytes, contiguous (a numpy uint8 array): how the writers read what they publish.
+ChunkBytes = Callable[[Cut, grid.Chunk], np.ndarray]
+
+
+def array_chunks(raw: Mapping[str, np.ndarray]) -> ChunkBytes:
+    """Chunks cut from each tensor's flat bytes (``raw``: name -> uint8 array, e.g. a checkpoint's mapped file)."""
+
+    def chunk(cut: Cut, c: grid.Chunk) -> np.ndarray:
+        return grid.chunk_bytes(raw[cut.entry.name], cut.entry.shape, cut.rule.dim, dtypes.itemsize(cut.entry.dtype), c)
+
+    return chunk
+
+
 # ------------------------------------------------------------------------------------------ shared pieces
-def plan_cuts(entries: Sequence[Entry], config: dict, rules: RuleSet, max_tp: int) -> list[_Cut]:
+def plan_cuts(entries: Sequence[Entry], config: dict, rules: RuleSet, max_tp: int) -> list[Cut]:
     """Every tensor with its rule and chunks at ``max_tp`` (publish, index and config-only sizing share this)."""
     dims = ModelDims.from_config(config)
     resolved = rules.resolve_all({e.name: e.shape for e in entries}, dims)
     grid.check_max_tp(resolved, {e.name: e.shape for e in entries}, max_tp)
-    return [_Cut(e, resolved[e.name], grid.chunks(resolved[e.name], e.shape, max_tp)) for e in entries]
+    return [Cut(e, resolved[e.name], grid.chunks(resolved[e.name], e.shape, max_tp)) for e in entries]
 
 
 def _digests(data, algos: Sequence[str]) -> dict[str, str]:
@@ -105,13 +123,12 @@ def _digests(data, algos: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _cut_bytes(cut: _Cut, raw: np.ndarray) -> Iterator[tuple[grid.Chunk, np.ndarray]]:
-    size = dtypes.itemsize(cut.entry.dtype)
+def _cut_bytes(cut: Cut, chunk_of: ChunkBytes) -> Iterator[tuple[grid.Chunk, np.ndarray]]:
     for c in cut.chunks:
-        yield c, grid.chunk_bytes(raw, cut.entry.shape, cut.rule.dim, size, c)
+        yield c, chunk_of(cut, c)
 
 
-def _tensors(cuts: Sequence[_Cut], sources: dict[str, list[int]] | None = None) -> tuple[list[dict], dict[str, dict]]:
+def _tensors(cuts: Sequence[Cut], sources: dict[str, list[int]] | None = None) -> tuple[list[dict], dict[str, dict]]:
     """The manifest's rule table and tensor records (plain dicts, validated once with the whole manifest)."""
     table: dict[TensorRule, int] = {}
     tensors = {}
@@ -149,6 +166,21 @@ def _finish(conn: Connector, manifest: mf.Manifest, start: bytes | None, out: Wr
         raise ConflictError(f"{e}; its objects under {mf.version_prefix(manifest.model, manifest.version)} stay "
                             "complete: `raydist-loader promote` makes it current, `raydist-loader gc` deletes it "
                             "after its grace") from None
+
+
+@contextmanager
+def removed_on_failure(conn: Connector, model: str, version: str, out: WriteLedger) -> Iterator[None]:
+    """Around a publish's writes: any failure removes what ``out`` wrote and raises one :class:`BackendError`
+    (a lost swap race, :class:`ConflictError`, leaves the complete version for promote or gc)."""
+    try:
+        yield
+    except ConflictError:  # lost the race: its objects stay for gc (a reader may have seen their names)
+        raise
+    except (RaydistError, OSError) as e:
+        raise _failed(conn, model, version, out, e) from None
+    except BaseException:  # Ctrl-C or a bug: still leave nothing behind
+        out.remove()
+        raise
 
 
 def _failed(conn: Connector, model: str, version: str, out: WriteLedger, error: BaseException) -> BackendError:
@@ -252,61 +284,57 @@ def publish(
     """
     started = time.perf_counter()
     mf.check_model_name(model)
-    _check_sizes(max_tp=max_tp, part_bytes=part_bytes, concurrency=concurrency, max_file_bytes=max_file_bytes)
+    check_sizes(max_tp=max_tp, part_bytes=part_bytes, concurrency=concurrency, max_file_bytes=max_file_bytes)
     src = Path(src_dir)
     repo = _read_checkpoint(src, max_file_bytes)
-    config, files = repo.config, repo.files
     entries, raw = _local_entries([src / w for w in repo.weights])
-    ruleset = RuleSet.for_checkpoint(config, rules)
-    cuts = plan_cuts(entries, config, ruleset, max_tp)
-    version = mf.new_version(f"{model}{ruleset.fingerprint()}{max_tp}")
-    prefix = mf.version_prefix(model, version)
+    ruleset = RuleSet.for_checkpoint(repo.config, rules)
+    cuts = plan_cuts(entries, repo.config, ruleset, max_tp)
     with open_connector(url, **(connector_options or {})) as conn:
         start = versions.stored_pointer(conn, model)  # what the swap replaces: a publish landing meanwhile loses
-        warnings = _eviction_check(conn, allow_eviction)
-        out = WriteLedger(conn)
-        try:
-            objects, key_part_bytes = [], None
-            if conn.packs_files:
-                objects = _write_files(out, cuts, raw, prefix, max_tp, digests, part_bytes, concurrency)
-            else:
-                key_part_bytes = _write_objects(out, cuts, raw, prefix, digests, part_bytes, concurrency)
-            file_recs = _file_records(out, files, f"{prefix}files/", digests)
-            manifest = _new_manifest(
-                model, version, "chunked", max_tp, digests, ruleset, config, cuts, file_recs, objects=objects,
-                key_part_bytes=key_part_bytes,
-            )
-            out.confirm()
-            manifest = _finish(conn, manifest, start, out)
-        except ConflictError:  # lost the race: its objects stay for gc (a reader may have seen their names)
-            raise
-        except (RaydistError, OSError) as e:
-            raise _failed(conn, model, version, out, e) from None
-        except BaseException:  # Ctrl-C or a bug: still leave nothing behind
-            out.remove()
-            raise
-        nbytes = manifest.total_bytes
-        n_objects = len(manifest.all_objects())
-        where = conn.describe()
+        return publish_cuts(
+            conn, model, start, cuts, array_chunks(raw), ruleset, repo.config, repo.files, started=started,
+            max_tp=max_tp, digests=digests, part_bytes=part_bytes, concurrency=concurrency,
+            allow_eviction=allow_eviction, skipped=repo.skipped,
+        )
+
+
+def publish_cuts(
+    conn: Connector, model: str, start: bytes | None, cuts: list[Cut], chunk_of: ChunkBytes, ruleset: RuleSet,
+    config: dict, files: dict[str, bytes], *, started: float, max_tp: int, digests: Sequence[str], part_bytes: int,
+    concurrency: int, allow_eviction: bool, skipped: list[SkippedFile] | None = None,
+) -> PublishResult:
+    """The chunked publish of planned ``cuts`` (bytes from ``chunk_of``) with ``config`` and engine ``files`` as a
+    new version of ``model``: write, confirm, then swap the pointer against ``start`` (its bytes when the caller
+    began). A failure removes what was written (:func:`removed_on_failure`)."""
+    version = mf.new_version(f"{model}{ruleset.fingerprint()}{max_tp}")
+    prefix = mf.version_prefix(model, version)
+    warnings = eviction_check(conn, allow_eviction)
+    out = WriteLedger(conn)
+    with removed_on_failure(conn, model, version, out):
+        objects, key_part_bytes = write_chunks(out, cuts, chunk_of, prefix, max_tp, digests, part_bytes, concurrency)
+        file_recs = _file_records(out, files, f"{prefix}files/", digests)
+        manifest = _new_manifest(
+            model, version, "chunked", max_tp, digests, ruleset, config, cuts, file_recs, objects=objects,
+            key_part_bytes=key_part_bytes,
+        )
+        out.confirm()
+        manifest = _finish(conn, manifest, start, out)
     for w in warnings:
         log.warning(w)
+    return result_of(manifest, conn, cuts, started, warnings=warnings, files=sorted(files), skipped=skipped or [])
+
+
+def result_of(manifest: mf.Manifest, conn: Connector, cuts: list[Cut], started: float, **extra) -> PublishResult:
+    """What ``cuts`` were published as ``manifest`` (a part's own manifest when a part of a version)."""
     return PublishResult(
-        model,
-        version,
-        where,
-        "chunked",
-        len(cuts),
-        sum(len(c.chunks) for c in cuts),
-        nbytes,
-        time.perf_counter() - started,
-        n_objects,
-        warnings,
-        sorted(files),
-        repo.skipped,
+        manifest.model, manifest.version, conn.describe(), manifest.layout, len(cuts),
+        sum(len(c.chunks) for c in cuts), manifest.total_bytes, time.perf_counter() - started,
+        len(manifest.all_objects()), **extra,
     )
 
 
-def _eviction_check(conn: Connector, allow: bool) -> list[str]:
+def eviction_check(conn: Connector, allow: bool) -> list[str]:
     """Refuse a store that may evict what publish writes (its warning, when ``allow``)."""
     check = getattr(conn, "check_eviction_policy", None)
     message = check() if check else None
@@ -318,19 +346,32 @@ def _eviction_check(conn: Connector, allow: bool) -> list[str]:
     return [message] if message else []
 
 
-def _groups(cuts: list[_Cut], max_tp: int, part_bytes: int) -> dict[str, list[tuple[_Cut, int]]]:
+def write_chunks(
+    out: WriteLedger, cuts: list[Cut], chunk_of: ChunkBytes, prefix: str, max_tp: int, algos: Sequence[str],
+    part_bytes: int, concurrency: int, tag: str = "",
+) -> tuple[list[str], int | None]:
+    """Write every chunk of ``cuts`` under ``prefix``, hashing each into its cut: packed into safetensors files
+    (file, S3; their names start with ``tag``) or one object per chunk (Redis). Returns the manifest's object table
+    and ``key_part_bytes``."""
+    if out.conn.packs_files:
+        return _write_files(out, cuts, chunk_of, prefix, max_tp, algos, part_bytes, concurrency, tag), None
+    return [], _write_objects(out, cuts, chunk_of, prefix, algos, part_bytes, concurrency)
+
+
+def _groups(cuts: list[Cut], max_tp: int, part_bytes: int, tag: str = "") -> dict[str, list[tuple[Cut, int]]]:
     """File name -> the chunks it holds (tensor, grid index), in tensor order: chunks of the lowest rank slot that
-    reads them, replicated tensors in their own files, each group cut into parts of about ``part_bytes``."""
-    slots: dict[str, list[tuple[_Cut, int]]] = {}
-    names = [f"rank{r:03d}-of-{max_tp:03d}" for r in range(max_tp)]
+    reads them, replicated tensors in their own files, each group cut into parts of about ``part_bytes``; every
+    name starts with ``tag``."""
+    slots: dict[str, list[tuple[Cut, int]]] = {}
+    names = [f"{tag}rank{r:03d}-of-{max_tp:03d}" for r in range(max_tp)]
     for cut in cuts:
         if cut.rule.style == "replicate":
-            slots.setdefault("replicated", []).extend((cut, i) for i in range(len(cut.chunks)))
+            slots.setdefault(f"{tag}replicated", []).extend((cut, i) for i in range(len(cut.chunks)))
             continue
         owner = grid.lowest_slot(cut.rule, cut.entry.shape, max_tp)
         for i, c in enumerate(cut.chunks):
             slots.setdefault(names[owner[c.id]], []).append((cut, i))
-    files: dict[str, list[tuple[_Cut, int]]] = {}
+    files: dict[str, list[tuple[Cut, int]]] = {}
     for slot, members in slots.items():
         part, size = 0, 0
         for cut, i in members:
@@ -342,23 +383,23 @@ def _groups(cuts: list[_Cut], max_tp: int, part_bytes: int) -> dict[str, list[tu
     return files
 
 
-def _chunk_nbytes(cut: _Cut, c: grid.Chunk) -> int:
+def _chunk_nbytes(cut: Cut, c: grid.Chunk) -> int:
     return grid.chunk_nbytes(cut.entry.shape, cut.rule.dim, c.start, c.end, dtypes.itemsize(cut.entry.dtype))
 
 
-def _chunk_name(cut: _Cut, c: grid.Chunk) -> str:
+def _chunk_name(cut: Cut, c: grid.Chunk) -> str:
     return f"{cut.entry.name}::{c.id}"
 
 
-def _write_files(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency) -> list[str]:
+def _write_files(out, cuts, chunk_of, prefix, max_tp, algos, part_bytes, concurrency, tag) -> list[str]:
     """file/S3: chunks packed into safetensors files; records each chunk's digests and place in its cut and
     returns the object table (the files' keys)."""
     for cut in cuts:
         cut.start(algos, packed=True)
-    groups = _groups(cuts, max_tp, part_bytes)
+    groups = _groups(cuts, max_tp, part_bytes, tag)
     keys = [f"{prefix}{fname}" for fname in groups]
 
-    def write_one(obj: int, members: list[tuple[_Cut, int]]) -> None:
+    def write_one(obj: int, members: list[tuple[Cut, int]]) -> None:
         key = keys[obj]
         items = [
             (
@@ -373,9 +414,7 @@ def _write_files(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency)
 
         def blocks():
             for (cut, i), item in zip(members, items, strict=True):
-                data = grid.chunk_bytes(
-                    raw[cut.entry.name], cut.entry.shape, cut.rule.dim, dtypes.itemsize(cut.entry.dtype), cut.chunks[i]
-                )
+                data = chunk_of(cut, cut.chunks[i])
                 cut.hashed(i, data, algos, (obj, offsets[item[0]]))
                 yield memoryview(data)
 
@@ -385,20 +424,20 @@ def _write_files(out, cuts, raw, prefix, max_tp, algos, part_bytes, concurrency)
     return keys
 
 
-def _write_objects(out, cuts, raw, prefix, algos, part_bytes, concurrency) -> int:
+def _write_objects(out, cuts, chunk_of, prefix, algos, part_bytes, concurrency) -> int:
     """Redis-like stores: one object per chunk, ``<tensor>::<chunk id>`` (split into parts ``#0``, ``#1``...
     above the backend's value limit), written in batches of about ``OBJECT_BATCH_BYTES`` of tensors with one
     ``write_many`` each (pipelined on Redis), values sent from the checkpoint's mapped bytes (or a chunk's one
     gathered copy), never copied again; records each chunk's digests in its cut and returns the part size."""
     limit = out.conn.max_object_bytes or part_bytes
 
-    def write_batch(batch: list[_Cut]) -> None:
+    def write_batch(batch: list[Cut]) -> None:
         """Write once about OBJECT_BATCH_BYTES are held (a big tensor cut on dim > 0: its gathered chunk copies are
         sent a few at a time, not all held at once)."""
         items, held = [], 0
         for cut in batch:
             cut.start(algos)
-            for i, (c, data) in enumerate(_cut_bytes(cut, raw[cut.entry.name])):
+            for i, (c, data) in enumerate(_cut_bytes(cut, chunk_of)):
                 key = f"{prefix}{_chunk_name(cut, c)}"
                 view = memoryview(data)
                 spans = [(a, min(a + limit, data.nbytes)) for a in range(0, data.nbytes, limit)] or [(0, 0)]
@@ -435,7 +474,7 @@ def index(
     """
     started = time.perf_counter()
     mf.check_model_name(model)
-    _check_sizes(max_tp=max_tp, max_file_bytes=max_file_bytes)
+    check_sizes(max_tp=max_tp, max_file_bytes=max_file_bytes)
     with open_connector(url, **(connector_options or {})) as conn:
         start = versions.stored_pointer(conn, model)
         repo = select(conn, f"{model}/", f"{conn.describe()}/{model}", max_file_bytes=max_file_bytes)
@@ -475,7 +514,7 @@ def index(
     )
 
 
-def _check_sizes(**values: int) -> None:
+def check_sizes(**values: int) -> None:
     """publish's and index's numeric arguments, each within its range (one error naming it)."""
     high = {"max_tp": MAX_TP, "concurrency": MAX_CONCURRENCY}
     for name, value in values.items():
@@ -486,11 +525,11 @@ def _keyed(entries: list[Entry], key: str) -> list[tuple[Entry, str]]:
     return [(e, key) for e in entries]
 
 
-def _index_tensor(conn: Connector, cut: _Cut, key: str, algos) -> None:
+def _index_tensor(conn: Connector, cut: Cut, key: str, algos) -> None:
     """Read one tensor of the checkpoint and record its chunks' digests in ``cut``."""
     buf = np.empty(cut.entry.nbytes, dtype=np.uint8)
     if cut.entry.nbytes:
         conn.readinto(key, cut.entry.offset, memoryview(buf))
     cut.start(algos)
-    for i, (_, data) in enumerate(_cut_bytes(cut, buf)):
+    for i, (_, data) in enumerate(_cut_bytes(cut, array_chunks({cut.entry.name: buf}))):
         cut.hashed(i, data, algos)
