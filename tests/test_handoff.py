@@ -107,7 +107,15 @@ def test_bad_options_get_one_clear_error(raw, message):
 def test_unknown_key_error_lists_every_known_key():
     with pytest.raises(ConfigError) as e:
         EngineOptions.parse({"url": "u", "model": "m", "typo": 1}, "extra")
-    assert str(e.value).endswith("known keys: " + ", ".join(OPTIONS)) and len(OPTIONS) == 7
+    assert str(e.value).endswith("known keys: " + ", ".join(OPTIONS)) and len(OPTIONS) == 8
+
+
+def test_model_version_is_an_engine_option_checked_as_everywhere_else():
+    pin = "v20261204183000123-1a2b3c4d"
+    assert EngineOptions.parse({"url": "u", "model": "m", "model_version": pin}, "extra").model_version == pin
+    assert EngineOptions.parse({"url": "u", "model": "m"}, "extra").model_version is None
+    with pytest.raises(ConfigError, match=r"extra: model_version: got 'latest'"):
+        EngineOptions.parse({"url": "u", "model": "m", "model_version": "latest"}, "extra")
 
 
 def test_secrets_only_by_variable_name(monkeypatch):

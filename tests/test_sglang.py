@@ -106,7 +106,9 @@ def _race_store(tmp: Path, llama: dict, redis_url: str) -> dict:
     directory = tmp / "llama-race-dir"
     shutil.copytree(llama["dirs"]["redis"], directory)
     (directory / "raydist.json").write_text(json.dumps({"url": url, "model": "llama-race"}))
-    return {"url": url, "v1": v1, "hold": str(hold), "dir": str(directory)}
+    pinned = tmp / "llama-race-v1-dir"  # pulled as a user pins a directory: raydist.json names the store and v1
+    rl.pull_files(redis_url, "llama-race", pinned, model_version=v1)
+    return {"url": url, "v1": v1, "hold": str(hold), "dir": str(directory), "pinned_dir": str(pinned)}
 
 
 def _race(race: dict, ckpt: str, redis_url: str) -> dict:
@@ -143,6 +145,7 @@ def _run_engines(tmp: Path, redis_url: str) -> dict:
         {"label": "v2-sglang", "update": {"model_path": llama["ckpts"]["v2"], "load_format": "auto"}},
         {"label": "race-update", "update": {"model_path": race["dir"], "load_format": "raydist"},
          "race": _race(race, llama["ckpts"]["v3"], redis_url)},
+        {"label": "pinned-update", "update": {"model_path": race["pinned_dir"], "load_format": "raydist"}},
         {"label": "v2-again", "update": {"model_path": llama["dirs"]["redis"], "load_format": "raydist"}},
         {"label": "publish-v3", "publish": {"ckpt": llama["ckpts"]["v3"], "url": redis_url, "model": "llama",
                                             "max_tp": MAX_TP},
@@ -293,5 +296,16 @@ def test_a_publish_racing_an_update_leaves_every_rank_on_one_version(sglang):
     assert race["error"] is None and race["held"] and race["published"] not in (None, v2)
     step = result["steps"]["race-update"]
     assert step["ok"], step["message"]
-    assert sorted(_rank_versions(sglang["log"], "llama-race")[2:]) == [("0/2", v2), ("1/2", v2)]
+    assert sorted(_rank_versions(sglang["log"], "llama-race")[2:4]) == [("0/2", v2), ("1/2", v2)]
     assert _generated(step["outputs"]) == _generated(result["steps"]["v2-sglang"]["outputs"])
+
+
+@pytest.mark.slow
+def test_an_update_from_a_directory_pinning_a_version_loads_that_version(sglang):
+    """update_weights_from_disk(DIR, "raydist") with DIR pulled with ``--model-version v1`` while v3 is current:
+    every rank loads v1, exactly SGLang's own loader on the v1 checkpoint."""
+    result, v1 = _ok(sglang, "llama-tp2-redis"), sglang["race"]["v1"]
+    step = result["steps"]["pinned-update"]
+    assert step["ok"], step["message"]
+    assert sorted(_rank_versions(sglang["log"], "llama-race")[4:6]) == [("0/2", v1), ("1/2", v1)]
+    assert _generated(step["outputs"]) == _generated(result["steps"]["sglang"]["outputs"])

@@ -179,6 +179,12 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     # the start races a publish of "other" (v2); the last reload races a publish of the checkpoint again (v3)
     tp2_race["race"] = _race(races["race"], llama["other"])
     tp2_race["reloads"].append({"label": "raydist-race", "model": None, "race": _race(races["race"], llama["ckpt"])})
+    # pins: a fresh load with model_version v1 while v2 is current, and a reload from a directory pinning v1
+    pinned = {"url": races["race"]["plain"], "model": "llama-race", "model_version": races["race"]["v1"]}
+    tp2_race["digests"].append({"label": "raydist-pinned", "load_format": "raydist", "extra": pinned})
+    pinned_dir = tmp / "llama-race-v1"
+    rl.pull_files(pinned["url"], "llama-race", pinned_dir, model_version=pinned["model_version"])
+    tp2_race["reloads"].append({"label": "raydist-pinned", "weights_path": str(pinned_dir)})
     pp2_race = _raydist_run("llama-pp2-file", raced, "race-pp", 1, 2, generate=False)
     pp2_race["race"] = _race(races["race-pp"], llama["other"])
     runs = [
@@ -352,3 +358,13 @@ def test_a_publish_racing_a_reload_leaves_every_rank_on_one_version(vllm):
     assert race["error"] is None and race["held"] and race["published"] not in (None, v2)
     assert [r["version"] for r in result["reload_reports"]["raydist-race"]] == [v2, v2]
     assert result["reloads"]["raydist-race"] == result["reloads"]["other"]
+
+
+@pytest.mark.slow
+def test_model_version_pins_a_load_and_a_reload_inside_vllm(vllm):
+    """``model_version`` in the options loads v1 while v2 is current (every parameter equals vLLM's safetensors
+    loader on the v1 checkpoint); ``reload_weights(weights_path=DIR)`` with a DIR pulled with ``--model-version
+    v1`` updates the serving engine to v1, exactly."""
+    result = _ok(vllm, "llama-tp2-redis")
+    assert result["digests"]["raydist-pinned"] == result["digests"]["safetensors"]
+    assert result["reloads"]["raydist-pinned"] == result["reloads"]["safetensors"] != result["reloads"]["other"]

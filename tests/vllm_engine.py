@@ -2,25 +2,25 @@
 
     .venv-vllm/bin/python tests/vllm_engine.py SPEC.json OUT.json
 
-SPEC: ``{"runs": [RUN, ...]}``, run one after another in this process (one engine each). A RUN:
-``name``; ``env`` (set before the engine starts: its processes inherit it); ``llm`` (keyword arguments of
-``vllm.LLM``); ``prompts`` (token id lists: greedy tokens and top-5 logprobs are recorded); ``digests``: a list of
-``{"label", "load_format", "extra", "model"}``: in every worker, a fresh copy of the model is built and loaded
-with that load format (``model``: the directory the safetensors loader reads), and a sha256 of every parameter
-is taken BEFORE vLLM's kernel post-processing (which, on CPU, packs the linear weights and drops the originals, so
+SPEC: ``{"runs": [RUN, ...]}``, run one after another in this process (one engine each). A RUN: ``name``; ``env``
+(set before the engine starts: its processes inherit it); ``llm`` (keyword arguments of ``vllm.LLM``); ``prompts``
+(token id lists: greedy tokens and top-5 logprobs are recorded); ``digests``: a list of ``{"label", "load_format",
+"extra", "model"}``: in every worker, a fresh copy of the model is built and loaded with that load format
+(``model``: the directory the safetensors loader reads), and a sha256 of every parameter is taken BEFORE vLLM's
+kernel post-processing (which, on CPU, packs the linear weights and drops the originals, so
 ``compute_weight_checksums`` of a running engine would not see them); ``digests_failing``: the same, expected to
 fail (the error text is recorded); ``reloads``: ``{"label", "model"}``: vLLM's ``reload_weights`` with its
-safetensors loader from that checkpoint directory (without ``model``: with the engine's own load format), then the
-prompts again; ``reports``: collect every worker's
-``model.raydist_report``; ``timed`` (entries as ``digests``) and ``rounds``: that many rounds, in alternating order,
-of a fresh load per entry, timing ``load_weights`` (benchmarks); ``memory``: then one more load per entry, untimed,
-into a model whose parameters were written first, recording how much host memory the loader itself took at most
-(``peak_hwm``, ``peak_anon``: the worker that grew most). ``race`` (a run's, or a reload's): ``{"hold", "publish":
-{"ckpt", "url", "model", "max_tp"}}``: while the engine starts (or reloads), a thread waits until a rank is held at
-its first manifest read (``faulty+...?hold=DIR``, :mod:`raydist_loader.testing.hold`), publishes that checkpoint as
-a new version, then releases the rank (a publish landing between two ranks' reads, deterministically); a raced
-reload also records every worker's report after it (``reload_reports``). A run whose engine fails to start records
-the error instead (the log has the root cause).
+safetensors loader from that checkpoint directory (``weights_path``: vLLM's ``reload_weights(weights_path=DIR)``
+with the engine's own load format; neither: the engine's own load format as started), then the prompts again;
+``reports``: collect every worker's ``model.raydist_report``; ``timed`` (entries as ``digests``) and ``rounds``:
+that many rounds, in alternating order, of a fresh load per entry, timing ``load_weights`` (benchmarks); ``memory``:
+then one more load per entry, untimed, into a model whose parameters were written first, recording how much host
+memory the loader itself took at most (``peak_hwm``, ``peak_anon``: the worker that grew most). ``race`` (a run's,
+or a reload's): ``{"hold", "publish": {"ckpt", "url", "model", "max_tp"}}``: while the engine starts (or reloads), a
+thread waits until a rank is held at its first manifest read (``faulty+...?hold=DIR``,
+:mod:`raydist_loader.testing.hold`), publishes that checkpoint as a new version, then releases the rank (a publish
+landing between two ranks' reads, deterministically); a raced reload also records every worker's report after it
+(``reload_reports``). A run whose engine fails to start records the error instead (the log has the root cause).
 OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "reload_reports", "races", "load_s",
 "error"}}``.
 vLLM spawns processes, so the body is guarded by ``if __name__ == "__main__"``.
@@ -179,6 +179,8 @@ def exercise(llm, spec: dict, result: dict) -> None:
         race = PublishWhenHeld(r["race"]) if r.get("race") else None
         if r.get("model"):
             llm.collective_rpc(reload_safetensors, args=(r["model"],))
+        elif r.get("weights_path"):  # raydist from another directory (its raydist.json: store, model, version)
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": r["weights_path"]})
         else:  # the engine's own load format (raydist: its get_all_weights)
             llm.collective_rpc("reload_weights")
         if race is not None:
