@@ -194,3 +194,15 @@ def single_manifest_layout(url: str, model: str) -> str:
             if conn.exists(version_manifest_key(model, version)):
                 conn.delete(version_manifest_key(model, version))
     return cur.version
+
+
+def faulty_site(tmp: Path) -> str:
+    """A directory (put it on ``PYTHONPATH``) with a ``sitecustomize`` that registers ``faulty+`` in every Python
+    process started with it: an engine's spawned workers inherit the environment, not this process' registry."""
+    site = Path(tmp) / "faulty-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "try:\n    from raydist_loader.testing.faulty import FaultyConnector\n    FaultyConnector.register()\n"
+        "except Exception:\n    pass\n"
+    )
+    return str(site)

@@ -160,3 +160,18 @@ def test_cli_versions_json_promote_and_pins(tmp_path, two_llamas, capsys):
     assert json.loads((tmp_path / "cfg" / "raydist.json").read_text())["model_version"] == b
     assert main(["load", url, "--model", "m", "--tp", "2", "--model-version", "latest"]) == 2
     assert "model_version" in capsys.readouterr().err
+
+
+def test_a_damaged_pointer_is_one_clear_error_and_a_promote_or_publish_repairs_it(tmp_path, two_llamas):
+    url = f"file://{tmp_path}/store"
+    a = rl.publish(two_llamas[0], url, "m", max_tp=2).version
+    pointer = tmp_path / "store" / "m" / "manifest.json"
+    pointer.write_text(json.dumps({"format": POINTER_FORMAT, "version": a, "manifest_sha256": "00"}))
+    with pytest.raises(rl.ManifestError, match=r"the current pointer is damaged: field manifest_sha256: .*promote"):
+        _norm(url)
+    assert rl.promote(url, "m", a).changed
+    assert torch.equal(_norm(url), original_tensors(two_llamas[0])[NORM])
+    pointer.write_text("{}")
+    b = rl.publish(two_llamas[1], url, "m", max_tp=2).version
+    assert torch.equal(_norm(url), original_tensors(two_llamas[1])[NORM])
+    assert {v["version"] for v in rl.versions(url, "m")} == {a, b}

@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..connectors import Connector
-from ..errors import ConflictError, ManifestError, NotFoundError, VerificationError
+from ..errors import ConflictError, ManifestError, NotFoundError, RaydistError, VerificationError
 from . import manifest as mf
 
 POINTER_FORMAT = "raydist-loader/current/1"
@@ -216,7 +216,7 @@ def swap_to(conn: Connector, model: str, ref: VersionRef, start: bytes | None, *
     the caller began; None: the model had none). The version it replaces is retired now (gc counts its grace
     from then). A writer that changed the pointer meanwhile wins: :class:`ConflictError` (``what`` names the
     caller in it) and nothing changed."""
-    cur = parse_current(start, f"{conn.describe()} {mf.manifest_key(model)}") if start is not None else None
+    cur = _parsed_or_none(conn, model, start)
     _migrate(conn, model, cur)
     now = time.time()
     retired = dict(cur.retired) if cur else {}
@@ -236,6 +236,17 @@ def swap_to(conn: Connector, model: str, ref: VersionRef, start: bytes | None, *
             f"{model!r}): version {ref.version} was NOT made current ({stays})"
         )
     return pointer
+
+
+def _parsed_or_none(conn: Connector, model: str, start: bytes | None) -> Current | None:
+    """The pointer ``start`` parsed; None when there is none or it is damaged (a swap replaces a damaged pointer:
+    that is how publish and promote repair one; its record of retired versions is lost)."""
+    if start is None:
+        return None
+    try:
+        return parse_current(start, f"{conn.describe()} {mf.manifest_key(model)}")
+    except RaydistError:
+        return None
 
 
 def _stored(conn: Connector, model: str) -> bytes | None:
@@ -289,20 +300,20 @@ def promote_in(conn: Connector, model: str, version: str) -> PromoteResult:
     start = _stored(conn, model)
     if start is None:
         raise NotFoundError(mf.missing_message(conn, model))
-    cur = parse_current(start, f"{conn.describe()} {mf.manifest_key(model)}")
-    if cur.version == version:
+    cur = _parsed_or_none(conn, model, start)  # a damaged pointer is repaired by the promote
+    if cur is not None and cur.version == version:
         return PromoteResult(model, version, version, False, conn.describe())
     manifest, stored = read_manifest_bytes(conn, model, version)
     missing = missing_objects(conn, manifest)
+    stays = f"version {cur.version} stays current" if cur else "the current pointer is left as it is"
     if missing:
         raise NotFoundError(
             f"version {version} of {model!r} is incomplete in {conn.describe()}: {len(missing)} of its objects are "
-            f"missing (e.g. {missing[0]!r}: deleted by gc, or its publish never finished): not promoted; "
-            f"version {cur.version} stays current"
+            f"missing (e.g. {missing[0]!r}: deleted by gc, or its publish never finished): not promoted; {stays}"
         )
     mf.check_stored(conn, manifest)  # every span inside its object
     swap_to(conn, model, resolve(conn, model, version), start, what="promote")
-    return PromoteResult(model, version, cur.version, True, conn.describe())
+    return PromoteResult(model, version, cur.version if cur else None, True, conn.describe())
 
 
 def missing_objects(conn: Connector, manifest: mf.Manifest) -> list[str]:
