@@ -144,13 +144,13 @@ def test_tied_weights_sharing_storage_are_each_stored(tmp_path, llama, state):
     _load_and_check(url, "m", tied)
 
 
-def test_non_contiguous_and_scalar_tensors_are_stored_as_their_values(tmp_path, llama, state):
-    odd = dict(state)
+def test_non_contiguous_scalar_bool_and_empty_tensors_are_stored_as_their_values(tmp_path, llama, state):
+    odd = dict(state, flag=torch.tensor([True, False]), scale=torch.tensor(3.0), empty=torch.zeros(0, 4))
     odd["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].t().contiguous().t()
     assert not odd["model.layers.0.mlp.up_proj.weight"].is_contiguous()
     url = f"file://{tmp_path}/store"
-    rl.publish_state_dict(odd, url, "m", files_from=llama, max_tp=2)
-    _load_and_check(url, "m", state)
+    rl.publish_state_dict(odd, url, "m", files_from=llama, max_tp=2, rules={"default": "replicate", "rules": []})
+    _load_and_check(url, "m", dict(state, flag=odd["flag"], scale=odd["scale"], empty=odd["empty"]))
 
 
 @pytest.mark.parametrize(
@@ -259,6 +259,14 @@ def test_a_tensor_in_two_parts_is_refused_naming_it(store_url, llama, state):
                               part=1)
     rl.publish_state_dict(pieces[1], store_url, "m", max_tp=2, token=token, part=1)  # the part, fixed
     _load_and_check(store_url, "m", state)
+
+
+def test_an_empty_part_is_a_part(tmp_path, llama, state):
+    url = f"file://{tmp_path}/store"
+    token = rl.open_version(url, "m", parts=2, files_from=llama)
+    assert not rl.publish_state_dict({}, url, "m", max_tp=2, token=token, part=0).current
+    assert rl.publish_state_dict(state, url, "m", max_tp=2, token=token, part=1).current
+    _load_and_check(url, "m", state)
 
 
 @pytest.mark.parametrize("part", [-1, 2, "0", None])

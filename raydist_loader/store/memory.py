@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import logging
 import os
 import socket
 import time
@@ -60,6 +61,8 @@ from .publish import (
 from .repo import CONFIG, DEFAULT_MAX_FILE_BYTES, ENGINE_FILES, SkippedFile
 from .rules import RuleSet
 from .safetensors_io import Entry
+
+log = logging.getLogger(__name__)
 
 TOKEN_FORMAT = "raydist-loader/parts/1"
 MAX_PARTS = 4096
@@ -303,6 +306,8 @@ def _publish_part(entries, chunk_of, url, model, text, part, wait, rules, option
                 own = _new_manifest(model, token.version, "chunked", options["max_tp"], options["digests"], ruleset,
                                     opened.config, cuts, {}, objects=objects, key_part_bytes=key_part_bytes)
                 out.confirm()
+                if time.time() > token.deadline:  # too late: nothing of it stays (the refusal passes through)
+                    out.remove()
                 _check_deadline(token, part)
                 out.write(_key(token, f"{part}.json"), own.to_json())
         except BaseException:
@@ -315,6 +320,8 @@ def _publish_part(entries, chunk_of, url, model, text, part, wait, rules, option
             if not current:
                 _check_waited(conn, token)
                 time.sleep(_POLL_S)
+        for w in warnings:
+            log.warning(w)
         return result_of(own, conn, cuts, started, warnings=warnings, files=sorted(opened.files), current=current)
 
 
