@@ -129,8 +129,8 @@ def publish_state_dict(
     if token is not None:
         if files_from is not None:
             raise ConfigError("files_from goes to open_version when a version is published in parts (token=)")
-        return _publish_part(entries, chunk_of, url, model, token, part, wait, rules, options, connector_options,
-                             allow_eviction, started)
+        return _publish_part(entries, chunk_of, url, model, token, part, wait, rules=rules, options=options,
+                             connector_options=connector_options, allow_eviction=allow_eviction, started=started)
     if part is not None or wait:
         raise ConfigError("part= and wait= publish one part of a version: pass token= from open_version too")
     local = _read_files(files_from, max_file_bytes) if files_from is not None else None
@@ -275,8 +275,9 @@ def _check_deadline(token: Token, part: int) -> None:
                             "its deadline: refused (the version never becomes current; open a new one)")
 
 
-def _publish_part(entries, chunk_of, url, model, text, part, wait, rules, options, connector_options,
-                  allow_eviction, started) -> PublishResult:
+def _publish_part(entries: list[Entry], chunk_of: ChunkBytes, url: str, model: str, text: str, part, wait: bool, *,
+                  rules, options: dict, connector_options: dict | None, allow_eviction: bool,
+                  started: float) -> PublishResult:
     """Part ``part`` of the version ``text`` names: claim it, write its chunks and its manifest, then merge and swap
     when it is the last part in (and, with ``wait``, wait for the version to become current)."""
     token = _parse_token(text, model)
