@@ -61,6 +61,7 @@ from .publish import (
 from .repo import CONFIG, DEFAULT_MAX_FILE_BYTES, ENGINE_FILES, SkippedFile
 from .rules import RuleSet
 from .safetensors_io import Entry
+from .sizing import _load as _load_config  # config.json read as inspect --config-only reads it
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +188,7 @@ def _read_files(src: str | Path, max_file_bytes: int) -> tuple[dict, dict[str, b
                                        "engine files (max_file_bytes)"))
         else:
             files[path.name] = path.read_bytes()
-    try:
-        config = json.loads(files[CONFIG])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{src / CONFIG} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{src / CONFIG} is not a JSON object")
-    return config, files, skipped
+    return _load_config(src / CONFIG)[0], files, skipped
 
 
 def _inherited(conn: Connector, model: str, start: bytes | None) -> tuple[dict, dict[str, bytes], list]:
