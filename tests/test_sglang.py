@@ -30,7 +30,7 @@ from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .conftest import RedisServer, free_port
-from .shards import flip_one_byte, rerandomise
+from .shards import faulty_site, flip_one_byte, rerandomise
 
 ROOT = Path(__file__).resolve().parents[1]
 SGLANG_PY = ROOT / ".venv-sglang" / "bin" / "python"
@@ -115,17 +115,6 @@ def _race(race: dict, ckpt: str, redis_url: str) -> dict:
     return {"hold": race["hold"], "publish": {"ckpt": ckpt, "url": redis_url, "model": "llama-race", "max_tp": MAX_TP}}
 
 
-def _site_hook(tmp: Path) -> str:
-    """A directory with a ``sitecustomize`` that registers ``faulty+`` in every process SGLang starts."""
-    site = tmp / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(
-        "try:\n    from raydist_loader.testing.faulty import FaultyConnector\n    FaultyConnector.register()\n"
-        "except Exception:\n    pass\n"
-    )
-    return str(site)
-
-
 def _run_engines(tmp: Path, redis_url: str) -> dict:
     models = _publish(tmp, redis_url)
     llama = models["llama"]
@@ -169,7 +158,7 @@ def _engines(tmp: Path, tag: str, runs: list[dict], must_exit_cleanly: bool = Tr
     spec, out, log = tmp / f"{tag}.json", tmp / f"{tag}-out.json", tmp / f"{tag}.log"
     spec.write_text(json.dumps({"runs": runs}))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SGLANG_USE_CPU_ENGINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), _site_hook(tmp), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), faulty_site(tmp), os.environ.get("PYTHONPATH")]))}
     with open(log, "wb") as f:
         proc = subprocess.run([str(SGLANG_PY), str(ROOT / "tests" / "sglang_engine.py"), str(spec), str(out)],
                               stdout=f, stderr=subprocess.STDOUT, env=env, timeout=900, check=False, cwd=tmp)

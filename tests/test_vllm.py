@@ -36,7 +36,7 @@ from raydist_loader.store.plan import make_plan
 from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
-from .shards import corrupt_copy, rerandomise
+from .shards import corrupt_copy, faulty_site, rerandomise
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -119,18 +119,6 @@ def _race(store: dict, ckpt: str) -> dict:
     """A harness race: publish ``ckpt`` as the next version of the store's model while a rank is held."""
     return {"hold": store["hold"], "publish": {"ckpt": ckpt, "url": store["plain"], "model": store["model"],
                                                "max_tp": MAX_TP}}
-
-
-def _site_packages_hook(tmp: Path) -> str:
-    """A directory with a ``sitecustomize`` that registers ``faulty+`` in every process of the engine (vLLM spawns
-    its workers; they inherit ``PYTHONPATH``)."""
-    site = tmp / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "try:\n    from raydist_loader.testing.faulty import FaultyConnector\n    FaultyConnector.register()\n"
-        "except Exception:\n    pass\n"
-    )
-    return str(site)
 
 
 def _raydist_run(name: str, m: dict, store: str, tp: int, pp: int = 1, *, generate: bool = True,
@@ -222,7 +210,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     spec, out, log = tmp / "spec.json", tmp / "out.json", tmp / "engines.log"
     spec.write_text(json.dumps({"runs": runs}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1", "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (_site_packages_hook(tmp), os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (faulty_site(tmp), os.environ.get("PYTHONPATH")) if p)}
     with open(log, "wb") as f:
         proc = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_engine.py"), str(spec), str(out)],
                               stdout=f, stderr=subprocess.STDOUT, env=env, timeout=1500, check=False)
