@@ -229,6 +229,8 @@ def test_a_missing_part_leaves_the_previous_version_current(store_url, llama, st
     pieces = _split(state, 3)
     first = rl.publish_state_dict(pieces[0], store_url, "m", max_tp=2, token=token, part=0)
     assert not first.current and _current(store_url, "m") == before
+    open_prefix = f"m/{first.version}/"
+    assert "is open until" in rl.gc(store_url, "m", grace_s=0, dry_run=True)["reasons"][open_prefix], "gc waits"
     with pytest.raises(ConflictError, match=r"did not become current by its deadline: part\(s\) 2 of 3 never arrived;"
                                             f" version {before} stays current"):
         rl.publish_state_dict(pieces[1], store_url, "m", max_tp=2, token=token, part=1, wait=True)
@@ -236,6 +238,7 @@ def test_a_missing_part_leaves_the_previous_version_current(store_url, llama, st
         rl.publish_state_dict(pieces[2], store_url, "m", max_tp=2, token=token, part=2)
     assert swaps == [before] and _current(store_url, "m") == before
     _load_and_check(store_url, "m", state)
+    assert open_prefix in rl.gc(store_url, "m", grace_s=0, dry_run=True)["deleted"], "past its deadline it goes"
 
 
 def test_a_part_published_twice_is_refused_naming_it(store_url, llama, state):

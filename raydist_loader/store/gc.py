@@ -4,9 +4,10 @@ each, and the deletion itself.
 Only prefixes that look like our version ids (``vYYYYmmddHHMMSSmmm-xxxxxxxx``) are ever touched, so original
 checkpoint files indexed in place, leases and anything else an operator keeps under the model's name are left
 alone. A version is kept when it is current; when a live lease names it (a loading or serving engine, a held Ray
-load: :mod:`.leases`); when it is among the ``keep`` most recently current ones; or when the current version names
-its objects. Otherwise the grace period never counts from a version id (stamped when its publish *started*,
-possibly hours before its swap):
+load: :mod:`.leases`); when it is among the ``keep`` most recently current ones; when the current version names
+its objects; or while a publish of several parts writing it is open (before its deadline, :mod:`.memory`).
+Otherwise the grace period never counts from a version id (stamped when its publish *started*, possibly hours
+before its swap):
 
 * a version that was current is deleted ``grace_s`` after it last stopped being current, as recorded by the swap
   that replaced it (``retired`` in the current pointer): a reader that resolved it just before the swap can finish;
@@ -21,6 +22,7 @@ come from the clocks of the publishing host (``retired``), of the lease holders,
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -92,6 +94,8 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
             state.kept = f"one of the {keep} most recently current (--keep {keep})"
         elif version in in_use:
             state.kept = "the current version names its objects"
+        elif (until := _open_until(conn, model, version, keys[version])) is not None and until > now:
+            state.kept = f"a publish of several parts (open_version) is open until {_stamp(until)}"
         else:
             quiet = _unused_since(conn, cur, version, keys[version])
             if quiet is None:
@@ -100,6 +104,22 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
                 state.gc_after = quiet + grace_s
         states.append(state)
     return cur, states, keys
+
+
+def _open_until(conn: Connector, model: str, version: str, keys: list[str]) -> float | None:
+    """The deadline of a publish from memory in several parts still writing ``version`` (``parts/open.json``,
+    :mod:`.memory`); None when it is not one or the record cannot be read."""
+    key = f"{model}/{version}/parts/open.json"
+    if key not in keys or vs.version_manifest_key(model, version) in keys:
+        return None
+    try:
+        return float(json.loads(conn.read(key))["token"]["deadline"])
+    except (RaydistError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def _manifest(conn: Connector, model: str, version: str, keys: list[str]) -> Manifest | None:
