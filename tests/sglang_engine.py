@@ -98,13 +98,16 @@ def refusals(overrides: list[dict]) -> dict:
                 messages.append(None)
             except Exception as e:  # noqa: BLE001 - the test reads the message
                 messages.append(str(e))
-    try:  # SGLang's CPU path padded one kv head to two at tp=2 (as gemma's MQA gets)
-        config = SimpleNamespace(original_num_attention_heads=4, num_attention_heads=8,
-                                 original_total_num_kv_heads=1, num_key_value_heads=2)
-        plugin.refuse_padded_heads(config, 2)
-        messages.append(None)
-    except Exception as e:  # noqa: BLE001 - the test reads the message
-        messages.append(str(e))
+    padded = SimpleNamespace(original_num_attention_heads=4, num_attention_heads=8,  # one kv head padded to two at
+                             original_total_num_kv_heads=1, num_key_value_heads=2)  # tp=2 (as gemma's MQA gets)
+    gpt2 = SimpleNamespace(original_num_attention_heads=8, num_attention_heads=8,  # no num_key_value_heads: MHA
+                           original_total_num_kv_heads=8)
+    for config, tp in ((padded, 2), (gpt2, 1), (gpt2, 2)):
+        try:
+            plugin.refuse_padded_heads(config, tp)
+            messages.append(None)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            messages.append(str(e))
     names = [name for _, name, _ in plugin.UNMODELLED] + ["attn_tp_size", "tp_size", "tp_rank"]
     known = runtime_context._parallel_fields() | {"tp_rank"}
     return {"refusals": messages, "unknown_names": [n for n in names if n not in known],

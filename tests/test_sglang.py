@@ -248,7 +248,8 @@ def test_registration_is_idempotent_and_unmodelled_parallel_settings_are_refused
     result = _ok(sglang, "refusals")
     assert result["unknown_names"] == [], "every setting checked must exist in SGLang's parallel context"
     assert result["registered"] == {"choices": 1, "hooks": 1, "resolves_to": "RaydistModelLoader"}  # idempotent
-    pp, ep, dp_attention, padded = result["refusals"]
+    pp, ep, dp_attention, padded, gpt2_tp1, gpt2_tp2 = result["refusals"]
+    assert gpt2_tp1 is None and gpt2_tp2 is None, "a config without num_key_value_heads (GPT-2) is not padded"
     assert "does not model SGLang's --pp-size (pipeline parallelism) = 2" in pp
     assert "--ep-size (expert parallelism) = 2" in ep
     assert "SGLang padded the model's attention heads 4 -> 8, kv heads 1 -> 2 for tp_size=2" in padded

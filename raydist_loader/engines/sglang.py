@@ -232,10 +232,13 @@ def tensor_parallel() -> tuple[int, int]:
 def refuse_padded_heads(hf_config: Any, tp: int) -> None:
     """SGLang's CPU path pads the attention heads when tp does not divide them (e.g. one kv head at tp=2 becomes
     two, and the q heads double): its workers then read other rows of q/k/v/o than the store's cut gives them.
-    Refuse that, naming the heads, rather than serve a wrong model."""
-    padded = [(what, getattr(hf_config, original, None), getattr(hf_config, name, None))
-              for what, original, name in (("attention heads", "original_num_attention_heads", "num_attention_heads"),
-                                           ("kv heads", "original_total_num_kv_heads", "num_key_value_heads"))]
+    Refuse that, naming the heads, rather than serve a wrong model. A config without ``num_key_value_heads`` (GPT-2:
+    multi-head attention) has as many kv heads as attention heads."""
+    heads = getattr(hf_config, "num_attention_heads", None)
+    padded = [(what, getattr(hf_config, original, None), getattr(hf_config, name, None) or fallback)
+              for what, original, name, fallback in (
+                  ("attention heads", "original_num_attention_heads", "num_attention_heads", None),
+                  ("kv heads", "original_total_num_kv_heads", "num_key_value_heads", heads))]
     changed = [f"{what} {was} -> {now}" for what, was, now in padded if was is not None and was != now]
     if changed:
         raise ConfigError(
