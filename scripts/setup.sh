@@ -67,7 +67,7 @@ PY
 
 core() {
   local stamp; stamp=$(stamp_of)
-  if fresh .venv "$stamp" && finds .venv torch ray redis boto3 moto transformers pytest ruff; then
+  if fresh .venv "$stamp" && finds .venv torch ray redis boto3 moto transformers pytest xdist ruff; then
     say "core: .venv is up to date (delete .venv/.raydist-setup to reinstall)"
     return
   fi
