@@ -119,10 +119,12 @@ class LoadedModel:
 
     def shutdown(self) -> None:
         """End every actor and remove every placement group; release the lease on the version."""
-        for group in self._groups:
-            group.shutdown()
-        if self.lease is not None:
-            self.lease.release()
+        try:
+            for group in self._groups:
+                group.shutdown()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -252,13 +254,21 @@ def load_across_cluster(
         )
     )
     clock = PhaseClock()
-    # the manifest first: a wrong URL, model or tp is refused before any Ray starts
-    manifest, raw = open_manifest(
-        url, model, model_version=options.model_version, expect_manifest_sha256=expect_manifest_sha256, rules=rules,
-        connector_options=connector_options,
-    )
-    manifest.check_tp(tp)
-    lease = take_lease(url, model, manifest.version, f"ray load tp={tp} replicas={replicas}", connector_options)
+    # the manifest first: a wrong URL, model or tp is refused before any Ray starts; a pinned version is leased
+    # before it is looked up (gc cannot take it meanwhile), the current one as soon as it is known
+    holder = f"ray load tp={tp} replicas={replicas}"
+    lease = take_lease(url, model, options.model_version, holder, connector_options) if options.model_version else None
+    try:
+        manifest, raw = open_manifest(
+            url, model, model_version=options.model_version, expect_manifest_sha256=expect_manifest_sha256,
+            rules=rules, connector_options=connector_options,
+        )
+        manifest.check_tp(tp)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    lease = lease or take_lease(url, model, manifest.version, holder, connector_options)
 
     def plan() -> list[Coordinator]:
         """One coordinator per replica; each computes its ranks' plans and expected digests (the rest of the

@@ -98,12 +98,15 @@ def test_a_leased_version_is_never_deleted_and_an_expired_lease_protects_nothing
         lease.release()
     with open_connector(store_url) as conn:
         assert read_leases(conn, "m") == {}, "a released lease is gone"
-    short = Lease.take(store_url, "m", a, "crashed engine", ttl_s=0.3)
-    short._stop.set()  # the holder died: nothing renews it
-    time.sleep(0.4)
-    with open_connector(store_url) as conn:
+    with open_connector(store_url) as conn:  # what a holder that died leaves once its lease time has passed
+        dead = {"holder": "crashed engine", "host": "h", "pid": 1, "started": 1.0, "renewed": 1.0, "expires": 2.0}
+        conn.write(f"m/leases/{a}/h-1-dead.json", json.dumps(dead).encode())
         assert [x.live() for x in read_leases(conn, "m")[a]] == [False]
     assert rl.gc(store_url, "m", grace_s=0)["deleted"] == [f"m/{a}/"]
+    with open_connector(store_url) as conn:
+        assert read_leases(conn, "m") == {}, "gc tidies up leases long expired"
+    with pytest.raises(rl.ConfigError, match=r"lease ttl: got 0.3; expected seconds in \[3"):
+        Lease.take(store_url, "m", a, "too short", ttl_s=0.3)
 
 
 def test_a_store_written_before_versions_loads_as_one_version_and_moves_on_at_the_next_publish(store_url,
@@ -175,3 +178,47 @@ def test_a_damaged_pointer_is_one_clear_error_and_a_promote_or_publish_repairs_i
     b = rl.publish(two_llamas[1], url, "m", max_tp=2).version
     assert torch.equal(_norm(url), original_tensors(two_llamas[1])[NORM])
     assert {v["version"] for v in rl.versions(url, "m")} == {a, b}
+
+
+def test_gc_looks_again_just_before_it_deletes(tmp_path, two_llamas, monkeypatch):
+    """A promote, or a load's lease, landing after gc surveyed the store but before it deletes: the version stays
+    (gc re-reads the pointer and the version's leases per version, before and after its manifest goes)."""
+    from raydist_loader.store import gc as gc_module
+
+    url = f"file://{tmp_path}/store"
+    a = rl.publish(two_llamas[0], url, "m", max_tp=2).version
+    b = rl.publish(two_llamas[1], url, "m", max_tp=2).version
+    survey = gc_module.survey
+
+    def then_promote(conn, model, **kw):
+        looked = survey(conn, model, **kw)
+        rl.promote(url, "m", a)  # a rollback while gc runs
+        return looked
+
+    monkeypatch.setattr(gc_module, "survey", then_promote)
+    result = rl.gc(url, "m", grace_s=0)
+    assert result["deleted"] == [] and result["reasons"][f"m/{a}/"] == "became current while gc ran (a promote)"
+    assert torch.equal(_norm(url), original_tensors(two_llamas[0])[NORM])
+
+    def then_lease(conn, model, **kw):
+        looked = survey(conn, model, **kw)
+        Lease.take(url, "m", b, "engine that started late")
+        return looked
+
+    monkeypatch.setattr(gc_module, "survey", then_lease)
+    result = rl.gc(url, "m", grace_s=0)
+    assert result["deleted"] == [] and "leased: engine that started late" in result["reasons"][f"m/{b}/"]
+    assert torch.equal(_norm(url, model_version=b), original_tensors(two_llamas[1])[NORM])
+
+
+def test_gc_deletes_nothing_while_the_current_version_is_incomplete(tmp_path, two_llamas):
+    url = f"file://{tmp_path}/store"
+    a = rl.publish(two_llamas[0], url, "m", max_tp=2).version
+    b = rl.publish(two_llamas[1], url, "m", max_tp=2).version
+    (tmp_path / "store" / "m" / b / "manifest.json").unlink()
+    listed = {v["version"]: v for v in rl.versions(url, "m")}
+    assert listed[b]["current"] and not listed[b]["complete"] and "MISSING" in listed[b]["kept"]
+    with pytest.raises(NotFoundError, match=rf"current version {b} .* incomplete .* gc deletes nothing"):
+        rl.gc(url, "m", grace_s=0)
+    rl.promote(url, "m", a)
+    assert rl.gc(url, "m", grace_s=0)["deleted"] == [f"m/{b}/"]

@@ -97,15 +97,15 @@ class TorchGroup:
 
 # ------------------------------------------------------------------------------------------ leases
 _lock = threading.Lock()
-_serving: dict[tuple[str, str], Lease] = {}  # (url, model) -> the lease on the version this engine serves
+_serving: list[Lease] = []  # the lease on the version this process' engine serves (one engine per process)
 
 
 def _lease_for(options: EngineOptions, version: str, holder: str) -> Lease | None:
-    """A lease on ``version`` for this engine (the serving one when it is that version already); None with a
-    warning when the store takes no lease (read-only credentials): a lease never fails a load."""
+    """A lease on ``version`` for this engine (the serving one when it is that version of that model already);
+    None with a warning when the store takes no lease (read-only credentials): a lease never fails a load."""
     with _lock:
-        serving = _serving.get((options.url, options.model))
-    if serving is not None and serving.version == version:
+        serving = _serving[0] if _serving else None
+    if serving is not None and (serving.model, serving.version) == (options.model, version):
         return serving
     try:
         return Lease.take(options.url, options.model, version, holder, connector_options=options.connector_options())
@@ -115,16 +115,15 @@ def _lease_for(options: EngineOptions, version: str, holder: str) -> Lease | Non
         return None
 
 
-def _settle(options: EngineOptions, lease: Lease | None, ok: bool) -> None:
-    """After a load or update: on success the new lease becomes the serving one (the old one is released); on
-    failure the new one goes and the serving one stays."""
+def _settle(lease: Lease | None, ok: bool) -> None:
+    """After a load or update: on success the new lease becomes the serving one (the old one is released,
+    whatever store or model it named); on failure the new one goes and the serving one stays."""
     if lease is None:
         return
-    key = (options.url, options.model)
     with _lock:
-        old = _serving.get(key)
+        old = _serving[0] if _serving else None
         if ok:
-            _serving[key] = lease
+            _serving[:] = [lease]
     if ok and old is not None and old is not lease:
         old.release()
     if not ok and lease is not old:
@@ -140,30 +139,53 @@ class Agreed:
     lease: Lease | None = None
 
 
-def agree_version(options: EngineOptions, group: RankGroup, holder: str) -> Agreed:
-    """Rank 0 resolves the version (``options.model_version``, else the current one) and leases it; every rank
-    of ``group`` gets the same :class:`VersionRef`, or raises the same error."""
+def _outcomes(group: RankGroup, mine: tuple) -> list[str]:
+    """Every rank's ("ok", ...) or ("error", message) gathered: the failures as ``rank r: message``."""
+    return [f"rank {r}: {o[1]}" for r, o in enumerate(group.gather(mine)) if o[0] == "error"]
+
+
+def _failure(e: BaseException) -> tuple:
+    return ("error", f"{type(e).__name__}: {redact_text(str(e))}")
+
+
+def agree_version(group: RankGroup, holder: str, options: Callable[[], EngineOptions]) -> tuple[EngineOptions, Agreed]:
+    """Every rank resolves its ``options()`` (the engine's options, a model directory's ``raydist.json``, and
+    whatever else the caller checks first); only when every rank could, rank 0 resolves the version
+    (``model_version``, else the current one) and leases it (a pinned version before it is looked up, so gc cannot
+    take it meanwhile), and every rank gets the same :class:`VersionRef`. Any failure raises on every rank, naming
+    each rank's error: no rank is left waiting in a collective."""
     from ..api import resolve_version  # imports Ray lazily: engines load without it
 
-    payload: tuple
+    try:
+        opts, mine = options(), ("ok",)
+    except BaseException as e:  # noqa: BLE001 - handed to every rank below, re-raised
+        opts, mine, cause = None, _failure(e), e
+    failed = _outcomes(group, mine)
+    if failed:
+        message = "no rank of this engine loads, as not every rank could read its options: " + "; ".join(failed)
+        if mine[0] == "error":
+            raise (type(cause) if isinstance(cause, RaydistError) else RaydistError)(message) from cause
+        raise RaydistError(message)
     lease = None
+    payload: tuple = ("pending",)
     if group.rank == 0:
         try:
-            ref = resolve_version(options.url, options.model, model_version=options.model_version,
-                                  connector_options=options.connector_options())
-            lease = _lease_for(options, ref.version, holder)
+            if opts.model_version is not None:
+                lease = _lease_for(opts, opts.model_version, holder)
+            ref = resolve_version(opts.url, opts.model, model_version=opts.model_version,
+                                  connector_options=opts.connector_options())
+            lease = lease or _lease_for(opts, ref.version, holder)
             payload = ("ok", ref.version, ref.manifest_sha256)
-        except Exception as e:  # noqa: BLE001 - handed to every rank below, re-raised
-            payload, cause = ("error", type(e).__name__, redact_text(str(e))), e
-    else:
-        payload = ("pending",)
+        except BaseException as e:  # noqa: BLE001 - handed to every rank below, re-raised
+            _settle(lease, False)
+            payload, cause = _failure(e), e
     payload = group.broadcast(payload)
     if payload[0] == "error":
         if group.rank == 0:
             raise cause
-        raise RaydistError(f"rank 0 of this engine could not resolve the version of {options.model!r} to load, so "
-                           f"no rank loads: {payload[1]}: {payload[2]}")
-    return Agreed(VersionRef(payload[1], payload[2]), lease)
+        raise RaydistError(f"rank 0 of this engine could not resolve the version of {opts.model!r} to load, so "
+                           f"no rank loads: {payload[1]}")
+    return opts, Agreed(VersionRef(payload[1], payload[2]), lease)
 
 
 def on_every_rank(options: EngineOptions, group: RankGroup, agreed: Agreed, what: str,
@@ -175,9 +197,8 @@ def on_every_rank(options: EngineOptions, group: RankGroup, agreed: Agreed, what
     try:
         result, report = work()
         outcome: tuple = ("ok", report.version, bool(report.verify) and report.digest == report.expected_digest)
-    except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised below
-        result, cause = None, e
-        outcome = ("error", f"{type(e).__name__}: {redact_text(str(e))}")
+    except BaseException as e:  # noqa: BLE001 - reported to every rank, re-raised below
+        result, cause, outcome = None, e, _failure(e)
     outcomes = group.gather(outcome)
     wrong = [f"rank {r}: {o[1]}" if o[0] == "error" else f"rank {r}: loaded version {o[1]}"
              for r, o in enumerate(outcomes) if o[0] == "error" or o[1] != version]
@@ -185,13 +206,14 @@ def on_every_rank(options: EngineOptions, group: RankGroup, agreed: Agreed, what
     if options.load.verify and unverified and not wrong:
         wrong = [f"rank {r}: not verified" for r in unverified]
     if group.rank == 0:
-        _settle(options, agreed.lease, not wrong)
+        _settle(agreed.lease, not wrong)
     if wrong:
         message = (f"{what} of {options.model!r} version {version} refused on every rank of this engine ("
                    f"{group.size}), so no rank serves a mix: " + "; ".join(wrong))
         if outcome[0] == "error":
+            if not isinstance(cause, Exception):
+                raise cause  # Ctrl-C, SystemExit: as they came (every rank was told first)
             kind = type(cause) if isinstance(cause, RaydistError) else RaydistError
             raise kind(message) from cause
         raise RaydistError(message)
     return result
-

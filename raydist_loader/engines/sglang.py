@@ -135,7 +135,7 @@ class RaydistModelLoader(DefaultModelLoader):
                 _mark_unwritten(model)
                 clock.lap("mark")
             group = _world()
-            agreed = agree_version(options, group, HOLDER.format(tp=tp))
+            options, agreed = agree_version(group, HOLDER.format(tp=tp), lambda: options)
 
             def load() -> tuple[RankReport, RankReport]:
                 if quant_config is None:  # plain copies read straight into the parameters, the rest streamed
@@ -155,6 +155,7 @@ class RaydistModelLoader(DefaultModelLoader):
                 return report, report
 
             report = on_every_rank(options, group, agreed, "load", load)
+            _serving[:] = [(options, agreed.ref)]
             _serve_as(agreed.ref.version)
             self.postprocess_weights(model, target_device)
             clock.lap("post")
@@ -170,11 +171,19 @@ class RaydistModelLoader(DefaultModelLoader):
         SGLang writes the first weight: if any rank fails, or would not get the same version, every rank raises
         (SGLang reports it as a failed update and leaves the model untouched)."""
         tp, rank = tensor_parallel()
-        if source.model_config is not None:
-            refuse_padded_heads(source.model_config.hf_config, tp)
-        options = self.options(source.model_or_path)  # SGLang passes no options to an update: DIR's raydist.json
+        if _open_update:  # SGLang rolls back a failed update on the ranks that failed (no collective: alone)
+            options, ref = _open_update.pop()
+            logger.info(f"raydist: rank {rank}/{tp}: rolling back to {options.model} version {ref.version}")
+            weights, report = rank_weights(options, tp, rank, whole=True, version=ref)
+            return _applied(weights, options, ref)
+
+        def resolve() -> EngineOptions:  # SGLang passes no options to an update: DIR's raydist.json
+            if source.model_config is not None:
+                refuse_padded_heads(source.model_config.hf_config, tp)
+            return self.options(source.model_or_path)
+
         group = _world()
-        agreed = agree_version(options, group, HOLDER.format(tp=tp))
+        options, agreed = agree_version(group, HOLDER.format(tp=tp), resolve)
 
         def pull():
             weights, report = rank_weights(options, tp, rank, whole=True, version=agreed.ref)
@@ -182,7 +191,21 @@ class RaydistModelLoader(DefaultModelLoader):
 
         weights, report = on_every_rank(options, group, agreed, "update", pull)
         logger.info(_describe(report(), None))
-        return weights
+        if _serving:
+            _open_update[:] = [_serving[0]]  # what to roll back to, until this update's weights are all applied
+        return _applied(weights, options, agreed.ref)
+
+
+_serving: list[tuple[EngineOptions, Any]] = []  # (options, VersionRef) this engine serves
+_open_update: list[tuple[EngineOptions, Any]] = []  # while an update is applied: the version to roll back to
+
+
+def _applied(weights: Iterator[tuple[str, torch.Tensor]], options: EngineOptions, ref: Any) -> Iterator:
+    """The update's weights; once SGLang has taken them all, ``ref`` is what this engine serves (a failure before
+    that leaves ``_open_update`` set, and SGLang's rollback reloads the version served before)."""
+    yield from weights
+    _open_update.clear()
+    _serving[:] = [(options, ref)]
 
 
 def _world() -> RankGroup:

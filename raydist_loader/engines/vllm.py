@@ -95,10 +95,16 @@ class RaydistModelLoader(BaseModelLoader):
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
-        options = self.options(model_config)
-        experts = _placement(model, tp, rank)
         group = TorchGroup.of(get_world_group())
-        agreed = agree_version(options, group, _holder(tp, pp))
+        placed: list = []
+
+        def resolve() -> EngineOptions:  # what can fail on one rank only fails on every rank (agree_version)
+            options = self.options(model_config)
+            placed.append(_placement(model, tp, rank))
+            return options
+
+        options, agreed = agree_version(group, _holder(tp, pp), resolve)
+        experts = placed[0]
 
         def load():
             delivery = load_into(model, options, tp, rank, only=self._only(model), experts=experts,
@@ -119,10 +125,16 @@ class RaydistModelLoader(BaseModelLoader):
         changed any weight (the shard is held in host memory meanwhile)."""
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
         start_dir = getattr(model, "raydist_model_dir", model_config.model)  # reload(weights_path=) changes the model
-        options = EngineOptions.for_update(self.raw_options, OPTIONS_NAME, start_dir, model_config.model)
-        experts = _placement(model, tp, rank)
         group = TorchGroup.of(get_world_group())
-        agreed = agree_version(options, group, _holder(tp, pp))
+        placed: list = []
+
+        def resolve() -> EngineOptions:
+            options = EngineOptions.for_update(self.raw_options, OPTIONS_NAME, start_dir, model_config.model)
+            placed.append(_placement(model, tp, rank))
+            return options
+
+        options, agreed = agree_version(group, _holder(tp, pp), resolve)
+        experts = placed[0]
 
         def pull():
             weights, report = rank_weights(options, tp, rank, only=self._only(model), experts=experts, whole=True,

@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..connectors import Connector, open_connector
-from ..errors import ManifestError, RaydistError
+from ..errors import ManifestError, NotFoundError, RaydistError
 from . import versions as vs
-from .leases import LeaseInfo, read_leases
+from .leases import LeaseInfo, drop_expired, read_leases
 from .manifest import VERSION_RE, Manifest, check_model_name, manifest_key
 
 DEFAULT_GRACE_S = 3600.0
@@ -63,7 +63,10 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
     check_model_name(model)
     now = time.time() if now is None else now
     cur = vs.read_current(conn, model)
-    current_manifest = vs.read_manifest(conn, model)
+    try:
+        current_manifest = vs.read_manifest(conn, model)
+    except NotFoundError:  # the current version's manifest is gone (a promote that raced a gc): list, keep all
+        current_manifest = None
     keys: dict[str, list[str]] = {}
     listed: set[str] = set()
     for key in conn.list(f"{model}/"):
@@ -73,7 +76,8 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
             keys.setdefault(head, []).append(key)
     keys.setdefault(cur.version, [])
     leases = {v: [x for x in ls if x.live(now)] for v, ls in read_leases(conn, model).items()}
-    in_use = {key.split("/")[len(model.split("/"))] for key in current_manifest.all_objects()}
+    named = current_manifest.all_objects() if current_manifest is not None else set()
+    in_use = {key.split("/")[len(model.split("/"))] for key in named}
     recent = sorted(cur.retired, key=cur.retired.get, reverse=True)[:keep]
     states = []
     for version in sorted(keys, reverse=True):
@@ -87,7 +91,7 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
             [_lease_dict(x) for x in leases.get(version, [])],
         )
         if state.current:
-            state.kept = "current"
+            state.kept = "current" if manifest is not None else "current, but its manifest is MISSING"
         elif state.leases:
             state.kept = "leased: " + "; ".join(x.describe() for x in leases[version])
         elif version in recent:
@@ -166,19 +170,58 @@ def gc(
     [prefix...], "kept": [prefix...], "reasons": {prefix: why kept}, "objects": n, "dry_run": bool}``."""
     with open_connector(url, **(connector_options or {})) as conn:
         cur, states, keys = survey(conn, model, grace_s=grace_s, keep=keep)
+        if any(s.current and not s.complete for s in states):
+            raise NotFoundError(
+                f"the current version {cur.version} of {model!r} in {conn.describe()} is incomplete (its manifest or "
+                "objects are missing): gc deletes nothing until a complete version is current (`raydist-loader "
+                "versions` lists them, `raydist-loader promote` makes one current)"
+            )
         now = time.time()
         deleted, kept, reasons, n = [], [], {}, 0
         for state in sorted(states, key=lambda s: s.version):
             prefix = f"{model}/{state.version}/"
-            if state.kept is not None or state.gc_after is None or now < state.gc_after:
+            why = state.kept
+            if why is None and (state.gc_after is None or now < state.gc_after):
+                why = "within its grace period"
+            if why is None and not dry_run:
+                why = _delete_version(conn, model, state.version, keys[state.version])
+            if why is not None:
                 kept.append(prefix)
-                reasons[prefix] = state.kept or "within its grace period"
+                reasons[prefix] = why
                 continue
             deleted.append(prefix)
-            if not dry_run:
-                first = vs.version_manifest_key(model, state.version)  # never listed as complete once half gone
-                for key in sorted(keys[state.version], key=lambda k: k != first):
-                    conn.delete(key)
-                n += len(keys[state.version])
+            n += 0 if dry_run else len(keys[state.version])
+        if not dry_run:
+            drop_expired(conn, model, older_than_s=grace_s)
     return {"current": cur.version, "deleted": deleted, "kept": kept, "reasons": reasons, "objects": n,
             "dry_run": dry_run}
+
+
+def _claimed(conn: Connector, model: str, version: str) -> str | None:
+    """Why ``version`` may not go after all, looked at again just before it is deleted: it became current (a
+    promote) or a lease names it now (a load that started after the survey)."""
+    if vs.read_current(conn, model).version == version:
+        return "became current while gc ran (a promote)"
+    live = [x for x in read_leases(conn, model, version).get(version, []) if x.live()]
+    return "leased: " + "; ".join(x.describe() for x in live) if live else None
+
+
+def _delete_version(conn: Connector, model: str, version: str, keys: list[str]) -> str | None:
+    """Delete ``version`` (its manifest first, so a version half deleted is never listed or promoted as complete),
+    unless it is claimed just before, or just after its manifest went (then the manifest is put back and the
+    reason returned). None: deleted."""
+    why = _claimed(conn, model, version)
+    if why is not None:
+        return why
+    first = vs.version_manifest_key(model, version)
+    saved = conn.read(first) if first in keys else None
+    if saved is not None:
+        conn.delete(first)
+        why = _claimed(conn, model, version)
+        if why is not None:
+            conn.write(first, saved)
+            return why
+    for key in keys:
+        if key != first:
+            conn.delete(key)
+    return None

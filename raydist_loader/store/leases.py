@@ -21,10 +21,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..connectors import Connector, open_connector
-from ..errors import RaydistError
+from ..errors import ConfigError, RaydistError
+from ..redact import redact_text
 from . import manifest as mf
 
 log = logging.getLogger(__name__)
@@ -62,11 +64,12 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
-def read_leases(conn: Connector, model: str) -> dict[str, list[LeaseInfo]]:
-    """Every lease of ``model`` by version, expired ones included (a damaged lease object is skipped)."""
+def read_leases(conn: Connector, model: str, version: str | None = None) -> dict[str, list[LeaseInfo]]:
+    """Every lease of ``model`` (of ``version`` only, when given) by version, expired ones included (a damaged
+    lease object is skipped)."""
     out: dict[str, list[LeaseInfo]] = {}
     prefix = lease_prefix(model)
-    for key in conn.list(prefix):
+    for key in conn.list(lease_prefix(model, version)):
         version = key[len(prefix):].split("/", 1)[0]
         if not mf.VERSION_RE.match(version) or not key.endswith(".json"):
             continue
@@ -80,6 +83,45 @@ def read_leases(conn: Connector, model: str) -> dict[str, list[LeaseInfo]]:
             continue  # gone meanwhile (released), or not a lease we wrote
         out.setdefault(version, []).append(info)
     return out
+
+
+MIN_TTL_S = 3.0
+
+
+def check_ttl(ttl_s: float, where: str = "lease ttl") -> float:
+    if not ttl_s == ttl_s or ttl_s < MIN_TTL_S or ttl_s > 7 * 86400:
+        raise ConfigError(f"{where}: got {ttl_s}; expected seconds in [{MIN_TTL_S:g}, 604800] (renewed every third)")
+    return float(ttl_s)
+
+
+@contextmanager
+def brief_lease(conn: Connector, model: str, version: str, holder: str, ttl_s: float = DEFAULT_TTL_S):
+    """A lease on ``version`` written through ``conn`` for the length of a short operation (a promote), not renewed:
+    gc leaves the version alone meanwhile."""
+    now = time.time()
+    key = f"{lease_prefix(model, version)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+    doc = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "started": now, "renewed": now,
+           "expires": now + ttl_s}
+    conn.write(key, json.dumps(doc).encode())
+    try:
+        yield
+    finally:
+        try:
+            conn.delete(key)
+        except Exception:  # noqa: BLE001 - it expires on its own
+            log.debug("could not delete lease %s", key, exc_info=True)
+
+
+def drop_expired(conn: Connector, model: str, older_than_s: float, now: float | None = None) -> int:
+    """Delete leases that expired more than ``older_than_s`` ago (their holders died: gc tidies them up)."""
+    now = time.time() if now is None else now
+    gone = 0
+    for leases in read_leases(conn, model).values():
+        for x in leases:
+            if x.expires < now - older_than_s:
+                conn.delete(x.key)
+                gone += 1
+    return gone
 
 
 class Lease:
@@ -105,7 +147,13 @@ class Lease:
              ttl_s: float | None = None) -> Lease:
         """Write a lease on ``version`` now and keep it renewed (``ttl_s`` default: ``RAYDIST_LEASE_TTL_S`` or
         120 s)."""
-        ttl = ttl_s if ttl_s is not None else float(os.environ.get("RAYDIST_LEASE_TTL_S", DEFAULT_TTL_S))
+        if ttl_s is None:
+            text = os.environ.get("RAYDIST_LEASE_TTL_S")
+            try:
+                ttl_s = float(text) if text else DEFAULT_TTL_S
+            except ValueError:
+                raise ConfigError(f"RAYDIST_LEASE_TTL_S={text!r}: expected seconds") from None
+        ttl = check_ttl(ttl_s, "RAYDIST_LEASE_TTL_S" if os.environ.get("RAYDIST_LEASE_TTL_S") else "lease ttl")
         lease = cls(lambda: open_connector(url, **(connector_options or {})), model, version, holder, ttl_s=ttl)
         lease.start()
         return lease
@@ -121,7 +169,12 @@ class Lease:
         self._conn.write(self.key, json.dumps(doc).encode())
 
     def start(self) -> Lease:
-        self._write()
+        try:
+            self._write()
+        except BaseException:
+            self._stop.set()
+            self._conn.close()
+            raise
         self._thread = threading.Thread(target=self._renew, name=f"raydist-lease-{self.version}", daemon=True)
         self._thread.start()
         atexit.register(self.release)
@@ -135,11 +188,12 @@ class Lease:
                 try:
                     self._write()
                 except Exception as e:  # noqa: BLE001 - a store hiccup: try again next period
-                    log.warning("raydist: could not renew the lease on %s version %s: %s", self.model, self.version, e)
+                    log.warning("raydist: could not renew the lease on %s version %s: %s", self.model, self.version,
+                                redact_text(str(e)))
 
     def move(self, version: str) -> None:
         """Lease ``version`` instead (written before the old lease is deleted)."""
-        if version == self.version:
+        if version == self.version or self._stop.is_set():
             return
         with self._lock:
             old = self.key

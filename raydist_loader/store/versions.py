@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..connectors import Connector
 from ..errors import ConflictError, ManifestError, NotFoundError, RaydistError, VerificationError
 from . import manifest as mf
+from .leases import brief_lease
 
 POINTER_FORMAT = "raydist-loader/current/1"
 #: retired versions the pointer remembers (gc's grace and ``--keep`` read them; older ones count as never current)
@@ -303,17 +304,27 @@ def promote_in(conn: Connector, model: str, version: str) -> PromoteResult:
     cur = _parsed_or_none(conn, model, start)  # a damaged pointer is repaired by the promote
     if cur is not None and cur.version == version:
         return PromoteResult(model, version, version, False, conn.describe())
-    manifest, stored = read_manifest_bytes(conn, model, version)
-    missing = missing_objects(conn, manifest)
     stays = f"version {cur.version} stays current" if cur else "the current pointer is left as it is"
+    with brief_lease(conn, model, version, "promote"):  # a gc running meanwhile leaves the version alone
+        manifest, _ = read_manifest_bytes(conn, model, version)
+        _check_complete(conn, manifest, version, model, stays)
+        mf.check_stored(conn, manifest)  # every span inside its object
+        pointer = swap_to(conn, model, resolve(conn, model, version), start, what="promote")
+        try:  # a gc that looked before the lease was written may have deleted it meanwhile: then undo the swap
+            _check_complete(conn, read_manifest_bytes(conn, model, version)[0], version, model, stays)
+        except NotFoundError:
+            conn.compare_and_swap(mf.manifest_key(model), pointer.to_json(), start)
+            raise
+    return PromoteResult(model, version, cur.version if cur else None, True, conn.describe())
+
+
+def _check_complete(conn: Connector, manifest: mf.Manifest, version: str, model: str, stays: str) -> None:
+    missing = missing_objects(conn, manifest)
     if missing:
         raise NotFoundError(
             f"version {version} of {model!r} is incomplete in {conn.describe()}: {len(missing)} of its objects are "
             f"missing (e.g. {missing[0]!r}: deleted by gc, or its publish never finished): not promoted; {stays}"
         )
-    mf.check_stored(conn, manifest)  # every span inside its object
-    swap_to(conn, model, resolve(conn, model, version), start, what="promote")
-    return PromoteResult(model, version, cur.version if cur else None, True, conn.describe())
 
 
 def missing_objects(conn: Connector, manifest: mf.Manifest) -> list[str]:
