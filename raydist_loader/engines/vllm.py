@@ -88,6 +88,7 @@ class RaydistModelLoader(BaseModelLoader):
         open_manifest(
             options.url,
             options.model,
+            model_version=options.model_version,
             expect_manifest_sha256=options.expect_manifest_sha256,
             connector_options=options.connector_options(),
         )
