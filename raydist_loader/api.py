@@ -3,7 +3,6 @@ an engine's worker)."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from .driver.replicas import load_groups, make_groups, run_groups, start_groups
 from .errors import ConfigError
 from .load.worker import ShardLoader
 from .options import DEFAULTS, Device, Placement, Verify, load_options
-from .redact import redact_text
 from .report import LoadReport, PhaseClock, RankReport, check_verified
 from .retry import RetryPolicy
 from .store.experts import Experts
@@ -33,8 +31,6 @@ from .store.plan import Layout
 from .store.rules import RuleSet
 from .store.verify import check_manifest_sha256, check_pin
 from .store.versions import VersionRef, read_manifest_bytes, resolve
-
-log = logging.getLogger(__name__)
 
 
 class Replica:
@@ -257,7 +253,9 @@ def load_across_cluster(
     # the manifest first: a wrong URL, model or tp is refused before any Ray starts; a pinned version is leased
     # before it is looked up (gc cannot take it meanwhile), the current one as soon as it is known
     holder = f"ray load tp={tp} replicas={replicas}"
-    lease = take_lease(url, model, options.model_version, holder, connector_options) if options.model_version else None
+    lease = None
+    if options.model_version:
+        lease = Lease.try_take(url, model, options.model_version, holder, connector_options=connector_options)
     try:
         manifest, raw = open_manifest(
             url, model, model_version=options.model_version, expect_manifest_sha256=expect_manifest_sha256,
@@ -268,7 +266,7 @@ def load_across_cluster(
         if lease is not None:
             lease.release()
         raise
-    lease = lease or take_lease(url, model, manifest.version, holder, connector_options)
+    lease = lease or Lease.try_take(url, model, manifest.version, holder, connector_options=connector_options)
 
     def plan() -> list[Coordinator]:
         """One coordinator per replica; each computes its ranks' plans and expected digests (the rest of the
@@ -312,18 +310,6 @@ def load_across_cluster(
         if lease is not None:
             lease.release()
         raise
-
-
-def take_lease(url: str, model: str, version: str, holder: str, connector_options: dict | None = None,
-               ) -> Lease | None:
-    """A lease on ``version`` for this process (:mod:`raydist_loader.store.leases`: gc keeps a leased version), or
-    None with a warning when the store cannot take one (read-only credentials): a lease never fails a load."""
-    try:
-        return Lease.take(url, model, version, holder, connector_options=connector_options)
-    except Exception as e:  # noqa: BLE001 - the load goes on unprotected; the warning says so
-        log.warning("raydist: no lease on %s version %s (%s): gc does not know this load uses it",
-                    model, version, redact_text(str(e)))
-        return None
 
 
 @dataclass

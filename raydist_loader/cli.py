@@ -498,9 +498,9 @@ def _cmd_versions(args: argparse.Namespace, out: _Out) -> int:
 
 
 def _when(t: float | None) -> str:
-    import time
+    from .store.leases import stamp
 
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return "-" if t is None else stamp(t)
 
 
 def _cmd_promote(args: argparse.Namespace, out: _Out) -> int:

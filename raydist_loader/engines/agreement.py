@@ -17,7 +17,6 @@ group: vLLM's and SGLang's world group, which spans TP, PP and vLLM's data-paral
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from ..store.leases import Lease
 from ..store.versions import VersionRef
 from .handoff import EngineOptions
 
-log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
@@ -101,18 +99,13 @@ _serving: list[Lease] = []  # the lease on the version this process' engine serv
 
 
 def _lease_for(options: EngineOptions, version: str, holder: str) -> Lease | None:
-    """A lease on ``version`` for this engine (the serving one when it is that version of that model already);
-    None with a warning when the store takes no lease (read-only credentials): a lease never fails a load."""
+    """A lease on ``version`` for this engine: the serving one when it is that version of that model already, else
+    a new one (None when the store takes none: :meth:`Lease.try_take`)."""
     with _lock:
         serving = _serving[0] if _serving else None
     if serving is not None and (serving.model, serving.version) == (options.model, version):
         return serving
-    try:
-        return Lease.take(options.url, options.model, version, holder, connector_options=options.connector_options())
-    except Exception as e:  # noqa: BLE001 - the engine serves unprotected; the warning says so
-        log.warning("raydist: no lease on %s version %s (%s): gc does not know this engine uses it",
-                    options.model, version, redact_text(str(e)))
-        return None
+    return Lease.try_take(options.url, options.model, version, holder, connector_options=options.connector_options())
 
 
 def _settle(lease: Lease | None, ok: bool) -> None:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from ..connectors import Connector, open_connector
 from ..errors import ManifestError, NotFoundError, RaydistError
 from . import versions as vs
-from .leases import LeaseInfo, drop_expired, read_leases
+from .leases import LeaseInfo, drop_expired, read_leases, stamp
 from .manifest import VERSION_RE, Manifest, check_model_name, manifest_key
 
 DEFAULT_GRACE_S = 3600.0
@@ -99,7 +99,7 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
         elif version in in_use:
             state.kept = "the current version names its objects"
         elif (until := _open_until(conn, model, version, keys[version])) is not None and until > now:
-            state.kept = f"a publish of several parts (open_version) is open until {_stamp(until)}"
+            state.kept = f"a publish of several parts (open_version) is open until {stamp(until)}"
         else:
             quiet = _unused_since(conn, cur, version, keys[version])
             if quiet is None:
@@ -120,10 +120,6 @@ def _open_until(conn: Connector, model: str, version: str, keys: list[str]) -> f
         return float(json.loads(conn.read(key))["token"]["deadline"])
     except (RaydistError, ValueError, KeyError, TypeError):
         return None
-
-
-def _stamp(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def _manifest(conn: Connector, model: str, version: str, keys: list[str]) -> Manifest | None:

@@ -57,10 +57,11 @@ class LeaseInfo:
         return self.expires > (time.time() if now is None else now)
 
     def describe(self) -> str:
-        return f"{self.holder} on {self.host} (pid {self.pid}, since {_stamp(self.started)})"
+        return f"{self.holder} on {self.host} (pid {self.pid}, since {stamp(self.started)})"
 
 
-def _stamp(t: float) -> str:
+def stamp(t: float) -> str:
+    """A time as operators read it: ``2026-12-04 18:30:00 UTC``."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
@@ -157,6 +158,18 @@ class Lease:
         lease = cls(lambda: open_connector(url, **(connector_options or {})), model, version, holder, ttl_s=ttl)
         lease.start()
         return lease
+
+    @classmethod
+    def try_take(cls, url: str, model: str, version: str, holder: str, *,
+                 connector_options: dict | None = None) -> Lease | None:
+        """:meth:`take`, or None with a warning when the store takes no lease (read-only credentials): a lease
+        never fails a load, which then goes on with gc not knowing about it."""
+        try:
+            return cls.take(url, model, version, holder, connector_options=connector_options)
+        except Exception as e:  # noqa: BLE001 - the load goes on unprotected; the warning says so
+            log.warning("raydist: no lease on %s version %s (%s): gc does not know %s uses it", model, version,
+                        redact_text(str(e)), holder)
+            return None
 
     @property
     def key(self) -> str:

@@ -188,6 +188,13 @@ def read_manifest_bytes(
             f"{manifest_sha256} as resolved: a version's manifest never changes, so the store was modified or "
             "damaged: re-publish the model"
         )
+    return _parsed(conn, model, version, stored)
+
+
+def _parsed(conn: Connector, model: str, version: str, stored: bytes) -> tuple[mf.Manifest, bytes]:
+    """``stored`` validated as the manifest of ``version`` of ``model``, and the bytes it stands for: ``stored``,
+    or re-serialised when it names another model (a copy) and was re-rooted under ``model``."""
+    where = conn.describe()
     manifest = mf.Manifest.from_json(stored, where=f"{where} {model}/{version}/manifest.json")
     if manifest.version != version:
         raise ManifestError(f"{where}: the manifest stored for {model!r} version {version} is version "
@@ -229,7 +236,7 @@ def swap_to(conn: Connector, model: str, ref: VersionRef, start: bytes | None, *
                       retired=retired)
     data, key = pointer.to_json(), mf.manifest_key(model)
     # a client that retried a swap whose reply was lost (botocore, redis-py) finds its own pointer current: it won
-    if not conn.compare_and_swap(key, start, data) and _stored(conn, model) != data:
+    if not conn.compare_and_swap(key, start, data) and stored_pointer(conn, model) != data:
         now_current = current_or_none(conn, model)
         stays = f"version {now_current.version} is current" if now_current else "another writer's version is current"
         raise ConflictError(
@@ -250,16 +257,12 @@ def _parsed_or_none(conn: Connector, model: str, start: bytes | None) -> Current
         return None
 
 
-def _stored(conn: Connector, model: str) -> bytes | None:
+def stored_pointer(conn: Connector, model: str) -> bytes | None:
+    """``<model>/manifest.json``'s bytes now (None: none yet): what a later :func:`swap_to` compares against."""
     try:
         return conn.read(mf.manifest_key(model))
     except NotFoundError:
         return None
-
-
-def stored_pointer(conn: Connector, model: str) -> bytes | None:
-    """``<model>/manifest.json``'s bytes now (None: none yet): what a later :func:`swap_to` compares against."""
-    return _stored(conn, model)
 
 
 def write_version(conn: Connector, manifest: mf.Manifest, start: bytes | None, *, what: str,
@@ -298,7 +301,7 @@ def promote(url: str, model: str, version: str, *, connector_options: dict | Non
 def promote_in(conn: Connector, model: str, version: str) -> PromoteResult:
     """:func:`promote` through an open connector."""
     check_version_id(version, "promote: VERSION")
-    start = _stored(conn, model)
+    start = stored_pointer(conn, model)
     if start is None:
         raise NotFoundError(mf.missing_message(conn, model))
     cur = _parsed_or_none(conn, model, start)  # a damaged pointer is repaired by the promote
@@ -306,12 +309,16 @@ def promote_in(conn: Connector, model: str, version: str) -> PromoteResult:
         return PromoteResult(model, version, version, False, conn.describe())
     stays = f"version {cur.version} stays current" if cur else "the current pointer is left as it is"
     with brief_lease(conn, model, version, "promote"):  # a gc running meanwhile leaves the version alone
-        manifest, _ = read_manifest_bytes(conn, model, version)
+        stored = _stored_version(conn, model, version)
+        manifest = _parsed(conn, model, version, stored)[0]
         _check_complete(conn, manifest, version, model, stays)
         mf.check_stored(conn, manifest)  # every span inside its object
-        pointer = swap_to(conn, model, resolve(conn, model, version), start, what="promote")
+        pointer = swap_to(conn, model, VersionRef(version, sha256(stored)), start, what="promote")
         try:  # a gc that looked before the lease was written may have deleted it meanwhile: then undo the swap
-            _check_complete(conn, read_manifest_bytes(conn, model, version)[0], version, model, stays)
+            if not conn.exists(version_manifest_key(model, version)):
+                raise NotFoundError(f"version {version} of {model!r} was deleted by gc while it was promoted; "
+                                    f"{stays}")
+            _check_complete(conn, manifest, version, model, stays)
         except NotFoundError:
             conn.compare_and_swap(mf.manifest_key(model), pointer.to_json(), start)
             raise
