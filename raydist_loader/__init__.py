@@ -2,6 +2,7 @@
 
 Entry points: ``load_across_cluster``, ``load_shard`` (Ray imported on first use), ``publish``, ``index``,
 ``publish_state_dict`` (a state dict from memory; ``open_version`` for one version published by several processes),
+``UpdatePublisher`` (an RL trainer's versions from memory, each stored as deltas against the one before),
 ``inspect``, ``inspect_config`` (size a model from its config.json alone), ``verify``, ``pull_files``, ``gc``,
 ``release`` (end a held load's actors from any driver), ``versions`` (every version of a model, current, leased,
 when gc may delete it), ``promote`` (make a version current again: a rollback), ``resolve_version``.
@@ -31,6 +32,7 @@ from .store.memory import open_version, publish_state_dict
 from .store.publish import index, publish
 from .store.sizing import inspect_config
 from .store.summary import inspect
+from .store.updates import UpdatePublisher
 from .store.verify import manifest_sha256, verify
 from .store.versions import promote
 
@@ -46,6 +48,7 @@ __all__ = [
     "index",
     "publish_state_dict",
     "open_version",
+    "UpdatePublisher",
     "inspect",
     "inspect_config",
     "verify",

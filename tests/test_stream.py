@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import raydist_loader as rl
 from raydist_loader import connectors
 from raydist_loader.api import load_shard
-from raydist_loader.engines.handoff import EngineOptions, load_into, rank_weights
+from raydist_loader.engines.handoff import EngineOptions, load_into, rank_weights, update_rank
 from raydist_loader.errors import VerificationError
 from raydist_loader.load.transfer import Transfer
 from raydist_loader.testing.faulty import FaultyConnector
@@ -234,7 +234,7 @@ def test_direct_false_streams_everything_through_load_weights(stores):
 
 
 def test_a_reload_that_fails_verification_leaves_every_parameter_as_it_was(stores, tmp_path, monkeypatch):
-    """Reloads (vLLM ``get_all_weights``) verify before write (``whole=True``): a wrong byte in the new version
+    """Reloads (vLLM ``get_all_weights``) verify before write (``update_rank``): a wrong byte in the new version
     raises before the model's loaders got any tensor. Streamed, the same reload would have changed the tensors
     before the wrong one: a mix of two versions."""
     monkeypatch.setattr(Transfer, "part_bytes", 16 << 10)
@@ -249,8 +249,10 @@ def test_a_reload_that_fails_verification_leaves_every_parameter_as_it_was(store
 
     def reload(whole: bool) -> None:
         def get_all_weights():  # as vLLM's reload consumes the loader's iterator
-            weights, _ = rank_weights(_options(bad, "llama"), 2, 1, whole=whole)
-            yield from weights
+            if whole:
+                yield from update_rank(_options(bad, "llama"), 2, 1).weights
+            else:
+                yield from rank_weights(_options(bad, "llama"), 2, 1)[0]
 
         with pytest.raises(VerificationError, match=f"rank 1: tensor {ROWWISE} chunk all.3"):
             model.load_weights(get_all_weights())

@@ -11,9 +11,10 @@ parameter on the worker's device, one tensor at a time, so a GPU never holds a s
 
 :func:`rank_weights` streams those tensors (:mod:`raydist_loader.load.stream`): each group is pulled and verified
 just before it is handed over and dropped after, so host memory is bounded by the staging parts plus one group,
-not by the shard (``whole=True``: the whole shard verified first, for reloads). :func:`load_into` goes further:
-where the model's weight loader is provably a plain narrow + copy (:mod:`.direct`), the chunks are read straight
-into the parameters, and only the other tensors are streamed through ``load_weights``.
+not by the shard. :func:`load_into` goes further: where the model's weight loader is provably a plain narrow +
+copy (:mod:`.direct`), the chunks are read straight into the parameters, and only the other tensors are streamed
+through ``load_weights``. An update of a serving engine (:func:`update_rank`) verifies the whole shard before the
+engine gets any tensor, and builds what the parameters hold from the bytes they serve and the new version's deltas.
 
 The options an engine passes (vLLM's and SGLang's ``model_loader_extra_config``) are parsed here too, so every
 engine accepts the same keys with the same errors; with no options, the model directory's ``raydist.json`` (written
@@ -31,10 +32,11 @@ import torch
 
 from ..connectors import check_url
 from ..errors import ConfigError, ShardingError
+from ..load.served import Served, pull_update
 from ..load.stream import ShardStream
 from ..options import LoadOptions, load_options
 from ..redact import redact_url, url_password
-from ..report import RankReport
+from ..report import RankReport, check_verified
 from ..store.experts import Experts
 from ..store.locator import LOCATOR_FILE, read_locator
 from ..store.verify import check_pin
@@ -190,6 +192,7 @@ class Delivery:
     loaded: set[str] | None
     report: RankReport
     capture: Capture | None = None  # where each tensor went: straight into parameters or through load_weights
+    served: Served | None = None  # what the rank serves now, for the next update (:mod:`raydist_loader.load.served`)
 
 
 def open_stream(
@@ -231,31 +234,15 @@ def rank_weights(
     *,
     only: Callable[[str], bool] | None = None,
     experts: Experts | None = None,
-    whole: bool = False,
     version: VersionRef | None = None,
 ) -> tuple[Iterator[tuple[str, torch.Tensor]], Callable[[], RankReport]]:
     """The rank's verified weights as ``(checkpoint name, full-size tensor)`` pairs for an engine's
     ``load_weights`` (or its reload path), and a function that returns the load report once they are consumed
     (it raises unless the rank digest over every chunk is the expected one).
 
-    Streamed (default): each tensor is yielded as soon as its chunks have landed and verified, and dropped after;
-    a chunk still wrong after its re-pull raises out of the iterator, before the engine got that tensor (but after
-    it got earlier ones). ``whole=True`` (verify before write: reloads into a serving engine) pulls and verifies the
-    whole shard first, so a wrong byte raises before the engine got any tensor, at the cost of holding the shard
-    in host memory."""
-    if whole:
-        shard = pull_rank(options, tp, rank, only=only, experts=experts, version=version)
-        if not shard.tensors:
-            raise _no_tensor(options, tp, rank)
-        report, tensors = shard.report, shard.tensors
-        del shard
-
-        def held() -> Iterator[tuple[str, torch.Tensor]]:
-            while tensors:  # hand each tensor over once and drop it: the engine has copied it into its parameter
-                name = next(iter(tensors))
-                yield name, tensors.pop(name)
-
-        return held(), lambda: report
+    Each tensor is yielded as soon as its chunks have landed and verified, and dropped after; a chunk still wrong
+    after its re-pull raises out of the iterator, before the engine got that tensor (but after it got earlier
+    ones): a first load. An update of a serving engine verifies the whole shard first: :func:`update_rank`."""
     stream = open_stream(options, tp, rank, only=only, experts=experts, version=version)
 
     def streamed() -> Iterator[tuple[str, torch.Tensor]]:
@@ -299,7 +286,63 @@ def load_into(
         report.phases["capture_s"] = captured.seconds
         if loaded is not None and captured.loaded is not None:  # the probe run reported every tensor's parameters
             loaded = set(loaded) | captured.loaded
-    return Delivery(set(loaded) if loaded is not None else None, report, captured)
+    served = Served.of(stream.plan, captured.targets if captured is not None else None)
+    return Delivery(set(loaded) if loaded is not None else None, report, captured, served)
+
+
+@dataclass
+class Update:
+    """An update's verified weights for the engine's ``load_weights`` (each handed over once), its report, and
+    what the rank serves once the engine has taken them all."""
+
+    weights: Iterator[tuple[str, torch.Tensor]]
+    report: RankReport
+    served: Served
+
+
+def update_rank(
+    options: EngineOptions,
+    tp: int,
+    rank: int,
+    *,
+    only: Callable[[str], bool] | None = None,
+    experts: Experts | None = None,
+    version: VersionRef | None = None,
+    served: Served | None = None,
+) -> Update:
+    """Rank ``rank`` of ``tp`` of the version an update moves to, pulled and verified WHOLE before the engine gets
+    any tensor (verify before write; the shard is held in host memory meanwhile), in the ``global`` layout. With
+    ``served`` (what the rank serves now), chunks its parameters hold are built from those bytes and the new
+    version's deltas, read alone (:func:`~raydist_loader.load.served.pull_update`); raises, naming rank, tensor
+    and chunk, if a digest stays wrong."""
+    from ..api import open_shard
+
+    loader = open_shard(options.model, options.url, tp, rank, **_shard_args(options, only, experts, version))
+    try:
+        report = pull_update(loader, served)
+        report.phases["manifest_s"] = loader.opened_s
+        if loader.verify:
+            check_verified(options.model, [report])
+        plan, tensors = loader.plan, loader.tensors
+    finally:
+        loader.close()
+    if not plan.tensors:
+        raise _no_tensor(options, tp, rank)
+    now = served.moved_to(plan) if served is not None else Served.of(plan, None)
+
+    def held() -> Iterator[tuple[str, torch.Tensor]]:
+        while tensors:  # hand each tensor over once and drop it: the engine has copied it into its parameter
+            name = next(iter(tensors))
+            yield name, tensors.pop(name)
+
+    return Update(held(), report, now)
+
+
+def describe_update(report: RankReport) -> str:
+    """One line on what an update moved: chunks built from the served weights, bytes read from the store."""
+    reused = int(report.phases.get("reused_chunks", 0))
+    return (f"{reused} of {report.chunks} chunks built from the weights served, {report.bytes_read / 1e6:.1f} MB "
+            f"read from the store for a {report.bytes / 1e6:.1f} MB shard")
 
 
 def missing_names(expected: set[str], delivered: set[str], what: str, limit: int = 20) -> str | None:

@@ -43,9 +43,10 @@ from sglang.srt.model_loader.loader import (
 from sglang.srt.model_loader.utils import set_default_torch_dtype
 
 from ..errors import ConfigError, ShardingError
+from ..load.served import Served
 from ..report import RankReport
 from .agreement import RankGroup, TorchGroup, agree_version, on_every_rank
-from .handoff import EngineOptions, load_into, missing_names, rank_weights
+from .handoff import EngineOptions, Update, describe_update, load_into, missing_names, rank_weights, update_rank
 
 LOAD_FORMAT = "raydist"
 OPTIONS_NAME = "model_loader_extra_config"
@@ -137,9 +138,11 @@ class RaydistModelLoader(DefaultModelLoader):
             group = _world()
             options, agreed = agree_version(group, HOLDER.format(tp=tp), lambda: options)
 
-            def load() -> tuple[RankReport, RankReport]:
+            def load() -> tuple[tuple[RankReport, Served | None], RankReport]:
+                served = None
                 if quant_config is None:  # plain copies read straight into the parameters, the rest streamed
-                    report = load_into(model, options, tp, rank, version=agreed.ref).report
+                    delivery = load_into(model, options, tp, rank, version=agreed.ref)
+                    report, served = delivery.report, delivery.served
                 else:  # SGLang's own path for quantized weights (renames, online quantization), streamed
                     weights, reported = rank_weights(options, tp, rank, version=agreed.ref)
                     self.load_weights_only(model, weights, target_device)
@@ -152,10 +155,10 @@ class RaydistModelLoader(DefaultModelLoader):
                         raise ShardingError(f"{message}; the store's model does not match the config SGLang was "
                                             "started with")
                     clock.lap("check")
-                return report, report
+                return (report, served), report
 
-            report = on_every_rank(options, group, agreed, "load", load)
-            _serving[:] = [(options, agreed.ref)]
+            report, served = on_every_rank(options, group, agreed, "load", load)
+            _serving[:] = [(options, agreed.ref, served)]
             _serve_as(agreed.ref.version)
             self.postprocess_weights(model, target_device)
             clock.lap("post")
@@ -172,10 +175,9 @@ class RaydistModelLoader(DefaultModelLoader):
         (SGLang reports it as a failed update and leaves the model untouched)."""
         tp, rank = tensor_parallel()
         if _open_update:  # SGLang rolls back a failed update on the ranks that failed (no collective: alone)
-            options, ref = _open_update.pop()
+            options, ref, before = _open_update.pop()  # what the half-written parameters still hold is re-verified
             logger.info(f"raydist: rank {rank}/{tp}: rolling back to {options.model} version {ref.version}")
-            weights, report = rank_weights(options, tp, rank, whole=True, version=ref)
-            return _applied(weights, options, ref)
+            return _applied(update_rank(options, tp, rank, version=ref, served=before), options, ref)
 
         def resolve() -> EngineOptions:  # SGLang passes no options to an update: DIR's raydist.json
             if source.model_config is not None:
@@ -185,27 +187,32 @@ class RaydistModelLoader(DefaultModelLoader):
         group = _world()
         options, agreed = agree_version(group, HOLDER.format(tp=tp), resolve)
 
-        def pull():
-            weights, report = rank_weights(options, tp, rank, whole=True, version=agreed.ref)
-            return (weights, report), report()
+        served = _serving[0][2] if _serving else None
 
-        weights, report = on_every_rank(options, group, agreed, "update", pull)
-        logger.info(_describe(report(), None))
+        def pull():
+            update = update_rank(options, tp, rank, version=agreed.ref, served=served)
+            return update, update.report
+
+        update = on_every_rank(options, group, agreed, "update", pull)
+        logger.info(f"{_describe(update.report, None)}; {describe_update(update.report)}")
         if _serving:
             _open_update[:] = [_serving[0]]  # what to roll back to, until this update's weights are all applied
-        return _applied(weights, options, agreed.ref)
+        return _applied(update, options, agreed.ref)
 
 
-_serving: list[tuple[EngineOptions, Any]] = []  # (options, VersionRef) this engine serves
-_open_update: list[tuple[EngineOptions, Any]] = []  # while an update is applied: the version to roll back to
+#: (options, VersionRef, Served) this engine serves (Served: what the next update builds on; None: nothing)
+_serving: list[tuple[EngineOptions, Any, Served | None]] = []
+_open_update: list[tuple[EngineOptions, Any, Served | None]] = []  # while an update is applied: what to roll back to
 
 
-def _applied(weights: Iterator[tuple[str, torch.Tensor]], options: EngineOptions, ref: Any) -> Iterator:
+def _applied(update: Update, options: EngineOptions, ref: Any) -> Iterator:
     """The update's weights; once SGLang has taken them all, ``ref`` is what this engine serves (a failure before
-    that leaves ``_open_update`` set, and SGLang's rollback reloads the version served before)."""
-    yield from weights
+    that leaves ``_open_update`` set, and SGLang's rollback reloads the version served before; the parameters
+    half written then serve nothing a later update could build on)."""
+    _serving[:] = [(s[0], s[1], None) for s in _serving]
+    yield from update.weights
     _open_update.clear()
-    _serving[:] = [(options, ref)]
+    _serving[:] = [(options, ref, update.served)]
 
 
 def _world() -> RankGroup:

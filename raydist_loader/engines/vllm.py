@@ -50,7 +50,7 @@ from ..report import RankReport
 from ..store.experts import Experts, owned_by_layer
 from .agreement import TorchGroup, agree_version, on_every_rank
 from .direct import Capture
-from .handoff import EngineOptions, load_into, missing_names, rank_weights
+from .handoff import EngineOptions, describe_update, load_into, missing_names, update_rank
 
 LOAD_FORMAT = "raydist"
 OPTIONS_NAME = "model_loader_extra_config"
@@ -115,13 +115,15 @@ class RaydistModelLoader(BaseModelLoader):
 
         delivery = on_every_rank(options, group, agreed, "load", load)
         model.raydist_report, model.raydist_model_dir = delivery.report, model_config.model
+        model.raydist_served = delivery.served
         logger.info(_describe(delivery.report, pp, time.perf_counter() - t0, delivery.capture, experts is not None,
                               group.size))
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """What vLLM's in-place reload (``reload_weights``, the weight update of RL loops) reads: the agreed version
         (current, or pinned) of this worker's shard, verified, as full-size tensors. Pulled and verified *before*
-        the first tensor is handed over (``whole=True``) on every worker: a reload that any worker fails to pull
+        the first tensor is handed over on every worker (:func:`~.handoff.update_rank`: the chunks this worker's
+        parameters hold are built from them and the new version's deltas): a reload that any worker fails to pull
         or verify, or that would not give every worker the same version, raises on every worker before vLLM
         changed any weight (the shard is held in host memory meanwhile)."""
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
@@ -137,16 +139,19 @@ class RaydistModelLoader(BaseModelLoader):
         options, agreed = agree_version(group, _holder(tp, pp), resolve)
         experts = placed[0]
 
-        def pull():
-            weights, report = rank_weights(options, tp, rank, only=self._only(model), experts=experts, whole=True,
-                                           version=agreed.ref)
-            return (weights, report), report()
+        served = getattr(model, "raydist_served", None)
 
-        weights, report = on_every_rank(options, group, agreed, "update", pull)
+        def pull():
+            update = update_rank(options, tp, rank, only=self._only(model), experts=experts, version=agreed.ref,
+                                 served=served)
+            return update, update.report
+
+        update = on_every_rank(options, group, agreed, "update", pull)
         logger.info(f"raydist: rank {rank}/{tp}: update to {options.model} version {agreed.ref.version} pulled and "
-                    f"verified on every worker ({group.size})")
-        yield from weights
-        model.raydist_report = report()
+                    f"verified on every worker ({group.size}); {describe_update(update.report)}")
+        model.raydist_served = None  # until every weight is written: a reload failing now leaves nothing to build on
+        yield from update.weights
+        model.raydist_report, model.raydist_served = update.report, update.served
 
     @staticmethod
     def _only(model: torch.nn.Module) -> Callable[[str], bool] | None:

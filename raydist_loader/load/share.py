@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..report import RankReport
-from ..store.plan import ChunkRead, RankPlan
+from ..store.plan import ChunkRead, RankPlan, store_bytes
 from .worker import ShardLoader
 
 #: Target size of one shared part (one object in Ray's object store): big enough that per-object costs vanish,
@@ -38,7 +38,7 @@ def stripes(plan: RankPlan, replicas: int, part_bytes: int = PART_BYTES) -> Stri
     stretch (back-to-back ranges stay one request) and about 1/R of the bytes. Chunks read from one span (in place)
     and the column blocks of one tensor stay together. Zero-size chunks are in no stripe (nothing to read)."""
     units = _units(plan.reads)
-    sizes = [_store_bytes([plan.reads[i] for i in unit]) for unit in units]
+    sizes = [store_bytes([plan.reads[i] for i in unit]) for unit in units]
     total = sum(sizes) or 1
     owned: list[list[list[int]]] = [[] for _ in range(replicas)]
     done = 0
@@ -74,11 +74,6 @@ def _parts(plan: RankPlan, units: list[list[int]], part_bytes: int) -> list[list
         parts[-1].extend(unit)
         size += sum(plan.reads[i].nbytes for i in unit)
     return parts
-
-
-def _store_bytes(reads: Sequence[ChunkRead]) -> int:
-    """Bytes requested from the store for these reads (a span shared by several chunks counts once)."""
-    return sum(sum(p.nbytes for p in pieces) for pieces in dict.fromkeys(r.pieces for r in reads))
 
 
 class ReplicaShard(ShardLoader):
@@ -132,7 +127,7 @@ class ReplicaShard(ShardLoader):
             got.update(self._pull(wrong))
         with self._share_lock:
             self._digests.update(got)
-            self._from_store += _store_bytes(reads) + _store_bytes(wrong)
+            self._from_store += store_bytes(reads) + store_bytes(wrong)
             self._repulled += len(wrong)
             self._spent["pull_s"] += time.perf_counter() - t0
 
@@ -183,7 +178,7 @@ class ReplicaShard(ShardLoader):
         wrong = [r for r in plan.reads if self._digests[(r.tensor, r.chunk)] != r.xxh3] if self.verify else []
         if wrong:
             self._digests.update(self._pull(wrong))
-        self._from_store += _store_bytes(missing) + _store_bytes(wrong)
+        self._from_store += store_bytes(missing) + store_bytes(wrong)
         started, begun = self._clock
         self._phases = {**self._spent, "complete_s": time.perf_counter() - t0}
         report = self._report(started, time.perf_counter() - begun, repulled=self._repulled + len(wrong))

@@ -27,7 +27,8 @@ import torch
 from .. import dtypes
 from ..connectors import Connector, ReadRequest
 from ..digest import ChunkHash
-from ..errors import ConfigError, ShardingError
+from ..errors import ConfigError, ManifestError, ShardingError
+from ..pool import run_all
 from ..retry import RetryPolicy
 from ..retry import call as with_retries
 from ..store.chunks import (
@@ -37,6 +38,7 @@ from ..store.chunks import (
     in_parts,
     part_rows,
     read_in_parts,
+    rebuild,
     requests_for,
     rows_of,
     stage_bytes,
@@ -83,9 +85,25 @@ class Transfer:
         """Read the chunks, hash each as it completes, place it; then view the arena as the rank's tensors."""
         empty = torch.empty(0, dtype=torch.uint8)  # zero-size tensors: no bytes to read or place
         digests = {(r.tensor, r.chunk): self._hash(empty, r) for r in reads if not r.nbytes}
-        digests.update(self._pull([r for r in reads if r.nbytes], concurrency))
+        digests.update(self._pull([r for r in reads if r.nbytes and not r.deltas], concurrency))
+        rebuilt = [r for r in reads if r.nbytes and r.deltas]
+        built = run_all(self._rebuilt, rebuilt, concurrency, f"rank{self.rank}")
+        digests.update(zip(((r.tensor, r.chunk) for r in rebuilt), built, strict=True))
         self._expose()
         return digests
+
+    def _rebuilt(self, read: ChunkRead) -> str:
+        """A chunk built from deltas (:func:`~raydist_loader.store.chunks.rebuild`) on the host, hashed, placed;
+        a delta that does not decode is a chunk that fails verification (re-pulled once, then named)."""
+        buf = torch.empty(read.nbytes, dtype=torch.uint8)
+        try:
+            rebuild(read, buf, lambda requests: self._read(self.connector, requests), self.connector.max_request_bytes)
+        except ManifestError as e:
+            return f"undecodable delta ({e})"
+        self._place(read, buf)
+        with self._lock:
+            self._done += read.nbytes
+        return self._hash(buf, read)
 
     def region(self, read: ChunkRead, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The chunk's place in ``tensors`` (default: where it landed); ``verify="full"`` re-hashes it there."""

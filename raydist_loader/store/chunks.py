@@ -132,3 +132,19 @@ def read_in_parts(
             h.update(data.numpy())
             if place is not None:
                 place(chunk, r0, r1, data)
+
+
+def rebuild(read: ChunkRead, buf: torch.Tensor, read_many: Callable[[list[ReadRequest]], None], max_bytes: int) -> None:
+    """A chunk of a version built on earlier ones (:mod:`.deltas`): its stored bytes into ``buf`` (CPU uint8 of the
+    chunk's size) and its deltas with them in one batch of reads, then each delta applied in order. Raises
+    :class:`~raydist_loader.errors.ManifestError` for a delta that does not decode to the chunk's size."""
+    from . import deltas
+
+    blobs = [np.empty(p.nbytes, dtype=np.uint8) for p in read.deltas]
+    requests = list(requests_for(read, buf, max_bytes))
+    for p, blob in zip(read.deltas, blobs, strict=True):
+        requests += [ReadRequest(p.key, p.offset + a, memoryview(blob[a : a + max_bytes]))
+                     for a in range(0, p.nbytes, max_bytes)]
+    read_many(requests)
+    for p, blob in zip(read.deltas, blobs, strict=True):
+        deltas.apply(buf.numpy(), blob, f"delta of chunk {read.chunk} at {p.key}@{p.offset}")

@@ -3,9 +3,10 @@ each, and the deletion itself.
 
 Only prefixes that look like our version ids (``vYYYYmmddHHMMSSmmm-xxxxxxxx``) are ever touched, so original
 checkpoint files indexed in place, leases and anything else an operator keeps under the model's name are left
-alone. A version is kept when it is current; when a live lease names it (a loading or serving engine, a held Ray
-load: :mod:`.leases`); when it is among the ``keep`` most recently current ones; when the current version names
-its objects; or while a publish of several parts writing it is open (before its deadline, :mod:`.memory`).
+alone. A version is kept when it is current; when a live lease names it (a loading or serving engine, a held Ray load:
+:mod:`.leases`); when it is among the ``keep`` most recently current ones; when the current version names its
+objects, or a kept version is built on it (its chain: RL updates, :mod:`.updates`); or while a publish of several
+parts writing it is open (before its deadline, :mod:`.memory`).
 Otherwise the grace period never counts from a version id (stamped when its publish *started*, possibly hours
 before its swap):
 
@@ -79,6 +80,7 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
     named = current_manifest.all_objects() if current_manifest is not None else set()
     in_use = {key.split("/")[len(model.split("/"))] for key in named}
     recent = sorted(cur.retired, key=cur.retired.get, reverse=True)[:keep]
+    built_on: dict[str, str] = {}  # version -> a kept version built on it (its chain: deltas, unchanged chunks)
     states = []
     for version in sorted(keys, reverse=True):
         manifest = current_manifest if version == cur.version else _manifest(conn, model, version, keys[version])
@@ -98,6 +100,8 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
             state.kept = f"one of the {keep} most recently current (--keep {keep})"
         elif version in in_use:
             state.kept = "the current version names its objects"
+        elif version in built_on:
+            state.kept = f"version {built_on[version]} (kept) is built on it: it names its objects"
         elif (until := _open_until(conn, model, version, keys[version])) is not None and until > now:
             state.kept = f"a publish of several parts (open_version) is open until {stamp(until)}"
         else:
@@ -106,6 +110,10 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
                 state.kept = "its objects cannot be dated by this store"
             else:
                 state.gc_after = quiet + grace_s
+        stays = state.kept is not None or state.gc_after is None or state.gc_after > now
+        if stays and manifest is not None:  # what it is built on is older: decided after it
+            for base in manifest.chain or ():
+                built_on.setdefault(base, version)
         states.append(state)
     return cur, states, keys
 
@@ -196,8 +204,14 @@ def gc(
 def _claimed(conn: Connector, model: str, version: str) -> str | None:
     """Why ``version`` may not go after all, looked at again just before it is deleted: it became current (a
     promote) or a lease names it now (a load that started after the survey)."""
-    if vs.read_current(conn, model).version == version:
+    cur = vs.read_current(conn, model)
+    if cur.version == version:
         return "became current while gc ran (a promote)"
+    try:
+        if version in (vs.read_manifest(conn, model, cur.version).chain or ()):
+            return f"the current version {cur.version} is built on it (published while gc ran)"
+    except (RaydistError, ManifestError):
+        pass  # the current version's own state is the survey's concern
     live = [x for x in read_leases(conn, model, version).get(version, []) if x.live()]
     return "leased: " + "; ".join(x.describe() for x in live) if live else None
 

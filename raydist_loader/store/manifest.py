@@ -38,6 +38,7 @@ _HEX = {32: re.compile(r"(?:[0-9a-f]{32},)*"), 64: re.compile(r"(?:[0-9a-f]{64},
 #: no byte size, offset or span of a manifest reaches this (a signed 64-bit offset: what files, S3 and torch use)
 MAX_OFFSET = 1 << 63
 _MAX_DIMS = 64  # dimensions of one tensor (torch allows 64 too)
+MAX_CHAIN = 64  # versions one version may be built on (publishers write a full chunk again well before)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,12 @@ class TensorRecord(_Strict):
     an index into :attr:`Manifest.objects`; without ``at`` each chunk is its own object
     ``<model>/<version>/<tensor>::<chunk id>`` (``#0``, ``#1``... parts of ``key_part_bytes`` when larger).
     ``source`` (in place): ``[object, offset]`` where the tensor's row-major bytes start.
+
+    A version built on others (:attr:`Manifest.chain`, RL updates, :mod:`.deltas`) may keep a chunk where an
+    earlier version stored it: ``at`` then names that version's object, or (chunks stored one per object) ``home``
+    gives the version per chunk (0: this one, k: ``chain[k - 1]``). ``delta`` lists per chunk the
+    ``[object, offset, nbytes]`` triples (flattened, oldest first) of the compressed XOR deltas that turn those
+    stored bytes into this version's chunk; an empty list: the stored bytes are the chunk.
     """
 
     dtype: str
@@ -130,6 +137,8 @@ class TensorRecord(_Strict):
     blake3: list[str] | None = None
     at: list[int] | None = None
     source: list[int] | None = None
+    home: list[int] | None = None
+    delta: list[list[int]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -166,6 +175,8 @@ class Manifest(_Strict):
     #: stores of the layout before versions: earlier versions -> when each stopped being current (the current
     #: pointer, :mod:`.versions`, holds this now)
     retired: dict[str, float] | None = None
+    #: earlier versions whose objects this one names (a version built on them from deltas, :mod:`.deltas`)
+    chain: list[str] | None = None
 
     _rules: list[TensorRule] = PrivateAttr(default_factory=list)
     _grids: dict = PrivateAttr(default_factory=dict)
@@ -227,11 +238,21 @@ class Manifest(_Strict):
             return (Part(self.objects[t.at[2 * index]], t.at[2 * index + 1], nbytes),)
         if t.source is not None:
             return ()
-        key = f"{self.model}/{self.version}/{name}::{chunk.id}"
+        key = f"{self.model}/{self.home_version(t, index)}/{name}::{chunk.id}"
         size = self.key_part_bytes or nbytes
         if nbytes <= size:
             return (Part(key, 0, nbytes),)
         return tuple(Part(f"{key}#{k}", 0, min(size, nbytes - a)) for k, a in enumerate(range(0, nbytes, size)))
+
+    def home_version(self, t: TensorRecord, index: int) -> str:
+        """The version whose objects hold chunk ``index``'s stored bytes (chunks stored one per object)."""
+        home = t.home[index] if t.home else 0
+        return self.version if home == 0 else self.chain[home - 1]  # type: ignore[index]
+
+    def deltas(self, t: TensorRecord, index: int) -> tuple[Part, ...]:
+        """The compressed deltas chunk ``index`` applies to its stored bytes, oldest first (none: it is stored)."""
+        steps = t.delta[index] if t.delta else ()
+        return tuple(Part(self.objects[steps[k]], steps[k + 1], steps[k + 2]) for k in range(0, len(steps), 3))
 
     def chunks(self, name: str) -> list[ChunkRecord]:
         """Every chunk of tensor ``name`` with its digests and parts (tools and tests; plans use the grid)."""
@@ -262,6 +283,7 @@ class Manifest(_Strict):
             raise limits.refuse(where, "files", len(self.files), "max_files")
         if not VERSION_RE.match(self.version):
             raise ManifestError(f"{where}: field version: {self.version!r} is not a raydist-loader version id")
+        self._check_chain(where)
         if self.max_tp > _MAX_TP:
             raise ManifestError(f"{where}: field max_tp: {self.max_tp} is above {_MAX_TP}")
         bad = [v for v in self.retired or () if not VERSION_RE.match(v)]
@@ -329,14 +351,59 @@ class Manifest(_Strict):
             self._check_places(t.source, 1, at + ".source", nbytes)
         elif t.source is not None:
             raise ManifestError(f"{at}.source: a chunked manifest has no sources")
-        elif t.at is not None:
-            self._check_places(t.at, n, at + ".at", max(sizes, default=0))
+        deltas = self._check_deltas(t, sizes, at)
+        if self.layout == "inplace" or t.at is not None:
+            if t.home is not None:
+                raise ManifestError(f"{at}.home: only chunks stored one per object have a home version")
+            if t.at is not None:
+                self._check_places(t.at, n, at + ".at", max(sizes, default=0))
         elif self.key_part_bytes is None:
             raise ManifestError(f"{at}.at: missing (a manifest without key_part_bytes packs every chunk)")
         else:  # each chunk is the object <model>/<version>/<name>::<chunk id>: it must stay inside the version
             self._check_object(f"{self.model}/{self.version}/{name}::", at, own_version=True)
-            return sum(-(-b // self.key_part_bytes) or 1 for b in sizes), nbytes
-        return n, nbytes
+            if t.home is not None and (len(t.home) != n or min(t.home, default=0) < 0
+                                       or max(t.home, default=0) > len(self.chain or ())):
+                top = len(self.chain or ())
+                raise ManifestError(f"{at}.home: {len(t.home)} entries for {n} chunk(s), each 0..{top} (0: this "
+                                    "version, k: chain[k - 1])")
+            return sum(-(-b // self.key_part_bytes) or 1 for b in sizes) + deltas, nbytes
+        return n + deltas, nbytes
+
+    def _check_chain(self, where: str) -> None:
+        """The versions this one is built on: distinct version ids, each older than this one, at most MAX_CHAIN."""
+        chain = self.chain or []
+        if len(chain) > MAX_CHAIN:
+            raise ManifestError(f"{where}: field chain: {len(chain)} versions (at most {MAX_CHAIN})")
+        for v in chain:
+            if not VERSION_RE.match(v) or v >= self.version:
+                raise ManifestError(f"{where}: field chain: {v!r} is not a version id older than {self.version}")
+        if len(set(chain)) != len(chain):
+            raise ManifestError(f"{where}: field chain: a version is named twice")
+        if chain and self.layout != "chunked":
+            raise ManifestError(f"{where}: field chain: only a chunked version is built on others")
+
+    def _check_deltas(self, t: TensorRecord, sizes: tuple[int, ...], at: str) -> int:
+        """Per chunk, ``[object, offset, nbytes]`` triples whose bytes add up to at most the chunk's own (a reader
+        never reads more than twice a chunk for it); returns how many deltas there are."""
+        if t.delta is None:
+            return 0
+        if len(t.delta) != len(sizes) or self.layout != "chunked":
+            raise ManifestError(f"{at}.delta: {len(t.delta)} entries for a chunk grid of {len(sizes)} chunks "
+                                "(chunked layout only)")
+        count = 0
+        for i, (steps, size) in enumerate(zip(t.delta, sizes, strict=True)):
+            if len(steps) % 3:
+                raise ManifestError(f"{at}.delta[{i}]: not [object, offset, nbytes] triples")
+            objects, offsets, lengths = steps[0::3], steps[1::3], steps[2::3]
+            if steps and (min(objects) < 0 or max(objects) >= len(self.objects) or min(offsets) < 0
+                          or min(lengths) < 1 or max(offsets) + size >= MAX_OFFSET):
+                raise ManifestError(f"{at}.delta[{i}]: an object index outside objects[0..{len(self.objects) - 1}], "
+                                    "a negative offset or an empty delta")
+            if sum(lengths) > max(size, 1):
+                raise ManifestError(f"{at}.delta[{i}]: {sum(lengths)} bytes of deltas for a chunk of {size} bytes "
+                                    "(a delta chain holds at most the chunk's own bytes)")
+            count += len(objects)
+        return count
 
     def _grid_sizes(self, t: TensorRecord, at: str) -> tuple[int, ...]:
         """The bytes of each chunk of the tensor's grid; checks (once per rule, dtype and shape) that the shape is
@@ -385,6 +452,15 @@ class Manifest(_Strict):
         in the order of :attr:`objects`; None: missing). Before anything is allocated: a manifest can then never
         make a reader allocate more than the store holds. The error reads as a damaged store's (it may be one)."""
         for name, t in self.tensors.items():
+            for i, steps in enumerate(t.delta or ()):
+                for obj, offset, nbytes in zip(steps[0::3], steps[1::3], steps[2::3], strict=True):
+                    if sizes[obj] is None or offset + nbytes > sizes[obj]:
+                        raise NotFoundError(
+                            f"delta {i} of tensor {name!r} in {where} needs bytes [{offset}, {offset + nbytes}) of "
+                            f"{self.objects[obj]!r}, which " + ("does not exist" if sizes[obj] is None else
+                                                              f"holds {sizes[obj]}") + ": the store is incomplete "
+                            "(a version it is built on was deleted?): re-publish the model"
+                        )
             places = t.at if t.at is not None else t.source
             if places is None:
                 continue
@@ -406,10 +482,13 @@ class Manifest(_Strict):
                     )
 
     def _check_object(self, key: str, at: str, *, own_version: bool) -> None:
-        prefix = version_prefix(self.model, self.version) if own_version else f"{self.model}/"
+        """``key`` lies inside this model, and (``own_version``) inside this version or one of its chain."""
+        prefixes = ([version_prefix(self.model, v) for v in (self.version, *(self.chain or ()))] if own_version
+                    else [f"{self.model}/"])
         parts = key.split("/")
-        if not key.startswith(prefix) or any(p in ("", ".", "..") for p in parts):
-            raise ManifestError(f"{at}: object {key!r} is outside {prefix}")
+        if not key.startswith(tuple(prefixes)) or any(p in ("", ".", "..") for p in parts):
+            shown = prefixes[0] + (" (or the versions of its chain)" if len(prefixes) > 1 else "")
+            raise ManifestError(f"{at}: object {key!r} is outside {shown}")
 
     def renamed(self, model: str) -> Manifest:
         """This manifest as the one of ``model``: a model directory copied to another name with the backend's own

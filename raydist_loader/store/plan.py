@@ -58,10 +58,18 @@ class ChunkRead:
     dest: int  # start on the rank tensor's split dim (0 for replicated)
     direct: bool  # the chunk is contiguous in the rank tensor: read straight into it
     blake3: str | None = None
+    #: compressed deltas applied, oldest first, to the bytes ``pieces`` read (a version built on earlier ones,
+    #: :mod:`.deltas`): such a chunk is rebuilt before it is hashed and placed
+    deltas: tuple[Piece, ...] = ()
 
     @property
     def read_bytes(self) -> int:
+        """Bytes of the chunk's stored span (its deltas not counted: :attr:`delta_bytes`)."""
         return sum(p.nbytes for p in self.pieces)
+
+    @property
+    def delta_bytes(self) -> int:
+        return sum(p.nbytes for p in self.deltas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +121,7 @@ class RankPlan:
     @property
     def bytes_read(self) -> int:
         """Bytes requested from the store; chunks that share one span (in place, strided) count it once."""
-        return sum(sum(p.nbytes for p in pieces) for pieces in dict.fromkeys(r.pieces for r in self.reads))
+        return store_bytes(self.reads)
 
     @bulk
     def __reduce__(self):
@@ -122,7 +130,7 @@ class RankPlan:
         slots = tuple(tuple(getattr(s, f) for f in _SLOT_FIELDS) for s in self.tensors)
         reads = tuple(
             (r.tensor, r.chunk, r.nbytes, r.xxh3, tuple(map(tuple, r.pieces)), r.extract and tuple(r.extract),
-             r.dest, r.direct, r.blake3)
+             r.dest, r.direct, r.blake3, tuple(map(tuple, r.deltas)))
             for r in self.reads
         )
         head = (self.model, self.version, self.tp, self.rank)
@@ -133,14 +141,21 @@ class RankPlan:
 _SLOT_FIELDS = tuple(f.name for f in fields(TensorSlot))
 
 
+def store_bytes(reads: Sequence[ChunkRead]) -> int:
+    """Bytes requested from the store for ``reads``: a span several chunks share counts once, deltas each."""
+    spans = sum(sum(p.nbytes for p in pieces) for pieces in dict.fromkeys(r.pieces for r in reads))
+    return spans + sum(r.delta_bytes for r in reads)
+
+
 @bulk
 def _unpickle_plan(head: tuple, slots: tuple, reads: tuple, expected: str) -> RankPlan:
     return RankPlan(
         *head,
         tuple(TensorSlot(*s) for s in slots),
         tuple(
-            ChunkRead(t, c, n, x, tuple(Piece(*p) for p in pieces), e and Extract(*e), d, direct, b3)
-            for t, c, n, x, pieces, e, d, direct, b3 in reads
+            ChunkRead(t, c, n, x, tuple(Piece(*p) for p in pieces), e and Extract(*e), d, direct, b3,
+                      tuple(Piece(*p) for p in steps))
+            for t, c, n, x, pieces, e, d, direct, b3, steps in reads
         ),
         expected,
     )
@@ -309,7 +324,9 @@ class _Planner:
             extract = None
         else:
             pieces, extract = self._source_pieces(rec, geo, k, *source)
-        return ChunkRead(index, k.chunk.id, k.nbytes, rec.xxh3[k.index], pieces, extract, k.dest, geo.direct, b3)
+        deltas = tuple(Piece(*p) for p in self.m.deltas(rec, k.index)) if rec.delta else ()
+        return ChunkRead(index, k.chunk.id, k.nbytes, rec.xxh3[k.index], pieces, extract, k.dest, geo.direct, b3,
+                         deltas)
 
     def _source_pieces(self, rec: TensorRecord, geo: _Geometry, k: _Kept, key: str, base: int):
         """In place, the chunk's bytes are ranges of the original tensor. A chunk on a later dim is ``outer``

@@ -58,6 +58,8 @@ class PublishResult:
     files: list[str] = field(default_factory=list)  # recorded for pull_files
     skipped: list[SkippedFile] = field(default_factory=list)  # repo entries neither weights nor recorded
     current: bool = True  # the version is current (False: a part of a version whose other parts are not all in)
+    #: a version published by an UpdatePublisher (:mod:`.updates`): its base and what it stored, per chunk
+    update: dict | None = None
 
     @property
     def gbps(self) -> float:
@@ -75,6 +77,8 @@ class Cut:
     xxh3: list[str] = field(default_factory=list)
     blake3: list[str] = field(default_factory=list)
     at: list[int] = field(default_factory=list)  # packed: [object, offset] per chunk, flattened
+    home: list[int] = field(default_factory=list)  # built on earlier versions (:mod:`.updates`): manifest ``home``
+    delta: list[list[int]] = field(default_factory=list)  # ... and its ``delta`` triples per chunk
 
     def start(self, algos: Sequence[str], packed: bool = False) -> None:
         """Make room for every chunk's digests (and place) before the chunks are hashed, in any order."""
@@ -140,6 +144,10 @@ def _tensors(cuts: Sequence[Cut], sources: dict[str, list[int]] | None = None) -
             record["blake3"] = cut.blake3
         if cut.at:
             record["at"] = cut.at
+        if any(cut.home):
+            record["home"] = cut.home
+        if any(cut.delta):
+            record["delta"] = cut.delta
         if sources is not None:
             record["source"] = sources[e.name]
         tensors[e.name] = record
@@ -205,7 +213,7 @@ def _failed(conn: Connector, model: str, version: str, out: WriteLedger, error: 
 
 def _new_manifest(
     model, version, layout_name, max_tp, algos, rules, config, cuts, files, *, objects, sources=None,
-    key_part_bytes=None,
+    key_part_bytes=None, chain=None,
 ) -> mf.Manifest:
     """The manifest of what was written, validated and checked as a reader will."""
     tensor_rules, tensors = _tensors(cuts, sources)
@@ -225,6 +233,7 @@ def _new_manifest(
         "key_part_bytes": key_part_bytes,
         "tensors": tensors,
         "files": files,
+        "chain": chain or None,
     }
     m = mf.Manifest.model_validate(doc)
     m.check()

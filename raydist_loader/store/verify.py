@@ -82,7 +82,7 @@ def verify(
         manifest = read_manifest(conn, model, model_version)  # a manifest refused costs no torch import
         import torch  # imported only when bytes are read
 
-        from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, shared
+        from .chunks import PART_BYTES, parts_buffer_bytes, read_in_parts, rebuild, shared
 
         plan = make_plan(manifest, 1, 0, coalesce_gap=conn.coalesce_gap)
 
@@ -92,11 +92,15 @@ def verify(
             slot = plan.tensors[group[0].tensor]
             names = [plan.tensors[r.tensor].name for r in group]  # zero-size chunks of several tensors share ()
             hashes = [digest.ChunkHash(r.xxh3, r.blake3) for r in group]
-            buf = torch.empty(parts_buffer_bytes(group, slot, PART_BYTES), dtype=torch.uint8)
             try:
-                read_in_parts(
-                    group, slot, buf, PART_BYTES, conn.readinto_many, hashes, max_request_bytes=conn.max_request_bytes
-                )
+                if group[0].deltas:  # a chunk built from deltas: rebuilt whole, then hashed
+                    buf = torch.empty(group[0].nbytes, dtype=torch.uint8)
+                    rebuild(group[0], buf, conn.readinto_many, conn.max_request_bytes)
+                    hashes[0].update(buf.numpy())
+                else:
+                    buf = torch.empty(parts_buffer_bytes(group, slot, PART_BYTES), dtype=torch.uint8)
+                    read_in_parts(group, slot, buf, PART_BYTES, conn.readinto_many, hashes,
+                                  max_request_bytes=conn.max_request_bytes)
             except RaydistError as e:
                 return [
                     {"tensor": n, "chunk": r.chunk, "error": str(e), "objects": _objects(r)}
@@ -128,7 +132,7 @@ _MAX_NAMED = 8  # objects a failure names (a chunk stored in 65536 keys names it
 
 
 def _objects(read: ChunkRead) -> list[str]:
-    keys = list(dict.fromkeys(p.key for p in read.pieces))
+    keys = list(dict.fromkeys(p.key for p in (*read.pieces, *read.deltas)))
     if len(keys) <= _MAX_NAMED:
         return sorted(keys)
     return [*keys[:_MAX_NAMED], f"... and {len(keys) - _MAX_NAMED} more"]
