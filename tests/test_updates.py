@@ -347,3 +347,30 @@ def test_the_rl_example_runs(tmp_path):
                          timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "as deltas" in out.stdout and "every version loaded and verified" in out.stdout
+
+
+def test_several_processes_publish_one_version_of_deltas(store_url, llama, trainer):
+    """Two parts (each its own publisher and tensors, as two trainer ranks after their gather) publish one version
+    per step: the first whole, the next as deltas against it, merged by the last part in; each loads exactly."""
+    names = sorted(trainer.served)
+    halves = [names[0::2], names[1::2]]
+    pubs = [rl.UpdatePublisher(store_url, "rl", max_tp=2) for _ in halves]
+    previous = None
+    for step in range(3):
+        if step:
+            trainer.step()
+        token = rl.open_version(store_url, "rl", parts=2, files_from=llama, timeout_s=60)
+        results = [pub.publish({k: trainer.served[k] for k in half}, token=token, part=i)
+                   for i, (pub, half) in enumerate(zip(pubs, halves, strict=True))]
+        assert [r.current for r in results] == [False, True]  # the last part in merged and swapped
+        version = results[0].version
+        assert all(r.version == version and p.version == version for r, p in zip(results, pubs, strict=True))
+        manifest = _manifest(store_url, "rl")
+        assert manifest.version == version
+        if step == 0:
+            assert all(r.update["base"] is None for r in results) and not manifest.chain
+        else:
+            assert all(r.update["base"] == previous and r.update["deltas"] > 0 for r in results), results
+            assert manifest.chain == [previous] if step == 1 else previous in manifest.chain
+        _check_loads(store_url, "rl", trainer.served)
+        previous = version

@@ -341,7 +341,7 @@ def update_rank(
 def describe_update(report: RankReport) -> str:
     """One line on what an update moved: chunks built from the served weights, bytes read from the store."""
     reused = int(report.phases.get("reused_chunks", 0))
-    return (f"{reused} of {report.chunks} chunks built from the weights served, {report.bytes_read / 1e6:.1f} MB "
+    return (f"{reused} of {report.chunks} chunks built from the weights served, {report.bytes_read / 1e6:.2f} MB "
             f"read from the store for a {report.bytes / 1e6:.1f} MB shard")
 
 

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -270,11 +270,17 @@ def _check_deadline(token: Token, part: int) -> None:
                             "its deadline: refused (the version never becomes current; open a new one)")
 
 
+#: How a part's chunks are written: ``(out, cuts, chunk_of, ruleset, opened config, token, tag) -> the part's own
+#: manifest`` (default: every chunk whole; :mod:`.updates` writes deltas)
+WritePart = Callable[[WriteLedger, list[Cut], ChunkBytes, RuleSet, dict, "Token", str], mf.Manifest]
+
+
 def _publish_part(entries: list[Entry], chunk_of: ChunkBytes, url: str, model: str, text: str, part, wait: bool, *,
                   rules, options: dict, connector_options: dict | None, allow_eviction: bool,
-                  started: float) -> PublishResult:
-    """Part ``part`` of the version ``text`` names: claim it, write its chunks and its manifest, then merge and swap
-    when it is the last part in (and, with ``wait``, wait for the version to become current)."""
+                  started: float, write_part: WritePart | None = None) -> PublishResult:
+    """Part ``part`` of the version ``text`` names: claim it, write its chunks and its manifest (``write_part``:
+    default whole), then merge and swap when it is the last part in (and, with ``wait``, wait for the version to
+    become current)."""
     token = _parse_token(text, model)
     if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < token.parts:
         raise ConfigError(f"part={part!r} is out of range: version {token.version} was opened with "
@@ -295,12 +301,8 @@ def _publish_part(entries: list[Entry], chunk_of: ChunkBytes, url: str, model: s
         out = WriteLedger(conn)
         try:
             with removed_on_failure(conn, model, token.version, out):
-                objects, key_part_bytes = write_chunks(
-                    out, cuts, chunk_of, mf.version_prefix(model, token.version), options["max_tp"],
-                    options["digests"], options["part_bytes"], options["concurrency"], tag=f"p{part:03d}-",
-                )
-                own = _new_manifest(model, token.version, "chunked", options["max_tp"], options["digests"], ruleset,
-                                    opened.config, cuts, {}, objects=objects, key_part_bytes=key_part_bytes)
+                own = (write_part or _whole_part(options))(out, cuts, chunk_of, ruleset, opened.config, token,
+                                                           f"p{part:03d}-")
                 out.confirm()
                 if time.time() > token.deadline:  # too late: nothing of it stays (the refusal passes through)
                     out.remove()
@@ -319,6 +321,21 @@ def _publish_part(entries: list[Entry], chunk_of: ChunkBytes, url: str, model: s
         for w in warnings:
             log.warning(w)
         return result_of(own, conn, cuts, started, warnings=warnings, files=sorted(opened.files), current=current)
+
+
+def _whole_part(options: dict) -> WritePart:
+    """Every chunk of a part written whole, as publish writes them."""
+
+    def write(out: WriteLedger, cuts: list[Cut], chunk_of: ChunkBytes, ruleset: RuleSet, config: dict, token: Token,
+              tag: str) -> mf.Manifest:
+        objects, key_part_bytes = write_chunks(
+            out, cuts, chunk_of, mf.version_prefix(token.model, token.version), options["max_tp"],
+            options["digests"], options["part_bytes"], options["concurrency"], tag=tag,
+        )
+        return _new_manifest(token.model, token.version, "chunked", options["max_tp"], options["digests"], ruleset,
+                             config, cuts, {}, objects=objects, key_part_bytes=key_part_bytes)
+
+    return write
 
 
 def _claim(conn: Connector, token: Token, part: int, names: list[str]) -> str:
@@ -369,6 +386,7 @@ def _merged(conn: Connector, token: Token, part: int, opened: _Opened, ruleset: 
     where = f"{conn.describe()} {mf.version_prefix(token.model, token.version)}parts"
     own = [mf.Manifest.from_json(conn.read(k), where=f"{where}/{i}.json") for i, k in enumerate(keys)]
     mine, cuts, objects, owner = own[part], [], [], {}
+    chain = sorted({v for m in own for v in m.chain or ()})
     for i, m in enumerate(own):
         for name in ("max_tp", "digests", "rules_fingerprint", "key_part_bytes"):
             if getattr(m, name) != getattr(mine, name):
@@ -380,11 +398,14 @@ def _merged(conn: Connector, token: Token, part: int, opened: _Opened, ruleset: 
                 raise ConfigError(f"tensor {name!r} is in part {owner[name]} and part {i} of version {token.version}")
             owner[name] = i
             at = [v + len(objects) * (1 - k % 2) for k, v in enumerate(t.at or ())]
+            home = [0 if h == 0 else 1 + chain.index(m.chain[h - 1]) for h in t.home or ()]
+            delta = [[v + len(objects) * (k % 3 == 0) for k, v in enumerate(steps)] for steps in t.delta or ()]
             cuts.append(Cut(Entry(name, t.dtype, tuple(t.shape), 0, t.nbytes), m.rule_of(t), m.grid_of(t),
-                            list(t.xxh3), list(t.blake3 or ()), at))
+                            list(t.xxh3), list(t.blake3 or ()), at, home, delta))
         objects += m.objects
     manifest = _new_manifest(token.model, token.version, "chunked", mine.max_tp, mine.digests, ruleset,
-                             opened.config, cuts, opened.files, objects=objects, key_part_bytes=mine.key_part_bytes)
+                             opened.config, cuts, opened.files, objects=objects, key_part_bytes=mine.key_part_bytes,
+                             chain=chain)
     start = versions.stored_pointer(conn, token.model)
     if (versions.sha256(start) if start is not None else None) != token.base_sha256:
         raise ConflictError(f"{mf.manifest_key(token.model)} in {conn.describe()} changed since open_version (another "
