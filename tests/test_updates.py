@@ -374,3 +374,80 @@ def test_several_processes_publish_one_version_of_deltas(store_url, llama, train
             assert manifest.chain == [previous] if step == 1 else previous in manifest.chain
         _check_loads(store_url, "rl", trainer.served)
         previous = version
+
+
+# ------------------------------------------------------------------------------------------ review regressions
+def test_a_tensor_that_moves_between_parts_is_stored_whole_by_the_part_that_gets_it_back(tmp_path, llama, trainer):
+    """v1: lm_head in part 0; v2: in part 1 (changed); v3: back in part 0 with v1's bytes. Part 0's kept copy is
+    v1's, not what the base (v2) stores: it must not be taken for unchanged, nor a delta made against it."""
+    url, moved = f"file://{tmp_path}/store", "lm_head.weight"
+    rest = [n for n in sorted(trainer.served) if n != moved]
+    pubs = [rl.UpdatePublisher(url, "rl", max_tp=1) for _ in range(2)]
+
+    def version(assign: list[list[str]], weights: dict) -> None:
+        token = rl.open_version(url, "rl", parts=2, files_from=llama, timeout_s=60)
+        for i, names in enumerate(assign):
+            pubs[i].publish({k: weights[k] for k in names}, token=token, part=i)
+
+    first = {k: v.clone() for k, v in trainer.served.items()}
+    version([[*rest[0::2], moved], rest[1::2]], first)
+    trainer.step(lr=1e-2)
+    version([rest[0::2], [*rest[1::2], moved]], trainer.served)
+    third = {**trainer.served, moved: first[moved].clone()}
+    version([[*rest[0::2], moved], rest[1::2]], third)
+    shard = rl.load_shard("rl", url, 1, 0, device="cpu")
+    assert shard.report.verified and all(torch.equal(shard.tensors[k], v) for k, v in third.items())
+
+
+def test_tensors_changing_while_a_publish_writes_do_not_drift_from_the_store(tmp_path, llama, trainer, monkeypatch):
+    """An async RL step lands while whole chunks are written: what is stored (and kept for the next deltas) is what
+    publish decided on, so the next version built on it loads exactly."""
+    from raydist_loader.store import updates
+
+    url = f"file://{tmp_path}/store"
+    pub = rl.UpdatePublisher(url, "rl", files_from=llama, max_tp=2, max_delta_fraction=1e-6)
+    pub.publish(trainer.served)
+    trainer.step()
+    live = {k: v.clone() for k, v in trainer.served.items()}
+    decided = {k: v.clone() for k, v in live.items()}
+    original = updates.write_chunks
+
+    def late_step(*args, **kwargs):
+        for v in live.values():
+            v.add_(1.0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(updates, "write_chunks", late_step)
+    pub.publish(live)
+    monkeypatch.setattr(updates, "write_chunks", original)
+    _check_loads(url, "rl", decided)
+    assert pub.publish(decided).update["unchanged"] > 0
+    _check_loads(url, "rl", decided)
+
+
+def test_gc_keeps_the_chain_of_a_version_leased_after_its_survey(tmp_path, llama, trainer, monkeypatch):
+    from raydist_loader.store import gc as gc_module
+    from raydist_loader.store.leases import Lease
+
+    url = f"file://{tmp_path}/store"
+    pub = rl.UpdatePublisher(url, "rl", files_from=llama, max_tp=2)
+    v1 = pub.publish(trainer.served).version
+    trainer.step()
+    v2 = pub.publish(trainer.served).version
+    kept = {k: v.clone() for k, v in trainer.served.items()}
+    trainer.step()
+    rl.publish_state_dict(trainer.served, url, "rl", max_tp=2)
+    survey, leases = gc_module.survey, []
+
+    def survey_then_a_load_starts(*args, **kwargs):
+        out = survey(*args, **kwargs)
+        leases.append(Lease.take(url, "rl", v2, "engine that started after the survey"))
+        return out
+
+    monkeypatch.setattr(gc_module, "survey", survey_then_a_load_starts)
+    try:
+        out = rl.gc(url, "rl", grace_s=0)
+        assert not out["deleted"] and "is built on it" in out["reasons"][f"rl/{v1}/"]
+        _check_loads_version(url, v2, kept)
+    finally:
+        leases[0].release()

@@ -5,8 +5,9 @@ A version built on the served one (:mod:`raydist_loader.store.deltas`) stores mo
 at all. Where the engine's parameter holds a chunk exactly as its checkpoint bytes (a plain copy, learnt by
 :mod:`raydist_loader.engines.direct` at the first load) and the served version's chunk is the new one's minus its
 latest deltas, the new chunk is those bytes with the missing deltas applied: only the deltas are read. Every such
-chunk is hashed and compared with the new version's digest; one that differs (a parameter the engine changed, a
-GPU parameter, an engine several versions behind on another chain) is rebuilt from the store as a cold load does.
+chunk is hashed and compared with the new version's digest; one that differs (a parameter the engine changed, an
+engine several versions behind on another chain) is rebuilt from the store as a cold load does. A parameter on a GPU
+is copied to the host for it (one device-to-host copy instead of reading the chunk from the store).
 The result lands in the loader's own arena, never in the parameters: the engine applies it through its own weight
 loaders once every rank has verified (verify before write).
 """
@@ -47,7 +48,7 @@ class Served:
         """From a rank's plan and the places its chunks were copied to (keyed by plan index, as the direct
         hand-off's targets are)."""
         name = lambda i: plan.tensors[i].name  # noqa: E731
-        held = {(name(i), c): v for (i, c), v in (places or {}).items() if v.device.type == "cpu"}
+        held = {(name(i), c): v for (i, c), v in (places or {}).items()}
         return cls(plan.version, {(name(r.tensor), r.chunk): r for r in plan.reads}, held)
 
     def moved_to(self, plan: RankPlan) -> Served:
@@ -122,7 +123,7 @@ def _built(transfer, read: ChunkRead, extra: tuple[Piece, ...], place: torch.Ten
     digest (always computed: the served bytes are trusted only once they hash to the new version's digest)."""
     region = transfer.region(read)
     buf = region if region.dim() == 1 else torch.empty(read.nbytes, dtype=torch.uint8)
-    np.copyto(buf.view(place.shape).numpy(), place.numpy())
+    np.copyto(buf.view(place.shape).numpy(), place.detach().cpu().numpy())  # a GPU parameter: one copy to the host
     try:
         for p in extra:
             deltas.apply(buf.numpy(), blobs[p], f"delta of chunk {read.chunk} at {p.key}@{p.offset}")

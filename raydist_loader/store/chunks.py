@@ -52,7 +52,7 @@ def shared(reads: Sequence[ChunkRead]) -> list[list[ChunkRead]]:
     """Chunks grouped by the span they are read from (in place, a rank's strided run shares one), in order."""
     groups: dict[tuple, list[ChunkRead]] = {}
     for read in reads:
-        groups.setdefault(read.pieces, []).append(read)
+        groups.setdefault((read.pieces, read.deltas), []).append(read)  # a chunk built from deltas: alone
     return list(groups.values())
 
 

@@ -63,6 +63,9 @@ def apply(buf: np.ndarray, delta: bytes | memoryview, where: str) -> None:
         size = zstandard.frame_content_size(delta)
     except zstandard.ZstdError as e:
         raise ManifestError(f"{where}: not a delta ({e}): the store is damaged: re-publish the model") from None
+    if size < 0 or size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise ManifestError(f"{where}: the delta's frame declares no content size (not written by raydist-loader): "
+                            "the store is damaged: re-publish the model")
     if size != buf.nbytes:
         raise ManifestError(f"{where}: the delta decodes to {size} bytes, its chunk has {buf.nbytes}: the store is "
                             "damaged (or its manifest does not describe it): re-publish the model")

@@ -52,6 +52,7 @@ class VersionState:
     leases: list[dict] = field(default_factory=list)  # live leases: holder, host, pid, started, expires
     kept: str | None = None  # why gc keeps it (None: gc may delete it from ``gc_after`` on)
     gc_after: float | None = None  # when gc (at the grace it was asked with) may delete it
+    built_on: list[str] = field(default_factory=list)  # the earlier versions it names objects of (its chain)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +92,7 @@ def survey(conn: Connector, model: str, *, grace_s: float = DEFAULT_GRACE_S, kee
             len(manifest.tensors) if manifest else None, manifest.layout if manifest else None,
             cur.retired.get(version), len(keys[version]),
             [_lease_dict(x) for x in leases.get(version, [])],
+            built_on=list(manifest.chain or ()) if manifest else [],
         )
         if state.current:
             state.kept = "current" if manifest is not None else "current, but its manifest is MISSING"
@@ -182,9 +184,12 @@ def gc(
             )
         now = time.time()
         deleted, kept, reasons, n = [], [], {}, 0
-        for state in sorted(states, key=lambda s: s.version):
+        built_on: dict[str, str] = {}  # a version found kept while gc ran protects its chain (newest go first)
+        for state in sorted(states, key=lambda s: s.version, reverse=True):
             prefix = f"{model}/{state.version}/"
             why = state.kept
+            if why is None and state.version in built_on:
+                why = f"version {built_on[state.version]} (kept) is built on it: it names its objects"
             if why is None and (state.gc_after is None or now < state.gc_after):
                 why = "within its grace period"
             if why is None and not dry_run:
@@ -192,6 +197,8 @@ def gc(
             if why is not None:
                 kept.append(prefix)
                 reasons[prefix] = why
+                for base in state.built_on:
+                    built_on.setdefault(base, state.version)
                 continue
             deleted.append(prefix)
             n += 0 if dry_run else len(keys[state.version])
@@ -203,7 +210,8 @@ def gc(
 
 def _claimed(conn: Connector, model: str, version: str) -> str | None:
     """Why ``version`` may not go after all, looked at again just before it is deleted: it became current (a
-    promote) or a lease names it now (a load that started after the survey)."""
+    promote), the current version or a version leased now is built on it, or a lease names it now (a load that
+    started after the survey)."""
     cur = vs.read_current(conn, model)
     if cur.version == version:
         return "became current while gc ran (a promote)"
@@ -212,8 +220,17 @@ def _claimed(conn: Connector, model: str, version: str) -> str | None:
             return f"the current version {cur.version} is built on it (published while gc ran)"
     except (RaydistError, ManifestError):
         pass  # the current version's own state is the survey's concern
-    live = [x for x in read_leases(conn, model, version).get(version, []) if x.live()]
-    return "leased: " + "; ".join(x.describe() for x in live) if live else None
+    leases = {v: [x for x in ls if x.live()] for v, ls in read_leases(conn, model).items()}
+    live = leases.get(version, [])
+    if live:
+        return "leased: " + "; ".join(x.describe() for x in live)
+    for other in (v for v, ls in leases.items() if ls and v != version):  # a version leased now, built on it
+        try:
+            if version in (vs.read_manifest(conn, model, other).chain or ()):
+                return f"version {other} (leased now) is built on it"
+        except (RaydistError, ManifestError):
+            continue
+    return None
 
 
 def _delete_version(conn: Connector, model: str, version: str, keys: list[str]) -> str | None:

@@ -393,16 +393,18 @@ class Manifest(_Strict):
         count = 0
         for i, (steps, size) in enumerate(zip(t.delta, sizes, strict=True)):
             if len(steps) % 3:
-                raise ManifestError(f"{at}.delta[{i}]: not [object, offset, nbytes] triples")
-            objects, offsets, lengths = steps[0::3], steps[1::3], steps[2::3]
-            if steps and (min(objects) < 0 or max(objects) >= len(self.objects) or min(offsets) < 0
-                          or min(lengths) < 1 or max(offsets) + size >= MAX_OFFSET):
-                raise ManifestError(f"{at}.delta[{i}]: an object index outside objects[0..{len(self.objects) - 1}], "
-                                    "a negative offset or an empty delta")
-            if sum(lengths) > max(size, 1):
-                raise ManifestError(f"{at}.delta[{i}]: {sum(lengths)} bytes of deltas for a chunk of {size} bytes "
+                raise ManifestError(f"{at}.delta[{i}]: {len(steps)} numbers, not [object, offset, nbytes] triples")
+            for k in range(0, len(steps), 3):
+                obj, offset, nbytes = steps[k : k + 3]
+                why = (f"object index outside objects[0..{len(self.objects) - 1}]"
+                       if not 0 <= obj < len(self.objects) else "negative offset" if offset < 0
+                       else "empty delta" if nbytes < 1 else "past 2^63" if offset + nbytes >= MAX_OFFSET else None)
+                if why:
+                    raise ManifestError(f"{at}.delta[{i}] triple {k // 3} = {steps[k : k + 3]}: {why}")
+            if sum(steps[2::3]) > size:
+                raise ManifestError(f"{at}.delta[{i}]: {sum(steps[2::3])} bytes of deltas for a chunk of {size} bytes "
                                     "(a delta chain holds at most the chunk's own bytes)")
-            count += len(objects)
+            count += len(steps) // 3
         return count
 
     def _grid_sizes(self, t: TensorRecord, at: str) -> tuple[int, ...]:

@@ -106,6 +106,7 @@ class UpdatePublisher:
         self._version: str | None = None  # the version this publisher made last (or a part of)
         self._last: mf.Manifest | None = None  # ... its manifest, once known
         self._kept: dict[tuple[str, int], np.ndarray] = {}  # (tensor, chunk index) -> its bytes in that version
+        self._digest: dict[tuple[str, int], str] = {}  # ... their xxh3 as that version records it
         self._age: dict[tuple[str, int], int] = {}  # ... versions since the chunk was last stored whole
         self._file_bytes: dict[str, bytes] = {}  # config.json and the engine files, as first published
         self._history: list[str] = []  # the versions this publisher made, oldest first
@@ -149,6 +150,7 @@ class UpdatePublisher:
     def _forget(self) -> None:
         self._version, self._last = None, None
         self._kept.clear()
+        self._digest.clear()
         self._age.clear()
         self._history.clear()
 
@@ -174,7 +176,7 @@ class UpdatePublisher:
         result = publish_cuts(conn, self.model, start, cuts, self._keeping(cuts, chunk_of), ruleset, config, files,
                               started=started, allow_eviction=self._allow_eviction, skipped=skipped, **self._options)
         self._file_bytes = files
-        self._done(result.version, versions.read_manifest(conn, self.model, result.version))
+        self._done(result.version, versions.read_manifest(conn, self.model, result.version), cuts)
         chunks = sum(len(c.chunks) for c in cuts)
         result.update = {"base": None, "whole": chunks, "deltas": 0, "unchanged": 0, "bytes_written": result.bytes}
         return result
@@ -194,9 +196,14 @@ class UpdatePublisher:
                                                       manifest_sha256=cur.manifest_sha256)[0]
         return self._last
 
-    def _done(self, version: str, manifest: mf.Manifest | None) -> None:
+    def _done(self, version: str, manifest: mf.Manifest | None, cuts: list[Cut]) -> None:
+        """``version`` (its manifest, when known) holds ``cuts`` as this publisher keeps them: remember each chunk's
+        recorded digest, and keep only those chunks."""
         self._version, self._last = version, manifest
         self._history.append(version)
+        self._digest = {(cut.entry.name, i): d for cut in cuts for i, d in enumerate(cut.xxh3)}
+        self._kept = {k: v for k, v in self._kept.items() if k in self._digest}
+        self._age = {k: v for k, v in self._age.items() if k in self._digest}
 
     # ---------------------------------------------------------------- a version built on the last one
     def _decided(self, conn: Connector, base: mf.Manifest, cuts: list[Cut], ruleset: RuleSet, chunk_of: ChunkBytes,
@@ -223,13 +230,13 @@ class UpdatePublisher:
         warnings = eviction_check(conn, self._allow_eviction)
         out = WriteLedger(conn)
         with removed_on_failure(conn, self.model, version, out):
-            manifest = self._write(out, base, version, cuts, decided, chunk_of, ruleset, base.config)
+            manifest = self._write(out, base, version, cuts, decided, ruleset, base.config)
             out.confirm()
             manifest = _finish(conn, manifest, start, out)
         for w in warnings:
             log.warning(w)
         self._aged(cuts, decided)
-        self._done(manifest.version, manifest)
+        self._done(manifest.version, manifest, cuts)
         result = result_of(manifest, conn, cuts, started, warnings=warnings, files=sorted(manifest.files))
         result.update = self._stats(base, decided, out)
         return result
@@ -262,7 +269,7 @@ class UpdatePublisher:
             seen.update(base=base, cuts=cuts, decided=decided, out=out)
             if decided is None:
                 return _whole_part(self._options)(out, cuts, self._keeping(cuts, chunk_of), ruleset, config, tok, tag)
-            return self._write(out, base, tok.version, cuts, decided, chunk_of, ruleset, config, tag=tag, files=False)
+            return self._write(out, base, tok.version, cuts, decided, ruleset, config, tag=tag, files=False)
 
         result = _publish_part(entries, chunk_of, self.url, self.model, token, part, wait, rules=self._rules,
                                options=self._options, connector_options=self._connector_options,
@@ -272,7 +279,7 @@ class UpdatePublisher:
             decided = [[_Chunk("whole")] * len(cut.chunks) for cut in cuts]
         else:
             self._aged(cuts, decided)
-        self._done(result.version, None)  # its manifest is the merged one: read when the next part is built on it
+        self._done(result.version, None, cuts)  # its manifest is the merged one: read when the next part builds on it
         result.update = self._stats(seen["base"] if seen["decided"] is not None else None, decided, seen["out"])
         return result
 
@@ -303,7 +310,8 @@ class UpdatePublisher:
             new, old = chunk_of(cut, c), self._kept[key]
             nbytes = new.nbytes
             held = sum(p.nbytes for p in base.deltas(t, i))
-            if self._age[key] + 1 >= self.policy.full_every:  # due anyway: no delta to make
+            # due anyway, or the base does not hold what is kept here (the tensor came from another part since)
+            if self._age[key] + 1 >= self.policy.full_every or self._digest.get(key) != t.xxh3[i]:
                 out.append(_Chunk("whole"))
                 np.copyto(old, new)
                 continue
@@ -324,16 +332,19 @@ class UpdatePublisher:
         return out
 
     def _write(self, out: WriteLedger, base: mf.Manifest, version: str, cuts: list[Cut],
-               decided: list[list[_Chunk]], chunk_of: ChunkBytes, ruleset: RuleSet, config: dict, *, tag: str = "",
+               decided: list[list[_Chunk]], ruleset: RuleSet, config: dict, *, tag: str = "",
                files: bool = True) -> mf.Manifest:
-        """Write the whole chunks (as publish does) and the deltas (packed; object names start with ``tag``), and
-        return the new manifest: every other chunk names the base's stored bytes and deltas; the files are the
-        base's (``files=False``: none, a part's manifest)."""
+        """Write the whole chunks (as publish does, from the bytes kept: what was decided on, even if the trainer's
+        tensors change meanwhile) and the deltas (packed; object names start with ``tag``), and return the new
+        manifest: every other chunk names the base's stored bytes and deltas; the files are the base's
+        (``files=False``: none, a part's manifest)."""
         o, prefix = self._options, mf.version_prefix(self.model, version)
+        index = {(cut.entry.name, c.id): i for cut in cuts for i, c in enumerate(cut.chunks)}
+        kept_of = lambda cut, c: self._kept[(cut.entry.name, index[(cut.entry.name, c.id)])]  # noqa: E731 - as decided
         whole = [Cut(cut.entry, cut.rule, tuple(c for c, d in zip(cut.chunks, chosen, strict=True)
                                                 if d.kind == "whole"))
                  for cut, chosen in zip(cuts, decided, strict=True)]
-        written, key_part_bytes = write_chunks(out, [w for w in whole if w.chunks], chunk_of, prefix, o["max_tp"],
+        written, key_part_bytes = write_chunks(out, [w for w in whole if w.chunks], kept_of, prefix, o["max_tp"],
                                                o["digests"], o["part_bytes"], o["concurrency"], tag=tag)
         objects = _Objects(written)
         blobs = self._write_deltas(out, f"{prefix}{tag}", decided, objects)
@@ -381,7 +392,9 @@ class UpdatePublisher:
         of versions)."""
         recent = set(self._history[-(self.policy.full_every - 1):]) if self.policy.full_every > 1 else set()
         version_of = lambda key: key.split("/")[len(self.model.split("/"))]  # noqa: E731
-        stale = {name: self._file_bytes.get(name) or _checked(out.conn, name, rec) for name, rec in base.files.items()
+        mine = {name: data for name, data in self._file_bytes.items()
+                if name in base.files and digest.xxh3(data) == base.files[name].xxh3}
+        stale = {name: mine.get(name) or _checked(out.conn, name, rec) for name, rec in base.files.items()
                  if version_of(rec.object) not in recent}
         files = dict(base.files)
         files.update(_file_records(out, stale, f"{prefix}files/", self._options["digests"]) if stale else {})
