@@ -2,15 +2,18 @@
 # The one command of the benchmark: bash benchmarks/run.sh [--gb 1] [--runs 5] [--backends file,redis,s3]
 # The vLLM rows (load inside vLLM's workers): bash benchmarks/run.sh vllm [--mb 970] [--dtype bf16] [--rounds 5]
 # The SGLang rows (load inside SGLang's workers, vs its `remote` loader): bash benchmarks/run.sh sglang [--mb 970]
+# RL weight updates (deltas from a trainer's memory vs the engines' own loaders from a checkpoint directory):
+#   bash benchmarks/run.sh updates [--mb 970] [--steps 3] [--engines sglang,vllm]
 # Sets up what the chosen run needs, nothing else: the repo venv (.venv, `scripts/setup.sh core` when missing) and
 # redis-server for every run; the peers and s3rver for the main run; only that engine's venv
-# (`scripts/setup.sh vllm` or `sglang`) for an engine run. Then runs python -m benchmarks.bench (or the engine's).
+# (`scripts/setup.sh vllm` or `sglang`) for an engine run, those of the engines named (`--engines`) for `updates`.
+# Then runs python -m benchmarks.bench (or the engine's, or benchmarks.updates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODE=bench
 case "${1:-}" in
-  vllm|sglang) MODE=$1; shift ;;
+  vllm|sglang|updates) MODE=$1; shift ;;
 esac
 
 if [ ! -x .venv/bin/python ]; then
@@ -29,6 +32,19 @@ if [ "$MODE" = vllm ]; then
   .venv-vllm/bin/python -c "import runai_model_streamer" 2>/dev/null \
     || .venv-vllm/bin/python -m pip install -q runai-model-streamer
   exec .venv/bin/python -m benchmarks.vllm_load "$@"
+fi
+if [ "$MODE" = updates ]; then
+  ENGINES=sglang,vllm
+  prev=""
+  for arg in "$@"; do
+    case "$arg" in --engines=*) ENGINES=${arg#--engines=} ;; esac
+    [ "$prev" = --engines ] && ENGINES=$arg
+    prev=$arg
+  done
+  for engine in ${ENGINES//,/ }; do
+    case "$engine" in vllm|sglang) bash scripts/setup.sh "$engine" ;; esac   # quiet when up to date
+  done
+  exec .venv/bin/python -m benchmarks.updates "$@"
 fi
 if [ "$MODE" = sglang ]; then
   bash scripts/setup.sh sglang   # .venv-sglang: SGLang's CPU path (scripts/sglang_cpu)

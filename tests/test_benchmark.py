@@ -71,3 +71,42 @@ def _run_sh(checkout: Path, *args: str) -> subprocess.CompletedProcess:
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return proc
+
+
+# ------------------------------------------------------------------------------------------------ issue 27
+def test_updates_benchmark_trainer_summary_and_paper_estimate() -> None:
+    """benchmarks/updates.py without an engine: the calibrated trainer changes about the asked fraction of bf16
+    elements, the ranks' update lines are read back per update, the medians give the targets, and the paper
+    estimate adds up."""
+    import torch
+
+    from benchmarks import updates
+
+    gen = torch.Generator().manual_seed(0)
+    trainer = updates.Trainer({"w": (torch.randn(256, 512, generator=gen) * 0.02).to(torch.bfloat16)}, betas=(0, 0))
+    lr = trainer.calibrate(0.05)
+    changed = [trainer.step(lr) for _ in range(2)]
+    assert 0.02 < changed[0] < changed[1] < 0.08, changed
+
+    line = ("raydist: rank {r}/2: m version v from redis://h:1/0: 93 chunks, 24.9 MB; pulled and verified for a "
+            "weight update, verified; {n} of 93 chunks built from the weights served, {mb} MB read from the store "
+            "for a 24.9 MB shard\n")
+    text = "".join(line.format(r=r, n=n, mb=mb) for n, mb in ((0, 24.9), (93, 1.5)) for r in (1, 0))
+    lines = updates.update_lines(text)
+    assert [[x["reused"] for x in u] for u in lines] == [[0, 0], [93, 93]]
+    step = {"changed": 0.05, "publish_s": 1.0, "update_s": 1.0, "delta_s": 2.0, "disk_s": 5.0, "disk_save_s": 2.0,
+            "disk_update_s": 3.0, "publish_store_in": 60, "publish_store_out": 1, "update_store_in": 1,
+            "update_store_out": 70, "version": "v2"}
+    result = {"steps": [dict(step), dict(step)], "raydist_updates": ["back", "update"] * 2,
+              "check": {"equal": True, "max_logprob_diff": 0.0}}
+    updates.attach_lines(result, lines + lines)
+    assert result["steps"][1]["update_ranks"][0]["reused"] == 93
+    s = updates.summary(result, 1000)
+    assert s["medians"]["engine_read_bytes"] == 3.0e6
+    assert [t["met"] for t in s["targets"]] == [True, True, True, True]
+
+    paper = updates.paper_estimate()
+    for case in paper["cases"].values():
+        assert case["total_s"] == case["publish_s"] + case["read_s"] + case["rebuild_s"] > 0
+    with pytest.raises(SystemExit):
+        updates.main(["--engines", "nope"])
