@@ -445,7 +445,8 @@ def engine_side(spec_path: str, out_path: str) -> None:
                 f"(store in {row['publish_store_in'] / 1e6:.0f} MB, out {row['update_store_out'] / 1e6:.0f} MB); "
                 f"disk {row.get('disk_s', float('nan')):.2f} s; today {row.get('today_s', float('nan')):.2f} s")
             try:
-                rl.gc(url, TODAY, grace_s=0)  # the store keeps today's current version only
+                if "today" in ways:
+                    rl.gc(url, TODAY, grace_s=0)  # the store keeps today's current version only
             except Exception as e:  # noqa: BLE001 - memory only; the run goes on
                 log(f"gc of {TODAY}: {type(e).__name__}: {e}")
             Path(out_path).write_text(json.dumps(result))
@@ -591,13 +592,15 @@ def paper_estimate(delta_x_model: float = 0.02) -> dict:
     """The loop for a 1T-parameter FP8 MoE from 256 trainer GPUs into 16 engines at tp=16 from a Redis Cluster, on
     paper (docs/performance.md, "RL weight updates"). Every input is here; ``delta_x_model``: stored delta bytes
     per model byte and step (:func:`fp8_probe` measures 1.3% at the learning rate that changes 5% of bf16
-    elements; 2% leaves a margin). Three cases: the product as it is (one UpdatePublisher process; GPU parameters
-    are not rebuilt from, so every rank reads its whole shard), and two that need what it lacks (deltas published
-    in parts by every trainer rank; the served chunks rebuilt from GPU parameters, on the host or on the GPU)."""
+    elements; 2% leaves a margin). Cases: the product as it is (every trainer rank publishes its part of the
+    version as deltas, ``UpdatePublisher.publish(token=, part=)``; each engine rank copies its GPU parameters to the
+    host, applies the deltas and hashes there, then the engine copies the shard back in); the same with the deltas
+    applied and hashed on the GPU (not in the product); and with one publisher process for the whole model."""
     p = {"model_bytes": 1.0e12, "delta_x_model": delta_x_model, "trainer_gpus": 256, "trainer_nodes": 32,
          "engines": 16, "tp": 16, "engine_nodes": 32, "redis_masters": 32, "master_out_gbps": 4.0,
          "master_in_gbps": 3.0, "node_nic_gbps": 25.0, "pcie_gbps": 25.0, "host_mem_gbps": 300.0,
-         "zstd_core_gbps": 0.8, "cores_per_gpu": 8, "gpu_rebuild_gbps": 200.0, "checkpoint_engine_s": 16.0}
+         "zstd_core_gbps": 0.8, "apply_core_gbps": 1.5, "cores_per_gpu": 8, "gpu_rebuild_gbps": 200.0,
+         "checkpoint_engine_s": 16.0}
     g = 1e9
     model, delta = p["model_bytes"], p["model_bytes"] * delta_x_model
     shard = model / p["tp"]
@@ -614,14 +617,20 @@ def paper_estimate(delta_x_model: float = 0.02) -> dict:
     read = max(p["engines"] * delta / cluster_out, per_node / (p["node_nic_gbps"] * g))
     whole_read = max(p["engines"] * model / cluster_out,
                      p["engines"] * model / p["engine_nodes"] / (p["node_nic_gbps"] * g))
-    # rebuild on the host: D2H + H2D of the shard (overlapped), ~5 passes of host memory per byte, 8 ranks a node
-    host_rebuild = max(shard / (p["pcie_gbps"] * g), 8 * shard * 5 / (p["host_mem_gbps"] * g))
+    # rebuild on the host: D2H then H2D of the shard over PCIe, zstd decompress + XOR on the rank's cores, ~5 passes
+    # of host memory per byte (D2H write, decompress + XOR, hash, H2D read) for the node's 8 ranks: the slowest
+    host_rebuild = max(2 * shard / (p["pcie_gbps"] * g), shard / (p["apply_core_gbps"] * p["cores_per_gpu"] * g),
+                       8 * shard * 5 / (p["host_mem_gbps"] * g))
     gpu_rebuild = delta / p["tp"] / (p["pcie_gbps"] * g) + 2 * shard / (p["gpu_rebuild_gbps"] * g)
     cases = {
-        "as it is: one publisher, whole shards read": {"publish_s": one_publish, "read_s": whole_read,
-                                                       "rebuild_s": shard / (p["pcie_gbps"] * g)},
-        "parts + host rebuild": {"publish_s": parts_publish, "read_s": read, "rebuild_s": host_rebuild},
-        "parts + GPU rebuild": {"publish_s": parts_publish, "read_s": read, "rebuild_s": gpu_rebuild},
+        "as it is: parts, rebuilt on the host": {"publish_s": parts_publish, "read_s": read, "rebuild_s": host_rebuild},
+        "parts, rebuilt on the GPU (not in the product)": {"publish_s": parts_publish, "read_s": read,
+                                                           "rebuild_s": gpu_rebuild},
+        "one publisher process, rebuilt on the host": {"publish_s": one_publish, "read_s": read,
+                                                       "rebuild_s": host_rebuild},
+        "no deltas: every rank reads its whole shard": {"publish_s": part / (p["pcie_gbps"] * g) + model / cluster_in,
+                                                        "read_s": whole_read,
+                                                        "rebuild_s": shard / (p["pcie_gbps"] * g)},
     }
     for c in cases.values():
         c["total_s"] = c["publish_s"] + c["read_s"] + c["rebuild_s"]
