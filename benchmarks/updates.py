@@ -270,6 +270,23 @@ class Counted:
                 f"{prefix}_store_out": self.bytes_out}
 
 
+def session_rss() -> dict[str, float]:
+    """MB resident per process of this session (the engine's processes, started from here), by name."""
+    out: dict[str, float] = {}
+    me = os.getsid(0)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != me:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            name = f"{fields['Name'].strip()}[{pid}]"
+            out[name] = int(fields.get("VmRSS", "0 kB").split()[0]) / 1024
+        except (OSError, KeyError, ValueError):
+            continue
+    return out
+
+
 def reload_safetensors(worker, model_dir: str) -> None:
     """(in a vLLM worker) vLLM's in-place weight reload fed by its own safetensors loader reading ``model_dir``
     (as tests/vllm_engine.py does)."""
@@ -437,10 +454,13 @@ def engine_side(spec_path: str, out_path: str) -> None:
                 engine.raydist(str(cfg))
             row |= c.row("update")
             row["delta_s"] = row["publish_s"] + row["update_s"]
+            row["rss_mb"] = session_rss()  # after the update: does a process keep growing?
             result["raydist_updates"].append("update")
             if "disk" not in ways:  # the final check reads the last weights from the checkpoint directory
                 save_file(trainer.served, str(ckpt / "model.safetensors"))
             result["steps"].append(row)
+            big = sorted(row["rss_mb"].items(), key=lambda kv: -kv[1])[:4]
+            log("rss MB: " + ", ".join(f"{k} {v:.0f}" for k, v in big))
             log(f"step {n + 1}: changed {changed:.2%}; delta {row['publish_s']:.2f} + {row['update_s']:.2f} s "
                 f"(store in {row['publish_store_in'] / 1e6:.0f} MB, out {row['update_store_out'] / 1e6:.0f} MB); "
                 f"disk {row.get('disk_s', float('nan')):.2f} s; today {row.get('today_s', float('nan')):.2f} s")
