@@ -32,8 +32,9 @@ def step_checkpoint(src: str | Path, dst: str | Path, *, seed: int, fraction: fl
 def publish_update(p: dict) -> dict:
     """``p``: ``{"ckpt", "url", "model", "max_tp"}`` and optionally ``"corrupt": True`` (then one byte of one of the
     new version's deltas is flipped in the store). Returns the version and what it stored."""
-    import raydist_loader as rl
     from safetensors.torch import load_file
+
+    import raydist_loader as rl
 
     key = (p["url"], p["model"])
     if key not in _PUBLISHERS:

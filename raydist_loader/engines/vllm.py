@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from vllm.config import ModelConfig, ParallelConfig, get_current_vllm_config_or_none
@@ -93,6 +94,15 @@ class RaydistModelLoader(BaseModelLoader):
             connector_options=options.connector_options(),
         )
 
+    def load_model(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        """vLLM's model load, then the served places narrowed to the parameters vLLM kept after its weight
+        post-processing (a parameter it replaced holds no checkpoint bytes an update could build on)."""
+        model = super().load_model(*args, **kwargs)
+        served = getattr(model, "raydist_served", None)
+        if served is not None:
+            model.raydist_served = served.kept_in(_live_tensors(model))
+        return model
+
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
         t0 = time.perf_counter()
         tp, rank, pp = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(), get_pp_group()
@@ -140,6 +150,7 @@ class RaydistModelLoader(BaseModelLoader):
         experts = placed[0]
 
         served = getattr(model, "raydist_served", None)
+        served = served.kept_in(_live_tensors(model)) if served is not None else None
 
         def pull():
             update = update_rank(options, tp, rank, only=self._only(model), experts=experts, version=agreed.ref,
@@ -259,6 +270,22 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
     message = missing_names({name for name, _ in model.named_parameters()}, set(loaded), what)
     if message:
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
+
+
+def _live_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The model's parameters and buffers, and during vLLM's in-place reload (whose layers hold meta tensors
+    meanwhile) the kernel tensors it keeps aside and restores after."""
+    yield from model.parameters()
+    yield from model.buffers()
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    except ImportError:  # a vLLM without layerwise reloads: the parameters are the tensors
+        return
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        kept = getattr(info, "kernel_tensors", None) if info is not None else None
+        for group in kept or ():
+            yield from group.values()
 
 
 def _holder(tp: int, pp) -> str:

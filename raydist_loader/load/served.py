@@ -15,7 +15,7 @@ loaders once every rank has verified (verify before write).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +50,14 @@ class Served:
         name = lambda i: plan.tensors[i].name  # noqa: E731
         held = {(name(i), c): v for (i, c), v in (places or {}).items()}
         return cls(plan.version, {(name(r.tensor), r.chunk): r for r in plan.reads}, held)
+
+    def kept_in(self, tensors: Iterable[torch.Tensor]) -> Served:
+        """Only the places that still view the memory of one of ``tensors`` (the engine's parameters now): an
+        engine that replaced a parameter after the load (repacked it, or reloaded it into new memory) serves its
+        chunks from elsewhere, and a view of the old memory would keep it alive and hold stale bytes."""
+        live = {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"}
+        places = {k: v for k, v in self.places.items() if v.untyped_storage().data_ptr() in live}
+        return Served(self.version, self.reads, places)
 
     def moved_to(self, plan: RankPlan) -> Served:
         """The same parameters serving ``plan``'s version (after an update wrote it)."""
