@@ -47,6 +47,20 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+FIRST = ("test_vllm.py", "test_sglang.py")
+"""The engine modules, the longest (a few minutes each, one process each): run first, so that with two pytest
+workers (``-n 2 --dist loadfile``, scripts/test.sh) each starts one while the many short modules fill in beside
+them, instead of one engine module starting last."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the session: the modules of :data:`FIRST` first, in that order, then the rest as collected (pytest
+    collects a directory in name order whatever the command line's order). xdist keeps this order with
+    ``--no-loadscope-reorder`` (its default sorts modules by their number of tests)."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """A self-signed certificate for 127.0.0.1 (it is its own CA) and its private key."""

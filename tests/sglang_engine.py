@@ -31,9 +31,12 @@ import traceback
 from raydist_loader.testing.hold import PublishWhenHeld
 
 CPU = {"device": "cpu", "attention_backend": "torch_native", "disable_cuda_graph": True, "skip_tokenizer_init": True,
-       "dtype": "float32", "mem_fraction_static": 0.05, "max_total_tokens": 2048, "chunked_prefill_size": 256,
+       "dtype": "float32", "mem_fraction_static": 0.5, "max_total_tokens": 2048, "chunked_prefill_size": 256,
        "max_running_requests": 4, "random_seed": 0, "log_level": "info", "disable_radix_cache": True}
-"""The Engine arguments SGLang's CPU path runs with here (see scripts/sglang_cpu/README.md). No prefix cache: a
+"""The Engine arguments SGLang's CPU path runs with here (see scripts/sglang_cpu/README.md). The KV cache is
+``max_total_tokens``; ``mem_fraction_static`` only bounds how much the machine's free memory may drop while the
+weights load (SGLang measures it before and after, and refuses to start when it dropped by more than that
+fraction: a vLLM engine starting beside it, as in the test suite, took 12% at 0.05). No prefix cache: a
 prompt computed again after a failed update (which keeps the cache) must take the same path as after a successful
 one (which flushes it), so that equal weights give equal logprobs."""
 

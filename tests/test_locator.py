@@ -1,11 +1,11 @@
 """``raydist.json``: pull-files leaves the store's URL (no secret) and the model in an engine's model directory, and
-the engines' options fall back to it (SGLang's ``update_weights_from_disk`` passes none)."""
+the engines' options fall back to it (SGLang's ``update_weights_from_disk`` passes none). Inside the engines:
+tests/test_vllm.py starts a vLLM engine with no options (test_vllm_without_options_reads_the_locator), and
+tests/test_sglang.py starts SGLang engines with none."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -81,33 +81,3 @@ def test_a_locator_is_checked_as_options_are(tmp_path: Path):
     (tmp_path / LOCATOR_FILE).write_text(json.dumps({"url": "redis://h:6379/0", "model": "m", "revision": "x"}))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['revision'\] in .*raydist.json"):
         EngineOptions.resolve({}, "model_loader_extra_config", tmp_path)
-
-
-VLLM_CHECK = """
-import sys
-from types import SimpleNamespace
-from vllm.config.load import LoadConfig
-from raydist_loader.engines.vllm import RaydistModelLoader
-loader = RaydistModelLoader(LoadConfig(load_format="raydist"))  # no model_loader_extra_config
-options = loader.options(SimpleNamespace(model=sys.argv[1]))
-loader.download_model(SimpleNamespace(model=sys.argv[1]))  # opens the store's manifest
-print("resolved", options.url, options.model)
-"""
-
-
-@pytest.mark.slow
-def test_vllm_loader_without_options_reads_the_locator(tmp_path: Path):
-    """vLLM's loader (its own venv, no engine started) finds the store from the model directory alone."""
-    python = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"{python} is missing: run scripts/setup.sh", pytrace=False)
-    ckpt = make_tiny_checkpoint("llama", tmp_path / "ckpt")
-    url = f"file://{tmp_path}/store"
-    rl.publish(ckpt, url, "m", max_tp=2)
-    rl.pull_files(url, "m", tmp_path / "dir")
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([str(python), "-c", VLLM_CHECK, str(tmp_path / "dir")], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resolved {url} m" in proc.stdout

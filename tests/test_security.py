@@ -189,10 +189,23 @@ def test_reprs_never_show_the_password(acl_server):
 
 
 # --------------------------------------------------------------------------------------------- the CLI
-def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "raydist_loader", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+def _cli(*args: str, env_extra: dict | None = None) -> tuple[list[str], dict]:
+    """``python -m raydist_loader ARGS`` and its environment, to run with :func:`_run_all`."""
+    return [sys.executable, "-m", "raydist_loader", *args], {**os.environ, **(env_extra or {})}
+
+
+def _run_all(commands: dict[str, tuple[list[str], dict]], at_once: int = 4) -> dict[str, subprocess.CompletedProcess]:
+    """Run the commands, ``at_once`` at a time (most of a run is importing torch: ~0.5 GB, a second of CPU each);
+    each run's output is its own."""
+    done: dict[str, subprocess.CompletedProcess] = {}
+    names = list(commands)
+    for start in range(0, len(names), at_once):
+        batch = {n: subprocess.Popen(commands[n][0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=commands[n][1]) for n in names[start:start + at_once]}
+        for name, proc in batch.items():
+            stdout, stderr = proc.communicate(timeout=120)
+            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return done
 
 
 def test_the_cli_never_prints_the_password(acl_server, ckpts):
@@ -211,7 +224,9 @@ def test_the_cli_never_prints_the_password(acl_server, ckpts):
         "inspect-wrong-inline": (_cli("inspect", wrong_inline, "--model", "m"), 2),
         "verify-wrong-env": (_cli("verify", base, "--model", "m", "--password-env", "BAD_PW", env_extra=env), 2),
         "inspect-missing-model": (_cli("inspect", inline, "--model", "nope"), 2),
-    }
+    }  # side by side: they touch different models (m2 is published) or only read
+    finished = _run_all({name: command for name, (command, _) in runs.items()})
+    runs = {name: (finished[name], status) for name, (_, status) in runs.items()}
     for name, (proc, status) in runs.items():
         printed = proc.stdout + proc.stderr
         assert proc.returncode == status, f"{name}: rc={proc.returncode}\n{printed}"

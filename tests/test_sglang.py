@@ -157,7 +157,7 @@ def _engines(tmp: Path, tag: str, runs: list[dict], must_exit_cleanly: bool = Tr
     """Run tests/sglang_engine.py on ``runs`` in the SGLang venv; its results (by run name) and log."""
     spec, out, log = tmp / f"{tag}.json", tmp / f"{tag}-out.json", tmp / f"{tag}.log"
     spec.write_text(json.dumps({"runs": runs}))
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SGLANG_USE_CPU_ENGINE": "1",
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SGLANG_USE_CPU_ENGINE": "1", "TORCH_COMPILE_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), faulty_site(tmp), os.environ.get("PYTHONPATH")]))}
     with open(log, "wb") as f:
         proc = subprocess.run([str(SGLANG_PY), str(ROOT / "tests" / "sglang_engine.py"), str(spec), str(out)],

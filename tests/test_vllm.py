@@ -12,10 +12,12 @@ references are vLLM's own safetensors loader on the same checkpoint at the same 
   parallelism (which the CPU build cannot generate with, whatever the loader) this is the check, and each rank's
   bytes are its half of the experts, whole;
 - a parallel setting the hand-off does not model (decode context parallelism) stops vLLM, naming it;
+- a flipped byte in a chunk one rank reads fails the load (a fresh load in a started tp=2 engine: the loader's own
+  ``load_weights``, as at a start) on every rank, naming rank, tensor and chunk;
 - one version per engine: a publish that lands while one rank is held at its first manifest read (tp=2 from
   Redis, pp=2 from a directory; the engine's start and a reload) leaves every rank on one version, the tokens and
   logprobs those of that version.
-An engine start costs ~40 s here, so all engines run in one script (tests/vllm_engine.py) at module start, and
+An engine start costs ~20-40 s here, so all engines run in one script (tests/vllm_engine.py) at module start, and
 the tests below assert on its results and log.
 """
 
@@ -173,11 +175,18 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     pinned_dir = tmp / "llama-race-v1"
     rl.pull_files(pinned["url"], "llama-race", pinned_dir, model_version=pinned["model_version"])
     tp2_race["reloads"].append({"label": "raydist-pinned", "weights_path": str(pinned_dir)})
+    # a flipped byte, as a fresh load in this started engine (last: a failing load ends the run's checks): the
+    # loader's own load_weights, as at an engine start (gemma-dcp2-refused shows an error there stops vLLM)
+    tp2_race["digests_failing"] = [{"label": "corrupt", "load_format": "raydist",
+                                    "extra": {"url": corrupt, "model": "llama"}}]
+    # no options: vLLM's loader finds the store in the model directory's raydist.json (pull_files wrote it)
+    phi3 = _raydist_run("phi3-tp2-file-inplace", models["phi3"], "file", 2)
+    del phi3["llm"]["model_loader_extra_config"]
     pp2_race = _raydist_run("llama-pp2-file", raced, "race-pp", 1, 2, generate=False)
     pp2_race["race"] = _race(races["race-pp"], llama["other"])
     runs = [
         tp2_race,
-        _raydist_run("phi3-tp2-file-inplace", models["phi3"], "file", 2),
+        phi3,
         _raydist_run("gemma-tp2-redis", models["gemma"], "redis", 2),
         # vLLM's in-place reload does not redo FusedMoE's CPU post-processing exactly: for MoE the reference is an
         # engine started with load_format="safetensors" (the plain way, one more engine start)
@@ -195,11 +204,9 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
          "llm": {"model": models["gemma"]["cfg"], "load_format": "raydist", "tensor_parallel_size": 2,
                  "decode_context_parallel_size": 2, "model_loader_extra_config": models["gemma"]["stores"]["file"],
                  **ENGINE}},
-        {"name": "llama-tp2-corrupt", "env": TP2,
-         "llm": {"model": llama["cfg"], "load_format": "raydist", "tensor_parallel_size": 2, **ENGINE,
-                 "model_loader_extra_config": {"url": corrupt, "model": "llama"}}, "prompts": PROMPTS},
-        # in-process (no engine or worker processes to spawn): last, as it leaves this process' state behind
-        {**_raydist_run("llama-tp1-file", llama, "file", 1), "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        # tp=1: its one worker in this process too (no process to spawn): last, as it leaves this process' state
+        # (torch.distributed, vLLM's parallel groups) behind
+        {**_raydist_run("llama-tp1-file", llama, "file", 1), "env": {},
          "reloads": [{"label": "other", "model": llama["other"]}, {"label": "raydist", "model": None},
                      {"label": "safetensors", "model": llama["ckpt"]}],
          "digests_failing": [  # one worker: a failing call leaves no other worker's reply behind
@@ -209,7 +216,14 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     ]
     spec, out, log = tmp / "spec.json", tmp / "out.json", tmp / "engines.log"
     spec.write_text(json.dumps({"runs": runs}))
+    # VLLM_ENABLE_V1_MULTIPROCESSING=0: each engine's core runs in the script's process (vLLM already imported
+    # there), its TP/PP workers are still vLLM's own spawned processes: one process start less per engine.
+    # TORCH_COMPILE_DISABLE: vLLM's sampler torch.compiles a helper that counts logprob ranks (inductor, 15-40 s
+    # per engine on 2 cores, in every worker) at the first generate; eager gives the same integers. Workers are
+    # sent SIGTERM at once when an engine shuts down (vLLM waits 5 s, then kills them anyway).
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1",
+           "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (faulty_site(tmp), os.environ.get("PYTHONPATH")) if p)}
     with open(log, "wb") as f:
         proc = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_engine.py"), str(spec), str(out)],
@@ -217,7 +231,8 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     text = log.read_text(errors="replace")
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"tests/vllm_engine.py exited {proc.returncode}; end of its log:\n{text[-6000:]}", pytrace=False)
-    return {"results": json.loads(out.read_text()), "log": text, "models": models, "races": races}
+    return {"results": json.loads(out.read_text()), "log": text, "models": models, "races": races,
+            "runs": {r["name"]: r for r in runs}}
 
 
 def _ok(vllm: dict, name: str) -> dict:
@@ -239,6 +254,18 @@ def test_tokens_and_logprobs_equal_vllm_safetensors(vllm, name):
     raydist = _generated(result)
     assert result["reloads"]["other"] != raydist, "reloading another checkpoint must change the outputs"
     assert result["reloads"]["safetensors"] == raydist  # exact: tokens and every top-5 logprob
+
+
+@pytest.mark.slow
+def test_vllm_without_options_reads_the_locator(vllm):
+    """An engine started with load_format="raydist" and no model_loader_extra_config loads from the store named in
+    its model directory's raydist.json (what ``pull-files`` leaves there), exactly (the test above)."""
+    assert "model_loader_extra_config" not in vllm["runs"]["phi3-tp2-file-inplace"]["llm"]
+    _generated(_ok(vllm, "phi3-tp2-file-inplace"))
+    url = vllm["models"]["phi3"]["stores"]["file"]["url"]
+    for rank in range(2):
+        assert f"raydist: rank {rank}/2: phi3 version " in vllm["log"]
+    assert [line for line in vllm["log"].splitlines() if ": phi3 version " in line and f"from {url}:" in line]
 
 
 @pytest.mark.slow
@@ -305,12 +332,14 @@ def test_an_unmodelled_parallel_setting_stops_vllm_naming_it(vllm):
 
 
 @pytest.mark.slow
-def test_a_flipped_byte_stops_vllm_naming_rank_tensor_and_chunk(vllm):
-    result = vllm["results"]["llama-tp2-corrupt"]
-    assert result["error"] is not None and result["outputs"] is None, "vLLM must not start on a bad byte"
-    log = vllm["log"]
-    assert "VerificationError" in log
-    assert f"rank 1: tensor {CORRUPT_TENSOR} chunk {CORRUPT_CHUNK}" in log
+def test_a_flipped_byte_fails_the_load_on_every_rank_naming_rank_tensor_and_chunk(vllm):
+    """A load (the loader's load_weights, as at an engine start) from a store with one byte flipped in a chunk
+    only rank 1 reads fails on both ranks, naming the rank, tensor and chunk; no rank keeps a mix."""
+    error = _ok(vllm, "llama-tp2-redis")["digests_failing"]["corrupt"]
+    assert error is not None, "a load from a corrupt store must fail"
+    assert "refused on every rank of this engine (2), so no rank serves a mix" in error
+    assert "rank 1: VerificationError: rank 1 of model 'llama' failed verification" in error
+    assert f"rank 1: tensor {CORRUPT_TENSOR} chunk {CORRUPT_CHUNK}: digest " in error
 
 
 @pytest.mark.slow
