@@ -28,27 +28,23 @@ from .errors import (
 )
 from .store.files import pull_files
 from .store.gc import gc, versions
-from .store.memory import open_version, publish_state_dict
 from .store.publish import index, publish
 from .store.sizing import inspect_config
 from .store.summary import inspect
-from .store.updates import UpdatePublisher
 from .store.verify import manifest_sha256, verify
 from .store.versions import promote
 
 __version__ = "0.1.0"
 
-# Ray is imported only when a load starts.
+# Ray is imported only when a load starts; torch only when tensors are published from memory or loaded.
 _LAZY = {"load_across_cluster": "api", "load_shard": "api", "resolve_version": "api", "LoadedModel": "api",
-         "Shard": "api"}
+         "Shard": "api", "publish_state_dict": "store.memory", "open_version": "store.memory",
+         "UpdatePublisher": "store.updates"}
 
 __all__ = [
     *_LAZY,
     "publish",
     "index",
-    "publish_state_dict",
-    "open_version",
-    "UpdatePublisher",
     "inspect",
     "inspect_config",
     "verify",

@@ -8,7 +8,9 @@ of :data:`CPU`); ``prompts`` (token id lists: greedy tokens and top-5 logprobs a
 ``{"label", "publish": {"ckpt", "url", "model", "max_tp"}}`` publishes a checkpoint (a new version of the model),
 ``"corrupt": {"url", "model", "tensor", "chunk"}`` then flips one byte of that chunk in the store;
 ``{"label", "update": {"model_path", "load_format"}}`` is SGLang's ``update_weights_from_disk``, then the prompts
-again; ``{"label", "save_remote": URL}`` is ``Engine.save_remote_model(url=URL)``. ``race`` (a run's, or an update
+again; ``{"label", "publish_update": {"ckpt", "url", "model", "max_tp"[, "corrupt"]}}`` publishes a checkpoint
+from memory through a kept ``UpdatePublisher`` (``tests/rl_steps.py``; its message: the version and what it stored);
+``{"label", "save_remote": URL}`` is ``Engine.save_remote_model(url=URL)``. ``race`` (a run's, or an update
 step's): ``{"hold", "publish": {...}}``: a publish lands while one rank is held at its first manifest read
 (:class:`raydist_loader.testing.hold.PublishWhenHeld`); what happened is in ``races`` (``start`` or the step's
 label). ``weight_versions``: SGLang's ``meta_info["weight_version"]`` of each first output. A run whose engine fails
@@ -67,6 +69,10 @@ def step(engine, spec: dict, one: dict, races: dict) -> dict:
             c = one["corrupt"]
             flip_one_byte(c["url"], c["model"], c["tensor"], c["chunk"])
         return {"ok": True, "message": version, "outputs": None}
+    if "publish_update" in one:  # an RL trainer's step from memory (tests/rl_steps.py): deltas of its last one
+        from rl_steps import publish_update  # tests/ is this script's directory
+
+        return {"ok": True, "message": json.dumps(publish_update(one["publish_update"])), "outputs": None}
     if "save_remote" in one:
         engine.save_remote_model(url=one["save_remote"])
         return {"ok": True, "message": None, "outputs": None}

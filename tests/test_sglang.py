@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,6 +31,7 @@ from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
 from .conftest import RedisServer, free_port
+from .rl_steps import step_checkpoint
 from .shards import faulty_site, flip_one_byte, rerandomise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +117,23 @@ def _race(race: dict, ckpt: str, redis_url: str) -> dict:
     return {"hold": race["hold"], "publish": {"ckpt": ckpt, "url": redis_url, "model": "llama-race", "max_tp": MAX_TP}}
 
 
+def _rl_steps(llama: dict, redis_url: str, tmp: Path) -> list[dict]:
+    """RL weight updates in the serving engine: a trainer publishes v2 from memory (stored whole), then a step of it
+    (stored as deltas), then another whose delta is damaged in the store; the engine updates after each."""
+    steps = [step_checkpoint(llama["ckpts"]["v2"], tmp / f"llama-rl-{k}", seed=k) for k in (1, 2)]
+    publish = lambda ckpt, **more: {"ckpt": ckpt, "url": redis_url, "model": "llama", "max_tp": MAX_TP, **more}  # noqa: E731
+    update = {"model_path": llama["dirs"]["redis"], "load_format": "raydist"}
+    return [
+        {"label": "rl-publish-whole", "publish_update": publish(llama["ckpts"]["v2"])},
+        {"label": "rl-whole", "update": update},
+        {"label": "rl-publish-delta", "publish_update": publish(steps[0])},
+        {"label": "rl-delta", "update": update},
+        {"label": "rl-delta-sglang", "update": {"model_path": steps[0], "load_format": "auto"}},
+        {"label": "rl-publish-corrupt", "publish_update": publish(steps[1], corrupt=True)},
+        {"label": "rl-corrupt", "update": update},
+    ]
+
+
 def _run_engines(tmp: Path, redis_url: str) -> dict:
     models = _publish(tmp, redis_url)
     llama = models["llama"]
@@ -140,6 +159,7 @@ def _run_engines(tmp: Path, redis_url: str) -> dict:
                                             "max_tp": MAX_TP},
          "corrupt": {"url": redis_url, "model": "llama", "tensor": CORRUPT_TENSOR, "chunk": CORRUPT_CHUNK}},
         {"label": "v3-corrupt", "update": {"model_path": llama["dirs"]["redis"], "load_format": "raydist"}},
+        *_rl_steps(llama, redis_url, tmp),
     ]
     runs.append({"name": "refusals",
                  "refusals": [{"pp_size": 2}, {"moe_ep_size": 2}, {"attn_dp_size": 2, "attn_tp_size": 1}]})
@@ -225,6 +245,35 @@ def test_a_corrupt_update_fails_and_the_previous_weights_keep_serving(sglang):
     assert "VerificationError" in failed["message"] or "digest" in failed["message"], failed["message"]
     assert f"tensor {CORRUPT_TENSOR} chunk {CORRUPT_CHUNK}" in failed["message"]
     assert failed["outputs"] == steps["v2"]["outputs"]  # v2's tokens and logprobs, exactly
+
+
+def _update_lines(log: str, model: str, version: str, tp: int) -> list[tuple[int, int, float, float]]:
+    """Per rank, from an update's log line: (chunks built from the weights served, chunks, MB read, MB shard)."""
+    pattern = re.compile(rf"raydist: rank (\d+)/{tp}: .*{model}.* version {version}.*?(\d+) of (\d+) chunks built "
+                         r"from the weights served, ([\d.]+) MB read from the store for a ([\d.]+) MB shard")
+    found = {int(m[1]): (int(m[2]), int(m[3]), float(m[4]), float(m[5])) for m in pattern.finditer(log)}
+    return [found.get(rank) for rank in range(tp)]
+
+
+@pytest.mark.slow
+def test_an_rl_update_from_deltas_reads_only_them_and_equals_sglangs_own_loader(sglang):
+    """A trainer's step published from memory as deltas: each rank builds every chunk from the weights it serves and
+    the deltas, reading only those (a few percent of its shard), and serves exactly what SGLang's own loader gives
+    on that step's checkpoint; a damaged delta fails the update on every rank and the step before keeps serving."""
+    steps = _ok(sglang, "llama-tp2-redis")["steps"]
+    whole, delta = (json.loads(steps[k]["message"]) for k in ("rl-publish-whole", "rl-publish-delta"))
+    assert whole["update"]["base"] is None and delta["update"]["base"] == whole["version"]
+    assert delta["update"]["deltas"] > 0
+    assert steps["rl-whole"]["ok"] and steps["rl-delta"]["ok"], (steps["rl-whole"], steps["rl-delta"])
+    assert steps["rl-delta"]["outputs"] == steps["rl-delta-sglang"]["outputs"]  # tokens and top-5 logprobs, exact
+    assert steps["rl-delta"]["outputs"] != steps["rl-whole"]["outputs"]
+    for rank, line in enumerate(_update_lines(sglang["log"], "llama", delta["version"], 2)):
+        assert line is not None, f"rank {rank} logged no update to {delta['version']}"
+        built, chunks, read_mb, shard_mb = line
+        assert built == chunks > 0 and read_mb < 0.25 * shard_mb, line
+    failed = steps["rl-corrupt"]
+    assert not failed["ok"] and " chunk " in failed["message"], failed["message"]
+    assert failed["outputs"] == steps["rl-delta-sglang"]["outputs"]
 
 
 @pytest.mark.slow

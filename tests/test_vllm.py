@@ -38,6 +38,7 @@ from raydist_loader.store.plan import make_plan
 from raydist_loader.store.versions import read_manifest
 from raydist_loader.testing.tiny_models import make_tiny_checkpoint
 
+from .rl_steps import step_checkpoint
 from .shards import corrupt_copy, faulty_site, rerandomise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +176,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
     pinned_dir = tmp / "llama-race-v1"
     rl.pull_files(pinned["url"], "llama-race", pinned_dir, model_version=pinned["model_version"])
     tp2_race["reloads"].append({"label": "raydist-pinned", "weights_path": str(pinned_dir)})
+    tp2_race["reloads"] += _rl_reloads(tmp, llama, races["race"]["plain"])
     # a flipped byte, as a fresh load in this started engine (last: a failing load ends the run's checks): the
     # loader's own load_weights, as at an engine start (gemma-dcp2-refused shows an error there stops vLLM)
     tp2_race["digests_failing"] = [{"label": "corrupt", "load_format": "raydist",
@@ -235,6 +237,23 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, redis_server) -> dict:
             "runs": {r["name"]: r for r in runs}}
 
 
+def _rl_reloads(tmp: Path, llama: dict, url: str) -> list[dict]:
+    """RL weight updates in the serving engine (``reload_weights`` from a directory naming the store, unpinned): a
+    trainer publishes a checkpoint from memory (stored whole), then a step of it (deltas), then another whose delta
+    is damaged in the store (the reload must fail on every rank)."""
+    directory = tmp / "llama-race-rl"
+    rl.pull_files(url, "llama-race", directory)
+    steps = [step_checkpoint(llama["other"], tmp / f"llama-rl-{k}", seed=k) for k in (1, 2)]
+    publish = lambda ckpt, **more: {"ckpt": ckpt, "url": url, "model": "llama-race", "max_tp": MAX_TP, **more}  # noqa: E731
+    return [
+        {"label": "rl-whole", "publish_update": publish(llama["other"]), "weights_path": str(directory)},
+        {"label": "rl-delta", "publish_update": publish(steps[0]), "weights_path": str(directory)},
+        {"label": "rl-delta-safetensors", "model": steps[0]},
+        {"label": "rl-corrupt", "publish_update": publish(steps[1], corrupt=True), "weights_path": str(directory),
+         "may_fail": True},
+    ]
+
+
 def _ok(vllm: dict, name: str) -> dict:
     result = vllm["results"][name]
     assert result["error"] is None, f"{name}: {result['error']}"
@@ -266,6 +285,28 @@ def test_vllm_without_options_reads_the_locator(vllm):
     for rank in range(2):
         assert f"raydist: rank {rank}/2: phi3 version " in vllm["log"]
     assert [line for line in vllm["log"].splitlines() if ": phi3 version " in line and f"from {url}:" in line]
+
+
+@pytest.mark.slow
+def test_an_rl_reload_from_deltas_equals_vllms_own_loader_and_a_damaged_one_fails_on_every_rank(vllm):
+    """A trainer's step published from memory as deltas: ``reload_weights`` builds the chunks the workers'
+    parameters still hold as checkpoint bytes from them plus the deltas (vLLM's CPU build repacks its linear
+    weights, whose chunks come from the store), every rank on the new version, exactly what vLLM's own loader gives
+    on that step's checkpoint; a damaged delta fails the reload on every rank and the step before keeps serving."""
+    result = _ok(vllm, "llama-tp2-redis")
+    whole, delta = result["published"]["rl-whole"], result["published"]["rl-delta"]
+    assert whole["update"]["base"] is None and delta["update"]["base"] == whole["version"]
+    assert delta["update"]["deltas"] > 0
+    reloads = result["reloads"]
+    assert reloads["rl-delta"] == reloads["rl-delta-safetensors"] != reloads["rl-whole"]
+    reports = result["reload_reports"]["rl-delta"]
+    assert [r["version"] for r in reports] == [delta["version"]] * 2
+    for r in reports:
+        assert r["phases"]["reused_chunks"] > 0 and r["bytes_read"] < r["bytes"], r["phases"]
+    error = result["reload_errors"]["rl-corrupt"]
+    assert "refused on every rank of this engine (2), so no rank serves a mix" in error and " chunk " in error
+    assert reloads["rl-corrupt"] == reloads["rl-delta-safetensors"]
+    assert "rl-delta" not in result["reload_errors"]
 
 
 @pytest.mark.slow

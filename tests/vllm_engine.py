@@ -20,9 +20,12 @@ or a reload's): ``{"hold", "publish": {"ckpt", "url", "model", "max_tp"}}``: whi
 thread waits until a rank is held at its first manifest read (``faulty+...?hold=DIR``,
 :mod:`raydist_loader.testing.hold`), publishes that checkpoint as a new version, then releases the rank (a publish
 landing between two ranks' reads, deterministically); a raced reload also records every worker's report after it
-(``reload_reports``). A run whose engine fails to start records the error instead (the log has the root cause).
+(``reload_reports``). A reload's ``publish_update`` (``tests/rl_steps.py``) first publishes a checkpoint from memory
+through a kept ``UpdatePublisher`` (``published``: its version and what it stored; ``reload_reports`` after it);
+``may_fail``: a reload expected to fail (``reload_errors``: its message). A run whose engine fails to start records
+the error instead (the log has the root cause).
 OUT: ``{name: {"outputs", "reloads", "digests", "digests_failing", "reports", "reload_reports", "races", "load_s",
-"error"}}``.
+"published", "reload_errors", "error"}}``.
 vLLM spawns processes, so the body is guarded by ``if __name__ == "__main__"``.
 """
 
@@ -177,14 +180,24 @@ def exercise(llm, spec: dict, result: dict) -> None:
         result["reports"] = llm.collective_rpc(raydist_report)
     for r in spec.get("reloads", []):
         race = PublishWhenHeld(r["race"]) if r.get("race") else None
-        if r.get("model"):
-            llm.collective_rpc(reload_safetensors, args=(r["model"],))
-        elif r.get("weights_path"):  # raydist from another directory (its raydist.json: store, model, version)
-            llm.collective_rpc("reload_weights", kwargs={"weights_path": r["weights_path"]})
-        else:  # the engine's own load format (raydist: its get_all_weights)
-            llm.collective_rpc("reload_weights")
+        if r.get("publish_update"):  # an RL trainer's step from memory first (tests/rl_steps.py)
+            from rl_steps import publish_update  # tests/ is this script's directory
+
+            result["published"][r["label"]] = publish_update(r["publish_update"])
+        try:
+            if r.get("model"):
+                llm.collective_rpc(reload_safetensors, args=(r["model"],))
+            elif r.get("weights_path"):  # raydist from another directory (its raydist.json: store, model, version)
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": r["weights_path"]})
+            else:  # the engine's own load format (raydist: its get_all_weights)
+                llm.collective_rpc("reload_weights")
+        except Exception as e:  # noqa: BLE001 - only where the spec expects it (the test reads the message)
+            if not r.get("may_fail"):
+                raise
+            result["reload_errors"][r["label"]] = str(e)
         if race is not None:
             result["races"][r["label"]] = race.done()
+        if race is not None or r.get("publish_update"):
             result["reload_reports"][r["label"]] = llm.collective_rpc(raydist_report)
         result["reloads"][r["label"]] = generate(llm, spec["prompts"])
     for n in range(spec.get("rounds", 0)):  # interleaved; the slowest worker's time (the TP group waits for it)
@@ -208,6 +221,7 @@ def run(spec: dict) -> dict:
     from vllm import LLM
 
     result: dict = {"outputs": None, "reloads": {}, "digests": {}, "digests_failing": {}, "reports": None,
+                    "published": {}, "reload_errors": {},
                     "reload_reports": {}, "races": {}, "load_s": {}, "error": None}
     os.environ.update(spec.get("env", {}))
     race = PublishWhenHeld(spec["race"]) if spec.get("race") else None
