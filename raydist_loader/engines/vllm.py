@@ -157,7 +157,11 @@ class RaydistModelLoader(BaseModelLoader):
                                  served=served)
             return update, update.report
 
-        update = on_every_rank(options, group, agreed, "update", pull)
+        try:
+            update = on_every_rank(options, group, agreed, "update", pull)
+        except BaseException:
+            _restore_layers(model, model_config)
+            raise
         logger.info(f"raydist: rank {rank}/{tp}: update to {options.model} version {agreed.ref.version} pulled and "
                     f"verified on every worker ({group.size}); {describe_update(update.report)}")
         model.raydist_served = None  # until every weight is written: a reload failing now leaves nothing to build on
@@ -270,6 +274,18 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str] | None, model_con
     message = missing_names({name for name, _ in model.named_parameters()}, set(loaded), what)
     if message:
         raise ShardingError(f"{message}; the store's model does not match the config vLLM was started with")
+
+
+def _restore_layers(model: torch.nn.Module, model_config: ModelConfig) -> None:
+    """vLLM's in-place reload puts every layer's parameters on the meta device before it asks for the weights and
+    restores them only once ``load_weights`` returns: an update refused before any weight was handed over (on every
+    worker) restores them here, so the engine keeps serving the weights it had instead of meta tensors."""
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, finalize_layerwise_reload
+    except ImportError:  # a vLLM without layerwise reloads: nothing was moved
+        return
+    if any(getattr(LAYERWISE_INFO.get(layer), "kernel_tensors", None) is not None for layer in model.modules()):
+        finalize_layerwise_reload(model, model_config)
 
 
 def _live_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
