@@ -486,19 +486,6 @@ def engine_side(spec_path: str, out_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def checkpoint(mb: int) -> Path:
-    from raydist_loader.testing.tiny_models import make_big_llama
-
-    dest = DATA / f"updates-llama-{mb}mb-bf16"
-    if not (dest / "config.json").exists():
-        log(f"generating a {mb} MB bf16 Llama in {dest} (cached)")
-        tmp = DATA / f".tmp-{dest.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_big_llama(tmp, mb * 1_000_000, dtype=torch.bfloat16)
-        tmp.rename(dest)
-    return dest
-
-
 def update_lines(text: str) -> list[list[dict]]:
     """The raydist updates in one engine's log, in order: per update, each rank's "N of M chunks built from the
     weights served, X MB read" (ranks of one update are consecutive lines)."""
@@ -757,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(VENVS[e]) for e in engines if not VENVS[e].exists()]
     if missing:
         raise SystemExit(f"{missing} missing: run `bash benchmarks/run.sh updates` (it sets up the engines' venvs)")
+    from .sglang_load import checkpoint  # the same 0.98 GB bf16 Llama as the SGLang rows (one cached copy)
+
     ckpt = checkpoint(args.mb)
     model_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -188,8 +188,9 @@ def test_gc_keeps_the_versions_a_kept_version_is_built_on(tmp_path, llama, train
     _check_loads(url, "rl", trainer.served)
 
 
-def test_a_leased_version_keeps_its_chain_through_gc(tmp_path, llama, trainer):
-    url = f"file://{tmp_path}/store"
+def _built_on_then_replaced(url: str, llama: Path, trainer: Trainer) -> tuple[str, str, dict[str, torch.Tensor]]:
+    """v1 (whole), v2 (deltas of v1: built on it), then another publisher's whole v3 made current; returns v1, v2
+    and v2's tensors."""
     pub = rl.UpdatePublisher(url, "rl", files_from=llama, max_tp=2)
     v1 = pub.publish(trainer.served).version
     trainer.step()
@@ -197,6 +198,12 @@ def test_a_leased_version_keeps_its_chain_through_gc(tmp_path, llama, trainer):
     kept = {k: v.clone() for k, v in trainer.served.items()}
     trainer.step()
     rl.publish_state_dict(trainer.served, url, "rl", max_tp=2)
+    return v1, v2, kept
+
+
+def test_a_leased_version_keeps_its_chain_through_gc(tmp_path, llama, trainer):
+    url = f"file://{tmp_path}/store"
+    v1, v2, kept = _built_on_then_replaced(url, llama, trainer)
     from raydist_loader.store.leases import Lease
 
     lease = Lease.take(url, "rl", v2, "test engine")
@@ -216,12 +223,7 @@ def _check_loads_version(url: str, version: str, tensors: dict[str, torch.Tensor
 
 def test_promote_refuses_a_version_whose_chain_lost_an_object(tmp_path, llama, trainer):
     url = f"file://{tmp_path}/store"
-    pub = rl.UpdatePublisher(url, "rl", files_from=llama, max_tp=2)
-    v1 = pub.publish(trainer.served).version
-    trainer.step()
-    v2 = pub.publish(trainer.served).version
-    trainer.step()
-    rl.publish_state_dict(trainer.served, url, "rl", max_tp=2)
+    v1, v2, _ = _built_on_then_replaced(url, llama, trainer)
     with open_connector(url) as conn:
         packed = next(k for k in conn.list(version_prefix("rl", v1)) if k.endswith(".safetensors"))
         conn.delete(packed)
@@ -430,13 +432,7 @@ def test_gc_keeps_the_chain_of_a_version_leased_after_its_survey(tmp_path, llama
     from raydist_loader.store.leases import Lease
 
     url = f"file://{tmp_path}/store"
-    pub = rl.UpdatePublisher(url, "rl", files_from=llama, max_tp=2)
-    v1 = pub.publish(trainer.served).version
-    trainer.step()
-    v2 = pub.publish(trainer.served).version
-    kept = {k: v.clone() for k, v in trainer.served.items()}
-    trainer.step()
-    rl.publish_state_dict(trainer.served, url, "rl", max_tp=2)
+    v1, v2, kept = _built_on_then_replaced(url, llama, trainer)
     survey, leases = gc_module.survey, []
 
     def survey_then_a_load_starts(*args, **kwargs):

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..connectors import ReadRequest
 from ..digest import ChunkHash
 from ..errors import ManifestError
 from ..pool import batches, run_all
 from ..report import RankReport
 from ..store import deltas
+from ..store.chunks import piece_requests
 from ..store.plan import ChunkRead, Piece, RankPlan, store_bytes
 from .worker import ShardLoader
 
@@ -47,9 +47,8 @@ class Served:
     def of(cls, plan: RankPlan, places: Mapping[tuple[int, str], torch.Tensor] | None) -> Served:
         """From a rank's plan and the places its chunks were copied to (keyed by plan index, as the direct
         hand-off's targets are)."""
-        name = lambda i: plan.tensors[i].name  # noqa: E731
-        held = {(name(i), c): v for (i, c), v in (places or {}).items()}
-        return cls(plan.version, {(name(r.tensor), r.chunk): r for r in plan.reads}, held)
+        held = {(plan.tensors[i].name, c): v for (i, c), v in (places or {}).items()}
+        return cls(plan.version, _reads(plan), held)
 
     def kept_in(self, tensors: Iterable[torch.Tensor]) -> Served:
         """Only the places that still view the memory of one of ``tensors`` (the engine's parameters now): an
@@ -61,7 +60,7 @@ class Served:
 
     def moved_to(self, plan: RankPlan) -> Served:
         """The same parameters serving ``plan``'s version (after an update wrote it)."""
-        return Served(plan.version, {(plan.tensors[r.tensor].name, r.chunk): r for r in plan.reads}, self.places)
+        return Served(plan.version, _reads(plan), self.places)
 
     def missing(self, key: Key, read: ChunkRead) -> tuple[Piece, ...] | None:
         """The deltas that turn the served chunk ``key`` into ``read``'s (none: unchanged), or None when it
@@ -72,6 +71,10 @@ class Served:
         if read.deltas[: len(old.deltas)] != old.deltas:
             return None
         return read.deltas[len(old.deltas):]
+
+
+def _reads(plan: RankPlan) -> dict[Key, ChunkRead]:
+    return {(plan.tensors[r.tensor].name, r.chunk): r for r in plan.reads}
 
 
 def pull_update(loader: ShardLoader, served: Served | None) -> RankReport:
@@ -117,9 +120,7 @@ def _read_deltas(loader: ShardLoader, pieces: list[Piece]) -> dict[Piece, np.nda
     step = conn.max_request_bytes
 
     def read(batch: list[Piece]) -> None:
-        requests = [ReadRequest(p.key, p.offset + a, memoryview(blobs[p][a : a + step]))
-                    for p in batch for a in range(0, p.nbytes, step)]
-        transfer._read(conn, requests)
+        transfer._read(conn, [q for p in batch for q in piece_requests(p, blobs[p], step)])
 
     run_all(read, batches(unique, 16 << 20, lambda p: p.nbytes), loader._concurrency or 4, f"rank{loader.rank}")
     return blobs

@@ -16,7 +16,7 @@ import torch
 
 from ..connectors import ReadRequest
 from ..digest import ChunkHash
-from .plan import ChunkRead, Extract, TensorSlot
+from .plan import ChunkRead, Extract, Piece, TensorSlot
 
 #: Largest staging buffer: bigger chunks and in-place spans are read in parts of whole rows of at most this size
 #: (one row, when a row is bigger), so staging stays about (concurrency + 1) x PART_BYTES per reader.
@@ -143,8 +143,13 @@ def rebuild(read: ChunkRead, buf: torch.Tensor, read_many: Callable[[list[ReadRe
     blobs = [np.empty(p.nbytes, dtype=np.uint8) for p in read.deltas]
     requests = list(requests_for(read, buf, max_bytes))
     for p, blob in zip(read.deltas, blobs, strict=True):
-        requests += [ReadRequest(p.key, p.offset + a, memoryview(blob[a : a + max_bytes]))
-                     for a in range(0, p.nbytes, max_bytes)]
+        requests += piece_requests(p, blob, max_bytes)
     read_many(requests)
     for p, blob in zip(read.deltas, blobs, strict=True):
         deltas.apply(buf.numpy(), blob, f"delta of chunk {read.chunk} at {p.key}@{p.offset}")
+
+
+def piece_requests(piece: Piece, buf: np.ndarray, max_bytes: int) -> list[ReadRequest]:
+    """One piece (a delta) into ``buf`` (uint8 of its size), as requests of at most ``max_bytes``."""
+    return [ReadRequest(piece.key, piece.offset + a, memoryview(buf[a : a + max_bytes]))
+            for a in range(0, piece.nbytes, max_bytes)]
